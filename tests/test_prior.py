@@ -1,0 +1,228 @@
+"""Tests for prior.py: the mixture objective against hand computations, EM and AdamW against a
+synthetic population whose best mixture is known, the baselines, and the prior.json writer."""
+import json
+import os
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import prior  # noqa: E402
+
+W_TRUE = np.array([0.6, 0.3, 0.1])
+
+
+def synthetic_population(n_tokens, seed=0, vocab=8):
+    """Three 'members', each a categorical over a small vocab; tokens y_t drawn from the mixture
+    with weights W_TRUE. Returns L[i, t] = log p_i(y_t), shape (3, N), and the member dists."""
+    rng = np.random.default_rng(seed)
+    dists = rng.dirichlet(np.full(vocab, 0.5), size=len(W_TRUE))  # (3, V)
+    member = rng.choice(len(W_TRUE), size=n_tokens, p=W_TRUE)
+    y = (rng.random(n_tokens)[:, None] > np.cumsum(dists, axis=1)[member]).sum(axis=1)  # inverse CDF
+    y = np.minimum(y, vocab - 1)  # guards a cumsum that rounds to just under 1
+    return np.log(dists[:, y]), dists
+
+
+def mle_standard_errors(L, w):
+    """Asymptotic s.d. of the maximum-likelihood weights at w: free coordinates theta = w[:-1]
+    (w[-1] = 1 - sum theta), per-token score s_t = (p_j - p_last) / p_w, Cov = (mean_t s s^T)^-1 / N."""
+    p = np.exp(L)
+    pw = w @ p
+    s = (p[:-1] - p[-1]) / pw  # (M-1, N)
+    cov = np.linalg.inv(s @ s.T / L.shape[1]) / L.shape[1]
+    a = np.vstack([np.eye(len(w) - 1), -np.ones(len(w) - 1)])  # theta -> all of w
+    return np.sqrt(np.diag(a @ cov @ a.T))
+
+
+# --- the objective -----------------------------------------------------------
+
+def test_mixture_nll_hand_2x2():
+    L = np.log([[0.5, 0.2], [0.1, 0.4]])  # 2 members x 2 tokens
+    # token 0: 0.25*0.5 + 0.75*0.1 = 0.2; token 1: 0.25*0.2 + 0.75*0.4 = 0.35
+    assert prior.mixture_nll(L, [0.25, 0.75]) == pytest.approx(-(np.log(0.2) + np.log(0.35)) / 2, abs=1e-14)
+    assert prior.mixture_nll(L, [1.0, 0.0]) == pytest.approx(-(np.log(0.5) + np.log(0.2)) / 2, abs=1e-14)
+    # a zero-weight member may give the token probability 0 without harm
+    L0 = np.array([[np.log(0.5), np.log(0.2)], [-np.inf, -np.inf]])
+    assert prior.mixture_nll(L0, [1.0, 0.0]) == pytest.approx(-(np.log(0.5) + np.log(0.2)) / 2)
+
+
+def test_mixture_nll_stable_for_very_low_probs():
+    L = np.array([[-1000.0, -2000.0], [-1001.0, -2000.0]])  # exp() of these underflows to 0
+    want = -np.mean([np.log(0.5) - 1000 + np.log1p(np.exp(-1)), np.log(1.0) - 2000])
+    assert prior.mixture_nll(L, [0.5, 0.5]) == pytest.approx(want, rel=1e-14)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_jensen_mixture_never_worse_than_mean_member_loss(seed):
+    rng = np.random.default_rng(seed)
+    L = np.log(rng.dirichlet(np.ones(50), size=(6, 400))[..., 0])  # (6, 400) log-probs of true tokens
+    w = rng.dirichlet(np.ones(6))
+    mean_member_loss = w @ (-L).mean(axis=1)
+    assert prior.mixture_nll(L, w) <= mean_member_loss + 1e-12
+    same = np.repeat(L[:1], 6, axis=0)  # identical members: the mixture is that member, equality
+    assert prior.mixture_nll(same, w) == pytest.approx(w @ (-same).mean(axis=1), abs=1e-12)
+
+
+# --- the fits ----------------------------------------------------------------
+
+def test_em_and_adamw_recover_known_weights():
+    L, _ = synthetic_population(50_000, seed=0)
+    w_em, info_em = prior.fit_em(L)
+    w_ad, info_ad = prior.fit_adamw(L)
+    # Both find the maximum-likelihood weights, which sit within sampling noise of W_TRUE: allow
+    # 4 asymptotic standard errors (about 0.01 at N=50k), computed from the Fisher information.
+    se = mle_standard_errors(L, W_TRUE)
+    assert se.max() < 0.02  # the data does pin the weights down
+    for w in (w_em, w_ad):
+        assert w.min() >= 0 and w.sum() == pytest.approx(1.0, abs=1e-12)
+        np.testing.assert_array_less(np.abs(w - W_TRUE), 4 * se)
+    # EM is exact: it reaches at least AdamW's objective (to 1e-8 nats, far below the noise above),
+    # and the two fits agree with each other far more tightly than either agrees with W_TRUE.
+    assert info_em["objective"] <= info_ad["objective"] + 1e-8
+    np.testing.assert_allclose(w_em, w_ad, atol=1e-3)
+    assert info_em["gap"] < 1e-4  # certificate: within 1e-4 nats of the optimum
+    assert info_em["objective"] == pytest.approx(prior.mixture_nll(L, w_em), abs=1e-12)
+    assert info_em["iterations"] < 5000 and info_ad["iterations"] == 300
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_em_monotone(seed):
+    rng = np.random.default_rng(seed)
+    L = rng.normal(-3.0, 2.0, size=(7, 2000)).clip(max=0.0)
+    w, info = prior.fit_em(L, iters=300, tol=0.0)
+    assert np.all(np.diff(info["history"]) <= 1e-12)
+    assert w.min() >= 0 and w.sum() == pytest.approx(1.0)
+    assert info["objective"] <= prior.mixture_nll(L, np.full(7, 1 / 7))  # never worse than uniform
+
+
+# --- top-K and the baselines -------------------------------------------------
+
+def test_top_k_renormalises_hand_example():
+    idx, w = prior.top_k([0.1, 0.4, 0.2, 0.3], 2)
+    assert idx.tolist() == [1, 3]
+    np.testing.assert_allclose(w, [4 / 7, 3 / 7])
+    idx, w = prior.top_k([0.25, 0.25, 0.5], 2)  # tie between 0 and 1: the earlier index wins
+    assert idx.tolist() == [2, 0]
+    np.testing.assert_allclose(w, [2 / 3, 1 / 3])
+
+
+def test_ks_for():
+    assert prior.ks_for(1) == [1]
+    assert prior.ks_for(5) == [1, 2, 4, 5]
+    assert prior.ks_for(8) == [1, 2, 4, 8]
+    with pytest.raises(ValueError):
+        prior.ks_for(0)
+
+
+def test_uniform_last_and_greedy():
+    assert prior.uniform_last(5, 2).tolist() == [3, 4]
+    assert prior.uniform_last(5, 5).tolist() == [0, 1, 2, 3, 4]
+    rng = np.random.default_rng(0)
+    L = rng.normal(-4.0, 1.0, size=(5, 3000)).clip(max=0.0)
+    L[2] = np.log(0.9)  # member 2 gives every true token p=0.9: obviously the best
+    picked = prior.greedy_select(L, 5)
+    assert picked[0] == 2
+    assert sorted(picked.tolist()) == [0, 1, 2, 3, 4]  # without replacement
+    # each pick is the best available addition to the uniform average of the ones before it
+    for k in range(1, 5):
+        def nll(extra):
+            sel = list(picked[:k]) + [extra]
+            return prior.mixture_nll(L, np.bincount(sel, minlength=5) / len(sel))
+        rest = [i for i in range(5) if i not in picked[:k]]
+        assert nll(picked[k]) == pytest.approx(min(nll(i) for i in rest), abs=1e-12)
+
+
+def test_fit_prior_layout():
+    L, _ = synthetic_population(5_000, seed=1)
+    names = ["a", "b", "c"]
+    p = prior.fit_prior(names, L)
+    assert p["method"] == "em" and p["split"] == "fitness" and p["members"] == names
+    assert sum(p["weights"].values()) == pytest.approx(1.0)
+    assert set(p["per_k"]) == {"1", "2", "3"}
+    for table in (p["per_k"], p["baselines"]["uniform_last"], p["baselines"]["greedy"]):
+        for k, e in table.items():
+            assert len(e["members"]) == len(e["weights"]) == int(k)
+            assert sum(e["weights"]) == pytest.approx(1.0)
+    assert p["per_k"]["3"]["fitness_nll"] == pytest.approx(p["objective_fitness"], abs=1e-12)
+    assert p["per_k"]["1"]["members"] == [max(p["weights"], key=p["weights"].get)]
+    assert p["baselines"]["uniform_last"]["2"]["members"] == ["b", "c"]
+    # the fitted prior beats or matches both baselines on what it was fit on, at K = M
+    for base in ("uniform_last", "greedy"):
+        assert p["per_k"]["3"]["fitness_nll"] <= p["baselines"][base]["3"]["fitness_nll"] + 1e-12
+    assert set(p["compare"]) == {"em", "adamw"}
+    assert p["compare"]["em"]["objective"] <= p["compare"]["adamw"]["objective"] + 1e-8
+    assert prior.fit_prior(names, L, method="adamw")["method"] == "adamw"
+    with pytest.raises(ValueError):
+        prior.fit_prior(names, L, method="sgd")
+
+
+# --- files and the command line ----------------------------------------------
+
+def without_timings(p):
+    return {**p, "compare": {m: {k: v for k, v in r.items() if k != "seconds"} for m, r in p["compare"].items()}}
+
+
+def test_write_prior_atomic_and_repeatable(tmp_path, monkeypatch):
+    L, _ = synthetic_population(3_000, seed=2)
+    out = tmp_path / "prior.json"
+    prior.write_prior(out, ["a", "b", "c"], L)
+    first = json.loads(out.read_text())
+    prior.write_prior(out, ["a", "b", "c"], L)
+    second = json.loads(out.read_text())
+    assert without_timings(first) == without_timings(second)  # everything but wall-clock time
+    assert os.listdir(tmp_path) == ["prior.json"]  # no temp file left behind
+
+    def dump_then_die(obj, f, **kw):  # a fit killed half-way through writing its file
+        f.write('{"method": "em", "wei')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prior.json, "dump", dump_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prior.write_prior(out, ["a", "b", "c"], L)
+    assert json.loads(out.read_text()) == second  # the old file, whole
+    assert os.listdir(tmp_path) == ["prior.json"]
+
+
+def write_scores(run_dir, names, L, split="fitness", dtype=np.float32):
+    (run_dir / "scores").mkdir(parents=True, exist_ok=True)
+    for name, row in zip(names, L):
+        np.save(prior.score_path(run_dir, name, split), row.astype(dtype))
+
+
+def test_load_scores(tmp_path):
+    L, _ = synthetic_population(1_000, seed=3)
+    write_scores(tmp_path, ["a", "b"], L[:2], dtype=np.float16)
+    write_scores(tmp_path, ["c"], L[2:], dtype=np.float32)
+    got = prior.load_scores(tmp_path, ["a", "b", "c"], "fitness")
+    assert got.dtype == np.float64 and got.shape == (3, 1_000)
+    np.testing.assert_allclose(got, L, atol=1e-2)  # fp16 rounding
+    with pytest.raises(FileNotFoundError, match=r"(?s)d\.fitness\.npy.*eval\.py .* --score"):
+        prior.load_scores(tmp_path, ["a", "d"], "fitness")
+    np.save(prior.score_path(tmp_path, "e", "fitness"), L[0, :999])
+    with pytest.raises(ValueError, match="equal length"):
+        prior.load_scores(tmp_path, ["a", "e"], "fitness")
+
+
+def test_cli_with_members_subset(tmp_path, monkeypatch, capsys):
+    names = ["m0", "m1", "m2"]
+    rows = [dict(name=n, track=0, cycle=i, budget_epochs=i + 1) for i, n in enumerate(names)]
+    fake_train = types.ModuleType("train")  # prior.py must not need the real train.py here
+    fake_train.read_manifest = lambda run_dir: rows
+    monkeypatch.setitem(sys.modules, "train", fake_train)
+    L, _ = synthetic_population(2_000, seed=4)
+    write_scores(tmp_path, names, L)
+
+    prior.main([str(tmp_path)])
+    full = json.loads((tmp_path / "prior.json").read_text())
+    assert full["members"] == names
+    assert "top weights" in capsys.readouterr().out
+
+    prior.main([str(tmp_path), "--members", "m2,m0", "--method", "adamw", "--out", "sub.json"])
+    sub = json.loads((tmp_path / "sub.json").read_text())
+    assert sub["members"] == ["m0", "m2"]  # training order, whatever order they were named in
+    assert sub["method"] == "adamw"
+    with pytest.raises(SystemExit, match="m9"):
+        prior.main([str(tmp_path), "--members", "m0,m9"])

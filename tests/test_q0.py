@@ -1,0 +1,346 @@
+"""q0.py: the cyclic LR/WD schedule, the perturbation, the distillation loss (each against a hand computation),
+config validation, and q0/chain runs on CPU: snapshots and manifest, 2 processes against 1, chain re-init, and
+kill-and-resume. One tiny q0 run (2 trajectories x 3 cycles of 16 steps, distillation from cycle 2) is trained
+once and shared."""
+import math
+import shutil
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import model as gpt
+import q0
+import train
+from conftest import (PYTHON, ROOT, assert_same_weights, child_env, kill_when, last_logged_step, member_weights,
+                      read_log, run_train, run_train_subprocess, spawn_train, train_argv)
+
+# 127 steps/epoch at 512 tokens/step -> cycles of round(0.125 * 127) = 16 steps; a checkpoint every 4 steps
+Q0 = dict(mode="q0", batch_tokens=512, micro_batch_size=8, num_trajectories=2, num_cycles=3, epochs_per_cycle=0.125,
+          distill_after_cycles=1, dropout=0.1, weight_decay=0.1, first_cycle_warmup_steps=2, ckpt_every_epochs=0.03)
+L = 16
+NAMES = [f"t{k}-c00{c}" for k in (0, 1) for c in (1, 2, 3)]
+
+
+@pytest.fixture(scope="module")
+def q0_run(tiny_data, tmp_path_factory):
+    """The reference q0 run, uninterrupted, in one process, recording what perturb_ and set_teacher were given.
+    -> (run dir, argv, perturbations [(scale, before, after)], teachers [(name, teacher weights)])."""
+    run_dir = tmp_path_factory.mktemp("q0") / "run"
+    argv = train_argv(tiny_data, run_dir, **Q0)
+    perturbations, teachers = [], []
+    real_perturb, real_set_teacher = q0.perturb_, q0.Q0Plan.set_teacher
+
+    def perturb_(model, scale, generator):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        real_perturb(model, scale, generator)
+        perturbations.append((scale, before, {k: v.clone() for k, v in model.state_dict().items()}))
+
+    def set_teacher(self, name, state):
+        real_set_teacher(self, name, state)
+        teachers.append((name, {k: v.clone() for k, v in self.teacher.state_dict().items()}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(q0, "perturb_", perturb_)
+        mp.setattr(q0.Q0Plan, "set_teacher", set_teacher)
+        code, out, err = run_train(argv)
+    assert code == 0, err
+    return run_dir, argv, perturbations, teachers
+
+
+def fake_track(spe=10, model=None, **cfg):
+    return SimpleNamespace(cfg=train.Config(**cfg), spe=spe, track=0, env={"device": torch.device("cpu")}, model=model)
+
+
+# -----------------------------------------------------------------------------------------------------
+# primitive 1: the schedule and the perturbation
+
+def test_lr_and_wd_multipliers_by_hand():
+    f, w, n = 0.08, 0.7, 100  # the method file's lr_floor and wd_floor
+    lr = lambda s, shape="linear": q0.lr_multiplier(s, n, f, shape)
+    wd = lambda m: q0.wd_multiplier(m, f, w)
+    assert lr(0) == 1.0 and wd(lr(0)) == pytest.approx(0.7)  # cycle start: LR peak, WD 0.7 x base
+    assert lr(50) == pytest.approx(0.54) and wd(lr(50)) == pytest.approx(0.85)  # middle
+    assert lr(99) == pytest.approx(0.08 + 0.92 / 100) and wd(lr(99)) == pytest.approx(0.7 + 0.3 * 0.99)
+    assert q0.lr_multiplier(n, n, f) == pytest.approx(0.08) and wd(q0.lr_multiplier(n, n, f)) == pytest.approx(1.0)
+    assert lr(25) == pytest.approx(0.08 + 0.92 * 0.75)  # linear: a straight line
+    # cosine: same end points and middle, a cosine in between
+    assert lr(0, "cosine") == 1.0 and lr(50, "cosine") == pytest.approx(0.54)
+    assert lr(25, "cosine") == pytest.approx(0.08 + 0.92 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert q0.lr_multiplier(n, n, f, "cosine") == pytest.approx(0.08)
+    assert all(lr(s) > lr(s + 1) for s in range(99)) and all(wd(lr(s)) < wd(lr(s + 1)) for s in range(99))
+
+
+def test_q0_plan_multipliers_constant_wd_and_warmup():
+    plan = q0.Q0Plan(fake_track(spe=10, mode="q0", epochs_per_cycle=1.0, num_cycles=3, first_cycle_warmup_steps=4))
+    assert (plan.cycle_steps, plan.total_steps, plan.boundaries) == (10, 30, {10, 20, 30})
+    lr0 = lambda s: q0.lr_multiplier(s, 10, 0.08)
+    assert plan.multipliers(0) == (pytest.approx(0.25), pytest.approx(0.7))  # warmup 1/4 of the peak; WD unwarmed
+    assert plan.multipliers(2)[0] == pytest.approx(lr0(2) * 3 / 4)
+    assert plan.multipliers(4)[0] == pytest.approx(lr0(4))  # warmup over
+    assert plan.multipliers(9) == (pytest.approx(lr0(9)), pytest.approx(0.7 + 0.3 * (1 - lr0(9)) / 0.92))
+    assert plan.multipliers(10) == (1.0, pytest.approx(0.7))  # q0: the next cycles restart at the peak, no warmup
+    assert plan.multipliers(25) == (pytest.approx(0.54), pytest.approx(0.85))
+    chain = q0.Q0Plan(fake_track(spe=10, mode="chain", epochs_per_cycle=1.0, num_cycles=3, first_cycle_warmup_steps=4))
+    assert chain.multipliers(10)[0] == pytest.approx(0.25) and chain.multipliers(21)[0] == pytest.approx(lr0(1) / 2)
+    const = q0.Q0Plan(fake_track(spe=10, mode="q0", epochs_per_cycle=1.0, constant_wd=True))
+    assert all(const.multipliers(s)[1] == 1.0 for s in range(0, 40, 3))
+
+
+def test_perturb_scale_is_cosine_over_cycles():
+    assert q0.perturb_scale(1, 5, 0.25, 0.05) == pytest.approx(0.25)
+    assert q0.perturb_scale(5, 5, 0.25, 0.05) == pytest.approx(0.05)
+    assert q0.perturb_scale(3, 5, 0.25, 0.05) == pytest.approx(0.15)
+    assert q0.perturb_scale(2, 5, 0.25, 0.05) == pytest.approx(0.05 + 0.2 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert q0.perturb_scale(1, 1, 0.25, 0.05) == 0.25
+
+
+class TwoTensors(nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a = nn.Parameter(2.0 * torch.randn(1000, 1000, generator=g))
+        self.b = nn.Parameter(0.01 * torch.randn(500, 800, generator=g) + 3.0)
+
+
+def test_perturb_adds_noise_scaled_to_each_tensor_and_is_deterministic():
+    m = TwoTensors()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    q0.perturb_(m, 0.1, torch.Generator().manual_seed(42))
+    for k, v in m.state_dict().items():
+        noise = v - before[k]
+        assert noise.mean().abs() < 0.01 * before[k].std()
+        assert noise.std() == pytest.approx(0.1 * before[k].std().item(), rel=0.01), k  # std x tensor's own std
+    again = TwoTensors()
+    q0.perturb_(again, 0.1, torch.Generator().manual_seed(42))
+    assert_same_weights(again.state_dict(), m.state_dict())  # same generator seed, same noise
+    other = TwoTensors()
+    q0.perturb_(other, 0.1, torch.Generator().manual_seed(43))
+    assert not torch.equal(other.a, m.a)
+
+
+# -----------------------------------------------------------------------------------------------------
+# primitive 2: the distillation loss
+
+def test_distill_loss_alpha_zero_is_cross_entropy():
+    z_s, z_t = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    y = torch.randint(0, 11, (2, 5))
+    ce = F.cross_entropy(z_s.flatten(0, 1), y.flatten())
+    assert q0.distill_loss(z_s, z_t, y, 0.0, 1.2) == ce
+    # identical teacher and student: the KL term is zero, the loss is (1 - a) CE
+    torch.testing.assert_close(q0.distill_loss(z_s, z_s.clone(), y, 0.45, 1.2), 0.55 * ce)
+
+
+def test_distill_loss_by_hand_one_token_three_classes():
+    s, t, y, a, T = [1.0, 2.0, 0.5], [0.0, 3.0, -1.0], 0, 0.45, 1.2
+
+    def softmax(z):
+        e = [math.exp(v) for v in z]
+        return [v / sum(e) for v in e]
+    ce = -math.log(softmax(s)[y])
+    p_t, p_s = softmax([v / T for v in t]), softmax([v / T for v in s])
+    kl = sum(pt * math.log(pt / ps) for pt, ps in zip(p_t, p_s))
+    expected = (1 - a) * ce + a * T * T * kl
+    got = q0.distill_loss(torch.tensor([[s]]), torch.tensor([[t]]), torch.tensor([[y]]), a, T)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    assert kl > 0.2  # the KL part matters in this example
+
+
+def test_no_gradient_reaches_the_teacher():
+    cfg = gpt.config_for("tiny", vocab_size=64, seq_len=16)
+    torch.manual_seed(0)
+    student = gpt.build(cfg, "cpu")
+    with torch.no_grad():
+        student.head.weight.normal_(0, 0.5)
+    teacher_state = {k: v + 0.1 * torch.randn_like(v) for k, v in student.state_dict().items()}
+    plan = q0.Q0Plan(fake_track(model=student, mode="q0", epochs_per_cycle=1.0, dropout=0.1))
+    plan.set_teacher("t0-c001", teacher_state)
+    assert plan.teacher is not student and not plan.teacher.training
+    assert all(not p.requires_grad for p in plan.teacher.parameters())
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    loss = plan.loss(student, x, y)
+    with torch.no_grad():
+        expected = q0.distill_loss(student(x), plan.teacher(x), y, 0.45, 1.2)
+    torch.testing.assert_close(loss, expected)
+    assert abs(loss.item() - (-student(x, y).mean()).item()) > 1e-3  # not plain CE
+    loss.backward()
+    assert all(p.grad is None for p in plan.teacher.parameters())
+    assert student.head.weight.grad is not None and student.head.weight.grad.abs().sum() > 0
+    assert_same_weights(plan.teacher.state_dict(), teacher_state)
+
+
+# -----------------------------------------------------------------------------------------------------
+# config validation
+
+@pytest.mark.parametrize("overrides,key", [
+    (dict(num_trajectories=3, world=2), "num_trajectories"),
+    (dict(num_trajectories=2, world=3), "num_trajectories"),
+    (dict(distill_alpha=1.5), "distill_alpha"),
+    (dict(distill_alpha=-0.1), "distill_alpha"),
+    (dict(distill_temperature=0.0), "distill_temperature"),
+    (dict(distill_temperature=-1.0), "distill_temperature"),
+    (dict(epochs_per_cycle=0.001), "epochs_per_cycle"),  # 0.13 of a step
+    (dict(num_cycles=0), "num_cycles"),
+    (dict(cycle_shape="square"), "cycle_shape"),
+])
+def test_validate_rejects_naming_the_key(tiny_data, tmp_path, overrides, key):
+    world = overrides.pop("world", 1)
+    cfg = train.load_config(train_argv(tiny_data, tmp_path / "r", **dict(Q0, **overrides)))
+    with pytest.raises(train.ConfigError, match=f"config key '{key}'"):
+        train.validate(cfg, world, 65536)
+
+
+def test_validate_accepts_divisible_layouts(tiny_data, tmp_path):
+    for world, trajectories in [(1, 2), (2, 2), (2, 4), (4, 2), (3, 3)]:
+        cfg = train.load_config(train_argv(tiny_data, tmp_path / "r", **dict(Q0, num_trajectories=trajectories)))
+        train.validate(cfg, world, 65536)
+
+
+def test_bad_q0_config_fails_before_any_training(tiny_data, tmp_path):
+    for flag, key in [("--distill_alpha=2", "distill_alpha"), ("--distill_temperature=0", "distill_temperature"),
+                      ("--epochs_per_cycle=0.001", "epochs_per_cycle")]:
+        code, out, err = run_train(train_argv(tiny_data, tmp_path / "r", **Q0) + [flag])
+        assert code == 2 and f"config key '{key}'" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "r").exists()
+
+
+# -----------------------------------------------------------------------------------------------------
+# q0 runs on CPU
+
+def test_q0_run_writes_snapshots_and_manifest(q0_run):
+    run_dir = q0_run[0]
+    assert sorted(p.stem for p in (run_dir / "members").glob("*.pt")) == NAMES
+    rows = train.read_manifest(run_dir)
+    assert [r["name"] for r in rows] == ["t0-c001", "t1-c001", "t0-c002", "t1-c002", "t0-c003", "t1-c003"]
+    for r in rows:
+        k, c = r["track"], r["cycle"]
+        assert r["name"] == f"t{k}-c00{c}" and r["mode"] == "q0" and r["seed"] == 1337 + k
+        assert r["epochs"] == 0.125 * c and r["budget_epochs"] == 2 * 0.125 * c
+        assert r["teacher"] == (None if c == 1 else f"t{k}-c00{c - 1}")
+        assert r["train_loss"] == read_log(run_dir, k)[c * L]["loss"]
+        assert r["path"] == f"members/{r['name']}.pt" and (run_dir / r["path"]).is_file()
+    w0, w1 = member_weights(run_dir, "t0-c001"), member_weights(run_dir, "t1-c001")
+    assert not torch.equal(w0["embed.weight"], w1["embed.weight"])  # different seeds
+    for k in (0, 1):
+        losses = read_log(run_dir, k)
+        assert sorted(losses) == list(range(1, 3 * L + 1))
+        evals = read_log(run_dir, k, kind="eval")
+        assert evals[3 * L]["val"] < evals[0]["val"] - 1.0
+
+
+def test_q0_run_logs_the_cyclic_schedule(q0_run):
+    """lr and wd in log.jsonl (the Muon group: base 0.02 and 0.1) follow the multipliers: warmup in cycle 1 only."""
+    log = read_log(q0_run[0])
+    f = lambda s: 0.08 + 0.92 * (1 - s / L)
+    assert log[1]["lr"] == pytest.approx(0.02 * 0.5) and log[1]["wd"] == pytest.approx(0.1 * 0.7)  # warmup step 1/2
+    assert log[L]["lr"] == pytest.approx(0.02 * f(L - 1))  # the last step of cycle 1
+    assert log[L]["wd"] == pytest.approx(0.1 * (0.7 + 0.3 * (1 - f(L - 1)) / 0.92))
+    assert log[L + 1]["lr"] == pytest.approx(0.02) and log[L + 1]["wd"] == pytest.approx(0.07)  # reset, no warmup
+    assert log[L + 9]["lr"] == pytest.approx(0.02 * 0.54) and log[L + 9]["wd"] == pytest.approx(0.1 * 0.85)
+
+
+def test_snapshot_and_teacher_are_taken_before_the_noise(q0_run):
+    run_dir, _, perturbations, teachers = q0_run
+    # after cycles 1 and 2 of each trajectory (none after the last): scales 0.25 then 0.15 (cosine to 0.05 at 3)
+    assert [p[0] for p in perturbations] == pytest.approx([0.25, 0.15, 0.25, 0.15])
+    for (scale, before, after), name in zip(perturbations, ["t0-c001", "t0-c002", "t1-c001", "t1-c002"]):
+        assert_same_weights(before, member_weights(run_dir, name))
+        for k in before:
+            noise = after[k] - before[k]
+            assert noise.std() == pytest.approx(scale * before[k].std().item(), rel=0.15), (name, k)
+    assert [t[0] for t in teachers] == ["t0-c001", "t0-c002", "t1-c001", "t1-c002"]
+    for name, weights in teachers:
+        assert_same_weights(weights, member_weights(run_dir, name))
+
+
+@pytest.mark.slow
+def test_q0_two_processes_match_one(q0_run, tmp_path):
+    """torchrun, 2 ranks, 2 trajectories: one trajectory per rank (a group of 1 rank each) against the same two
+    trajectories one after another in one process. The arithmetic is the same, so we expect equality; the bound
+    is rel 1e-6 on losses and atol 1e-6 on weights."""
+    run_dir, argv, _, _ = q0_run
+    argv2 = [a for a in argv if not a.startswith("--out_dir")] + [f"--out_dir={tmp_path / 'ddp'}",
+                                                                   "--num_trajectories=2"]
+    out = run_train_subprocess(argv2, nproc=2)
+    assert "2 track(s) on 2 rank(s) in 2 group(s)" in out
+    one, two = train.read_manifest(run_dir), train.read_manifest(tmp_path / "ddp")
+    assert len(two) == 6 and {r["seed"] for r in two} == {1337, 1338}
+    for a, b in zip(one, two):
+        assert {k: v for k, v in a.items() if k != "train_loss"} == {k: v for k, v in b.items() if k != "train_loss"}
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)
+    for name in NAMES:
+        assert_same_weights(member_weights(run_dir, name), member_weights(tmp_path / "ddp", name), atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_q0_kill_and_resume_matches_uninterrupted(q0_run, tmp_path):
+    ref_dir, argv, _, _ = q0_run
+    run_dir = tmp_path / "killed"
+    argv2 = [a for a in argv if not a.startswith("--out_dir")] + [f"--out_dir={run_dir}"]
+    # kill trajectory 0 in the middle of cycle 2: snapshot t0-c001 exists, a teacher and a perturbation are live
+    kill_when(spawn_train(argv2), lambda: last_logged_step(run_dir, 0) >= L + 6)
+    ckpt = torch.load(run_dir / "track0" / "ckpt.pt", weights_only=True)
+    assert L < ckpt["step"] < 2 * L and ckpt["plan"] == {"teacher": "t0-c001"}
+    assert (run_dir / "members" / "t0-c001.pt").exists() and not (run_dir / "members" / "t0-c002.pt").exists()
+    code, out, err = run_train(argv2 + ["--resume=True"])
+    assert code == 0, err
+    assert f"resumed from {run_dir / 'track0' / 'ckpt.pt'} at step {ckpt['step']}" in out
+    assert train.read_manifest(run_dir) == train.read_manifest(ref_dir)  # every row, train_loss exactly
+    for name in NAMES:
+        assert_same_weights(member_weights(run_dir, name), member_weights(ref_dir, name))
+    for k in (0, 1):
+        assert_same_weights(torch.load(run_dir / f"track{k}" / "ckpt.pt", weights_only=True)["model"],
+                            torch.load(ref_dir / f"track{k}" / "ckpt.pt", weights_only=True)["model"])
+        ref, resumed = read_log(ref_dir, k), read_log(run_dir, k)
+        assert sorted(resumed) == sorted(ref)
+        assert all(resumed[s]["loss"] == ref[s]["loss"] for s in ref)
+
+
+@pytest.mark.slow
+def test_chain_reinitialises_at_each_cycle(tiny_data, tmp_path, monkeypatch):
+    after = []
+    real = q0.Q0Plan.on_boundary
+
+    def on_boundary(self, t, step):
+        real(self, t, step)
+        weights = {k: v.clone() for k, v in t.model.state_dict().items()}
+        after.append((step, weights, len(t.muon.state), len(t.adam.state)))
+    monkeypatch.setattr(q0.Q0Plan, "on_boundary", on_boundary)
+    run_dir = tmp_path / "chain"
+    code, out, err = run_train(train_argv(tiny_data, run_dir, **dict(Q0, mode="chain", num_trajectories=1, num_cycles=2,
+                                                                      ckpt_every_epochs=0)))
+    assert code == 0, err
+    (step, state, muon_state, adam_state), last = after[0], after[1]
+    assert step == L and muon_state == 0 and adam_state == 0  # no optimizer memory carried over
+    snapshot = member_weights(run_dir, "t0-c001")
+    assert torch.count_nonzero(snapshot["head.weight"]) > 0
+    assert torch.count_nonzero(state["head.weight"]) == 0  # a fresh init: zero head and residual writers
+    assert all(torch.count_nonzero(v) == 0 for k, v in state.items() if k.endswith(("proj.weight", "down.weight")))
+    fresh = gpt.build(gpt.config_for("tiny", vocab_size=320, seq_len=32, dropout=0.1), "cpu")
+    fresh.init_weights(generator=torch.Generator().manual_seed(1337 * 10_007 + 1))  # seeded by (seed, cycle)
+    assert_same_weights(state, fresh.state_dict())
+    assert last[0] == 2 * L and last[2] > 0  # nothing re-initialised after the last cycle
+    rows = train.read_manifest(run_dir)
+    assert [(r["name"], r["mode"], r["teacher"]) for r in rows] == [("t0-c001", "chain", None),
+                                                                  ("t0-c002", "chain", "t0-c001")]
+    log = read_log(run_dir)
+    assert log[L + 1]["lr"] == pytest.approx(0.02 * 0.5)  # warmup again in cycle 2
+    assert log[2 * L]["loss"] < math.log(320) - 1.0  # the re-initialised model learnt again
+
+
+@pytest.mark.slow
+def test_unreadable_teacher_snapshot_on_resume_is_one_clear_message(q0_run, tmp_path):
+    """The command line, not main(): q0.py reaches train.safe_load through `import train`, and its RunError must be
+    the one main() catches (a traceback here was a bug)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(q0_run[0], run_dir)
+    teacher = run_dir / "members" / "t0-c002.pt"  # the final checkpoint of trajectory 0 names it as its teacher
+    teacher.write_bytes(b"not a checkpoint")
+    argv = [a for a in q0_run[1] if not a.startswith("--out_dir")] + [f"--out_dir={run_dir}", "--resume=True"]
+    proc = subprocess.run([PYTHON, "train.py"] + argv, cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: teacher snapshot {teacher} is unreadable"), proc.stderr

@@ -1,0 +1,416 @@
+"""train.py: config resolution and rejection, batch arithmetic, the epoch loader, the single-model schedule, CPU
+training (single and ensemble), 2-process DDP against 1 process, kill-and-resume, refused resumes, NaN and a full
+disk. One tiny single-mode run (32 steps of 1K tokens) is trained once and shared by the tests below."""
+import json
+import math
+import shutil
+import subprocess
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from conftest import (PYTHON, ROOT, assert_same_weights, child_env, kill_when, member_weights, read_log, run_train,
+                      run_train_subprocess, spawn_train, train_argv)
+
+SINGLE = dict(mode="single", epochs=0.5)  # 63 steps/epoch at 1K tokens/step -> 32 steps, a checkpoint every 3
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_data, tmp_path_factory):
+    """The reference: an uninterrupted 1-process single-mode run. -> (run dir, argv, stdout)."""
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    argv = train_argv(tiny_data, run_dir, **SINGLE)
+    code, out, err = run_train(argv)
+    assert code == 0, err
+    return run_dir, argv, out
+
+
+@pytest.fixture
+def run_copy(single_run, tmp_path):
+    shutil.copytree(single_run[0], tmp_path / "run")
+    return tmp_path / "run"
+
+
+def fake_track(cfg, spe, track=0):
+    return SimpleNamespace(cfg=cfg, spe=spe, track=track, env={"device": torch.device("cpu")})
+
+
+def one_line_error(err, *names):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for name in names:
+        assert name in lines[0], (name, err)
+    return lines[0]
+
+
+# -----------------------------------------------------------------------------------------------------
+# config
+
+def test_config_file_and_flags_resolve(tmp_path):
+    path = tmp_path / "recipe.py"
+    path.write_text('"""a recipe"""\nmode = "q0"\nseq_len = 64\nmuon_lr = 0.01\nadam_betas = (0.9, 0.99)\n')
+    cfg = train.load_config([str(path), "--seq_len=32", "--dropout=0.1", "--resume=True", "--epochs=3",
+                             "--compile"])
+    assert (cfg.mode, cfg.seq_len, cfg.muon_lr, cfg.adam_betas) == ("q0", 32, 0.01, (0.9, 0.99))  # flags win
+    assert cfg.dropout == 0.1 and cfg.resume is True and cfg.compile is True
+    assert cfg.epochs == 3.0 and isinstance(cfg.epochs, float)  # an int literal for a float key is fine
+    assert cfg.out_dir == str(Path("runs") / "recipe")  # default run folder from the file name
+    assert train.load_config(["--adam_betas=[0.5, 0.6]"]).adam_betas == (0.5, 0.6)
+
+
+@pytest.mark.parametrize("argv,key", [
+    (["--bogus=1"], "bogus"),
+    (["--seq_len=abc"], "seq_len"),
+    (["--seq_len=1.5"], "seq_len"),
+    (["--micro_batch_size=True"], "micro_batch_size"),
+    (["--resume=maybe"], "resume"),
+    (["--muon_lr=fast"], "muon_lr"),
+    (["--adam_betas=0.9"], "adam_betas"),
+])
+def test_bad_flag_is_rejected_naming_the_key(argv, key):
+    with pytest.raises(train.ConfigError, match=f"'{key}'"):
+        train.load_config(argv)
+
+
+def test_bad_config_file_keys_and_types(tmp_path):
+    path = tmp_path / "bad.py"
+    path.write_text("seq_len = 32\nwarmup_step = 10\n")
+    with pytest.raises(train.ConfigError, match="'warmup_step'.*bad.py:2"):
+        train.load_config([str(path)])
+    for text, key in [("seq_len = 32.5\n", "seq_len"), ('dropout = "high"\n', "dropout"), ("compile = 1\n", "compile"),
+                      ("mode = 0\n", "mode")]:
+        path.write_text(text)
+        with pytest.raises(train.ConfigError, match=f"'{key}' expects .*bad.py:1"):
+            train.load_config([str(path)])
+
+
+def test_config_file_with_code_is_rejected_unexecuted(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.py"
+    for text, pattern in [("import os\nseq_len = 32\n", r"evil.py:1: only `key = value`"),
+                          (f"seq_len = __import__('pathlib').Path({str(marker)!r}).touch()\n",
+                           "'seq_len' must be a literal"),
+                          ("seq_len = len('abc')\n", "'seq_len' must be a literal"),
+                          ("def f():\n    pass\n", "only `key = value`"),
+                          ("seq_len = 32 +\n", r"evil.py:1")]:  # a syntax error is a config error too
+        path.write_text(text)
+        with pytest.raises(train.ConfigError, match=pattern):
+            train.load_config([str(path)])
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_cli_config_errors_exit_nonzero_with_one_line(tmp_path, tiny_data):
+    code, out, err = run_train(["--bogus_key=1", f"--out_dir={tmp_path / 'r'}"])
+    assert code == 2
+    one_line_error(err, "'bogus_key'")
+    code, out, err = run_train(train_argv(tiny_data, tmp_path / "r", seq_len="long"))
+    assert code == 2
+    one_line_error(err, "'seq_len'")
+    assert not (tmp_path / "r").exists()  # rejected before any work
+    # the real command line: exit status 2, one line on stderr, no traceback
+    proc = subprocess.run([PYTHON, "train.py", "--seq_len=abc", f"--out_dir={tmp_path / 'r'}"], cwd=ROOT,
+                          env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    one_line_error(proc.stderr, "'seq_len'", "expects int")
+
+
+def test_resolved_config_is_saved(single_run):
+    run_dir, argv, _ = single_run
+    record = json.loads((run_dir / "config.json").read_text())
+    expected = json.loads(json.dumps(asdict(train.load_config(argv))))  # tuples become lists in JSON
+    assert record["config"] == expected
+    assert record["config"]["seq_len"] == 32 and record["config"]["batch_tokens"] == 1024
+    assert set(record["data"]) == {"train", "fitness", "val"} and all(len(h) == 64 for h in record["data"].values())
+
+
+# -----------------------------------------------------------------------------------------------------
+# batch arithmetic
+
+def test_accum_is_derived(tiny_data, tmp_path, single_run):
+    cfg = train.load_config(train_argv(tiny_data, tmp_path / "r", batch_tokens=2048, micro_batch_size=8))
+    data = train.load_data(cfg)
+    for group_size, accum in [(1, 8), (2, 4), (4, 2), (8, 1)]:
+        env = dict(device=torch.device("cpu"), group_size=group_size, group_rank=0, log=print,
+                   barrier=lambda: None, all_reduce=lambda t: None)
+        t = train.Track(cfg, 0, env, data)
+        assert t.accum == accum and t.accum * group_size * 8 * 32 == 2048
+        assert t.spe == (65536 - 1) // 2048 == 31
+    # the start-up line states it: 8 seqs x 32 tokens x 4 accum x 1 rank = 1,024 tokens/step, 63 steps/epoch
+    assert "8 seqs x 32 tokens x 4 accum x 1 ranks/track = 1,024 tokens/step | 63 steps/epoch" in single_run[2]
+
+
+def test_batch_tokens_not_divisible_is_rejected(tiny_data, tmp_path):
+    cfg = train.load_config(train_argv(tiny_data, tmp_path / "r", batch_tokens=1000))
+    with pytest.raises(train.ConfigError, match="'batch_tokens'"):
+        train.validate(cfg, 1, 65536)
+    cfg = train.load_config(train_argv(tiny_data, tmp_path / "r", batch_tokens=768))  # 3 x 8 x 32
+    train.validate(cfg, 1, 65536)
+    with pytest.raises(train.ConfigError, match="'batch_tokens'.*ranks per track"):
+        train.validate(cfg, 2, 65536)  # 2 ranks share the batch: no longer divisible
+
+
+# -----------------------------------------------------------------------------------------------------
+# the epoch loader
+
+def synthetic_loader(seed=5, seq_len=8, rows=8, n_docs=40, n_tokens=2000):
+    """Tokens 0 .. n-1 (each one unique, so where it lands is traceable) in documents of random lengths."""
+    rng = np.random.default_rng(0)
+    starts = np.sort(rng.choice(np.arange(1, n_tokens), n_docs - 1, replace=False))
+    starts = np.concatenate([[0], starts])
+    return train.EpochLoader(np.arange(n_tokens, dtype=np.uint32), starts.tolist(), seq_len, rows, seed), starts
+
+
+def epoch_rows(loader, epoch, micro_rows=4):
+    """Every (x, y) row of an epoch, in order."""
+    xs, ys = [], []
+    for b in range(loader.steps_per_epoch):
+        for j in range(loader.R // micro_rows):
+            x, y = loader.micro_batch(epoch * loader.steps_per_epoch + b, j, micro_rows, "cpu")
+            xs.append(x)
+            ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def test_epoch_shuffles_differ_and_are_reproducible():
+    loader, _ = synthetic_loader()
+    e0, e1 = loader.stream(0, 0, 2000), loader.stream(1, 0, 2000)
+    assert not np.array_equal(e0, e1)
+    assert np.array_equal(loader.stream(0, 0, 2000), e0)  # back to epoch 0 after epoch 1
+    fresh, _ = synthetic_loader()
+    assert np.array_equal(fresh.stream(1, 0, 2000), e1)  # same (seed, epoch), new loader
+    other, _ = synthetic_loader(seed=6)
+    assert not np.array_equal(other.stream(0, 0, 2000), e0)
+    x0, _ = epoch_rows(loader, 0)
+    x1, _ = epoch_rows(loader, 1)
+    assert not torch.equal(x0, x1)
+
+
+def test_epoch_stream_is_whole_documents_in_shuffled_order():
+    loader, starts = synthetic_loader()
+    ends = np.append(starts[1:], 2000)
+    stream = loader.stream(3, 0, 2000)
+    assert np.array_equal(np.sort(stream), np.arange(2000))  # a permutation of the split
+    docs = np.split(stream, np.flatnonzero(np.isin(stream, starts)))[1:]  # cut where a document starts
+    assert len(docs) == len(starts)
+    for d in docs:  # each document intact and in its own order
+        k = np.searchsorted(starts, d[0])
+        assert np.array_equal(d, np.arange(starts[k], ends[k]))
+    assert np.array_equal(loader.stream(3, 123, 456), stream[123:456])
+
+
+def test_every_token_of_the_epoch_appears_once():
+    loader, _ = synthetic_loader()
+    spe, R, T = loader.steps_per_epoch, loader.R, loader.T
+    assert spe == (2000 - 1) // (R * T) == 31
+    for epoch in (0, 1):
+        x, y = epoch_rows(loader, epoch)
+        stream = loader.stream(epoch, 0, 2000)
+        covered = spe * R * T  # the dropped tail is the rest: 2000 - 1984 = 16 tokens
+        assert torch.equal(x.flatten(), torch.from_numpy(stream[:covered].astype(np.int64)))
+        assert torch.equal(y.flatten(), torch.from_numpy(stream[1:covered + 1].astype(np.int64)))
+        assert np.unique(x.numpy()).size == covered  # each input token exactly once
+
+
+def test_global_batch_is_the_same_for_any_number_of_ranks():
+    loader, _ = synthetic_loader(rows=16)
+    for step in (0, 5, loader.steps_per_epoch + 2):
+        layouts = {}
+        for world, micro_rows in [(1, 4), (2, 4), (4, 2), (1, 16), (2, 8)]:
+            accum = loader.R // (micro_rows * world)
+            # rank r, accumulation a reads micro-batch r * accum + a, as Track.train does
+            xs = [loader.micro_batch(step, r * accum + a, micro_rows, "cpu")[0]
+                  for r in range(world) for a in range(accum)]
+            layouts[(world, micro_rows, accum)] = torch.cat(xs)
+        ref = layouts[(1, 4, 4)]
+        for key, x in layouts.items():
+            assert torch.equal(x, ref), key
+        epoch, b = divmod(step, loader.steps_per_epoch)
+        first = loader.stream(epoch, b * 16 * 8, b * 16 * 8 + 8)
+        assert torch.equal(ref[0], torch.from_numpy(first.astype(np.int64)))
+
+
+# -----------------------------------------------------------------------------------------------------
+# single/ensemble schedule
+
+def test_single_plan_schedule():
+    cfg = train.Config(epochs=1.0, warmup_steps=4, decay="cosine", min_lr_frac=0.1)
+    plan = train.SinglePlan(fake_track(cfg, spe=20))
+    assert plan.total_steps == 20 and plan.boundaries == {20}
+    lr = lambda s: plan.multipliers(s)[0]
+    assert [lr(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]  # linear warmup
+    assert lr(4) == 1.0  # decay starts at the peak
+    assert lr(8) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))  # progress 4/16
+    assert lr(12) == pytest.approx(0.55)  # halfway: 0.1 + 0.9 * 0.5
+    assert lr(19) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 15 / 16)))
+    assert all(plan.multipliers(s)[1] == 1.0 for s in range(20))  # WD constant
+    cfg.decay = "linear"
+    assert lr(8) == pytest.approx(0.1 + 0.9 * 0.75) and lr(12) == pytest.approx(0.55) and lr(2) == 0.75
+    cfg.decay = "none"
+    assert lr(12) == 1.0
+
+
+# -----------------------------------------------------------------------------------------------------
+# training on CPU
+
+def test_single_run_learns_and_writes_its_member(single_run):
+    run_dir = single_run[0]
+    evals = read_log(run_dir, kind="eval")
+    assert sorted(evals) == [0, 32]
+    assert evals[0]["val"] == pytest.approx(math.log(320), abs=1e-4)  # zero-init head: log(padded vocab)
+    assert evals[32]["val"] < evals[0]["val"] - 1.0
+    losses = read_log(run_dir)
+    assert sorted(losses) == list(range(1, 33))  # log_every=1
+    assert losses[32]["loss"] < losses[1]["loss"] - 1.0
+    rows = train.read_manifest(run_dir)
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["name"], row["mode"], row["track"], row["seed"], row["epochs"], row["budget_epochs"]) == \
+        ("single", "single", 0, 1337, 0.5, 0.5)
+    assert row["teacher"] is None and row["train_loss"] == losses[32]["loss"]
+    model, ckpt = train.load_member(run_dir / row["path"])
+    final = torch.load(run_dir / "track0" / "ckpt.pt", weights_only=True)
+    assert final["step"] == 32
+    assert_same_weights(model.state_dict(), final["model"])
+
+
+@pytest.mark.slow
+def test_ensemble_members_have_their_own_seeds_and_budgets(tiny_data, tmp_path):
+    run_dir = tmp_path / "ens"
+    code, out, err = run_train(train_argv(tiny_data, run_dir, mode="ensemble", ensemble_size=2, epochs=0.125,
+                                          log_every=100, ckpt_every_epochs=0))
+    assert code == 0, err
+    rows = train.read_manifest(run_dir)
+    assert [r["name"] for r in rows] == ["member0", "member1"]
+    assert [r["seed"] for r in rows] == [1337, 1338]
+    assert [r["epochs"] for r in rows] == [0.125, 0.125] and [r["budget_epochs"] for r in rows] == [0.125, 0.25]
+    w0, w1 = member_weights(run_dir, "member0"), member_weights(run_dir, "member1")
+    assert not torch.equal(w0["embed.weight"], w1["embed.weight"])
+    for track in (0, 1):
+        assert torch.load(run_dir / f"track{track}" / "ckpt.pt", weights_only=True)["step"] == 8
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(single_run, tmp_path):
+    """torchrun, 2 ranks on gloo, 4 -> 2 accumulation steps each: the same global batch, so the same losses up to
+    floating-point reduction order (measured: at most rel 2e-5 over the 32 steps; bound: rel 1e-4). The weights
+    agree less tightly: Muon orthogonalises each update to a fixed size, so the reduction-order noise in the tiny
+    early gradients of the zero-initialised proj/down matrices moves them by up to ~3% of their norm (measured);
+    bound 10% per tensor, where an unrelated run (another seed) differs by ~140%."""
+    run_dir, argv, _ = single_run
+    argv2 = [a for a in argv if not a.startswith("--out_dir")] + [f"--out_dir={tmp_path / 'ddp'}"]
+    out = run_train_subprocess(argv2, nproc=2)
+    assert "x 2 accum x 2 ranks/track = 1,024 tokens/step" in out
+    one, two = read_log(run_dir), read_log(tmp_path / "ddp")
+    assert sorted(one) == sorted(two) == list(range(1, 33))
+    for step in one:
+        assert two[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-4), step
+    val_one, val_two = read_log(run_dir, kind="eval")[32]["val"], read_log(tmp_path / "ddp", kind="eval")[32]["val"]
+    assert val_two == pytest.approx(val_one, rel=1e-4)
+    a, b = member_weights(run_dir, "single"), member_weights(tmp_path / "ddp", "single")
+    for k in a:
+        assert (a[k] - b[k]).norm() <= 0.1 * a[k].norm(), k
+
+
+@pytest.mark.slow
+def test_kill_and_resume_matches_uninterrupted(single_run, tmp_path, tiny_data):
+    ref_dir, argv, _ = single_run
+    run_dir = tmp_path / "killed"
+    argv2 = [a for a in argv if not a.startswith("--out_dir")] + [f"--out_dir={run_dir}"]
+    ckpt = run_dir / "track0" / "ckpt.pt"
+    kill_when(spawn_train(argv2), ckpt.exists)
+    killed_at = torch.load(ckpt, weights_only=True)["step"]
+    assert 0 < killed_at < 32 and not (run_dir / "members" / "single.pt").exists()  # stopped mid-epoch
+    code, out, err = run_train(argv2 + ["--resume=True"])
+    assert code == 0, err
+    assert f"resumed from {ckpt} at step {killed_at}" in out
+    assert_same_weights(member_weights(run_dir, "single"), member_weights(ref_dir, "single"))
+    assert_same_weights(torch.load(ckpt, weights_only=True)["model"],
+                        torch.load(ref_dir / "track0" / "ckpt.pt", weights_only=True)["model"])
+    ref, resumed = read_log(ref_dir), read_log(run_dir)
+    assert sorted(resumed) == list(range(1, 33))
+    for step in range(killed_at + 1, 33):
+        assert resumed[step]["loss"] == ref[step]["loss"], step
+    assert read_log(run_dir, kind="eval")[32] == read_log(ref_dir, kind="eval")[32]  # same final val/fitness
+    assert train.read_manifest(run_dir)[0]["train_loss"] == train.read_manifest(ref_dir)[0]["train_loss"]
+
+
+@pytest.mark.parametrize("flag,key", [("--model_size=mini", "model_size"), ("--seed=7", "seed"),
+                                      ("--batch_tokens=512", "batch_tokens")])
+def test_resume_with_changed_config_is_refused(run_copy, tiny_data, single_run, flag, key):
+    before = (run_copy / "config.json").read_text(), (run_copy / "track0" / "ckpt.pt").read_bytes()
+    argv = [a for a in single_run[1] if not a.startswith("--out_dir")] + [f"--out_dir={run_copy}"]
+    code, out, err = run_train(argv + ["--resume=True", flag])
+    assert code == 1
+    one_line_error(err, f"config key '{key}'", "cannot resume")
+    assert ((run_copy / "config.json").read_text(), (run_copy / "track0" / "ckpt.pt").read_bytes()) == before
+    # changing a key that does not change the result is fine: the finished run says so and stops
+    code, out, err = run_train(argv + ["--resume=True", "--log_every=5", "--eval_tokens=512"])
+    assert code == 0 and "already finished (32 steps)" in out
+
+
+def test_second_run_in_the_same_folder_is_refused(run_copy, single_run):
+    argv = [a for a in single_run[1] if not a.startswith("--out_dir")] + [f"--out_dir={run_copy}"]
+    log = (run_copy / "track0" / "log.jsonl").read_text()
+    code, out, err = run_train(argv)
+    assert code == 1
+    one_line_error(err, "already holds a run", "--resume=True")
+    assert (run_copy / "track0" / "log.jsonl").read_text() == log
+
+
+# -----------------------------------------------------------------------------------------------------
+# failures: NaN and a full disk
+
+def record_saves(monkeypatch):
+    saves = []
+    real = train.atomic_save
+
+    def atomic_save(obj, path):
+        real(obj, path)
+        saves.append((Path(path).name, obj.get("step")))
+    monkeypatch.setattr(train, "atomic_save", atomic_save)
+    return saves
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    """A loss that turns NaN at step 8 (injected: the soft-cap and the norms keep even a huge LR finite here)."""
+    real_loss, calls = train.SinglePlan.loss, [0]
+
+    def loss(self, model, x, y):
+        calls[0] += 1
+        value = real_loss(self, model, x, y)
+        return value * float("nan") if calls[0] > 7 * 4 else value  # 4 micro-batches per step
+    monkeypatch.setattr(train.SinglePlan, "loss", loss)
+    saves = record_saves(monkeypatch)
+    run_dir = tmp_path / "nan"
+    code, out, err = run_train(train_argv(tiny_data, run_dir, **SINGLE))  # checkpoints at steps 3 and 6
+    assert code == 1
+    ckpt = run_dir / "track0" / "ckpt.pt"
+    one_line_error(err, "loss is nan at step 8", f"Last good checkpoint: {ckpt} (step 6)")
+    assert saves == [("ckpt.pt", 3), ("ckpt.pt", 6)]  # nothing written from the NaN state
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == 6 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (run_dir / "members").exists()
+
+
+def test_full_disk_stops_before_writing(tiny_data, tmp_path, monkeypatch):
+    calls = [0]
+
+    def free_bytes(path):
+        calls[0] += 1
+        return 1 << 40 if calls[0] == 1 else 0  # room for the first checkpoint only
+    monkeypatch.setattr(train, "free_bytes", free_bytes)
+    run_dir = tmp_path / "full"
+    code, out, err = run_train(train_argv(tiny_data, run_dir, **SINGLE))
+    assert code == 1
+    ckpt = run_dir / "track0" / "ckpt.pt"
+    one_line_error(err, f"not enough disk to write {ckpt}", "Earlier files are intact")
+    assert torch.load(ckpt, weights_only=True)["step"] == 3  # the earlier checkpoint, whole
+    assert not list(run_dir.rglob("*.tmp"))
+    assert json.loads((run_dir / "config.json").read_text())["config"]["epochs"] == 0.5
+    assert max(read_log(run_dir)) == 6  # it trained to the second checkpoint and stopped there

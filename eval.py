@@ -26,7 +26,6 @@ import re
 import resource
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -61,14 +60,10 @@ class EvalError(RuntimeError):
 
 def setup_distributed(kind):
     """Process group only under torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
-    world, rank, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    dev = torch.device(f"cuda:{local}" if kind == "cuda" else kind)
-    if kind == "cuda":
-        torch.cuda.set_device(dev)
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    dev = train.pick_device(kind)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo", device_id=dev if kind == "cuda" else None)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
     return dict(world=world, rank=rank, device=dev)
 
 
@@ -122,16 +117,12 @@ def batches(tokens, windows, size, dev):
         i = j
 
 
-def autocast(dev):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()  # as in training
-
-
 @torch.no_grad()
 def token_logprobs(model, split, dev, size=batch_size):
     """log p(y_t | y_<t) at every scored position of a split, in window order: (N,) float32."""
     out = []
     for x in batches(split["tokens"], split["windows"], size, dev):
-        with autocast(dev):
+        with train.autocast(dev):
             out.append(model(x[:, :-1], x[:, 1:]).float().flatten().cpu().numpy())
     return np.concatenate(out)
 
@@ -342,7 +333,7 @@ def logit_average(run, rep, k, dev):
     models = [load(run, names[i], dev) for i in idx]
     total, rows = 0.0, max(1, min(batch_size, logits_floats // (run["seq_len"] * models[0].cfg.vocab_size)))
     for x in batches(run["val"]["tokens"], run["val"]["windows"], rows, dev):
-        with autocast(dev):
+        with train.autocast(dev):
             z = sum(float(wi) * m(x[:, :-1]) for wi, m in zip(w, models))  # (B, T, V)
         total -= gpt.token_logprobs(z.float(), x[:, 1:]).double().sum().item()
     return dict(k=len(idx), members=[names[i] for i in idx], weights=[float(x) for x in w], logit_avg_val=total / run["val"]["n"],
@@ -420,7 +411,7 @@ def continuation_logprobs(model, seqs, n_cont, dev, size=batch_size):
         for j, ids in enumerate(chunk):
             x[j, :len(ids)] = torch.tensor(ids)
         x = x.to(dev)
-        with autocast(dev):
+        with train.autocast(dev):
             lp = model(x[:, :-1], x[:, 1:]).float().cpu().numpy()  # (B, L-1): lp[j, t] = log p(ids[t + 1])
         out += [lp[j, len(ids) - 1 - n:len(ids) - 1] for j, (ids, n) in enumerate(zip(chunk, n_cont[b:b + size]))]
     return np.concatenate(out)

@@ -158,5 +158,7 @@ class Q0Plan:
         """On resume, reload the teacher from its snapshot file: the exact weights it was distilled from."""
         if state.get("teacher"):
             from train import safe_load
-            member = safe_load(Path(self.cfg.out_dir) / "members" / f"{state['teacher']}.pt", "teacher snapshot")
+            member = safe_load(Path(self.cfg.out_dir) / "members" / f"{state['teacher']}.pt", "teacher snapshot",
+                               fix=f"the run cannot continue distilling from it: restore the file from a backup, or "
+                                   f"delete {Path(self.cfg.out_dir) / f'track{self.track}'} to retrain this trajectory")
             self.set_teacher(state["teacher"], member["model"])

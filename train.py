@@ -107,9 +107,10 @@ class RunError(RuntimeError):
 # -----------------------------------------------------------------------------------------------------
 # config: a file of `key = literal` lines (read with ast, never executed) plus --key=value flags
 def parse_value(field, value, where):
-    if field.type in ("bool", bool) and isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+    from_flag = where.startswith("from --")  # a flag's value is text; a config file's is already a literal
+    if from_flag and field.type in ("bool", bool) and value.lower() in ("true", "false", "1", "0"):
         value = value.lower() in ("true", "1")
-    elif isinstance(value, str) and field.type not in ("str", str):
+    elif from_flag and field.type not in ("str", str):
         try:
             value = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -280,12 +281,12 @@ def atomic_write_json(obj, path):
     os.replace(tmp, path)
 
 
-def safe_load(path, what):
+def safe_load(path, what, fix="delete it and re-run with --resume=True to recompute it"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)  # never runs code from a file
     except Exception as e:
         raise RunError(f"{what} {path} is unreadable ({type(e).__name__}: {str(e)[:120]}); it is truncated or "
-                       f"corrupt: delete it and re-run with --resume=True to recompute it") from None
+                       f"corrupt: {fix}") from None
 
 
 def member_state(model):
@@ -378,7 +379,7 @@ class Track:
         import q0
         self.plan = SinglePlan(self) if cfg.mode in ("single", "ensemble") else q0.Q0Plan(self)
         self.step, self.last_loss = 0, float("nan")
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+        self.autocast = autocast(dev)
         self.flops_per_step = self.model.flops_per_token() * cfg.batch_tokens
         self.peak = gpt.peak_flops(dev)
 
@@ -418,6 +419,9 @@ class Track:
         self.adam.load_state_dict(state["adam"])
         self.plan.load_state_dict(state["plan"])
         self.step, self.last_loss = state["step"], state["last_loss"]
+        if self.env["group_rank"] == 0 and (self.dir / "log.jsonl").exists():  # drop rows the resumed run redoes
+            rows = (self.dir / "log.jsonl").read_text().splitlines()
+            (self.dir / "log.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= self.step))
         self.env["log"](f"track {self.track}: resumed from {self.ckpt_path} at step {self.step}")
 
     def save_member(self, row):
@@ -528,17 +532,27 @@ class Track:
 
 
 # -----------------------------------------------------------------------------------------------------
-def setup_distributed(cfg):
-    """Process group (nccl on CUDA, gloo on CPU) and the split of the world into per-track groups."""
-    world, rank, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    if cfg.device == "auto":
+def pick_device(kind="auto"):
+    """cuda (this process's LOCAL_RANK GPU), then mps, then cpu; or the one asked for."""
+    if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    else:
-        kind = cfg.device
-    device = torch.device(f"cuda:{local}" if kind == "cuda" else kind)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if kind == "cuda" else kind)
     if kind == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def setup_distributed(cfg):
+    """Process group (nccl on CUDA, gloo on CPU) and the split of the world into per-track groups."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = pick_device(cfg.device)
+    kind = device.type
     tracks = num_tracks(cfg)
     n_groups = min(world, tracks)
     group_size = world // n_groups

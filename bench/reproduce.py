@@ -32,14 +32,14 @@ sys.path.insert(0, str(ROOT))
 import prior  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------
-train_tokens = 200_000     # bytes of the train split: the data is the scarce resource
+train_tokens = 100_000     # bytes of the train split: the data is the scarce resource
 val_tokens = 100_000
 fitness_tokens = 50_000
-model = dict(model_size="mini", seq_len=128, dropout=0.1)  # 4 layers, width 128: ~0.9M params, 4.5x the tokens
-batch = dict(batch_tokens=8192, micro_batch_size=32)        # 24 steps per epoch
+model = dict(model_size="mini", seq_len=128, dropout=0.1)  # 4 layers, width 128: 0.88M params, 8.8x the tokens
+batch = dict(batch_tokens=4096, micro_batch_size=32)        # 24 steps per epoch
 optim = dict(muon_lr=0.02, embed_lr=0.2, head_lr=0.004, weight_decay=1.3)  # heavy WD, as the method file
-single_lengths = (2, 4, 8, 16, 32)  # epochs of the single-model baselines (cosine decay each)
-ensemble_size = 8                   # naive ensemble: members of the best single length (chosen on fitness)
+single_lengths = (4, 8, 16, 32)     # epochs of the single-model baselines (cosine decay each)
+ensemble_budget = 64                # naive ensemble: 64 / E members of the best single length E (chosen on fitness)
 q0_trajectories, q0_cycles, q0_epochs_per_cycle = 2, 16, 2.0   # budget 64 epochs
 q0_lr_floor, q0_wd_floor = 0.08, 0.7
 distill_alpha, distill_temperature = 0.45, 1.2
@@ -84,8 +84,9 @@ def single_curve(out, seed, lengths=single_lengths):
 
 
 def ensemble_curve(out, seed, member_epochs):
+    size = max(2, ensemble_budget // member_epochs)
     rows, F, V = members(run(f"ensemble-E{member_epochs}-s{seed}", out, dict(
-        mode="ensemble", ensemble_size=ensemble_size, epochs=float(member_epochs), seed=seed, warmup_steps=10)))
+        mode="ensemble", ensemble_size=size, epochs=float(member_epochs), seed=seed, warmup_steps=10)))
     return [(k * member_epochs, prior.mixture_nll(V[:k], np.full(k, 1 / k))) for k in range(1, len(rows) + 1)]
 
 
@@ -138,9 +139,9 @@ def headline(out, seed):
     ens = ensemble_curve(out, seed, best_E)
     q0_run = run(f"q0-s{seed}", out, q0_flags(seed, distill_after_cycles=max(1, round(best_E / q0_epochs_per_cycle))))
     q0_curve = population_curve(q0_run)
-    q0_matched = population_curve(q0_run, max_k=ensemble_size)
+    q0_matched = population_curve(q0_run, max_k=len(ens))
     target, ens_budget = ens[-1][1], ens[-1][0]
-    res = dict(seed=seed, single=singles, best_single_epochs=best_E, ensemble=ens, q0=q0_curve, q0_matched=q0_matched,
+    res = dict(seed=seed, ensemble_size=len(ens), single=singles, best_single_epochs=best_E, ensemble=ens, q0=q0_curve, q0_matched=q0_matched,
                target=target, ensemble_budget=ens_budget)
     for key, curve in (("free", q0_curve), ("matched", q0_matched)):
         b = budget_to_reach(curve, target)
@@ -200,17 +201,27 @@ def main():
         subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--source", "files", "--files", str(args.corpus),
                         "--tokenizer", "byte", "--out_dir", str(args.out / "data"), f"--train_tokens={train_tokens}",
                         f"--val_tokens={val_tokens}", f"--fitness_tokens={fitness_tokens}"], check=True)
-    results_path = args.out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    for seed in args.seeds:
+    for seed in args.seeds:  # one results file per (suite, seed): seeds can run as parallel processes
         h = headline(args.out, seed)
-        results.setdefault("headline", {})[str(seed)] = h
+        save(args.out, "headline", seed, h)
         if args.suite == "ablations":
-            results.setdefault("ablations", {})[str(seed)] = ablations(args.out, seed, h["best_single_epochs"])
+            save(args.out, "ablations", seed, ablations(args.out, seed, h["best_single_epochs"]))
         if args.suite == "recipes":
-            results.setdefault("recipes", {})[str(seed)] = recipes(args.out, seed, h["best_single_epochs"])
-        results_path.write_text(json.dumps(results, indent=1))
-    report(results)
+            save(args.out, "recipes", seed, recipes(args.out, seed, h["best_single_epochs"]))
+    report(load_results(args.out))
+
+
+def save(out, suite, seed, obj):
+    (out / "results").mkdir(exist_ok=True)
+    (out / "results" / f"{suite}-s{seed}.json").write_text(json.dumps(obj, indent=1))
+
+
+def load_results(out):
+    results = {}
+    for f in sorted((out / "results").glob("*.json")):
+        suite, seed = f.stem.rsplit("-s", 1)
+        results.setdefault(suite, {})[seed] = json.loads(f.read_text())
+    return results
 
 
 def fmt(x, spec=".4f"):
@@ -224,7 +235,7 @@ def report(results):
         print(f"  single model   " + "  ".join(f"E={E}: {v:.4f}" for E, v, _ in h["single"]) + f"   (best on fitness: E={h['best_single_epochs']})")
         print(f"  naive ensemble " + "  ".join(f"{b:g}: {l:.4f}" for b, l in h["ensemble"]))
         print(f"  q0 (prior)     " + "  ".join(f"{b:g}: {l:.4f}" for b, l, _ in h["q0"]))
-        print(f"  q0 (prior, K<={ensemble_size}) " + "  ".join(f"{b:g}: {l:.4f}" for b, l, _ in h["q0_matched"]))
+        print(f"  q0 (prior, K<={h['ensemble_size']}) " + "  ".join(f"{b:g}: {l:.4f}" for b, l, _ in h["q0_matched"]))
     if hs:
         print("\n| seed | best single (E) | naive ensemble (budget) | q0 budget to match, free K | ratio | matched K | ratio | q0 at ensemble budget | gap |")
         print("|---|---|---|---|---|---|---|---|---|")
@@ -247,6 +258,6 @@ def report(results):
 if __name__ == "__main__":
     if "--report" in sys.argv:
         out = Path(sys.argv[sys.argv.index("--out") + 1]) if "--out" in sys.argv else ROOT / "bench" / "out"
-        report(json.loads((out / "results.json").read_text()))
+        report(load_results(out))
     else:
         main()

@@ -1,0 +1,19 @@
+"""CPU reproduction, single-model baseline (bench/reproduce.py's settings): byte-level Shakespeare,
+100K train bytes, a 0.88M-parameter GPT (8.8x the tokens), heavy WD and dropout.
+    python prepare_data.py --source files --files ../shared/data/shakespeare --out_dir data/shakespeare-100k \
+        --train_tokens 100000 --val_tokens 100000 --fitness_tokens 50000
+    python train.py configs/shakespeare_single.py"""
+mode = "single"
+data_dir = "data/shakespeare-100k"
+model_size = "mini"
+seq_len = 128
+dropout = 0.1
+batch_tokens = 4096
+micro_batch_size = 32
+muon_lr = 0.02
+embed_lr = 0.2
+head_lr = 0.004
+weight_decay = 1.3
+epochs = 16.0
+warmup_steps = 10
+eval_every_epochs = 1.0

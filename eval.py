@@ -100,9 +100,12 @@ def load(run, name, dev):
     if not path.is_file():
         raise EvalError(f"member file {path} (manifest of {run['dir']}) is missing: re-run train.py with --resume=True")
     model, ckpt = train.load_member(path, dev)
-    if ckpt["data"]["tokenizer"] != run["val"]["meta"]["tokenizer"]:
-        raise EvalError(f"{path} was trained with tokenizer {ckpt['data']['tokenizer']}, but {run['cfg']['data_dir']} "
-                        f"holds {run['val']['meta']['tokenizer']} tokens: point config.json's data_dir at its data")
+    meta, mine = run["val"]["meta"], ckpt["data"]
+    if ((mine["tokenizer"], mine["vocab_size"]) != (meta["tokenizer"], meta["vocab_size"])
+            or model.cfg.vocab_size < meta["vocab_size"]):  # a token past the model's vocab would crash the forward
+        raise EvalError(f"{path} was trained with tokenizer {mine['tokenizer']} (vocab {mine['vocab_size']}, model vocab "
+                        f"{model.cfg.vocab_size}), but {run['cfg']['data_dir']} holds {meta['tokenizer']} tokens (vocab "
+                        f"{meta['vocab_size']}): point config.json's data_dir at its data")
     return model
 
 

@@ -414,14 +414,24 @@ class Track:
         if not self.ckpt_path.exists():
             return
         state = safe_load(self.ckpt_path, "checkpoint")
-        self.model.load_state_dict(state["model"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as e:  # a shape mismatch: the data's vocab_size (its meta) changed under the run
+            raise RunError(f"checkpoint {self.ckpt_path} does not fit the model this config and data build "
+                           f"({str(e).strip().splitlines()[-1].strip()[:160]}): the vocab_size in {self.cfg.data_dir}'s "
+                           f"meta or the model changed since it was written; use the original data or a new --out_dir") from None
         self.muon.load_state_dict(state["muon"])
         self.adam.load_state_dict(state["adam"])
         self.plan.load_state_dict(state["plan"])
         self.step, self.last_loss = state["step"], state["last_loss"]
         if self.env["group_rank"] == 0 and (self.dir / "log.jsonl").exists():  # drop rows the resumed run redoes
-            rows = (self.dir / "log.jsonl").read_text().splitlines()
-            (self.dir / "log.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= self.step))
+            keep = []
+            for row in (self.dir / "log.jsonl").read_text().splitlines():
+                try:
+                    keep += [row + "\n"] if json.loads(row)["step"] <= self.step else []
+                except ValueError:
+                    pass  # a line torn by a crash mid-append
+            (self.dir / "log.jsonl").write_text("".join(keep))
         self.env["log"](f"track {self.track}: resumed from {self.ckpt_path} at step {self.step}")
 
     def save_member(self, row):
@@ -580,11 +590,17 @@ def load_data(cfg):
     for split in ("train", "fitness", "val"):
         data[split], meta = load_split(cfg.data_dir, split)
         data[split + "_meta"] = meta
+        top = int(data[split].max())  # the model's vocab comes from the meta: a token past it would crash mid-run
+        if not (top < meta["vocab_size"] and meta["bos_id"] < meta["vocab_size"]):
+            raise DataError(f"{Path(cfg.data_dir) / f'{split}.json'} says vocab_size {meta['vocab_size']} (bos_id "
+                            f"{meta['bos_id']}) but {split}.bin holds token id {top}: the meta does not match its data; "
+                            f"re-run prepare_data.py for {cfg.data_dir}")
     data["meta"] = data["train_meta"]
+    tok = lambda m: (m["tokenizer"], m["vocab_size"])
     for split in ("fitness", "val"):
-        if data[split + "_meta"]["tokenizer"] != data["meta"]["tokenizer"]:
-            raise DataError(f"{cfg.data_dir}: {split} was tokenized with {data[split + '_meta']['tokenizer']}, train with "
-                            f"{data['meta']['tokenizer']}: re-run prepare_data.py for this folder")
+        if tok(data[split + "_meta"]) != tok(data["meta"]):
+            raise DataError(f"{cfg.data_dir}: {split} was tokenized with {tok(data[split + '_meta'])}, train with "
+                            f"{tok(data['meta'])} (tokenizer, vocab_size): re-run prepare_data.py for this folder")
     return data
 
 

@@ -8,6 +8,7 @@ import sys
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,6 +28,47 @@ TINY = dict(model_size="tiny", seq_len=32, batch_tokens=1024, micro_batch_size=8
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: spawns train.py (python or torchrun) or trains a run of its own: "
                                        "seconds, not milliseconds; still part of the default run")
+
+
+# -----------------------------------------------------------------------------------------------------
+# fault-injection results: each fault test fills one row; the table is printed at the end of the session
+FAULT_ROWS = []
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    setattr(item, f"report_{report.when}", report)  # the `fault` fixture reads the call phase's outcome
+    return report
+
+
+@pytest.fixture
+def fault(request):
+    """fault(name, where) -> a row whose .trials and .result the test fills in; pass/FAIL comes from the test."""
+    row = SimpleNamespace(fault=None, where="", trials=0, result="")
+
+    def start(name, where):
+        row.fault, row.where = name, where
+        return row
+    yield start
+    if row.fault is not None:
+        report = getattr(request.node, "report_call", None)
+        status = "pass" if report is not None and report.passed else "FAIL"
+        if status == "FAIL" and report is not None and report.longreprtext:
+            lines = report.longreprtext.strip().splitlines()
+            row.result = "FAILED: " + next((x[1:].strip() for x in lines if x.startswith("E ")), lines[-1])[:100]
+        FAULT_ROWS.append((row.fault, row.where, row.trials, row.result, status))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not FAULT_ROWS:
+        return
+    cell = lambda x: str(x).replace("|", "/")
+    terminalreporter.section("fault injection")
+    terminalreporter.write_line("| fault | injected at | trials | result | status |")
+    terminalreporter.write_line("|---|---|---:|---|---|")
+    for row in FAULT_ROWS:
+        terminalreporter.write_line("| " + " | ".join(cell(x) for x in row) + " |")
 
 
 @pytest.fixture(scope="session", autouse=True)

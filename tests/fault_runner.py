@@ -8,6 +8,7 @@ FAULT is KIND:TARGET:N[:rank=R], armed on the Nth call (1-based) that matches TA
     save:GLOB:N        torch.save to a path matching GLOB: write half the bytes to that (temporary) path, then die
     json:GLOB:N        train.atomic_write_json to GLOB: write half the JSON to its .tmp name, then die (no rename)
     after_json:GLOB:N  train.atomic_write_json to GLOB: write it completely (renamed), then die
+    pjson:GLOB:N       prior.write_json_atomic to GLOB: write half the JSON to its temporary name, then die
     npy:GLOB:N         eval.save_atomic to GLOB: write half the .npy to its temporary name, then die
     call:MOD.ATTR:N    die on entering the Nth call of MOD.ATTR (e.g. torch.optim.Muon.step: mid-step)
 rank=R arms it on that global rank only; under torchrun it is armed in the first attempt only
@@ -76,6 +77,17 @@ def arm(kind, target, n):
                 die()
             return real(obj, path)
         train.atomic_write_json = atomic_write_json
+    elif kind == "pjson":
+        import prior
+        real, hit = prior.write_json_atomic, counter(target, n)
+
+        def write_json_atomic(path, obj):
+            if hit(path):
+                path = Path(path)
+                write_half(path.with_name(f".{path.name}.tmp{os.getpid()}"), json.dumps(obj, indent=1).encode())
+                die()
+            return real(path, obj)
+        prior.write_json_atomic = write_json_atomic
     elif kind == "npy":
         import numpy as np
         import eval as ev

@@ -143,6 +143,8 @@ def save_atomic(path, array):
     with open(tmp, "wb") as f:
         np.save(f, array)
     os.replace(tmp, path)
+    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed scorer of this same file
+        stale.unlink(missing_ok=True)
 
 
 def peak_memory(dev):

@@ -411,7 +411,8 @@ class Track:
         self.env["barrier"]()
 
     def load_checkpoint(self):
-        if not self.ckpt_path.exists():
+        if not self.ckpt_path.exists():  # killed before its first checkpoint: the track starts over
+            self.drop_log_rows_after(-1)
             return
         state = safe_load(self.ckpt_path, "checkpoint")
         try:
@@ -424,15 +425,19 @@ class Track:
         self.adam.load_state_dict(state["adam"])
         self.plan.load_state_dict(state["plan"])
         self.step, self.last_loss = state["step"], state["last_loss"]
-        if self.env["group_rank"] == 0 and (self.dir / "log.jsonl").exists():  # drop rows the resumed run redoes
+        self.drop_log_rows_after(self.step)
+        self.env["log"](f"track {self.track}: resumed from {self.ckpt_path} at step {self.step}")
+
+    def drop_log_rows_after(self, step):
+        """A resumed run redoes every step after its checkpoint: drop their log rows, so none appears twice."""
+        if self.env["group_rank"] == 0 and (self.dir / "log.jsonl").exists():
             keep = []
             for row in (self.dir / "log.jsonl").read_text().splitlines():
                 try:
-                    keep += [row + "\n"] if json.loads(row)["step"] <= self.step else []
+                    keep += [row + "\n"] if json.loads(row)["step"] <= step else []
                 except ValueError:
                     pass  # a line torn by a crash mid-append
             (self.dir / "log.jsonl").write_text("".join(keep))
-        self.env["log"](f"track {self.track}: resumed from {self.ckpt_path} at step {self.step}")
 
     def save_member(self, row):
         state = member_state(self.model)

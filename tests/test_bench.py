@@ -1,0 +1,79 @@
+"""Tests for bench/reproduce.py's arithmetic: the headline ratio comes from budget_to_reach and loss_at
+(interpolation in log-budget), the populations from existing_at, the recipe grid from distill_start; and the
+claim that keeps parallel shards from training one run twice. Hand-computed values; nothing here trains."""
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+spec = importlib.util.spec_from_file_location("reproduce", Path(__file__).resolve().parents[1] / "bench" / "reproduce.py")
+reproduce = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(reproduce)
+
+CURVE = [(4, 2.2, 9.9), (16, 2.0, 9.9), (64, 1.9, 9.9)]  # (budget, loss, extra columns ignored)
+
+
+def test_budget_to_reach_interpolates_in_log_budget():
+    # 2.1 is half-way from 2.2 (at 4) to 2.0 (at 16): half-way in log-budget is sqrt(4 * 16) = 8
+    assert reproduce.budget_to_reach(CURVE, 2.1) == pytest.approx(8.0)
+    assert reproduce.budget_to_reach(CURVE, 2.0) == pytest.approx(16.0)  # reached exactly at a point
+    assert reproduce.budget_to_reach(CURVE, 2.5) == 4   # already below at the first point: no extrapolation
+    assert reproduce.budget_to_reach(CURVE, 1.8) is None  # never reached
+
+
+def test_loss_at_interpolates_and_refuses_to_extrapolate():
+    assert reproduce.loss_at(CURVE, 8) == pytest.approx(2.1)
+    assert reproduce.loss_at(CURVE, 32) == pytest.approx(2.0 - 0.1 * 0.5)  # log2 32 is half-way from 16 to 64
+    assert reproduce.loss_at(CURVE, 4) == pytest.approx(2.2)
+    assert reproduce.loss_at(CURVE, 2) is None and reproduce.loss_at(CURVE, 128) is None
+
+
+def test_existing_at_counts_snapshots_by_the_budget_spent_when_they_were_saved():
+    rows = [{"budget_epochs": b} for b in (4, 4, 8, 8, 12)]
+    assert reproduce.existing_at(rows, 3) == []
+    assert reproduce.existing_at(rows, 8) == [0, 1, 2, 3]
+    assert reproduce.existing_at(rows, 64) == [0, 1, 2, 3, 4]
+
+
+def test_distill_start_is_the_saturation_length_capped_at_half_the_trajectory():
+    assert reproduce.distill_start(16, 16) == 8          # 16 epochs of 2-epoch cycles
+    assert reproduce.distill_start(16, 8) == 4           # capped: half of 8 cycles
+    assert reproduce.distill_start(8, 64, 1.0) == 8
+    assert reproduce.distill_start(1, 16) == 1           # never before the first snapshot exists
+
+
+def test_recipe_grid_spends_the_budget_and_contains_the_headline_run():
+    grid = reproduce.recipe_grid(16)
+    assert len(grid) == len(set(grid)) == 10
+    for P, epc, cycles, d in grid:
+        assert P * epc * cycles == 64
+        assert d is None or 1 <= d <= cycles // 2
+    assert (reproduce.q0_trajectories, reproduce.q0_epochs_per_cycle, reproduce.q0_cycles,
+            reproduce.distill_start(16, reproduce.q0_cycles)) in grid
+    assert sum(d is None for *_, d in grid) == 5  # every (P, cycle length) also runs without distillation
+
+
+def test_best_k_is_chosen_on_fitness_and_val_only_reported():
+    # member 0 is better on fitness (log p = -1 vs -3 on every token), member 1 on val: K=1 (member 0) wins on
+    # fitness with NLL exactly 1; its val is member 0's 2.0, not the 0.5 that choosing on val would give
+    F = np.array([[-1.0] * 50, [-3.0] * 50])
+    V = np.array([[-2.0] * 50, [-0.5] * 50])
+    fit, k, val = reproduce.best_k_on_fitness(F, V)
+    assert (k, fit, val) == (1, pytest.approx(1.0), pytest.approx(2.0))
+
+
+def test_claim_keeps_a_live_trainer_and_takes_over_a_dead_ones(tmp_path):
+    run_dir = tmp_path / "runs" / "q0-s1"
+    assert reproduce.claim(run_dir) and (run_dir / "TRAINING").read_text() == str(os.getpid())
+    assert reproduce.claim(run_dir)                      # ours already
+    (run_dir / "TRAINING").write_text(str(os.getppid()))  # a live process (a parallel shard) holds it
+    assert not reproduce.claim(run_dir)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run_dir / "TRAINING").write_text(str(dead.pid))     # its trainer was killed: take it over
+    assert reproduce.claim(run_dir) and (run_dir / "TRAINING").read_text() == str(os.getpid())

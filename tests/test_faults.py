@@ -215,6 +215,24 @@ def test_torn_log_line_does_not_break_resume(ref, tmp_path, fault):
 # -----------------------------------------------------------------------------------------------------
 # kill one worker of a 2-process torchrun run (one trajectory per rank)
 
+def kill_job(proc, argv):
+    """torchrun's agent starts each worker in a session of its own, so killing torchrun's group misses them, and a
+    live worker holds the stdout pipe open (communicate() then waits forever: seen in CI 2026-11-29). Kill the group,
+    then every process whose command line holds this job's arguments (they name its unique tmp run folder)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    key = "\0".join(argv).encode()
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if key in (d / "cmdline").read_bytes():
+                os.kill(int(d.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+    proc.communicate()
+
+
 def torchrun(argv, *flags, timeout=300):
     """Run torchrun in its own process group; on a timeout kill the whole group (agent and workers) and return None."""
     cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", *flags, FAULT_RUNNER, *argv]
@@ -223,8 +241,7 @@ def torchrun(argv, *flags, timeout=300):
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        kill_job(proc, argv)
         return None
     return subprocess.CompletedProcess(cmd, proc.returncode, out)
 

@@ -151,9 +151,10 @@ def ensemble_curve(out, seed, member_epochs):
     return [(k * member_epochs, prior.mixture_nll(V[:k], np.full(k, 1 / k))) for k in range(1, len(rows) + 1)]
 
 
-def population_curve(run_dir, max_k=None):
-    """Val loss of the population as it existed at each budget: prior fit on fitness, top-K (K = all or max_k)."""
-    rows, F, V = members(run_dir)
+def population_curve(run_members, max_k=None):
+    """Val loss of the population as it existed at each budget: prior fit on fitness, top-K (K = all or max_k).
+    run_members: members() of a run, read once by the caller."""
+    rows, F, V = run_members
     budgets = sorted({r["budget_epochs"] for r in rows})
     curve = []
     for b in budgets:
@@ -206,8 +207,9 @@ def headline(out, seed):
     best_E = saturation_epochs(singles)
     ens = ensemble_curve(out, seed, best_E)
     q0_run = run(f"q0-s{seed}", out, q0_flags(seed, distill_after_cycles=distill_start(best_E, q0_cycles)))
-    q0_curve = population_curve(q0_run)
-    q0_matched = population_curve(q0_run, max_k=len(ens))
+    q0_members = members(q0_run)
+    q0_curve = population_curve(q0_members)
+    q0_matched = population_curve(q0_members, max_k=len(ens))
     target, ens_budget = ens[-1][1], ens[-1][0]
     res = dict(seed=seed, ensemble_size=len(ens), single=singles, best_single_epochs=best_E, ensemble=ens, q0=q0_curve, q0_matched=q0_matched,
                target=target, ensemble_budget=ens_budget)
@@ -228,7 +230,7 @@ def ablations(out, seed, best_E):
     table = {}
     for label, over in variants.items():
         name = "ablate-" + label.replace(" ", "_") + f"-s{seed}"
-        curve = population_curve(run(name, out, q0_flags(seed, **{**base, **over})))
+        curve = population_curve(members(run(name, out, q0_flags(seed, **{**base, **over}))))
         table[label] = curve[-1][1]
         if label == "q0":
             table["uniform weights instead of the prior"] = curve[-1][2]
@@ -268,7 +270,7 @@ def recipes(out, seed, best_E, shard=(0, 1)):
             run(name, out, flags)  # the headline's q0 run is the grid entry it equals: trained once
         if m := finished(out, name):
             rows, F, V = m
-            curves[name] = population_curve(out / "runs" / name)
+            curves[name] = population_curve(m)
             for b in sorted({r["budget_epochs"] for r in rows}):
                 idx = existing_at(rows, b)
                 best = best_k_on_fitness(F[idx], V[idx])
@@ -309,7 +311,10 @@ def budget_recipes(out, seed):
 
 
 def plot(results, path):
-    """The reproduction figure: val loss against the epoch budget, one colour per method, one line style per seed."""
+    """The reproduction figure: val loss against the epoch budget, one colour per method, one line style per seed.
+    Drawn only from headline results (a recipes-only run has nothing to draw)."""
+    if not results.get("headline"):
+        return
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -358,8 +363,7 @@ def main():
             save(args.out, "ablations", seed, ablations(args.out, seed, h["best_single_epochs"]))
     results = load_results(args.out)
     report(results)
-    if results.get("headline"):  # the figure is the headline's; a recipes-only run has nothing to draw
-        plot(results, args.out / "reproduce.png")
+    plot(results, args.out / "reproduce.png")
 
 
 def save(out, suite, seed, obj):
@@ -428,7 +432,6 @@ if __name__ == "__main__":
         out = Path(sys.argv[sys.argv.index("--out") + 1]) if "--out" in sys.argv else ROOT / "bench" / "out"
         results = load_results(out)
         report(results)
-        if results.get("headline"):
-            plot(results, out / "reproduce.png")
+        plot(results, out / "reproduce.png")
     else:
         main()

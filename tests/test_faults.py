@@ -234,7 +234,7 @@ def kill_job(proc, argv):
 
 
 def torchrun(argv, *flags, timeout=300):
-    """Run torchrun in its own process group; on a timeout kill the whole group (agent and workers) and return None."""
+    """Run torchrun in its own process group; on a timeout kill the job (agent and workers: kill_job) and return None."""
     cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", *flags, FAULT_RUNNER, *argv]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

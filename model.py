@@ -2,7 +2,7 @@
 The GPT of q0: a decoder-only transformer from a tiny CPU model up to the paper's 1.8B.
 
     RoPE, RMSNorm pre-norm (no learned gain), QK-norm, SwiGLU MLP, untied embedding and head,
-    logit soft-cap 15 * tanh(z / 15), dropout, attention through one
+    logit soft-cap 15 * tanh(z / 15), dropout on the residual branches, attention through one
     F.scaled_dot_product_attention(is_causal=True) call (FlashAttention on GPU, math kernel on CPU).
 
 Quick checks:
@@ -30,7 +30,7 @@ class GPTConfig:
     mlp_hidden: int = 176        # SwiGLU hidden width (about 8/3 n_embd, rounded)
     vocab_size: int = 320        # padded up to a multiple of 64 (matmul-friendly)
     seq_len: int = 128
-    dropout: float = 0.0         # q0 recipes use 0.1: data-constrained training wants regularisation
+    dropout: float = 0.0         # on the residual branches (attention and MLP outputs) only, as the reference; q0 uses 0.1
     softcap: float = 15.0        # logits = softcap * tanh(z / softcap); 0 turns it off
     rope_base: float = 10000.0
 
@@ -69,7 +69,7 @@ def apply_rope(x, cos, sin):
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.head_dim, self.dropout = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.dropout
+        self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
@@ -78,7 +78,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
         q, k = rms_norm(q), rms_norm(k)  # QK-norm: bounded attention logits at high LR
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # no dropout on the attention probabilities
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -110,7 +110,6 @@ class GPT(nn.Module):
         assert cfg.n_embd % cfg.n_head == 0 and (cfg.n_embd // cfg.n_head) % 2 == 0, "head dim must be even for RoPE"
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)  # untied from the embedding
         # RoPE tables are buffers (not parameters, not in the state dict): rebuilt by init_weights()
@@ -146,7 +145,7 @@ class GPT(nn.Module):
         T = idx.size(1)
         assert T <= self.cfg.seq_len, f"sequence of {T} tokens exceeds seq_len={self.cfg.seq_len}"
         cos, sin = self.rope_cos[:T].to(self.embed.weight.dtype), self.rope_sin[:T].to(self.embed.weight.dtype)
-        x = self.drop(self.embed(idx))  # (B, T, C)
+        x = self.embed(idx)  # (B, T, C); no dropout here: only the residual branches drop (as the reference)
         for block in self.blocks:
             x = block(x, cos, sin)
         z = self.head(rms_norm(x)).float()  # (B, T, V)

@@ -3,18 +3,28 @@ Prepare a corpus as token files: {train,fitness,val}.bin (raw little-endian uint
 one {split}.json meta each. train.py and eval.py read them with load_split(); prior.py fits on fitness.
 
   python prepare_data.py                          # pydoc prose, byte tokens -> data/pydoc-byte (offline, seconds)
-  python prepare_data.py --source files --files ../shared/data/shakespeare --out_dir data/shakespeare-byte
-  python prepare_data.py --source files --files ../shared/data/shakespeare --tokenizer gpt2 \
+  python prepare_data.py --source files --files corpus/ --out_dir data/shakespeare-byte   # a folder of .txt files
+  python prepare_data.py --source files --files corpus/ --tokenizer gpt2 \
       --out_dir data/shakespeare-gpt2
-  python prepare_data.py --source fineweb --tokenizer gpt2   # Slowrun: 10M val, 131K fitness, 100M train, streamed
-  # offline cluster: FineWeb's parquet files copied by hand (shuffled by split_seed, not in stream order)
+  python prepare_data.py --source fineweb --tokenizer gpt2   # Slowrun: 10M val; 100M = 131K fitness + 99.87M train
+  # offline cluster: FineWeb's parquet files copied by hand (shuffled by split_seed, not in stream order); with
+  # files --train_tokens is train alone, so 100M - 131,072 gives fineweb's split sizes
   python prepare_data.py --source files --files 'fineweb/sample/10BT/*.parquet' --tokenizer gpt2 \
-      --val_tokens 10000000 --fitness_tokens 131072 --train_tokens 100000000
+      --val_tokens 10000000 --fitness_tokens 131072 --train_tokens 99868928
 
 Splits: documents in order (pydoc/files shuffled with split_seed; fineweb in stream order) fill val, then
 fitness, then train. Each split takes whole documents; its last one is cut so the split holds exactly its
 target and the cut-off rest is dropped, so no document straddles two splits. Each document is
 [bos_id] + encode(text); meta's doc_starts lists where each BOS sits.
+
+Slowrun budget (fineweb only): 100M tokens of training data in all, and the prior trains on fitness, so --train_tokens
+(default 100M) is the budget train + fitness: fitness is carved from its front (as in the authors' reference) and
+train gets budget - fitness. For pydoc/files --train_tokens is the train split alone.
+
+Held-out pieces (--heldout_piece_tokens N > 0): val and fitness first fill one held-out pool of whole documents as
+above (no document straddles it and train), which is cut into N-token pieces dealt alternately to val and fitness in
+proportion to their targets. Both then hold every held-out document in the same proportion; with whole documents a
+small corpus gives fitness one text and val others. Each piece is one doc_starts entry (most start without a BOS).
 
 GPT-2 tokenizer offline: tiktoken downloads its BPE files once into TIKTOKEN_CACHE_DIR (a warm cache copied
 to the cluster works). Without one, point --gpt2_vocab_dir (or env Q0_GPT2_VOCAB_DIR) at a folder with
@@ -42,9 +52,10 @@ out_dir = ""                      # "" = data/{source}-{tokenizer}
 val_fraction = 0.1                # pydoc/files without --val_tokens: share of all tokens held out for val
 fitness_fraction = 0.05           # pydoc/files without --fitness_tokens: share held out to fit the prior (prior.py)
 split_seed = 1337                 # document shuffle for pydoc/files; fineweb keeps stream order (Slowrun)
+heldout_piece_tokens = 0          # 0: val and fitness take whole documents; N: interleaved N-token pieces of one pool
 fineweb_val_tokens = 10_000_000   # Slowrun val split
 fineweb_fitness_tokens = 131_072  # q0 (ref): ~131K held-out tokens to fit the ensemble weights
-fineweb_train_tokens = 100_000_000  # Slowrun: 100M training tokens
+fineweb_train_budget_tokens = 100_000_000  # Slowrun: 100M tokens of training data, train + fitness (carved from it)
 log_interval_s = 10.0             # seconds between progress lines
 # -----------------------------------------------------------------------------
 
@@ -249,24 +260,67 @@ class SplitWriter:
         self.num_tokens += len(ids)
 
 
-def fill_splits(token_docs, targets, writers):
+class HeldOutPool:
+    """The held-out documents in memory (val + fitness tokens at most) until deal_pieces() cuts them up."""
+
+    def __init__(self):
+        self.parts, self.num_tokens = [], 0
+
+    def add(self, ids):
+        self.parts.append(ids)
+        self.num_tokens += len(ids)
+
+
+def deal_pieces(pool, targets, writers, piece_tokens):
+    """Cut the pool into consecutive pieces of piece_tokens and deal them in pool order, each to whichever of val and
+    fitness is proportionally further from its target (val on a tie): the two splits interleave along every
+    held-out document, so each takes every document in the same proportion (a random deal of a few dozen pieces
+    would not). A piece that crosses a split's target is cut there and its rest goes on to the other split, so both
+    hit their targets exactly. Each piece is its own doc start: held-out splits are only ever scored as fixed
+    windows, so a doc start there is just the piece boundary, with or without a BOS."""
+    for i in range(0, len(pool), piece_tokens):
+        piece = pool[i:i + piece_tokens]
+        while len(piece):
+            split = min(("val", "fitness"), key=lambda s: writers[s].num_tokens / targets[s])
+            room = targets[split] - writers[split].num_tokens
+            writers[split].add(piece[:room])
+            piece = piece[room:]
+
+
+def fill_splits(token_docs, targets, writers, piece_tokens=0):
     """Give whole documents to val, then fitness, then train; a target of None takes all the rest. The last
-    document of a split is cut to hit its target exactly, and the cut-off rest is dropped (never moved on)."""
+    document of a split is cut to hit its target exactly, and the cut-off rest is dropped (never moved on).
+    piece_tokens > 0: val and fitness fill one held-out pool that way instead, dealt out by deal_pieces()."""
     docs, seen = iter(token_docs), 0
-    for split in SPLITS:
-        w, target = writers[split], targets[split]
+
+    def fill(w, target):
+        nonlocal seen
         while target is None or w.num_tokens < target:
             ids = next(docs, None)
             if ids is None:
                 break
             seen += len(ids)
             w.add(ids if target is None else ids[: target - w.num_tokens])
+
+    def check(split, got, target):
         if seen == 0:
             raise DataError("empty corpus: no document has any text")
-        if w.num_tokens == 0 or w.num_tokens < (target or 0):
+        if got == 0 or got < (target or 0):
             raise DataError(f"corpus too small: the {split} split wants {target or 'the rest'} tokens but the "
                             f"documents ran out after {seen:,} tokens in all; lower --{split}_tokens (or the "
                             f"fractions) or add data")
+
+    splits = SPLITS
+    if piece_tokens:
+        pool = HeldOutPool()
+        fill(pool, targets["val"] + targets["fitness"])
+        check("val", pool.num_tokens, targets["val"])
+        check("fitness", pool.num_tokens - targets["val"], targets["fitness"])
+        deal_pieces(np.concatenate(pool.parts), targets, writers, piece_tokens)
+        splits = ("train",)
+    for split in splits:
+        fill(writers[split], targets[split])
+        check(split, writers[split].num_tokens, targets[split])
 
 
 def prepare(args):
@@ -274,9 +328,15 @@ def prepare(args):
     tok = get_tokenizer(args.tokenizer, args.gpt2_vocab_dir)
     dtype = np.dtype("<u2" if tok.vocab_size <= 2**16 else "<u4")  # little-endian whatever the machine
     targets = {"val": args.val_tokens, "fitness": args.fitness_tokens, "train": args.train_tokens}
+    budget = None  # pydoc/files: --train_tokens is the train split alone
     if args.source == "fineweb":
-        defaults = {"val": fineweb_val_tokens, "fitness": fineweb_fitness_tokens, "train": fineweb_train_tokens}
+        defaults = {"val": fineweb_val_tokens, "fitness": fineweb_fitness_tokens, "train": fineweb_train_budget_tokens}
         targets = {s: defaults[s] if t is None else t for s, t in targets.items()}
+        budget = targets["train"]  # Slowrun: train + fitness, fitness carved from the front (module docstring)
+        targets["train"] = budget - targets["fitness"]
+        if targets["train"] <= 0:
+            raise DataError(f"the fineweb training budget (--train_tokens) of {budget:,} tokens holds train + fitness, "
+                            f"so it must exceed the {targets['fitness']:,} fitness tokens")
         texts, detail, seed = fineweb_texts(), f"{FINEWEB_ID}/{FINEWEB_CONFIG}", None
     else:
         docs, detail = pydoc_documents() if args.source == "pydoc" else (FileDocuments(args.files), args.files)
@@ -304,13 +364,14 @@ def prepare(args):
     writers = {}
     try:
         writers = {s: SplitWriter(tmp(f"{s}.bin")) for s in SPLITS}
-        fill_splits(token_docs, targets, writers)
+        fill_splits(token_docs, targets, writers, args.heldout_piece_tokens)
         for split, w in writers.items():
             w.file.close()
             meta = {"format_version": FORMAT_VERSION, "split": split, "source": args.source, "source_detail": detail,
                     "split_seed": seed, "tokenizer": tok.name, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
                     "dtype": dtype.name, "num_tokens": w.num_tokens, "num_docs": len(w.doc_starts),
-                    "sha256": w.sha256.hexdigest()}
+                    "sha256": w.sha256.hexdigest(), "train_budget_tokens": budget,
+                    "heldout_piece_tokens": args.heldout_piece_tokens}
             # doc_starts last and on one line, so `head val.json` stays readable
             text = json.dumps(meta, indent=2)[:-2] + f',\n  "doc_starts": {json.dumps(w.doc_starts)}\n}}\n'
             tmp(f"{split}.json").write_text(text)
@@ -336,17 +397,23 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", choices=("byte", "gpt2"), default=tokenizer)
     p.add_argument("--out_dir", default=out_dir, help="default data/{source}-{tokenizer}")
     p.add_argument("--files", nargs="+", help="--source files: .txt/.jsonl/.parquet paths, globs or directories")
-    for split in ("train", "fitness", "val"):
+    p.add_argument("--train_tokens", type=int, help="exact tokens in train; fineweb: the budget train + fitness "
+                   "(default 100M), train gets it minus the fitness tokens")
+    for split in ("fitness", "val"):
         p.add_argument(f"--{split}_tokens", type=int, help="exact tokens in this split")
     p.add_argument("--val_fraction", type=float, default=val_fraction, help="pydoc/files, no --val_tokens")
     p.add_argument("--fitness_fraction", type=float, default=fitness_fraction, help="pydoc/files, no --fitness_tokens")
     p.add_argument("--split_seed", type=int, default=split_seed, help="document shuffle, pydoc/files")
+    p.add_argument("--heldout_piece_tokens", type=int, default=heldout_piece_tokens, help="0: val and fitness take "
+                   "whole documents; N: both take interleaved N-token pieces of one held-out pool (docstring)")
     p.add_argument("--gpt2_vocab_dir", help="offline GPT-2 BPE files (default: env Q0_GPT2_VOCAB_DIR)")
     args = p.parse_args(argv)
     if (args.source == "files") != bool(args.files):
         p.error("--files is needed with --source files, and only there")
     if any(t is not None and t <= 0 for t in (args.train_tokens, args.fitness_tokens, args.val_tokens)):
         p.error("--train_tokens, --fitness_tokens and --val_tokens must be positive")
+    if args.heldout_piece_tokens < 0:
+        p.error("--heldout_piece_tokens must be 0 (whole documents) or positive")
     if not (0 < args.val_fraction and 0 < args.fitness_fraction and args.val_fraction + args.fitness_fraction < 1):
         p.error("--val_fraction and --fitness_fraction must be positive and sum to less than 1")
     args.out_dir = args.out_dir or f"data/{args.source}-{args.tokenizer}"

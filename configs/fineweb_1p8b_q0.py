@@ -1,5 +1,5 @@
 """q0 on the Slowrun setting: the 1.8B GPT on 100M FineWeb tokens (GPT-2 tokenizer).
-All values are the reference run's defaults (../shared/q0-method.md), not tuned here.
+All values are the reference run's defaults (qlabs-eng/slowrun unlimited/train.py, arXiv 2606.03938), not tuned here.
     python prepare_data.py --source fineweb --tokenizer gpt2 --out_dir data/fineweb-gpt2
     torchrun --nnodes=5 --nproc_per_node=8 ... train.py configs/fineweb_1p8b_q0.py   # one trajectory per node
     torchrun --standalone --nproc_per_node=8 train.py configs/fineweb_1p8b_q0.py --num_trajectories=1   # one node"""
@@ -11,10 +11,10 @@ dropout = 0.1
 compile = True
 batch_tokens = 524288          # 2 seqs x 2048 x 8 GPUs x 16 accum
 micro_batch_size = 2           # fits an 80 GB H100 at 1.8B in bf16
-muon_lr = 0.02
-embed_lr = 0.12                # nanochat's 0.2 and 0.004, scaled by (2048 / 768)^-0.5
-head_lr = 0.0025
-weight_decay = 1.3             # heavy WD: data-constrained training
+muon_lr = 0.01                 # the reference: matrix 0.04 x lr_multiplier 0.25
+embed_lr = 0.0375               # the reference: 0.15 x 0.25
+head_lr = 0.0005                # the reference: 0.002 x 0.25
+weight_decay = 1.3             # on the matrices, the embedding and the head (embed_head_wd), as the reference
 num_trajectories = 5           # one per 8-GPU node
 num_cycles = 96                # 5 x 96 = 480 snapshots, 960 epochs in all
 epochs_per_cycle = 2.0

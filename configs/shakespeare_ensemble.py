@@ -1,7 +1,7 @@
 """CPU reproduction, naive-ensemble baseline (4 members of 16 epochs) (bench/reproduce.py's settings): byte-level Shakespeare,
 100K train bytes, a 0.88M-parameter GPT (8.8x the tokens), heavy WD and dropout.
-    python prepare_data.py --source files --files ../shared/data/shakespeare --out_dir data/shakespeare-100k \
-        --train_tokens 100000 --val_tokens 100000 --fitness_tokens 50000
+    python prepare_data.py --source files --files corpus/ --out_dir data/shakespeare-100k --train_tokens 100000 \
+        --val_tokens 100000 --fitness_tokens 50000 --heldout_piece_tokens 2048   # corpus/: see configs/shakespeare_q0.py
     python train.py configs/shakespeare_ensemble.py"""
 mode = "ensemble"
 data_dir = "data/shakespeare-100k"

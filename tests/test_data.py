@@ -205,7 +205,7 @@ def test_fineweb_stream_order_and_offline_message(tmp_path, monkeypatch):
     stream = [{"text": f"doc{i:02d} " + "x" * 40} for i in range(30)]  # 47 byte tokens each with BOS
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: iter(stream))
     pd.main(["--source", "fineweb", "--out_dir", str(tmp_path / "fw"), "--val_tokens", "94", "--fitness_tokens", "47",
-             "--train_tokens", "100"])
+             "--train_tokens", "147"])  # the budget train + fitness: 100 train tokens
     tok = pd.get_tokenizer("byte")
     firsts = {s: [tok.decode(d)[:5] for d in docs_of(*pd.load_split(tmp_path / "fw", s))] for s in pd.SPLITS}
     assert firsts == {"val": ["doc00", "doc01"], "fitness": ["doc02"], "train": ["doc03", "doc04", "doc05"]}
@@ -217,10 +217,97 @@ def test_fineweb_stream_order_and_offline_message(tmp_path, monkeypatch):
         pd.main(["--source", "fineweb", "--out_dir", str(tmp_path / "fw2")])
     assert not (tmp_path / "fw2").exists()
 
+
+def test_fineweb_fitness_is_carved_from_the_training_budget(tmp_path, monkeypatch):
+    """Slowrun allows 100M tokens of training data in all, fitness included: train gets the budget minus fitness,
+    for the default budget and for an explicit --train_tokens alike."""
+    datasets = pytest.importorskip("datasets")
+    stream = [{"text": f"doc{i:02d} " + "x" * 40} for i in range(30)]  # 47 byte tokens each with BOS
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: iter(stream))
+
+    def check(out, budget, fitness):
+        splits = load_all(out)
+        assert [splits[s][1]["num_tokens"] for s in pd.SPLITS] == [94, fitness, budget - fitness]
+        assert [m["train_budget_tokens"] for _, m in splits.values()] == [budget] * 3
+    pd.main(["--source", "fineweb", "--out_dir", str(tmp_path / "flags"), "--val_tokens", "94", "--fitness_tokens",
+             "30", "--train_tokens", "120"])
+    check(tmp_path / "flags", 120, 30)
+    for name, value in (("fineweb_val_tokens", 94), ("fineweb_fitness_tokens", 47),
+                        ("fineweb_train_budget_tokens", 200)):
+        monkeypatch.setattr(pd, name, value)  # the 10M / 131,072 / 100M defaults, made tiny
+    pd.main(["--source", "fineweb", "--out_dir", str(tmp_path / "defaults")])
+    check(tmp_path / "defaults", 200, 47)
+    with pytest.raises(SystemExit, match="must exceed the 47 fitness tokens"):
+        pd.main(["--source", "fineweb", "--out_dir", str(tmp_path / "none"), "--train_tokens", "47"])
+    assert not (tmp_path / "none").exists()
+
+
+def letter_corpus(d):
+    """Ten .txt documents, each one letter repeated (A, B, ...) 100 + 17 i times: a byte token names its document."""
+    d.mkdir()
+    for i in range(10):
+        (d / f"{i:02d}.txt").write_text(chr(65 + i) * (100 + 17 * i))
+    return d
+
+
+def letter_counts(tokens):
+    """{letter: count} over a split's tokens, and the number of BOS tokens."""
+    ids, counts = np.unique(np.asarray(tokens), return_counts=True)
+    return {chr(i): int(c) for i, c in zip(ids, counts) if i < 256}, int(counts[ids == 256].sum())
+
+
+def test_heldout_pieces_mix_documents_into_val_and_fitness(tmp_path):
+    corpus = letter_corpus(tmp_path / "corpus")
+    flags = ["--source", "files", "--files", str(corpus), "--val_tokens", "300", "--fitness_tokens", "200",
+             "--split_seed", "7", "--heldout_piece_tokens", "64"]
+    for name in ("a", "b"):
+        pd.main(flags + ["--out_dir", str(tmp_path / name)])
+    for split in pd.SPLITS:  # deterministic
+        for ext in ("bin", "json"):
+            assert (tmp_path / "a" / f"{split}.{ext}").read_bytes() == (tmp_path / "b" / f"{split}.{ext}").read_bytes()
+    splits = load_all(tmp_path / "a")
+    (val, vm), (fit, fm), (train, tm) = (splits[s] for s in pd.SPLITS)
+    assert (vm["num_tokens"], fm["num_tokens"]) == (300, 200)
+    assert [m["heldout_piece_tokens"] for _, m in splits.values()] == [64] * 3
+    # each split samples several documents (whole documents gave fitness the H play alone: the test below)
+    (v, _), (f, _) = letter_counts(val), letter_counts(fit)
+    assert len(v) >= 2 and len(f) >= 2 and len(set(v) & set(f)) >= 2
+    # the pool is whole documents, the last one cut, none in train; train keeps whole documents
+    held, held_bos = letter_counts(np.concatenate([val, fit]))
+    full = {c: 100 + 17 * (ord(c) - 65) for c in "ABCDEFGHIJ"}
+    assert held_bos == len(held) and sum(held[c] < full[c] for c in held) == 1
+    t, t_bos = letter_counts(train)
+    assert not set(held) & set(t) and all(t[c] == full[c] for c in t) and t_bos == tm["num_docs"] == len(t)
+    # 500 held-out tokens are 8 pieces (7 x 64 + 52), dealt in pool order to the split further from its target
+    # (val 300 : fitness 200): V F V F V V F V, the last val piece cut at 300 and its 24 tokens going to fitness
+    ends = {s: m["doc_starts"][1:] + [m["num_tokens"]] for s, (_, m) in splits.items()}
+    sizes = {s: [b - a for a, b in zip(splits[s][1]["doc_starts"], ends[s])] for s in ("val", "fitness")}
+    assert sizes == {"val": [64, 64, 64, 64, 44], "fitness": [64, 64, 64, 8]}
+    # so both splits hold each document in about the same proportion (2 : 3 of its tokens in fitness : val)
+    for c in set(v) & set(f):
+        assert abs(f[c] / (f[c] + v[c]) - 0.4) < 0.3
+
+
+def test_heldout_piece_tokens_0_is_whole_documents_bit_for_bit(tmp_path):
+    corpus = letter_corpus(tmp_path / "corpus")
+    flags = ["--source", "files", "--files", str(corpus), "--val_tokens", "300", "--fitness_tokens", "200",
+             "--split_seed", "7"]
+    pd.main(flags + ["--out_dir", str(tmp_path / "default")])
+    pd.main(flags + ["--heldout_piece_tokens", "0", "--out_dir", str(tmp_path / "zero")])
+    pinned = {"val": "38071c8799891dd98d84a1d105c2f8b5485299b13b65b4a5f61183c8af148b8d",  # before pieces existed
+              "fitness": "b99f86d2cb96907e1cc5539867530c09de943143ba2aee11b6daa95bb21495a2",
+              "train": "ddf47a6791b611aed061dd5a1c1ccf49aa84f431468fe520fe4203e1520205a5"}
+    for split in pd.SPLITS:
+        tokens, meta = pd.load_split(tmp_path / "zero", split)
+        assert (tmp_path / "zero" / f"{split}.bin").read_bytes() == (tmp_path / "default" / f"{split}.bin").read_bytes()
+        assert meta["sha256"] == pinned[split] and meta["heldout_piece_tokens"] == 0
+    assert letter_counts(pd.load_split(tmp_path / "zero", "fitness")[0])[0] == {"H": 199}  # one document
+
 # -----------------------------------------------------------------------------
 # bad input: one clear message, no files left behind
 
-@pytest.mark.parametrize("case", ["missing_file", "empty_corpus", "budget_too_large", "bad_glob", "bad_suffix"])
+@pytest.mark.parametrize("case", ["missing_file", "empty_corpus", "budget_too_large", "bad_glob", "bad_suffix",
+                                  "pieces_val_too_large", "pieces_fitness_too_large"])
 def test_bad_input_leaves_nothing(tmp_path, case):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "notes.md").write_text("hello")
@@ -231,6 +318,10 @@ def test_bad_input_leaves_nothing(tmp_path, case):
         "budget_too_large": (["--train_tokens", "10000000"], "corpus too small: the train split"),
         "bad_glob": (["--source", "files", "--files", str(tmp_path / "*.jsonl")], "no files match"),
         "bad_suffix": (["--source", "files", "--files", str(tmp_path / "notes.md")], "unsupported file type"),
+        "pieces_val_too_large": (["--val_tokens", "10000000", "--heldout_piece_tokens", "64"],
+                                 "corpus too small: the val split"),
+        "pieces_fitness_too_large": (["--fitness_tokens", "10000000", "--heldout_piece_tokens", "64"],
+                                     "corpus too small: the fitness split"),
     }[case]
     with pytest.raises(SystemExit, match=message):
         pd.main(argv + ["--out_dir", str(out)])
@@ -247,7 +338,8 @@ def test_failure_keeps_previous_output_and_no_temporaries(tmp_path, pydoc_data):
 
 
 @pytest.mark.parametrize("argv", [["--tokenizer", "sentencepiece"], ["--source", "wikipedia"], ["--source", "files"],
-                                  ["--val_tokens", "0"], ["--val_fraction", "0.9", "--fitness_fraction", "0.2"]])
+                                  ["--val_tokens", "0"], ["--val_fraction", "0.9", "--fitness_fraction", "0.2"],
+                                  ["--heldout_piece_tokens", "-1"]])
 def test_bad_flags_are_argparse_errors(tmp_path, capsys, argv):
     with pytest.raises(SystemExit) as e:
         pd.main(argv + ["--out_dir", str(tmp_path / "out")])

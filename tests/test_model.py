@@ -119,3 +119,29 @@ def test_build_on_meta_then_init_gives_finite_weights():
 def test_peak_flops_none_on_cpu():
     assert gpt.peak_flops("cpu") is None
     assert gpt.peak_flops(torch.device("cpu")) is None
+
+
+def test_dropout_only_on_the_residual_branches(monkeypatch):
+    """As the reference: dropout on the attention and MLP outputs, not on the embedding or the attention
+    probabilities. At init the residual writers (proj, down) are zero, so a train-mode forward with dropout must
+    equal the eval-mode one; embedding dropout would change it."""
+    model = gpt.GPT(tiny(dropout=0.5))
+    idx = torch.randint(0, 320, (2, 16))
+    model.eval()
+    ref = model(idx)
+    model.train()
+    torch.manual_seed(0)
+    assert torch.equal(model(idx), ref)
+    seen = []
+    real_sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: seen.append(k.get("dropout_p", 0.0)) or real_sdpa(*a, **k))
+    model(idx)
+    assert seen == [0.0] * model.cfg.n_layer  # no dropout on the attention probabilities, even in training
+    with torch.no_grad():  # the residual branches do drop: with non-zero writers, train mode is random
+        for b in model.blocks:
+            b.mlp.down.weight.normal_(std=0.1)
+        model.head.weight.normal_(std=0.1)
+    model.eval()
+    ref = model(idx)
+    model.train()
+    assert not torch.equal(model(idx), ref)

@@ -148,6 +148,48 @@ def test_distill_loss_by_hand_one_token_three_classes():
     assert kl > 0.2  # the KL part matters in this example
 
 
+def test_distill_loss_mixture_teacher_by_hand():
+    """distill_teacher=mixture: the teacher distribution is sum_k w_k softmax(z_k / T), mixed in probability space."""
+    s, teachers, w, y, a, T = [1.0, 2.0, 0.5], [[0.0, 3.0, -1.0], [2.0, -1.0, 0.5]], [0.3, 0.7], 2, 0.45, 1.2
+
+    def softmax(z):
+        e = [math.exp(v) for v in z]
+        return [v / sum(e) for v in e]
+    p_t = [sum(wk * softmax([v / T for v in z])[i] for wk, z in zip(w, teachers)) for i in range(3)]
+    p_s = softmax([v / T for v in s])
+    kl = sum(pt * math.log(pt / ps) for pt, ps in zip(p_t, p_s))
+    expected = (1 - a) * -math.log(softmax(s)[y]) + a * T * T * kl
+    got = q0.distill_loss(torch.tensor([[s]]), [torch.tensor([[z]]) for z in teachers], torch.tensor([[y]]), a, T, w)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    one = q0.distill_loss(torch.tensor([[s]]), [torch.tensor([[teachers[0]]])], torch.tensor([[y]]), a, T, [1.0])
+    torch.testing.assert_close(one, q0.distill_loss(torch.tensor([[s]]), torch.tensor([[teachers[0]]]), torch.tensor([[y]]), a, T))
+
+
+@pytest.mark.slow
+def test_mixture_teacher_run_and_bit_exact_resume(tiny_data, tmp_path):
+    """distill_teacher=mixture: from cycle 3 the teacher is the prior's top-2 of the earlier snapshots (EM on their
+    fitness log-probs); a run killed while distilling from it resumes to the same members bit for bit."""
+    over = dict(Q0, num_trajectories=1, num_cycles=4, distill_after_cycles=2, distill_teacher="mixture", distill_teacher_k=2)
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
+    code, out, err = run_train(train_argv(tiny_data, ref_dir, **over))
+    assert code == 0, err
+    rows = train.read_manifest(ref_dir)
+    assert [r["teacher"] for r in rows[:2]] == [None, None]
+    for r in rows[2:]:  # its earlier snapshots, weights renormalised to 1
+        names = [part.rsplit(" ", 1) for part in r["teacher"][len("mixture("):-1].split(", ")]
+        assert r["teacher"].startswith("mixture(") and 1 <= len(names) <= 2
+        assert all(n < r["name"] for n, _ in names) and sum(float(w) for _, w in names) == pytest.approx(1, abs=2e-3)
+    argv = train_argv(tiny_data, run_dir, **over)
+    kill_when(spawn_train(argv), lambda: last_logged_step(run_dir, 0) >= 2 * L + 6)
+    ckpt = torch.load(run_dir / "track0" / "ckpt.pt", weights_only=True)
+    assert 2 * L < ckpt["step"] < 3 * L and ckpt["plan"]["mixture"] and len(ckpt["plan"]["fitness"]) == 2
+    code, out, err = run_train(argv + ["--resume=True"])
+    assert code == 0, err
+    assert train.read_manifest(run_dir) == rows
+    for r in rows:
+        assert_same_weights(member_weights(run_dir, r["name"]), member_weights(ref_dir, r["name"]))
+
+
 def test_no_gradient_reaches_the_teacher():
     cfg = gpt.config_for("tiny", vocab_size=64, seq_len=16)
     torch.manual_seed(0)

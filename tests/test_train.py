@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import train
-from conftest import (PYTHON, ROOT, assert_same_weights, child_env, kill_when, member_weights, read_log, run_train,
+from conftest import (PYTHON, ROOT, TINY, assert_same_weights, child_env, kill_when, member_weights, read_log, run_train,
                       run_train_subprocess, spawn_train, train_argv)
 
 SINGLE = dict(mode="single", epochs=0.5)  # 63 steps/epoch at 1K tokens/step -> 32 steps, a checkpoint every 3
@@ -158,12 +158,12 @@ def test_batch_tokens_not_divisible_is_rejected(tiny_data, tmp_path):
 # -----------------------------------------------------------------------------------------------------
 # the epoch loader
 
-def synthetic_loader(seed=5, seq_len=8, rows=8, n_docs=40, n_tokens=2000):
+def synthetic_loader(seed=5, seq_len=8, rows=8, n_docs=40, n_tokens=2000, track=0):
     """Tokens 0 .. n-1 (each one unique, so where it lands is traceable) in documents of random lengths."""
     rng = np.random.default_rng(0)
     starts = np.sort(rng.choice(np.arange(1, n_tokens), n_docs - 1, replace=False))
-    starts = np.concatenate([[0], starts])
-    return train.EpochLoader(np.arange(n_tokens, dtype=np.uint32), starts.tolist(), seq_len, rows, seed), starts
+    starts = np.concatenate([[0], starts]) if n_docs > 1 else np.array([0])
+    return train.EpochLoader(np.arange(n_tokens, dtype=np.uint32), starts.tolist(), seq_len, rows, seed, track), starts
 
 
 def epoch_rows(loader, epoch, micro_rows=4):
@@ -177,18 +177,31 @@ def epoch_rows(loader, epoch, micro_rows=4):
     return torch.cat(xs), torch.cat(ys)
 
 
-def test_epoch_shuffles_differ_and_are_reproducible():
+def window_set(loader, epoch):
+    return {tuple(r) for r in epoch_rows(loader, epoch)[0].tolist()}
+
+
+def test_one_document_gets_fresh_windows_every_epoch_and_per_track():
+    """The CPU benchmark's train split is one document: the windows (not only their order) must change with the
+    epoch and the trajectory, or every cycle and trajectory re-reads the same windows."""
+    loader, _ = synthetic_loader(n_docs=1)
+    epochs = [window_set(loader, e) for e in range(6)]
+    assert all(a != b for i, a in enumerate(epochs) for b in epochs[i + 1:])  # new window grids, not a new order
+    assert len({loader.window_starts(e, slice(0, 1))[0] % loader.T for e in range(20)}) > 3  # offsets vary
+    other_track, _ = synthetic_loader(n_docs=1, track=1)
+    other_seed, _ = synthetic_loader(n_docs=1, seed=6)
+    assert window_set(other_track, 0) != epochs[0] and window_set(other_seed, 0) != epochs[0]
+    assert not torch.equal(epoch_rows(other_track, 0)[0], epoch_rows(synthetic_loader(n_docs=1, track=2)[0], 0)[0])
+
+
+def test_epochs_are_reproducible_in_any_order():
     loader, _ = synthetic_loader()
-    e0, e1 = loader.stream(0, 0, 2000), loader.stream(1, 0, 2000)
-    assert not np.array_equal(e0, e1)
-    assert np.array_equal(loader.stream(0, 0, 2000), e0)  # back to epoch 0 after epoch 1
-    fresh, _ = synthetic_loader()
-    assert np.array_equal(fresh.stream(1, 0, 2000), e1)  # same (seed, epoch), new loader
-    other, _ = synthetic_loader(seed=6)
-    assert not np.array_equal(other.stream(0, 0, 2000), e0)
+    x1, y1 = epoch_rows(loader, 1)
     x0, _ = epoch_rows(loader, 0)
-    x1, _ = epoch_rows(loader, 1)
     assert not torch.equal(x0, x1)
+    assert torch.equal(epoch_rows(loader, 1)[0], x1)  # back to epoch 1 after epoch 0
+    fresh, _ = synthetic_loader()
+    assert torch.equal(epoch_rows(fresh, 1)[1], y1)  # same (seed, track, epoch), new loader: a resume reads the same
 
 
 def test_epoch_stream_is_whole_documents_in_shuffled_order():
@@ -196,6 +209,7 @@ def test_epoch_stream_is_whole_documents_in_shuffled_order():
     ends = np.append(starts[1:], 2000)
     stream = loader.stream(3, 0, 2000)
     assert np.array_equal(np.sort(stream), np.arange(2000))  # a permutation of the split
+    assert not np.array_equal(stream, loader.stream(4, 0, 2000))
     docs = np.split(stream, np.flatnonzero(np.isin(stream, starts)))[1:]  # cut where a document starts
     assert len(docs) == len(starts)
     for d in docs:  # each document intact and in its own order
@@ -204,17 +218,21 @@ def test_epoch_stream_is_whole_documents_in_shuffled_order():
     assert np.array_equal(loader.stream(3, 123, 456), stream[123:456])
 
 
-def test_every_token_of_the_epoch_appears_once():
+def test_rows_are_stream_windows_on_the_epochs_grid_each_token_at_most_once():
     loader, _ = synthetic_loader()
     spe, R, T = loader.steps_per_epoch, loader.R, loader.T
-    assert spe == (2000 - 1) // (R * T) == 31
-    for epoch in (0, 1):
+    assert loader.windows_per_epoch == (2000 - T) // T == 249 and spe == 249 // R == 31
+    for epoch in (0, 1, 2):
         x, y = epoch_rows(loader, epoch)
-        stream = loader.stream(epoch, 0, 2000)
-        covered = spe * R * T  # the dropped tail is the rest: 2000 - 1984 = 16 tokens
-        assert torch.equal(x.flatten(), torch.from_numpy(stream[:covered].astype(np.int64)))
-        assert torch.equal(y.flatten(), torch.from_numpy(stream[1:covered + 1].astype(np.int64)))
-        assert np.unique(x.numpy()).size == covered  # each input token exactly once
+        stream = torch.from_numpy(loader.stream(epoch, 0, 2000).astype(np.int64))
+        starts = loader.window_starts(epoch, slice(0, spe * R))
+        offset = starts[0] % T
+        assert all(s % T == offset for s in starts) and 0 <= offset < T and max(starts) + T + 1 <= 2000
+        for i, s in enumerate(starts):  # row i is the window at stream position s: input s..s+T-1, target shifted
+            assert torch.equal(x[i], stream[s:s + T]) and torch.equal(y[i], stream[s + 1:s + T + 1])
+        assert np.unique(x.numpy()).size == spe * R * T  # no input token twice in an epoch
+        assert len(set(s // T for s in starts)) == spe * R  # distinct windows, in a shuffled order
+        assert starts != sorted(starts)
 
 
 def test_global_batch_is_the_same_for_any_number_of_ranks():
@@ -231,8 +249,21 @@ def test_global_batch_is_the_same_for_any_number_of_ranks():
         for key, x in layouts.items():
             assert torch.equal(x, ref), key
         epoch, b = divmod(step, loader.steps_per_epoch)
-        first = loader.stream(epoch, b * 16 * 8, b * 16 * 8 + 8)
-        assert torch.equal(ref[0], torch.from_numpy(first.astype(np.int64)))
+        s = loader.window_starts(epoch, slice(b * 16, b * 16 + 1))[0]
+        assert torch.equal(ref[0], torch.from_numpy(loader.stream(epoch, s, s + 8).astype(np.int64)))
+
+
+def test_weight_decay_on_embedding_and_head_as_the_reference(tiny_data, tmp_path):
+    """The reference applies the base WD to the Muon matrices and to the embedding and head (AdamW) alike, all
+    scaled by the schedule's multiplier; embed_head_wd=False keeps it on the matrices only."""
+    for flag, adam_wd in ((True, 1.3), (False, 0.0)):
+        cfg = train.Config(data_dir=str(tiny_data), weight_decay=1.3, embed_head_wd=flag, out_dir=str(tmp_path / str(flag)), **TINY)
+        env = dict(device=torch.device("cpu"), group_size=1, group_rank=0, log=lambda m: None)
+        t = train.Track(cfg, 0, env, train.load_data(cfg))
+        assert [g["weight_decay"] for g in t.muon.param_groups] == [1.3]
+        assert [g["weight_decay"] for g in t.adam.param_groups] == [adam_wd, adam_wd]
+        t.set_multipliers(0.5, 0.7)
+        assert [g["weight_decay"] for g in t.adam.param_groups] == [pytest.approx(adam_wd * 0.7)] * 2
 
 
 # -----------------------------------------------------------------------------------------------------

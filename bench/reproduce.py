@@ -540,7 +540,8 @@ def report(results, out):
         print("\nby inference budget K (the prior's top K), fitness / val:\n| run | " +
               " | ".join(f"K={k}" for k in (1, 2, 4, 8, 16)) + " |\n|---|---|---|---|---|---|")
         for name, r in table.items():
-            print(f"| {name} | " + " | ".join(f"{f:.4f} / {v:.4f}" for _, f, v in r["by_k"]) + " |")
+            cells = {k: f"{f:.4f} / {v:.4f}" for k, f, v in r["by_k"]}
+            print(f"| {name} | " + " | ".join(cells.get(k, "-") for k in (1, 2, 4, 8, 16)) + " |")
     dist = lambda d: "never" if d is None else f"after {d:g} ep"
     for seed, table in results.get("recipes", {}).items():
         print(f"\nrecipes, seed {seed}: best allocation per budget (chosen on fitness)")

@@ -345,27 +345,23 @@ def distill_grid():
     return {name: {**base, **flags} for name, flags in grid.items()}
 
 
-def population_summary(run_members):
-    """The whole population of a finished run: val (prior, uniform), fitness cross-fit, member quality."""
+def population_summary(run_members, ks=(1, 2, 4, 8, 16)):
+    """The whole population of a finished run: val (prior, uniform), fitness cross-fit, member quality, and by_k:
+    (K, fitness, val) of the prior's top K (weights fit on all of fitness) for each K up to the population size."""
     rows, F, V = run_members
     w, _ = prior.fit_em(F)
     u = np.full(len(rows), 1 / len(rows))
     member_val = -V.mean(axis=1)
-    late = np.array([2 * r["cycle"] > max(q["cycle"] for q in rows) for r in rows])  # the second half of each track
+    last_cycle = max(r["cycle"] for r in rows)
+    late = np.array([2 * r["cycle"] > last_cycle for r in rows])  # the second half of each track
     return dict(members=len(rows), val_prior=prior.mixture_nll(V, w), val_uniform=prior.mixture_nll(V, u),
                 fitness_crossfit=crossfit_nll(F), fitness_uniform=prior.mixture_nll(F, u),
                 best_member_val=float(member_val.min()), last_member_val=float(member_val[-1]),
                 mean_member_val=float(member_val.mean()),
                 late_member_val=float(member_val[late].mean()),
-                diversity_gain=float(member_val.mean()) - prior.mixture_nll(V, u))
-
-
-def by_k(run_members, ks=(1, 2, 4, 8, 16)):
-    """(K, fitness, val) of the prior's top K (weights fit on all of fitness) for each K up to the population size."""
-    rows, F, V = run_members
-    w, _ = prior.fit_em(F)
-    return [(k, prior.mixture_nll(F[top], wk), prior.mixture_nll(V[top], wk))
-            for k in ks if k <= len(rows) for top, wk in [prior.top_k(w, k)]]
+                diversity_gain=float(member_val.mean()) - prior.mixture_nll(V, u),
+                by_k=[(k, prior.mixture_nll(F[top], wk), prior.mixture_nll(V[top], wk))
+                      for k in ks if k <= len(rows) for top, wk in [prior.top_k(w, k)]])
 
 
 def distill_suite(out, seed, shard=(0, 1)):
@@ -377,8 +373,7 @@ def distill_suite(out, seed, shard=(0, 1)):
 
 def distill_table(out, seed):
     """population_summary of every finished run of the distillation grid for one seed (never trains)."""
-    return {name: dict(population_summary(m), by_k=by_k(m))
-            for name in distill_grid() if (m := finished(out, f"distill-{name}-s{seed}"))}
+    return {name: population_summary(m) for name in distill_grid() if (m := finished(out, f"distill-{name}-s{seed}"))}
 
 
 def budget_recipes(out, seed):

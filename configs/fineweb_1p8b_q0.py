@@ -1,8 +1,8 @@
 """q0 on the Slowrun setting: the 1.8B GPT on 100M FineWeb tokens (GPT-2 tokenizer).
 All values are the reference run's defaults (qlabs-eng/slowrun unlimited/train.py, arXiv 2606.03938), not tuned here.
     python prepare_data.py --source fineweb --tokenizer gpt2 --out_dir data/fineweb-gpt2
-    torchrun --nnodes=5 --nproc_per_node=8 ... train.py configs/fineweb_1p8b_q0.py   # one trajectory per node
-    torchrun --standalone --nproc_per_node=8 train.py configs/fineweb_1p8b_q0.py --num_trajectories=1   # one node"""
+    torchrun --nnodes=5 --nproc_per_node=8 ... q0.py configs/fineweb_1p8b_q0.py   # one trajectory per node
+    torchrun --standalone --nproc_per_node=8 q0.py configs/fineweb_1p8b_q0.py --num_trajectories=1   # one node"""
 mode = "q0"
 data_dir = "data/fineweb-gpt2"
 model_size = "1.8B"

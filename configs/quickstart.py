@@ -1,20 +1,28 @@
-"""Quick start: q0 on the embedded pydoc corpus (byte tokenizer), a tiny model, CPU, a few minutes.
-2 trajectories x 3 cycles x 1 epoch, chain distillation from the second cycle on, then the prior.
-    python prepare_data.py && python train.py configs/quickstart.py && python eval.py runs/quickstart"""
+"""Quick start: q0 on the embedded pydoc text (16K train bytes: data-scarce, so many epochs pay), a 0.14M-parameter
+GPT, CPU, about a minute. One trajectory of 32 cycles x 2 epochs = a 64-epoch budget, 32 snapshots, the learned prior;
+no chain distillation and no noise (the CPU benchmark's recipe, BENCHMARKS.md section 1). The two baselines of the
+same 64-epoch budget are quickstart_single.py and quickstart_ensemble.py; eval.py puts all three in one table:
+    python prepare_data.py && python q0.py configs/quickstart.py && python train.py configs/quickstart_single.py \\
+      && python train.py configs/quickstart_ensemble.py \\
+      && python eval.py runs/quickstart runs/quickstart_single runs/quickstart_ensemble"""
 mode = "q0"
 data_dir = "data/pydoc-byte"
 model_size = "tiny"
 seq_len = 128
 dropout = 0.1
-batch_tokens = 4096
-micro_batch_size = 16
+batch_tokens = 1024
+micro_batch_size = 8
 muon_lr = 0.02
-weight_decay = 0.1
-num_trajectories = 2
-num_cycles = 3
-epochs_per_cycle = 1.0
+embed_lr = 0.2
+head_lr = 0.004
+weight_decay = 1.3
+num_trajectories = 1
+num_cycles = 32
+epochs_per_cycle = 2.0
 first_cycle_warmup_steps = 10
-distill_after_cycles = 1
-eval_every_epochs = 1.0
-eval_tokens = 16384
-log_every = 20
+perturb_scale_start = 0.0
+perturb_scale_end = 0.0
+distill_after_cycles = 32            # = num_cycles: no chain distillation
+eval_every_epochs = 8.0
+log_every = 120
+ckpt_every_epochs = 8.0

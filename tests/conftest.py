@@ -15,7 +15,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
 import prepare_data  # noqa: E402
+import q0  # noqa: E402
 import train  # noqa: E402
 
 PYTHON = sys.executable
@@ -97,12 +99,35 @@ def train_argv(data_dir, out_dir, **overrides):
     return [f"--{k}={v}" for k, v in args.items()]
 
 
+def is_q0(argv):
+    """Whether these arguments ask for a population (mode q0 or chain): q0.py runs them, train.py the rest."""
+    modes = [a.split("=", 1)[1] for a in argv if a.startswith("--mode=")]
+    return bool(modes) and modes[-1] in ("q0", "chain")
+
+
+def load_config(argv):
+    """The config train.py or q0.py (by mode) would read from argv."""
+    try:
+        return common.load_config(train.Config, argv, "", ("single", "ensemble"))
+    except common.UserError as e:
+        if "is run by q0.py" not in str(e):
+            raise
+        return common.load_config(q0.Q0Config, argv, "", ("q0", "chain"))
+
+
+def validate(cfg, world, train_tokens):
+    """train.validate, then q0.validate for a population: the checks the script runs before anything is written."""
+    need, spe = train.validate(cfg, world, train_tokens)
+    if isinstance(cfg, q0.Q0Config):
+        q0.validate(cfg, need, spe)
+
+
 def run_train(argv):
-    """train.main in-process -> (exit code, stdout, stderr); 0 when it returned normally."""
+    """q0.main (mode q0 or chain) or train.main in-process -> (exit code, stdout, stderr); 0 when it returned normally."""
     out, err, code = io.StringIO(), io.StringIO(), 0
     with redirect_stdout(out), redirect_stderr(err):
         try:
-            train.main(argv)
+            (q0.main if is_q0(argv) else train.main)(argv)
         except SystemExit as e:
             code = e.code
     return code, out.getvalue(), err.getvalue()
@@ -116,8 +141,9 @@ def child_env():
 
 
 def spawn_train(argv, nproc=1):
-    """train.py as a subprocess (python, or torchrun --standalone with nproc ranks on gloo); returns the Popen."""
-    cmd = [PYTHON, "train.py"] if nproc == 1 else [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "train.py"]
+    """q0.py or train.py (by mode) as a subprocess (python, or torchrun --standalone with nproc ranks on gloo)."""
+    script = "q0.py" if is_q0(argv) else "train.py"
+    cmd = [PYTHON, script] if nproc == 1 else [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", script]
     return subprocess.Popen(cmd + list(argv), cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -125,7 +151,7 @@ def spawn_train(argv, nproc=1):
 def run_train_subprocess(argv, nproc=1, timeout=240):
     proc = spawn_train(argv, nproc)
     out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{out[-4000:]}"
+    assert proc.returncode == 0, f"{proc.args[1]} failed ({proc.returncode}):\n{out[-4000:]}"
     return out
 
 

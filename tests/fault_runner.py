@@ -1,22 +1,19 @@
-"""Run train.py, eval.py or prior.py with one fault armed: SIGKILL at an exact point, after leaving the partial
-file a real crash would leave. The production scripts carry no fault code; this wrapper patches one function.
+"""Run q0.py, train.py, eval.py or prior.py with one fault armed: SIGKILL at an exact point, after leaving the
+partial file a real crash would leave. The production scripts carry no fault code; this wrapper patches one function.
 
-    python tests/fault_runner.py FAULT SCRIPT [args...]        # SCRIPT: train | eval | prior
-    torchrun --standalone --nproc_per_node=2 tests/fault_runner.py FAULT train [args...]
+    python tests/fault_runner.py FAULT SCRIPT [args...]        # SCRIPT: q0 | train | eval | prior
+    torchrun --standalone --nproc_per_node=2 tests/fault_runner.py FAULT q0 [args...]
 
 FAULT is KIND:TARGET:N[:rank=R], armed on the Nth call (1-based) that matches TARGET:
-    save:GLOB:N        torch.save to a path matching GLOB: write half the bytes to that (temporary) path, then die
-    json:GLOB:N        train.atomic_write_json to GLOB: write half the JSON to its .tmp name, then die (no rename)
-    after_json:GLOB:N  train.atomic_write_json to GLOB: write it completely (renamed), then die
-    pjson:GLOB:N       prior.write_json_atomic to GLOB: write half the JSON to its temporary name, then die
-    npy:GLOB:N         eval.save_atomic to GLOB: write half the .npy to its temporary name, then die
-    call:MOD.ATTR:N    die on entering the Nth call of MOD.ATTR (e.g. torch.optim.Muon.step: mid-step)
+    write:GLOB:N        common.atomic_write to a path matching GLOB (checkpoints, members, manifests, logs, scores,
+                        JSON): write half the bytes to its temporary name, then die (no rename)
+    after_write:GLOB:N  common.atomic_write to GLOB: write it completely (renamed), then die
+    call:MOD.ATTR:N     die on entering the Nth call of MOD.ATTR (e.g. torch.optim.Muon.step: mid-step)
 rank=R arms it on that global rank only; under torchrun it is armed in the first attempt only
 (TORCHELASTIC_RESTART_COUNT 0), so a restarted worker runs clean."""
 import fnmatch
 import importlib
 import io
-import json
 import os
 import signal
 import sys
@@ -52,55 +49,22 @@ def counter(pattern, n):
 
 
 def arm(kind, target, n):
-    import torch
-    if kind == "save":
-        real, hit = torch.save, counter(target, n)
+    if kind in ("write", "after_write"):
+        import common  # patched before the scripts import it, so their `from common import ...` get the patch
+        real, hit = common.atomic_write, counter(target, n)
 
-        def save(obj, f, *args, **kwargs):
-            if isinstance(f, (str, os.PathLike)) and hit(f):
-                buf = io.BytesIO()
-                real(obj, buf, *args, **kwargs)
-                write_half(f, buf.getvalue())
-                die()
-            return real(obj, f, *args, **kwargs)
-        torch.save = save
-    elif kind in ("json", "after_json"):
-        import train
-        real, hit = train.atomic_write_json, counter(target, n)
-
-        def atomic_write_json(obj, path):
+        def atomic_write(path, write, size=0):
             if hit(path):
-                if kind == "json":
-                    write_half(Path(path).with_name(Path(path).name + ".tmp"), json.dumps(obj, indent=1).encode())
+                if kind == "write":
+                    buf = io.BytesIO()
+                    write(buf)
+                    path = Path(path)
+                    write_half(path.with_name(f".{path.name}.tmp{os.getpid()}"), buf.getvalue())
                 else:
-                    real(obj, path)
+                    real(path, write, size)
                 die()
-            return real(obj, path)
-        train.atomic_write_json = atomic_write_json
-    elif kind == "pjson":
-        import prior
-        real, hit = prior.write_json_atomic, counter(target, n)
-
-        def write_json_atomic(path, obj):
-            if hit(path):
-                path = Path(path)
-                write_half(path.with_name(f".{path.name}.tmp{os.getpid()}"), json.dumps(obj, indent=1).encode())
-                die()
-            return real(path, obj)
-        prior.write_json_atomic = write_json_atomic
-    elif kind == "npy":
-        import numpy as np
-        import eval as ev
-        real, hit = ev.save_atomic, counter(target, n)
-
-        def save_atomic(path, array):
-            if hit(path):
-                buf = io.BytesIO()
-                np.save(buf, array)
-                write_half(path.with_name(f".{path.name}.tmp{os.getpid()}"), buf.getvalue())
-                die()
-            return real(path, array)
-        ev.save_atomic = save_atomic
+            return real(path, write, size)
+        common.atomic_write = atomic_write
     elif kind == "call":
         parts = target.split(".")
         for i in range(len(parts) - 1, 0, -1):  # the longest importable prefix is the module

@@ -13,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
 import prepare_data as pd  # noqa: E402
 
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "shakespeare"
@@ -107,7 +108,7 @@ def test_gpt2_offline_from_tiktoken_file_via_env(gpt2_dir, tmp_path, monkeypatch
     # a tampered file fails the pinned hash
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "gpt2.tiktoken").write_bytes(b"".join(lines[:-1]))
-    with pytest.raises(pd.DataError, match="bad"):
+    with pytest.raises(common.UserError, match="bad"):
         pd.get_tokenizer("gpt2", gpt2_vocab_dir=str(tmp_path / "bad"))
 
 
@@ -117,9 +118,9 @@ def test_gpt2_without_network_or_offline_dir_says_how(monkeypatch, tmp_path):
     def offline(name):
         raise ConnectionError("no network")
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    with pytest.raises(pd.DataError, match="--gpt2_vocab_dir"):
+    with pytest.raises(common.UserError, match="--gpt2_vocab_dir"):
         pd.get_tokenizer("gpt2")
-    with pytest.raises(pd.DataError, match="neither vocab.bpe"):
+    with pytest.raises(common.UserError, match="neither vocab.bpe"):
         pd.get_tokenizer("gpt2", gpt2_vocab_dir=str(tmp_path))
 
 # -----------------------------------------------------------------------------
@@ -348,7 +349,7 @@ def test_bad_flags_are_argparse_errors(tmp_path, capsys, argv):
 
 
 def test_get_tokenizer_unknown_name():
-    with pytest.raises(pd.DataError, match="unknown tokenizer"):
+    with pytest.raises(common.UserError, match="unknown tokenizer"):
         pd.get_tokenizer("sentencepiece")
 
 
@@ -405,7 +406,7 @@ def test_load_split_detects_damage(tmp_path, pydoc_data, corrupt, culprit, messa
     d = tmp_path / "data"
     shutil.copytree(pydoc_data, d)
     corrupt(d)
-    with pytest.raises(pd.DataError) as e:
+    with pytest.raises(common.UserError) as e:
         pd.load_split(d, "train")
     assert str(d / culprit) in str(e.value) and message in str(e.value) and "re-run" in str(e.value)
     assert isinstance(e.value, RuntimeError)
@@ -417,7 +418,7 @@ def test_load_split_verify_false_skips_hash_only(tmp_path, pydoc_data):
     corrupt_flip(d)
     tokens, meta = pd.load_split(d, "train", verify=False)
     assert len(tokens) == meta["num_tokens"]
-    with pytest.raises(pd.DataError, match="val_oops.json: missing"):
+    with pytest.raises(common.UserError, match="val_oops.json: missing"):
         pd.load_split(d, "val_oops")  # no such split: its meta is missing
 
 

@@ -13,10 +13,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
 import eval as ev  # noqa: E402
 import prepare_data  # noqa: E402
 import prior  # noqa: E402
-import train  # noqa: E402
+from test_prior import synthetic_population, without_timings  # noqa: E402
+import q0  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "mc_tiny.jsonl"
 CPU = dict(world=1, rank=0, device=torch.device("cpu"))
@@ -45,7 +47,7 @@ def tiny_run(tmp_path_factory, one_thread):
     base = tmp_path_factory.mktemp("eval")
     prepare_data.main(["--out_dir", str(base / "data"), "--val_tokens", "1024", "--fitness_tokens", "1024",
                        "--train_tokens", "8192"])
-    train.main([f"--out_dir={base / 'run'}", f"--data_dir={base / 'data'}", "--mode=q0", "--model_size=tiny",
+    q0.main([f"--out_dir={base / 'run'}", f"--data_dir={base / 'data'}", "--mode=q0", "--model_size=tiny",
                 "--seq_len=32", "--batch_tokens=512", "--micro_batch_size=16", "--num_trajectories=2", "--num_cycles=2",
                 "--epochs_per_cycle=1", "--distill_after_cycles=1", "--eval_every_epochs=0", "--ckpt_every_epochs=0",
                 "--log_every=1000"])
@@ -82,10 +84,10 @@ def test_cached_mixture_equals_direct_forward(evaluated):
     run = ev.open_run(run_dir)
     names, w = run["names"][:3], np.array([0.5, 0.3, 0.2])
     cached = prior.mixture_nll(prior.load_scores(run_dir, names, "val"), w)
-    models = [train.load_member(run_dir / "members" / f"{n}.pt")[0] for n in names]
+    models = [common.load_member(run_dir / "members" / f"{n}.pt")[0] for n in names]
     tokens, total, n = run["val"]["tokens"], 0.0, 0
     with torch.no_grad():
-        for s, e in train.eval_rows(tokens, run["seq_len"]):
+        for s, e in common.eval_rows(tokens, run["seq_len"]):
             x = torch.from_numpy(tokens[s:e].astype(np.int64))[None]  # (1, T+1)
             p = sum(wi * torch.softmax(m(x[:, :-1]).double(), -1) for wi, m in zip(w, models))  # (1, T, V)
             total -= p.gather(-1, x[:, 1:, None]).log().sum().item()
@@ -131,11 +133,11 @@ def test_end_to_end_reports(evaluated):
     saved = json.loads((run_dir / "eval.json").read_text())
     for key in ("members", "ensemble", "budget_curve", "best_member", "eval_tokens", "num_tokens", "weights", "summary"):
         assert key in saved
-    assert [m["name"] for m in saved["members"]] == [r["name"] for r in train.read_manifest(run_dir)]
+    assert [m["name"] for m in saved["members"]] == [r["name"] for r in common.read_manifest(run_dir)]
     e = saved["ensemble"]
     assert e["ks"] == [1, 2, 4] and set(e["prior"]) == set(e["uniform_last"]) == set(e["greedy"]) == {"1", "2", "4"}
     assert np.isfinite(e["uniform_all"])
-    budgets = sorted({r["budget_epochs"] for r in train.read_manifest(run_dir)})
+    budgets = sorted({r["budget_epochs"] for r in common.read_manifest(run_dir)})
     assert [c["budget_epochs"] for c in saved["budget_curve"]] == budgets == [2.0, 4.0]
     assert saved["budget_curve"][-1]["prior_val"] == pytest.approx(e["prior"]["4"], abs=1e-6)  # all members: same fit
     pj = json.loads((run_dir / "prior.json").read_text())
@@ -149,6 +151,28 @@ def test_end_to_end_reports(evaluated):
     assert "best member val | uniform val | prior val" in cmp_out
     assert len(json.loads((run_dir.parent / "cmp" / "compare.json").read_text())) == 2
 
+
+def test_eval_keeps_a_current_prior_json(run_copy, capsys):
+    """eval.py is the one writer of prior.json: it reports with a current prior.json as it is (here AdamW's) and says
+    so; it refits (and rewrites) only when asked for another method or when the file is stale."""
+    run_cli([str(run_copy), "--method", "adamw"])
+    written = (run_copy / "prior.json").read_bytes()
+    rep, out = run_cli([str(run_copy)])
+    assert (run_copy / "prior.json").read_bytes() == written  # not rewritten
+    assert rep["prior_method"] == "adamw" and rep["prior_refit"] is None
+    assert rep["weights"] == json.loads(written)["weights"]
+    assert "prior: adamw weights, read from prior.json" in out and "wrote" in out and "prior.json, " not in out
+    k_all = rep["ensemble"]["ks"][-1]
+    assert rep["budget_curve"][-1]["prior_val"] == pytest.approx(rep["ensemble"]["prior"][k_all], abs=1e-9)  # AdamW too
+    rep, out = run_cli([str(run_copy), "--method", "em"])  # another method asked for: refit with it
+    assert rep["prior_method"] == "em" and "adamw weights" in rep["prior_refit"]
+    assert json.loads((run_copy / "prior.json").read_text())["method"] == "em" and "fitted and written" in out
+    names = rep["members"][0]["name"], rep["members"][1]["name"]
+    # a sub-population's prior.json: stale for the whole run
+    ev.write_prior(run_copy / "prior.json", list(names), prior.load_scores(run_copy, list(names), "fitness"))
+    rep, out = run_cli([str(run_copy)])
+    assert "other members" in rep["prior_refit"] and set(rep["weights"]) == {m["name"] for m in rep["members"]}
+    capsys.readouterr()
 
 def test_slowrun_efficiency_matches_the_method_file():
     assert ev.slowrun_efficiency(3.048) == pytest.approx(9.95, abs=0.05)  # "about 10x"
@@ -178,7 +202,7 @@ def test_choice_logprobs_padding_truncation_and_by_hand(evaluated):
     seqs, n_cont, chars, first = ev.choice_sequences(qs, tok, run["seq_len"])
     assert len(seqs) == sum(len(q["choices"]) for q in qs) and max(map(len, seqs)) == run["seq_len"] + 1  # truncated
     assert all(seqs[f][0] == tok.bos_id for f, q in zip(first, qs) if len(q["context"]) < 20)  # short ones keep BOS
-    model = train.load_member(run_dir / "members" / f"{run['names'][-1]}.pt")[0]
+    model = common.load_member(run_dir / "members" / f"{run['names'][-1]}.pt")[0]
     batched = ev.continuation_logprobs(model, seqs, n_cont, torch.device("cpu"), size=16)
     alone = ev.continuation_logprobs(model, seqs, n_cont, torch.device("cpu"), size=1)
     np.testing.assert_allclose(batched, alone, atol=1e-5)  # right padding changes nothing
@@ -231,7 +255,7 @@ def test_bad_input_is_one_clear_message(run_copy, tmp_path, capsys):
         assert e.value.code != 0
         err = capsys.readouterr().err
         assert all(n in err for n in needles), err
-    fails([str(tmp_path / "nope")], "nope", "not found", "train.py")
+    fails([str(tmp_path / "nope")], "nope", "not found", "q0.py")
     (tmp_path / "empty").mkdir()
     fails([str(tmp_path / "empty")], "config.json", "missing")
     shutil.copy(run_copy / "config.json", tmp_path / "empty" / "config.json")
@@ -241,10 +265,60 @@ def test_bad_input_is_one_clear_message(run_copy, tmp_path, capsys):
     (run_copy / "config.json").write_text(json.dumps(moved))
     fails([str(run_copy)], str(tmp_path / "gone" / "fitness.json"), "prepare_data.py")
     (run_copy / "config.json").write_text(json.dumps(cfg))
-    member = run_copy / "members" / f"{train.read_manifest(run_copy)[0]['name']}.pt"
+    member = run_copy / "members" / f"{common.read_manifest(run_copy)[0]['name']}.pt"
     member.write_bytes(member.read_bytes()[:1000])
     fails([str(run_copy), "--score"], str(member), "truncated")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"context": "a", "choices": ["b"], "label": 3}\n')
-    with pytest.raises(ev.EvalError, match="bad.jsonl:1"):
+    with pytest.raises(common.UserError, match="bad.jsonl:1"):
         ev.read_questions(str(bad))
+
+
+# --- prior.json: one writer, kept while current ------------------------------------
+
+def test_write_prior_atomic_and_repeatable(tmp_path, monkeypatch):
+    L, _ = synthetic_population(3_000, seed=2)
+    out = tmp_path / "prior.json"
+    ev.write_prior(out, ["a", "b", "c"], L)
+    first = json.loads(out.read_text())
+    ev.write_prior(out, ["a", "b", "c"], L)
+    second = json.loads(out.read_text())
+    assert without_timings(first) == without_timings(second)  # everything but wall-clock time
+    assert os.listdir(tmp_path) == ["prior.json"]  # no temp file left behind
+
+    def write_then_die(obj, path):  # a fit killed half-way through writing its file
+
+        def half(f):
+            f.write(b'{"method": "em", "wei')
+            raise KeyboardInterrupt
+        common.atomic_write(path, half)
+    monkeypatch.setattr(ev, "write_json", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        ev.write_prior(out, ["a", "b", "c"], L)
+    assert json.loads(out.read_text()) == second  # the old file, whole
+    assert os.listdir(tmp_path) == ["prior.json"]
+
+
+
+
+def test_current_prior_keeps_a_current_file_and_refits_a_stale_one(tmp_path):
+    L, _ = synthetic_population(2_000, seed=8)
+    names = ["a", "b", "c"]
+    pj, why = ev.current_prior(tmp_path, names, L)
+    assert why and "no readable" in why and pj["method"] == "em"
+    first = (tmp_path / "prior.json").read_bytes()
+    ev.write_prior(tmp_path / "prior.json", names, L, "adamw")  # what `eval.py RUN --method adamw` does
+    adamw = (tmp_path / "prior.json").read_bytes()
+    assert adamw != first
+    pj, why = ev.current_prior(tmp_path, names, L)  # no method asked: the file as it is
+    assert why is None and pj["method"] == "adamw" and (tmp_path / "prior.json").read_bytes() == adamw
+    assert ev.current_prior(tmp_path, names, L, "adamw")[1] is None
+    pj, why = ev.current_prior(tmp_path, names, L, "em")  # another method asked for: refit with it
+    assert "adamw weights" in why and pj["method"] == "em"
+    pj, why = ev.current_prior(tmp_path, names[:2], L[:2])  # a member fewer
+    assert "other members" in why and pj["members"] == names[:2]
+    ev.current_prior(tmp_path, names, L)
+    pj, why = ev.current_prior(tmp_path, names, L - 0.01)  # rescored: same members, other numbers
+    assert "scores changed" in why and ev.current_prior(tmp_path, names, L - 0.01)[1] is None
+    pj, why = ev.current_prior(tmp_path, names, L[:, :1_000])  # rescored on fewer tokens
+    assert "scores changed" in why and pj["num_tokens"] == 1_000

@@ -3,7 +3,7 @@
 One tiny q0 run (2 trajectories x 3 cycles of 8 steps, distillation from cycle 2, dropout and perturbation on, a
 checkpoint every 4 steps) is trained once, uninterrupted, as the reference. Every other run here is killed
 (SIGKILL, through tests/fault_runner.py or from the test), stopped by an injected fault, or fed bad input, then
-resumed through train.main / eval.main / prior.main with the usual flags, and compared with the reference:
+resumed through q0.main / train.main / eval.main with the usual flags, and compared with the reference:
 every member file, the manifest, both final checkpoints (weights and optimizer state) and every logged loss are
 bit-identical, and no temporary file is ever read. Each test adds a row to the table printed at the end.
 Beside test_train.py / test_q0.py / test_data.py, which already cover single-mode kill-and-resume, one q0 kill
@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import eval as ev
 import prepare_data
 import prior
@@ -73,7 +74,7 @@ def run_faulty(fault, script, argv, timeout=240):
 
 
 def resume(argv):
-    """train.main(argv + --resume=True) in this process, recording every path torch.load reads (train.safe_load
+    """train.main(argv + --resume=True) in this process, recording every path torch.load reads (common.safe_load
     goes through it): none may be a temporary file. -> "t<track>@<step>" for each track resumed from a checkpoint."""
     loaded, real = [], torch.load
 
@@ -93,7 +94,7 @@ def manifest_is_whole(run_dir):
     """No manifest row names a member whose file is missing or unreadable. -> the member names listed."""
     rows = [r for f in sorted(Path(run_dir).glob("track*/manifest.json")) for r in json.loads(f.read_text())]
     for r in rows:
-        train.safe_load(Path(run_dir) / r["path"], "member file")  # raises on a partial file
+        common.safe_load(Path(run_dir) / r["path"], "member file")  # raises on a partial file
     return [r["name"] for r in rows]
 
 
@@ -117,7 +118,7 @@ def assert_same_run(run_dir, ref_dir):
     """Everything an uninterrupted run leaves, bit for bit, and no other file (no leftover temporaries)."""
     files = lambda d: sorted(str(p.relative_to(d)) for p in Path(d).rglob("*") if p.is_file())
     assert files(run_dir) == files(ref_dir)
-    assert train.read_manifest(run_dir) == train.read_manifest(ref_dir)  # every row, train_loss exactly
+    assert common.read_manifest(run_dir) == common.read_manifest(ref_dir)  # every row, train_loss exactly
     load = lambda d, rel: torch.load(Path(d) / rel, map_location="cpu", weights_only=True)
     for name in NAMES:
         same(load(run_dir, f"members/{name}.pt"), load(ref_dir, f"members/{name}.pt"), name)
@@ -155,18 +156,18 @@ KILLS = [
     ("random-t0", "mid-step, random (test SIGKILL)", ("test", random_step(0)), None),
     ("random-t1", "mid-step, random (test SIGKILL)", ("test", random_step(1)), None),
     ("mid-step", "mid-step 11: after backward, before the update", "call:torch.optim.Muon.step:11", None),
-    ("ckpt-write", "mid-checkpoint-write (step 12)", "save:*/track0/ckpt.pt.tmp:3", "track0/ckpt.pt.tmp"),
+    ("ckpt-write", "mid-checkpoint-write (step 12)", "write:*/track0/ckpt.pt:3", "track0/ckpt.pt"),
     ("ckpt-write-after-snapshot", "mid-checkpoint-write right after snapshot t0-c002 (step 16)",
-     "save:*/track0/ckpt.pt.tmp:4", "track0/ckpt.pt.tmp"),
-    ("ckpt-write-last", "mid-checkpoint-write, last checkpoint of the run (t1, step 24)", "save:*/track1/ckpt.pt.tmp:6",
-     "track1/ckpt.pt.tmp"),
-    ("snapshot-write", "mid-snapshot-write (t0-c002)", "save:*/members/t0-c002.pt.tmp:1", "members/t0-c002.pt.tmp"),
-    ("snapshot-write-t1", "mid-snapshot-write (t1-c001, first of trajectory 1)", "save:*/members/t1-c001.pt.tmp:1",
-     "members/t1-c001.pt.tmp"),
-    ("manifest-write", "snapshot t0-c002 written, its manifest row half-written", "json:*/track0/manifest.json:2",
-     "track0/manifest.json.tmp"),
+     "write:*/track0/ckpt.pt:4", "track0/ckpt.pt"),
+    ("ckpt-write-last", "mid-checkpoint-write, last checkpoint of the run (t1, step 24)", "write:*/track1/ckpt.pt:6",
+     "track1/ckpt.pt"),
+    ("snapshot-write", "mid-snapshot-write (t0-c002)", "write:*/members/t0-c002.pt:1", "members/t0-c002.pt"),
+    ("snapshot-write-t1", "mid-snapshot-write (t1-c001, first of trajectory 1)", "write:*/members/t1-c001.pt:1",
+     "members/t1-c001.pt"),
+    ("manifest-write", "snapshot t0-c002 written, its manifest row half-written", "write:*/track0/manifest.json:2",
+     "track0/manifest.json"),
     ("snapshot-then-ckpt", "between snapshot t0-c002 (file + manifest row) and its checkpoint",
-     "after_json:*/track0/manifest.json:2", None),
+     "after_write:*/track0/manifest.json:2", None),
 ]
 
 
@@ -181,16 +182,16 @@ def test_sigkill_then_resume_equals_uninterrupted(ref, tmp_path, fault, where, h
         row.where = f"{where}: track {track}, step {step}"
         kill_when(spawn_train(argv), lambda: last_logged_step(run_dir, track) >= step, poll_s=0.005)
     else:
-        run_faulty(how, "train", argv)
+        run_faulty(how, "q0", argv)
     row.trials = 1
     listed = manifest_is_whole(run_dir)  # what a reader sees right after the crash: only whole members
     if partial:
-        with pytest.raises((train.RunError, ValueError)):  # the crash really left a partial file ...
-            (train.safe_load(run_dir / partial, "partial") if partial.endswith(".pt.tmp")
-             else json.loads((run_dir / partial).read_text()))
-        real = run_dir / partial[: -len(".tmp")]
+        real = run_dir / partial
+        tmp, = real.parent.glob(f".{real.name}.tmp*")  # the writer's hidden temporary name
+        with pytest.raises((common.UserError, ValueError)):  # the crash really left a partial file ...
+            common.safe_load(tmp, "partial") if real.suffix == ".pt" else json.loads(tmp.read_text())
         if real.exists():  # ... and the real name still holds the previous, whole version
-            train.safe_load(real, "previous") if real.suffix == ".pt" else json.loads(real.read_text())
+            common.safe_load(real, "previous") if real.suffix == ".pt" else json.loads(real.read_text())
     resumed = resume(argv)
     assert_same_run(run_dir, ref[0])
     row.result = (f"{len(listed)} whole member(s) listed after the kill; resumed at {', '.join(resumed) or 'step 0'}; "
@@ -203,7 +204,7 @@ def test_torn_log_line_does_not_break_resume(ref, tmp_path, fault):
     row = fault("torn line in track0/log.jsonl", "crash mid-append, after the step-12 checkpoint")
     run_dir = tmp_path / "run"
     argv = argv_for(ref, run_dir)
-    run_faulty("call:torch.optim.Muon.step:14", "train", argv)
+    run_faulty("call:torch.optim.Muon.step:14", "q0", argv)
     with open(run_dir / "track0" / "log.jsonl", "a") as f:
         f.write('{"kind": "train", "step": 14, "ep')
     row.trials = 1
@@ -255,7 +256,7 @@ def test_torchrun_worker_killed_with_restarts_recovers(ref, tmp_path, fault):
     for attempt in range(1, 4):
         base = tmp_path / f"try{attempt}"
         run_dir = base / "run"
-        proc = torchrun(["call:torch.optim.Muon.step:14:rank=1", "train", *argv_for(ref, run_dir, "--resume=True")],
+        proc = torchrun(["call:torch.optim.Muon.step:14:rank=1", "q0", *argv_for(ref, run_dir, "--resume=True")],
                         "--max-restarts=3", timeout=90)
         if proc is not None and proc.returncode == 0:
             break
@@ -272,12 +273,12 @@ def test_torchrun_worker_killed_with_restarts_recovers(ref, tmp_path, fault):
 def test_torchrun_worker_killed_without_restarts_stops_intact(ref, tmp_path, fault):
     row = fault("SIGKILL rank 1 of 2 (torchrun, no restarts)", "track 1, mid-step 14; then resume on 1 process")
     run_dir = tmp_path / "run"
-    proc = torchrun(["call:torch.optim.Muon.step:14:rank=1", "train", *argv_for(ref, run_dir)])
+    proc = torchrun(["call:torch.optim.Muon.step:14:rank=1", "q0", *argv_for(ref, run_dir)])
     row.trials = 1
     assert proc is not None, "torchrun hung"
     assert proc.returncode != 0
     assert re.search(r"rank\s*: 1 ", proc.stdout) and "SIGKILL" in proc.stdout, proc.stdout[-4000:]  # names the worker
-    state = train.safe_load(run_dir / "track1" / "ckpt.pt", "checkpoint")
+    state = common.safe_load(run_dir / "track1" / "ckpt.pt", "checkpoint")
     assert state["step"] == 12 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert "t1-c001" in manifest_is_whole(run_dir)
     resume(argv_for(ref, run_dir))  # the 2-rank run folder continues on one process
@@ -293,8 +294,7 @@ def scored_ref(ref, tmp_path_factory):
     """The reference run, scored and its prior fit, uninterrupted, in this process."""
     run_dir = tmp_path_factory.mktemp("scored") / "run"
     shutil.copytree(ref[0], run_dir)
-    ev.main([str(run_dir), "--score"])
-    prior.main([str(run_dir)])
+    ev.main([str(run_dir)])  # score, then the prior (prior.json) and the report
     return run_dir
 
 
@@ -303,7 +303,7 @@ def scores(run_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where,spec", [("mid-write of the 5th score file (member 3)", "npy:*/scores/*.npy:5"),
+@pytest.mark.parametrize("where,spec", [("mid-write of the 5th score file (member 3)", "write:*/scores/*.npy:5"),
                                         ("mid-forward of the 5th member-split (member 3)", "call:eval.token_logprobs:5")])
 def test_kill_scoring_then_rerun(ref, scored_ref, tmp_path, fault, capsys, where, spec):
     row = fault("SIGKILL eval.py --score, rerun", where)
@@ -314,7 +314,7 @@ def test_kill_scoring_then_rerun(ref, scored_ref, tmp_path, fault, capsys, where
     done = scores(run_dir)
     assert len(done) == 4 and all(np.array_equal(a, scores(scored_ref)[n]) for n, a in done.items())
     leftovers = [p.name for p in (run_dir / "scores").iterdir() if p.name.startswith(".")]
-    assert len(leftovers) == (1 if spec.startswith("npy") else 0)
+    assert len(leftovers) == (1 if spec.startswith("write") else 0)
     capsys.readouterr()
     ev.main([str(run_dir), "--score"])
     assert "6 members, 2 already scored, 4 to score" in capsys.readouterr().out  # members 1 and 2 were kept
@@ -334,18 +334,19 @@ def prior_without_timings(path):
 
 @pytest.mark.slow
 def test_kill_prior_fit_then_rerun(scored_ref, tmp_path, fault, capsys):
-    row = fault("SIGKILL prior.py, rerun", "mid-fit (before AdamW); mid-write over an older prior.json")
+    row = fault("SIGKILL eval.py mid-prior, rerun", "mid-fit (before AdamW); mid-write over an older prior.json")
     run_dir = tmp_path / "run"
     shutil.copytree(scored_ref, run_dir)
     (run_dir / "prior.json").unlink()
-    run_faulty("call:prior.fit_adamw:1", "prior", [str(run_dir)])  # EM done, AdamW not started
+    run_faulty("call:prior.fit_adamw:1", "eval", [str(run_dir)])  # EM done, AdamW not started
     assert not (run_dir / "prior.json").exists()
-    prior.main([str(run_dir), "--members", "t0-c001,t1-c001"])  # an older prior.json, then a killed rewrite
+    sub = ["t0-c001", "t1-c001"]  # an older prior.json (of a sub-population: stale), then a killed rewrite
+    ev.write_prior(run_dir / "prior.json", sub, prior.load_scores(run_dir, sub, "fitness"))
     old = (run_dir / "prior.json").read_bytes()
-    run_faulty("pjson:*/prior.json:1", "prior", [str(run_dir)])
+    run_faulty("write:*/prior.json:1", "eval", [str(run_dir)])
     row.trials = 2
     assert (run_dir / "prior.json").read_bytes() == old  # the old one, whole
-    prior.main([str(run_dir)])
+    ev.main([str(run_dir)])
     capsys.readouterr()
     assert prior_without_timings(run_dir / "prior.json") == prior_without_timings(scored_ref / "prior.json")
     row.result = "no prior.json / the older one intact after each kill; rerun gives the same prior.json (timings aside)"
@@ -488,7 +489,7 @@ def rewrite_member(path, **change):
 @pytest.mark.slow
 def test_member_whose_tokenizer_or_vocab_differs_is_refused_by_eval(run_copy, fault, capsys):
     row = fault("member with another tokenizer / vocab than the data", "eval.py --score")
-    name = train.read_manifest(run_copy)[1]["name"]
+    name = common.read_manifest(run_copy)[1]["name"]
     member = run_copy / "members" / f"{name}.pt"
     original = member.read_bytes()
     cases = [dict(tokenizer="gpt2", vocab_size=50257),  # a member from a GPT-2 run
@@ -556,13 +557,13 @@ def test_nan_or_inf_loss_stops_and_keeps_the_last_good_checkpoint(ref, tmp_path,
         calls[self.track] += 1
         value = real_loss(self, model, x, y)
         return value * float(bad) if self.track == track and calls[track] > (step - 1) * 2 else value  # 2 micro-batches
-    saves, real_save = [], train.atomic_save
+    saves, real_save = [], train.save_torch
 
-    def atomic_save(obj, path):
+    def save_torch(obj, path):
         real_save(obj, path)
         saves.append((str(Path(path).relative_to(run_dir)), obj.get("step")))
     monkeypatch.setattr(q0.Q0Plan, "loss", loss)
-    monkeypatch.setattr(train, "atomic_save", atomic_save)
+    monkeypatch.setattr(train, "save_torch", save_torch)
     run_dir = tmp_path / "run"
     argv = argv_for(ref, run_dir)
     code, out, err = run_train(argv)
@@ -592,7 +593,7 @@ def test_full_disk_before_a_snapshot_stops_before_writing(ref, tmp_path, monkeyp
             if calls[0] >= 2:
                 return 0
         return 1 << 40
-    monkeypatch.setattr(train, "free_bytes", free_bytes)
+    monkeypatch.setattr(common, "free_bytes", free_bytes)
     run_dir = tmp_path / "run"
     argv = argv_for(ref, run_dir)
     code, out, err = run_train(argv)
@@ -644,8 +645,8 @@ def test_malicious_pickle_is_never_executed(ref, run_copy, tmp_path, fault, caps
     torch.load(probe, weights_only=False)  # the payload is live: an unrestricted unpickle runs it
     assert marker.exists()
     marker.unlink()
-    for load in (lambda: train.safe_load(probe, "checkpoint"), lambda: train.load_member(probe)):
-        with pytest.raises(train.RunError, match="unreadable"):
+    for load in (lambda: common.safe_load(probe, "checkpoint"), lambda: common.load_member(probe)):
+        with pytest.raises(common.UserError, match="unreadable"):
             load()
         row.trials += 1
     ckpt = run_copy / "track0" / "ckpt.pt"  # as a checkpoint: the resume stops before training

@@ -1,9 +1,7 @@
 """Tests for prior.py: the mixture objective against hand computations, EM and AdamW against a
 synthetic population whose best mixture is known, the baselines, and the prior.json writer."""
 import json
-import os
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -165,27 +163,6 @@ def without_timings(p):
     return {**p, "compare": {m: {k: v for k, v in r.items() if k != "seconds"} for m, r in p["compare"].items()}}
 
 
-def test_write_prior_atomic_and_repeatable(tmp_path, monkeypatch):
-    L, _ = synthetic_population(3_000, seed=2)
-    out = tmp_path / "prior.json"
-    prior.write_prior(out, ["a", "b", "c"], L)
-    first = json.loads(out.read_text())
-    prior.write_prior(out, ["a", "b", "c"], L)
-    second = json.loads(out.read_text())
-    assert without_timings(first) == without_timings(second)  # everything but wall-clock time
-    assert os.listdir(tmp_path) == ["prior.json"]  # no temp file left behind
-
-    def dump_then_die(obj, f, **kw):  # a fit killed half-way through writing its file
-        f.write('{"method": "em", "wei')
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(prior.json, "dump", dump_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        prior.write_prior(out, ["a", "b", "c"], L)
-    assert json.loads(out.read_text()) == second  # the old file, whole
-    assert os.listdir(tmp_path) == ["prior.json"]
-
-
 def write_scores(run_dir, names, L, split="fitness", dtype=np.float32):
     (run_dir / "scores").mkdir(parents=True, exist_ok=True)
     for name, row in zip(names, L):
@@ -197,32 +174,159 @@ def test_load_scores(tmp_path):
     write_scores(tmp_path, ["a", "b"], L[:2], dtype=np.float16)
     write_scores(tmp_path, ["c"], L[2:], dtype=np.float32)
     got = prior.load_scores(tmp_path, ["a", "b", "c"], "fitness")
-    assert got.dtype == np.float64 and got.shape == (3, 1_000)
-    np.testing.assert_allclose(got, L, atol=1e-2)  # fp16 rounding
+    assert got.shape == (3, 1_000) and len(got) == 3
+    assert all(isinstance(r, np.memmap) for r in got.rows)  # memory-mapped, never stacked
+    np.testing.assert_allclose(np.asarray(got), L, atol=1e-2)  # fp16 rounding
+    assert np.asarray(got).dtype == np.float64 and got[2].dtype == np.float64
+    np.testing.assert_allclose(got[2], L[2], rtol=1e-7)  # float32 log p: ~6e-8 relative
+    np.testing.assert_allclose(got.mean(axis=1), np.asarray(got).mean(axis=1), rtol=1e-12)
     with pytest.raises(FileNotFoundError, match=r"(?s)d\.fitness\.npy.*eval\.py .* --score"):
         prior.load_scores(tmp_path, ["a", "d"], "fitness")
     np.save(prior.score_path(tmp_path, "e", "fitness"), L[0, :999])
     with pytest.raises(ValueError, match="equal length"):
         prior.load_scores(tmp_path, ["a", "e"], "fitness")
+    np.save(prior.score_path(tmp_path, "f", "fitness"), np.where(np.arange(1_000) == 700, np.nan, L[0]))
+    with pytest.raises(ValueError, match="NaN"):
+        prior.load_scores(tmp_path, ["a", "f"], "fitness")
 
 
-def test_cli_with_members_subset(tmp_path, monkeypatch, capsys):
-    names = ["m0", "m1", "m2"]
-    rows = [dict(name=n, track=0, cycle=i, budget_epochs=i + 1) for i, n in enumerate(names)]
-    fake_train = types.ModuleType("train")  # prior.py must not need the real train.py here
-    fake_train.read_manifest = lambda run_dir: rows
-    monkeypatch.setitem(sys.modules, "train", fake_train)
-    L, _ = synthetic_population(2_000, seed=4)
-    write_scores(tmp_path, names, L)
+def test_scores_indexing_like_an_array():
+    """What callers (eval.py, bench/) do with L: rows by int, slice, index list, mask; tokens by index; len, shape."""
+    A = np.random.default_rng(5).normal(-3.0, 1.0, size=(5, 37))
+    L = prior.as_scores(A)
+    assert L.shape == (5, 37) and len(L) == 5
+    np.testing.assert_array_equal(L[3], A[3])
+    for key in (slice(1, 4), [4, 0, 2], np.array([2, 3]), A[:, 0] > -3, slice(-2, None)):
+        np.testing.assert_array_equal(np.asarray(L[key]), A[key])
+    np.testing.assert_array_equal(np.asarray(L[[1, 3]][[1]]), A[[3]])
+    cols = np.array([0, 5, 36])
+    np.testing.assert_array_equal(np.asarray(L[:, cols]), A[:, cols])
+    np.testing.assert_allclose(-L.mean(1), -A.mean(1), rtol=1e-14)
 
-    prior.main([str(tmp_path)])
-    full = json.loads((tmp_path / "prior.json").read_text())
-    assert full["members"] == names
-    assert "top weights" in capsys.readouterr().out
 
-    prior.main([str(tmp_path), "--members", "m2,m0", "--method", "adamw", "--out", "sub.json"])
-    sub = json.loads((tmp_path / "sub.json").read_text())
-    assert sub["members"] == ["m0", "m2"]  # training order, whatever order they were named in
-    assert sub["method"] == "adamw"
-    with pytest.raises(SystemExit, match="m9"):
-        prior.main([str(tmp_path), "--members", "m0,m9"])
+# --- chunked maths == the whole-array maths ------------------------------------
+# Reference implementations on the whole (M, N) float64 array at once (the formulas of prior.py, unchunked), to
+# check that blocks of tokens change nothing but rounding: chunk 64 over N = 1000 tokens is 15 full blocks and a
+# ragged last one of 40.
+
+def ref_mixture_nll(L, w):
+    with np.errstate(divide="ignore"):
+        x = np.log(np.asarray(w, dtype=np.float64))[:, None] + L
+    m = x.max(axis=0)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return float(-(m + np.log(np.exp(x - m).sum(axis=0))).mean())
+
+
+def ref_shifted_probs(L):
+    c = L.max(axis=0)
+    c = np.where(np.isfinite(c), c, 0.0)
+    return np.exp(L - c), c
+
+
+def ref_fit_em(L, iters, tol):
+    P, c = ref_shifted_probs(L)
+    M, N = P.shape
+    w = np.full(M, 1.0 / M)
+    pw = w @ P
+    history = [float(-(c + np.log(pw)).mean())]
+    for _ in range(iters):
+        w = w * (P @ (1.0 / pw) / N)
+        w /= w.sum()
+        pw = w @ P
+        history.append(float(-(c + np.log(pw)).mean()))
+        if history[-2] - history[-1] < tol:
+            break
+    return w, history, float(np.log((P @ (1.0 / pw) / N).max()))
+
+
+def ref_fit_adamw(L, lr=prior.adamw_lr, steps=prior.adamw_steps, clip=prior.adamw_clip):
+    """The reference's fit as autograd computes it, on the whole array."""
+    import torch
+    P, c = (torch.from_numpy(a) for a in ref_shifted_probs(L))
+    alpha = torch.zeros(P.shape[0], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.AdamW([alpha], lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    history = []
+    for _ in range(steps):
+        loss = -(c + torch.log(torch.softmax(alpha, 0) @ P)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([alpha], clip)
+        opt.step()
+        history.append(loss.item())
+    return torch.softmax(alpha.detach(), 0).numpy(), history
+
+
+def ref_greedy(L, k):
+    P, _ = ref_shifted_probs(L)
+    chosen, total = [], np.zeros(P.shape[1])
+    for _ in range(k):
+        rest = np.array([i for i in range(len(P)) if i not in chosen])
+        with np.errstate(divide="ignore"):
+            chosen.append(int(rest[np.argmax(np.log(total + P[rest]).mean(axis=1))]))
+        total += P[chosen[-1]]
+    return chosen
+
+
+@pytest.fixture(params=["array", "memmap"])
+def chunked(request, tmp_path):
+    """(L as the maths gets it, the same L as one float64 array): an in-RAM array, or float32 score files."""
+    rng = np.random.default_rng(6)
+    A = np.log(rng.dirichlet(np.full(6, 0.3), size=1_000).T)  # (6, 1000), each token's probs sum to 1 over members
+    A[3] = np.log(0.9) - rng.exponential(3.0, size=1_000)  # a member far better than the rest
+    if request.param == "array":
+        return A, A
+    names = [f"m{i}" for i in range(len(A))]
+    write_scores(tmp_path, names, A, dtype=np.float32)
+    return prior.load_scores(tmp_path, names, "fitness"), A.astype(np.float32).astype(np.float64)
+
+
+def test_chunked_maths_equals_whole_array(chunked):
+    L, A = chunked
+    chunk = 64  # 1000 = 15 x 64 + 40: several blocks and a ragged last one
+    for w in (np.full(6, 1 / 6), np.array([0.5, 0.0, 0.2, 0.3, 0.0, 0.0]), np.eye(6)[3]):
+        assert prior.mixture_nll(L, w, chunk=chunk) == pytest.approx(ref_mixture_nll(A, w), abs=1e-10)
+        assert prior.mixture_nll(L, w) == pytest.approx(ref_mixture_nll(A, w), abs=1e-10)  # default: one block
+    w, info = prior.fit_em(L, iters=200, tol=-np.inf, chunk=chunk)  # -inf: past convergence, where tol=0 would stop
+    w_ref, history, gap = ref_fit_em(A, 200, -np.inf)                 # on the first rise of rounding noise
+    np.testing.assert_allclose(w, w_ref, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(info["history"], history, rtol=0, atol=1e-10)
+    assert info["gap"] == pytest.approx(gap, abs=1e-10) and info["iterations"] == 200
+    w, info = prior.fit_em(L, chunk=chunk)  # the default stopping rule stops at the same iteration
+    w_ref, history, _ = ref_fit_em(A, prior.em_iters, prior.em_tol)
+    assert info["iterations"] == len(history) - 1
+    np.testing.assert_allclose(w, w_ref, rtol=0, atol=1e-10)
+    w, info = prior.fit_adamw(L, chunk=chunk)
+    w_ref, history = ref_fit_adamw(A)
+    np.testing.assert_allclose(w, w_ref, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(info["history"], history, rtol=0, atol=1e-10)
+    assert prior.greedy_select(L, 5, chunk=chunk).tolist() == ref_greedy(A, 5)
+    np.testing.assert_allclose(prior.as_scores(L).mean(1), A.mean(1), rtol=0, atol=1e-12)
+
+
+def test_load_scores_keeps_memory_flat(tmp_path):
+    """The math on memory-mapped files never stacks them: peak allocations stay at a few (M, chunk) blocks."""
+    import tracemalloc
+    names, n = [f"m{i}" for i in range(8)], 200_000
+    rng = np.random.default_rng(7)
+    write_scores(tmp_path, names, -np.abs(rng.standard_normal((8, n))), dtype=np.float32)
+    L = prior.load_scores(tmp_path, names, "fitness")
+    tracemalloc.start()
+    prior.fit_em(L, iters=2, tol=0.0, chunk=4096)
+    prior.mixture_nll(L, np.full(8, 1 / 8), chunk=4096)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    whole = 8 * n * 8  # one float64 (M, N) copy: 12.8 MB
+    assert peak < whole / 10, f"peak {peak:,} B vs one (M, N) float64 copy {whole:,} B"
+
+
+# --- one writer of prior.json ---------------------------------------------------
+
+def write_manifest(run_dir, names):
+    """A run folder's manifest as train.py writes it: track0/manifest.json, one row per member."""
+    rows = [dict(name=n, track=0, cycle=i + 1, budget_epochs=i + 1.0, path=f"members/{n}.pt")
+            for i, n in enumerate(names)]
+    (run_dir / "track0").mkdir(parents=True, exist_ok=True)
+    (run_dir / "track0" / "manifest.json").write_text(json.dumps(rows))
+
+

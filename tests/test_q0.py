@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import model as gpt
 import q0
-import train
-from conftest import (PYTHON, ROOT, assert_same_weights, child_env, kill_when, last_logged_step, member_weights,
+from conftest import (load_config, validate, PYTHON, ROOT, assert_same_weights, child_env, kill_when, last_logged_step, member_weights,
                       read_log, run_train, run_train_subprocess, spawn_train, train_argv)
 
 # 127 steps/epoch at 512 tokens/step -> cycles of round(0.125 * 127) = 16 steps; a checkpoint every 4 steps
@@ -51,7 +51,7 @@ def q0_run(tiny_data, tmp_path_factory):
 
 
 def fake_track(spe=10, model=None, **cfg):
-    return SimpleNamespace(cfg=train.Config(**cfg), spe=spe, track=0, env={"device": torch.device("cpu")}, model=model)
+    return SimpleNamespace(cfg=q0.Q0Config(**cfg), spe=spe, track=0, env={"device": torch.device("cpu")}, model=model)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def test_mixture_teacher_run_and_bit_exact_resume(tiny_data, tmp_path):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
     code, out, err = run_train(train_argv(tiny_data, ref_dir, **over))
     assert code == 0, err
-    rows = train.read_manifest(ref_dir)
+    rows = common.read_manifest(ref_dir)
     assert [r["teacher"] for r in rows[:2]] == [None, None]
     for r in rows[2:]:  # its earlier snapshots, weights renormalised to 1
         names = [part.rsplit(" ", 1) for part in r["teacher"][len("mixture("):-1].split(", ")]
@@ -185,7 +185,7 @@ def test_mixture_teacher_run_and_bit_exact_resume(tiny_data, tmp_path):
     assert 2 * L < ckpt["step"] < 3 * L and ckpt["plan"]["mixture"] and len(ckpt["plan"]["fitness"]) == 2
     code, out, err = run_train(argv + ["--resume=True"])
     assert code == 0, err
-    assert train.read_manifest(run_dir) == rows
+    assert common.read_manifest(run_dir) == rows
     for r in rows:
         assert_same_weights(member_weights(run_dir, r["name"]), member_weights(ref_dir, r["name"]))
 
@@ -229,15 +229,15 @@ def test_no_gradient_reaches_the_teacher():
 ])
 def test_validate_rejects_naming_the_key(tiny_data, tmp_path, overrides, key):
     world = overrides.pop("world", 1)
-    cfg = train.load_config(train_argv(tiny_data, tmp_path / "r", **dict(Q0, **overrides)))
-    with pytest.raises(train.ConfigError, match=f"config key '{key}'"):
-        train.validate(cfg, world, 65536)
+    cfg = load_config(train_argv(tiny_data, tmp_path / "r", **dict(Q0, **overrides)))
+    with pytest.raises(common.UserError, match=f"config key '{key}'"):
+        validate(cfg, world, 65536)
 
 
 def test_validate_accepts_divisible_layouts(tiny_data, tmp_path):
     for world, trajectories in [(1, 2), (2, 2), (2, 4), (4, 2), (3, 3)]:
-        cfg = train.load_config(train_argv(tiny_data, tmp_path / "r", **dict(Q0, num_trajectories=trajectories)))
-        train.validate(cfg, world, 65536)
+        cfg = load_config(train_argv(tiny_data, tmp_path / "r", **dict(Q0, num_trajectories=trajectories)))
+        validate(cfg, world, 65536)
 
 
 def test_bad_q0_config_fails_before_any_training(tiny_data, tmp_path):
@@ -254,7 +254,7 @@ def test_bad_q0_config_fails_before_any_training(tiny_data, tmp_path):
 def test_q0_run_writes_snapshots_and_manifest(q0_run):
     run_dir = q0_run[0]
     assert sorted(p.stem for p in (run_dir / "members").glob("*.pt")) == NAMES
-    rows = train.read_manifest(run_dir)
+    rows = common.read_manifest(run_dir)
     assert [r["name"] for r in rows] == ["t0-c001", "t1-c001", "t0-c002", "t1-c002", "t0-c003", "t1-c003"]
     for r in rows:
         k, c = r["track"], r["cycle"]
@@ -307,7 +307,7 @@ def test_q0_two_processes_match_one(q0_run, tmp_path):
                                                                    "--num_trajectories=2"]
     out = run_train_subprocess(argv2, nproc=2)
     assert "2 track(s) on 2 rank(s) in 2 group(s)" in out
-    one, two = train.read_manifest(run_dir), train.read_manifest(tmp_path / "ddp")
+    one, two = common.read_manifest(run_dir), common.read_manifest(tmp_path / "ddp")
     assert len(two) == 6 and {r["seed"] for r in two} == {1337, 1338}
     for a, b in zip(one, two):
         assert {k: v for k, v in a.items() if k != "train_loss"} == {k: v for k, v in b.items() if k != "train_loss"}
@@ -329,7 +329,7 @@ def test_q0_kill_and_resume_matches_uninterrupted(q0_run, tmp_path):
     code, out, err = run_train(argv2 + ["--resume=True"])
     assert code == 0, err
     assert f"resumed from {run_dir / 'track0' / 'ckpt.pt'} at step {ckpt['step']}" in out
-    assert train.read_manifest(run_dir) == train.read_manifest(ref_dir)  # every row, train_loss exactly
+    assert common.read_manifest(run_dir) == common.read_manifest(ref_dir)  # every row, train_loss exactly
     for name in NAMES:
         assert_same_weights(member_weights(run_dir, name), member_weights(ref_dir, name))
     for k in (0, 1):
@@ -364,7 +364,7 @@ def test_chain_reinitialises_at_each_cycle(tiny_data, tmp_path, monkeypatch):
     fresh.init_weights(generator=torch.Generator().manual_seed(1337 * 10_007 + 1))  # seeded by (seed, cycle)
     assert_same_weights(state, fresh.state_dict())
     assert last[0] == 2 * L and last[2] > 0  # nothing re-initialised after the last cycle
-    rows = train.read_manifest(run_dir)
+    rows = common.read_manifest(run_dir)
     assert [(r["name"], r["mode"], r["teacher"]) for r in rows] == [("t0-c001", "chain", None),
                                                                   ("t0-c002", "chain", "t0-c001")]
     log = read_log(run_dir)
@@ -374,14 +374,14 @@ def test_chain_reinitialises_at_each_cycle(tiny_data, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_unreadable_teacher_snapshot_on_resume_is_one_clear_message(q0_run, tmp_path):
-    """The command line, not main(): q0.py reaches train.safe_load through `import train`, and its RunError must be
-    the one main() catches (a traceback here was a bug)."""
+    """The command line, not main(): the teacher's UserError (raised in q0.py, from common.safe_load) is the one
+    train.main catches (a traceback here was a bug)."""
     run_dir = tmp_path / "run"
     shutil.copytree(q0_run[0], run_dir)
     teacher = run_dir / "members" / "t0-c002.pt"  # the final checkpoint of trajectory 0 names it as its teacher
     teacher.write_bytes(b"not a checkpoint")
     argv = [a for a in q0_run[1] if not a.startswith("--out_dir")] + [f"--out_dir={run_dir}", "--resume=True"]
-    proc = subprocess.run([PYTHON, "train.py"] + argv, cwd=ROOT, env=child_env(), capture_output=True, text=True,
+    proc = subprocess.run([PYTHON, "q0.py"] + argv, cwd=ROOT, env=child_env(), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -4,7 +4,9 @@ disk. One tiny single-mode run (32 steps of 1K tokens) is trained once and share
 import json
 import math
 import shutil
+import signal
 import subprocess
+import time
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import train
-from conftest import (PYTHON, ROOT, TINY, assert_same_weights, child_env, kill_when, member_weights, read_log, run_train,
-                      run_train_subprocess, spawn_train, train_argv)
+from conftest import (PYTHON, ROOT, TINY, assert_same_weights, child_env, kill_when, load_config, member_weights, read_log, run_train,
+                      run_train_subprocess, spawn_train, train_argv, validate)
 
 SINGLE = dict(mode="single", epochs=0.5)  # 63 steps/epoch at 1K tokens/step -> 32 steps, a checkpoint every 3
 
@@ -54,13 +57,13 @@ def one_line_error(err, *names):
 def test_config_file_and_flags_resolve(tmp_path):
     path = tmp_path / "recipe.py"
     path.write_text('"""a recipe"""\nmode = "q0"\nseq_len = 64\nmuon_lr = 0.01\nadam_betas = (0.9, 0.99)\n')
-    cfg = train.load_config([str(path), "--seq_len=32", "--dropout=0.1", "--resume=True", "--epochs=3",
+    cfg = load_config([str(path), "--seq_len=32", "--dropout=0.1", "--resume=True", "--epochs=3",
                              "--compile"])
     assert (cfg.mode, cfg.seq_len, cfg.muon_lr, cfg.adam_betas) == ("q0", 32, 0.01, (0.9, 0.99))  # flags win
     assert cfg.dropout == 0.1 and cfg.resume is True and cfg.compile is True
     assert cfg.epochs == 3.0 and isinstance(cfg.epochs, float)  # an int literal for a float key is fine
     assert cfg.out_dir == str(Path("runs") / "recipe")  # default run folder from the file name
-    assert train.load_config(["--adam_betas=[0.5, 0.6]"]).adam_betas == (0.5, 0.6)
+    assert load_config(["--adam_betas=[0.5, 0.6]"]).adam_betas == (0.5, 0.6)
 
 
 @pytest.mark.parametrize("argv,key", [
@@ -73,20 +76,20 @@ def test_config_file_and_flags_resolve(tmp_path):
     (["--adam_betas=0.9"], "adam_betas"),
 ])
 def test_bad_flag_is_rejected_naming_the_key(argv, key):
-    with pytest.raises(train.ConfigError, match=f"'{key}'"):
-        train.load_config(argv)
+    with pytest.raises(common.UserError, match=f"'{key}'"):
+        load_config(argv)
 
 
 def test_bad_config_file_keys_and_types(tmp_path):
     path = tmp_path / "bad.py"
     path.write_text("seq_len = 32\nwarmup_step = 10\n")
-    with pytest.raises(train.ConfigError, match="'warmup_step'.*bad.py:2"):
-        train.load_config([str(path)])
+    with pytest.raises(common.UserError, match="'warmup_step'.*bad.py:2"):
+        load_config([str(path)])
     for text, key in [("seq_len = 32.5\n", "seq_len"), ('dropout = "high"\n', "dropout"), ("compile = 1\n", "compile"),
                       ("mode = 0\n", "mode")]:
         path.write_text(text)
-        with pytest.raises(train.ConfigError, match=f"'{key}' expects .*bad.py:1"):
-            train.load_config([str(path)])
+        with pytest.raises(common.UserError, match=f"'{key}' expects .*bad.py:1"):
+            load_config([str(path)])
 
 
 def test_config_file_with_code_is_rejected_unexecuted(tmp_path):
@@ -99,8 +102,8 @@ def test_config_file_with_code_is_rejected_unexecuted(tmp_path):
                           ("def f():\n    pass\n", "only `key = value`"),
                           ("seq_len = 32 +\n", r"evil.py:1")]:  # a syntax error is a config error too
         path.write_text(text)
-        with pytest.raises(train.ConfigError, match=pattern):
-            train.load_config([str(path)])
+        with pytest.raises(common.UserError, match=pattern):
+            load_config([str(path)])
     assert not marker.exists()
 
 
@@ -123,7 +126,7 @@ def test_cli_config_errors_exit_nonzero_with_one_line(tmp_path, tiny_data):
 def test_resolved_config_is_saved(single_run):
     run_dir, argv, _ = single_run
     record = json.loads((run_dir / "config.json").read_text())
-    expected = json.loads(json.dumps(asdict(train.load_config(argv))))  # tuples become lists in JSON
+    expected = json.loads(json.dumps(asdict(load_config(argv))))  # tuples become lists in JSON
     assert record["config"] == expected
     assert record["config"]["seq_len"] == 32 and record["config"]["batch_tokens"] == 1024
     assert set(record["data"]) == {"train", "fitness", "val"} and all(len(h) == 64 for h in record["data"].values())
@@ -133,12 +136,12 @@ def test_resolved_config_is_saved(single_run):
 # batch arithmetic
 
 def test_accum_is_derived(tiny_data, tmp_path, single_run):
-    cfg = train.load_config(train_argv(tiny_data, tmp_path / "r", batch_tokens=2048, micro_batch_size=8))
+    cfg = load_config(train_argv(tiny_data, tmp_path / "r", batch_tokens=2048, micro_batch_size=8))
     data = train.load_data(cfg)
     for group_size, accum in [(1, 8), (2, 4), (4, 2), (8, 1)]:
         env = dict(device=torch.device("cpu"), group_size=group_size, group_rank=0, log=print,
                    barrier=lambda: None, all_reduce=lambda t: None)
-        t = train.Track(cfg, 0, env, data)
+        t = train.Track(cfg, 0, env, data, train.SinglePlan)
         assert t.accum == accum and t.accum * group_size * 8 * 32 == 2048
         assert t.spe == (65536 - 1) // 2048 == 31
     # the start-up line states it: 8 seqs x 32 tokens x 4 accum x 1 rank = 1,024 tokens/step, 63 steps/epoch
@@ -146,13 +149,13 @@ def test_accum_is_derived(tiny_data, tmp_path, single_run):
 
 
 def test_batch_tokens_not_divisible_is_rejected(tiny_data, tmp_path):
-    cfg = train.load_config(train_argv(tiny_data, tmp_path / "r", batch_tokens=1000))
-    with pytest.raises(train.ConfigError, match="'batch_tokens'"):
-        train.validate(cfg, 1, 65536)
-    cfg = train.load_config(train_argv(tiny_data, tmp_path / "r", batch_tokens=768))  # 3 x 8 x 32
-    train.validate(cfg, 1, 65536)
-    with pytest.raises(train.ConfigError, match="'batch_tokens'.*ranks per track"):
-        train.validate(cfg, 2, 65536)  # 2 ranks share the batch: no longer divisible
+    cfg = load_config(train_argv(tiny_data, tmp_path / "r", batch_tokens=1000))
+    with pytest.raises(common.UserError, match="'batch_tokens'"):
+        validate(cfg, 1, 65536)
+    cfg = load_config(train_argv(tiny_data, tmp_path / "r", batch_tokens=768))  # 3 x 8 x 32
+    validate(cfg, 1, 65536)
+    with pytest.raises(common.UserError, match="'batch_tokens'.*ranks per track"):
+        validate(cfg, 2, 65536)  # 2 ranks share the batch: no longer divisible
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -259,7 +262,7 @@ def test_weight_decay_on_embedding_and_head_as_the_reference(tiny_data, tmp_path
     for flag, adam_wd in ((True, 1.3), (False, 0.0)):
         cfg = train.Config(data_dir=str(tiny_data), weight_decay=1.3, embed_head_wd=flag, out_dir=str(tmp_path / str(flag)), **TINY)
         env = dict(device=torch.device("cpu"), group_size=1, group_rank=0, log=lambda m: None)
-        t = train.Track(cfg, 0, env, train.load_data(cfg))
+        t = train.Track(cfg, 0, env, train.load_data(cfg), train.SinglePlan)
         assert [g["weight_decay"] for g in t.muon.param_groups] == [1.3]
         assert [g["weight_decay"] for g in t.adam.param_groups] == [adam_wd, adam_wd]
         t.set_multipliers(0.5, 0.7)
@@ -298,13 +301,13 @@ def test_single_run_learns_and_writes_its_member(single_run):
     losses = read_log(run_dir)
     assert sorted(losses) == list(range(1, 33))  # log_every=1
     assert losses[32]["loss"] < losses[1]["loss"] - 1.0
-    rows = train.read_manifest(run_dir)
+    rows = common.read_manifest(run_dir)
     assert len(rows) == 1
     row = rows[0]
     assert (row["name"], row["mode"], row["track"], row["seed"], row["epochs"], row["budget_epochs"]) == \
         ("single", "single", 0, 1337, 0.5, 0.5)
     assert row["teacher"] is None and row["train_loss"] == losses[32]["loss"]
-    model, ckpt = train.load_member(run_dir / row["path"])
+    model, ckpt = common.load_member(run_dir / row["path"])
     final = torch.load(run_dir / "track0" / "ckpt.pt", weights_only=True)
     assert final["step"] == 32
     assert_same_weights(model.state_dict(), final["model"])
@@ -316,7 +319,7 @@ def test_ensemble_members_have_their_own_seeds_and_budgets(tiny_data, tmp_path):
     code, out, err = run_train(train_argv(tiny_data, run_dir, mode="ensemble", ensemble_size=2, epochs=0.125,
                                           log_every=100, ckpt_every_epochs=0))
     assert code == 0, err
-    rows = train.read_manifest(run_dir)
+    rows = common.read_manifest(run_dir)
     assert [r["name"] for r in rows] == ["member0", "member1"]
     assert [r["seed"] for r in rows] == [1337, 1338]
     assert [r["epochs"] for r in rows] == [0.125, 0.125] and [r["budget_epochs"] for r in rows] == [0.125, 0.25]
@@ -368,7 +371,7 @@ def test_kill_and_resume_matches_uninterrupted(single_run, tmp_path, tiny_data):
     for step in range(killed_at + 1, 33):
         assert resumed[step]["loss"] == ref[step]["loss"], step
     assert read_log(run_dir, kind="eval")[32] == read_log(ref_dir, kind="eval")[32]  # same final val/fitness
-    assert train.read_manifest(run_dir)[0]["train_loss"] == train.read_manifest(ref_dir)[0]["train_loss"]
+    assert common.read_manifest(run_dir)[0]["train_loss"] == common.read_manifest(ref_dir)[0]["train_loss"]
 
 
 def test_resume_before_the_first_checkpoint_starts_over_without_duplicate_log_rows(single_run, run_copy):
@@ -413,12 +416,12 @@ def test_second_run_in_the_same_folder_is_refused(run_copy, single_run):
 
 def record_saves(monkeypatch):
     saves = []
-    real = train.atomic_save
+    real = train.save_torch
 
-    def atomic_save(obj, path):
+    def save_torch(obj, path):
         real(obj, path)
         saves.append((Path(path).name, obj.get("step")))
-    monkeypatch.setattr(train, "atomic_save", atomic_save)
+    monkeypatch.setattr(train, "save_torch", save_torch)
     return saves
 
 
@@ -446,16 +449,128 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, 
 def test_full_disk_stops_before_writing(tiny_data, tmp_path, monkeypatch):
     calls = [0]
 
-    def free_bytes(path):
-        calls[0] += 1
-        return 1 << 40 if calls[0] == 1 else 0  # room for the first checkpoint only
-    monkeypatch.setattr(train, "free_bytes", free_bytes)
+    def free_bytes(path):  # asked before every write into track0/: room for the first checkpoint only
+        calls[0] += Path(path).name == "track0"
+        return 1 << 40 if calls[0] <= 1 else 0
+    monkeypatch.setattr(common, "free_bytes", free_bytes)
     run_dir = tmp_path / "full"
     code, out, err = run_train(train_argv(tiny_data, run_dir, **SINGLE))
     assert code == 1
     ckpt = run_dir / "track0" / "ckpt.pt"
     one_line_error(err, f"not enough disk to write {ckpt}", "Earlier files are intact")
     assert torch.load(ckpt, weights_only=True)["step"] == 3  # the earlier checkpoint, whole
-    assert not list(run_dir.rglob("*.tmp"))
+    assert not list(run_dir.rglob("*.tmp*"))
     assert json.loads((run_dir / "config.json").read_text())["config"]["epochs"] == 0.5
     assert max(read_log(run_dir)) == 6  # it trained to the second checkpoint and stopped there
+
+
+# -----------------------------------------------------------------------------------------------------
+# a newcomer's errors: every bad value named before anything is written, --help, Ctrl-C, resume of nothing
+
+@pytest.mark.parametrize("flag, key", [("--muon_lr=-0.1", "muon_lr"), ("--weight_decay=-1", "weight_decay"),
+                                       ("--log_every=0", "log_every"), ("--batch_tokens=0", "batch_tokens"),
+                                       ("--eval_tokens=-5", "eval_tokens"), ("--mode=q0 --perturb_scale_end=-1", "perturb_scale_end"),
+                                       ("--device=cuda", "device"), ("--adam_betas=(0.9,1.5)", "adam_betas"),
+                                       ("--mode=bogus", "mode")])
+def test_bad_values_are_refused_by_name_before_anything_is_written(tiny_data, tmp_path, flag, key):
+    if key == "device" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    run_dir = tmp_path / "r"
+    code, out, err = run_train(train_argv(tiny_data, run_dir, **SINGLE) + flag.split())
+    assert code == 2, err
+    line = one_line_error(err, key)
+    assert "must" in line or "not available" in line, line
+    assert not run_dir.exists()  # nothing written: the same command with the value fixed starts cleanly
+
+
+@pytest.mark.parametrize("script, keys", [("train.py", ["--epochs", "--muon_lr"]),
+                                          ("q0.py", ["--epochs_per_cycle", "--distill_alpha", "--muon_lr"])])
+def test_help_lists_every_key_with_its_default_and_meaning(script, keys):
+    proc = subprocess.run([PYTHON, script, "--help"], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith("  --")}
+    cfg = load_config(["--mode=q0" if script == "q0.py" else "--mode=single"])
+    assert set(lines) == {f"--{k}" for k in asdict(cfg)}  # every key, from the dataclass source
+    assert "default 0.02" in lines["--muon_lr"] and "Muon" in lines["--muon_lr"]
+    assert all(k in lines for k in keys)
+    bare = subprocess.run([PYTHON, script], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=60)
+    assert bare.returncode == 2 and "--muon_lr" in bare.stdout  # no arguments: the help, not a silent default run
+
+
+def test_resume_of_a_missing_run_folder_is_refused(tiny_data, tmp_path):
+    code, out, err = run_train(train_argv(tiny_data, tmp_path / "nope", **SINGLE) + ["--resume=True"])
+    assert code == 1
+    one_line_error(err, "nothing to resume", str(tmp_path / "nope"))
+    assert not (tmp_path / "nope").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tiny_data, tmp_path):
+
+    run_dir = tmp_path / "r"
+    argv = train_argv(tiny_data, run_dir, **dict(SINGLE, epochs=4.0))
+    proc = spawn_train(argv)
+    t0 = time.time()
+    while not (run_dir / "track0" / "ckpt.pt").exists():
+        assert proc.poll() is None and time.time() - t0 < 120, "no checkpoint before the run ended"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out[-2000:]
+    assert "Traceback" not in out and "interrupted. Checkpoints: " + str(run_dir / "track0" / "ckpt.pt") in out
+    command = out.strip().splitlines()[-1].strip()
+    assert command.startswith("python train.py") and command.endswith("--resume=True")
+    code, _, err = run_train(command.split()[2:])  # the printed command continues the run
+    assert code == 0, err
+
+
+def test_process_group_timeout_is_the_config_value(monkeypatch):
+    """NCCL's default of 10 minutes kills a job whose ranks wait on a slow checkpoint write: the timeout is a key."""
+    import datetime
+    seen = {}
+    monkeypatch.setattr(common.dist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(common.dist, "is_initialized", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert common.init_distributed(torch.device("cpu"), train.Config.dist_timeout_minutes) == (2, 0)
+    assert seen["timeout"] == datetime.timedelta(hours=3) and seen["backend"] == "gloo"
+
+
+def test_nan_gradient_with_a_finite_loss_takes_no_step(tiny_data, tmp_path, monkeypatch):
+    """An overflow in the backward pass leaves the loss finite and the gradients NaN (injected at step 8): the step
+    must not be taken, nothing written from it, and the message must name the last good checkpoint truly."""
+    class NanBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * float("nan")
+    real_loss, calls = train.SinglePlan.loss, [0]
+
+    def loss(self, model, x, y):
+        calls[0] += 1
+        value = real_loss(self, model, x, y)
+        return NanBackward.apply(value) if calls[0] > 7 * 4 else value  # 4 micro-batches per step
+    monkeypatch.setattr(train.SinglePlan, "loss", loss)
+    saves = record_saves(monkeypatch)
+    run_dir = tmp_path / "nan_grad"
+    code, out, err = run_train(train_argv(tiny_data, run_dir, **SINGLE))
+    assert code == 1
+    ckpt = run_dir / "track0" / "ckpt.pt"
+    one_line_error(err, "at step 8 (grad norm nan; the step was not taken)", f"Last good checkpoint: {ckpt} (step 6)")
+    assert saves == [("ckpt.pt", 3), ("ckpt.pt", 6)]
+    assert all(torch.isfinite(v).all() for v in torch.load(ckpt, weights_only=True)["model"].values())
+    monkeypatch.undo()
+    code, out, err = run_train(train_argv(tiny_data, run_dir, **SINGLE) + ["--resume=True"])  # the cause gone
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.py")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_its_values_are_in_range(path):
+    cfg = load_config([str(path)])
+    need, spe = train.validate(cfg, 1, 10**8)  # ranges only: the data is not there
+    if cfg.mode in ("q0", "chain"):
+        import q0
+        q0.validate(cfg, need, spe)

@@ -1,0 +1,288 @@
+"""
+common.py: the runtime pieces that train.py, q0.py and eval.py share, each in one place: the error type for
+"the user must fix something", the config reader (and its --help), the atomic writer, safe loading, the device
+and process group, the member files and their manifest, and the batched window scorer. No training logic.
+"""
+import ast
+import datetime
+import inspect
+import json
+import os
+import re
+import shutil
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import model as gpt
+from prepare_data import UserError  # the one error type; defined below us so data prep needs no torch
+
+
+# -----------------------------------------------------------------------------------------------------
+# config: a file of `key = literal` lines (read with ast, never executed) plus --key=value flags
+def parse_value(field, value, where):
+    from_flag = where.startswith("from --")  # a flag's value is text; a config file's is already a literal
+    if from_flag and field.type in ("bool", bool) and value.lower() in ("true", "false", "1", "0"):
+        value = value.lower() in ("true", "1")
+    elif from_flag and field.type not in ("str", str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass
+    expected = {"int": int, "float": float, "bool": bool, "str": str, "tuple": tuple}[getattr(field.type, "__name__", field.type)]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if expected is tuple and isinstance(value, list):
+        value = tuple(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise UserError(f"config key '{field.name}' expects {expected.__name__}, got {value!r} ({where})", status=2)
+    return value
+
+
+def config_help(cls, doc):
+    """The script's docstring, then every key with its default and the comment beside it in the class source (base
+    classes first, a subclass's own keys under its name): the defaults and their meanings have one source."""
+    lines, where = [], {}  # where: key -> its line's index, so a subclass's new default replaces the base's line
+    for klass in [k for k in reversed(cls.__mro__) if "__dataclass_fields__" in vars(k)]:
+        header = f" {klass.__name__}:" if lines else None
+        for line in inspect.getsource(klass).splitlines():
+            if m := re.match(r"\s{4}(\w+): \w+ = (.+?)\s*(?:#\s*(.*))?$", line):
+                text = f"  --{m[1]:<26} default {m[2]:<18} {m[3] or ''}".rstrip()
+                if m[1] in where:
+                    lines[where[m[1]]] = text
+                    continue
+                if header:
+                    lines.append(header)
+                    header = None
+                where[m[1]] = len(lines)
+                lines.append(text)
+            elif m := re.match(r"\s{4}# (.*)", line):
+                lines.append(f" {m[1]}:")
+    return "\n".join([doc.strip(), "", "config keys (a config file of `key = value` lines, then --key=value flags override):",
+                      *lines])
+
+
+def load_config(cls, argv, doc, modes):
+    """cls() updated from a config file and --key=value flags (flags win). A config file whose mode belongs to
+    the other script (`modes` are this script's) is sent there by name."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(config_help(cls, doc))
+        raise SystemExit(0 if argv else 2)
+    known = {f.name: f for f in fields(cls)}
+    cfg, path, pairs = cls(), None, []
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            return load_config(cls, [arg], doc, modes)
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            pairs.append((key, value if eq else "true", f"from {arg}"))
+        elif path is None:
+            path = Path(arg)
+        else:
+            raise UserError(f"unexpected argument {arg!r}: give one config file, then --key=value flags", status=2)
+    if path is not None:
+        if not path.is_file():
+            raise UserError(f"config file {path} not found (the recipes are in configs/)", status=2)
+        try:
+            body = ast.parse(path.read_text(), str(path)).body
+        except SyntaxError as e:
+            raise UserError(f"{path}:{e.lineno}: not a config file of `key = value` lines ({e.msg})", status=2) from None
+        for node in body:
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+                continue  # a docstring
+            if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+                raise UserError(f"{path}:{node.lineno}: only `key = value` lines are allowed in a config file", status=2)
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                raise UserError(f"{path}:{node.lineno}: the value of '{node.targets[0].id}' must be a literal", status=2) from None
+            pairs.insert(0, (node.targets[0].id, value, f"{path}:{node.lineno}"))  # file first, flags win
+    mode = next((v for k, v, _ in reversed(pairs) if k == "mode"), cfg.mode)
+    if mode not in modes and mode in ("single", "ensemble", "q0", "chain"):  # before the other script's keys are unknown
+        script = "q0.py" if mode in ("q0", "chain") else "train.py"
+        raise UserError(f"mode {mode!r} is run by {script}: python {script} {' '.join(argv)}", status=2)
+    for key, value, where in pairs:
+        if key not in known:
+            raise UserError(f"unknown config key '{key}' ({where}); known keys: {', '.join(known)} (--help says what each does)",
+                            status=2)
+        setattr(cfg, key, parse_value(known[key], value, where))
+    if cfg.mode not in modes:
+        raise UserError(f"config key 'mode' = {cfg.mode!r}: must be {' or '.join(modes)}", status=2)
+    if not cfg.out_dir:
+        cfg.out_dir = str(Path("runs") / (path.stem if path else "default"))
+    return cfg
+
+
+# -----------------------------------------------------------------------------------------------------
+# files: one atomic writer; loading that never runs code and names the file when it fails
+def nbytes(obj):
+    """Bytes of the tensors and arrays in a (nested) object: what a save of it will roughly write."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes(v) for v in obj)
+    return 0
+
+
+def free_bytes(path):
+    return shutil.disk_usage(path).free
+
+
+def atomic_write(path, write, size=0):
+    """write(f) into a temporary file beside `path`, fsync, then rename over it: a kill or a full disk leaves the
+    old file or the new one, never half of one. The disk must hold size x 1.1 + 1 MiB (size: bytes to write)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    need, free = int(size * 1.1) + (1 << 20), free_bytes(path.parent)
+    if free < need:
+        raise UserError(f"not enough disk to write {path}: need about {need >> 20} MiB, {free >> 20} MiB free. "
+                        f"Earlier files are intact; free space and re-run with --resume=True")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # ENOSPC mid-write and the like: the old file is untouched
+        raise UserError(f"could not write {path} ({e.strerror or e}). Earlier files are intact; fix it (free space?) and "
+                        f"re-run with --resume=True") from None
+    finally:  # also on Ctrl-C; a SIGKILL's leftover is removed by the next write of the same file (below)
+        tmp.unlink(missing_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed writer of this same file
+        stale.unlink(missing_ok=True)
+
+
+def save_torch(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f), nbytes(obj))
+
+
+def write_json(obj, path):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def save_array(array, path):
+    atomic_write(path, lambda f: np.save(f, array), array.nbytes)
+
+
+def safe_load(path, what, fix="delete it and re-run with --resume=True to recompute it"):
+    """torch.load that never runs code from the file (weights_only) and maps it instead of reading it all."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise UserError(f"{what} {path} is unreadable ({type(e).__name__}: {str(e)[:120]}); it is truncated or "
+                        f"corrupt: {fix}") from None
+
+
+def read_json(path, what, fix):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{what} {path} is unreadable ({type(e).__name__}: {str(e)[:100]}): {fix}") from None
+
+
+# -----------------------------------------------------------------------------------------------------
+# members: a weights file each, plus one manifest per track that lists them in order
+def member_state(model):
+    """The weights a member file holds: bf16 on GPU, fp32 on CPU, uncompiled names."""
+    on_gpu = next(model.parameters()).is_cuda
+    return {k: (v.to(torch.bfloat16) if on_gpu else v).detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def save_member(run_dir, row, model, data_meta, state):
+    """A population member: its weights plus what is needed to rebuild it; then its manifest row."""
+    path = Path(run_dir) / "members" / f"{row['name']}.pt"
+    save_torch({"model_config": asdict(model.cfg), "model": state, "row": row,
+                "data": {k: data_meta[k] for k in ("tokenizer", "vocab_size", "bos_id")}}, path)
+    manifest = Path(run_dir) / f"track{row['track']}" / "manifest.json"
+    rows = read_json(manifest, "manifest", "delete it and re-run with --resume=True") if manifest.exists() else []
+    rows = [r for r in rows if r["name"] != row["name"]] + [dict(row, path=str(path.relative_to(run_dir)))]
+    write_json(rows, manifest)  # the row appears only after its file is complete
+
+
+def load_member(path, device="cpu"):
+    ckpt = safe_load(path, "member file")
+    model = gpt.build(gpt.GPTConfig(**ckpt["model_config"]), device)
+    model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
+    return model.eval(), ckpt
+
+
+def read_manifest(run_dir):
+    """Every member of a run, in training order (budget spent when it existed, then track, cycle)."""
+    rows = [r for f in sorted(Path(run_dir).glob("track*/manifest.json"))
+            for r in read_json(f, "manifest", "delete it and re-run training with --resume=True to rebuild it")]
+    if not rows:
+        raise UserError(f"no members in {run_dir}: train first (python q0.py <config> --out_dir={run_dir})")
+    return sorted(rows, key=lambda r: (r["budget_epochs"], r["track"], r["cycle"]))
+
+
+# -----------------------------------------------------------------------------------------------------
+# scoring: every token of a split once, in windows of T+1 tokens, batched
+def eval_rows(tokens, seq_len, max_tokens=0):
+    """Non-overlapping windows of T+1 tokens over a split (stride T): every token after the first is scored once."""
+    n = len(tokens) if not max_tokens else min(len(tokens), max_tokens + 1)
+    return [(s, min(s + seq_len + 1, n)) for s in range(0, n - 1, seq_len)]
+
+
+def window_batches(tokens, windows, batch_size, device):
+    """Consecutive windows of equal length, batch_size at a time, as (B, T+1) int64 rows; order is kept."""
+    i = 0
+    while i < len(windows):
+        n, j = windows[i][1] - windows[i][0], i
+        while j < len(windows) and j - i < batch_size and windows[j][1] - windows[j][0] == n:
+            j += 1
+        yield torch.from_numpy(np.stack([tokens[s:e] for s, e in windows[i:j]]).astype(np.int64)).to(device)
+        i = j
+
+
+@torch.no_grad()
+def score_windows(model, tokens, windows, device, batch_size=16):
+    """log p(y_t | y_<t) of every scored token of `windows` (eval_rows), in window order: (N,) float32 on the CPU."""
+    was_training, out = model.training, []
+    model.eval()
+    for x in window_batches(tokens, windows, batch_size, device):
+        with autocast(device):
+            out.append(model(x[:, :-1], x[:, 1:]).float().flatten().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+# -----------------------------------------------------------------------------------------------------
+# device and process group
+def pick_device(kind="auto"):
+    """cuda (this process's LOCAL_RANK GPU), then mps, then cpu; or the one asked for, if this machine has it."""
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if not available.get(kind):
+        raise UserError(f"device {kind!r} is not available here (torch {torch.__version__}, cuda "
+                        f"{'yes' if torch.cuda.is_available() else 'no'}): use --device=auto or --device=cpu", status=2)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if kind == "cuda" else kind)
+    if kind == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def init_distributed(device, timeout_minutes=180):
+    """The default process group under torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU. The timeout is long
+    (the reference uses 3 hours) because ranks wait for one another through unequal work: one rank writing a
+    checkpoint or scoring more members; NCCL's default of 10 minutes would kill the job there."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    return world, rank

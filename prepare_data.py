@@ -420,7 +420,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.source == "pydoc":  # the quick start's split, unless asked otherwise
         for split, n in pydoc_tokens.items():
-            setattr(args, f"{split}_tokens", getattr(args, f"{split}_tokens") or n)
+            if getattr(args, f"{split}_tokens") is None:
+                setattr(args, f"{split}_tokens", n)
     if args.heldout_piece_tokens is None:
         args.heldout_piece_tokens = pydoc_piece_tokens if args.source == "pydoc" else heldout_piece_tokens
     if (args.source == "files") != bool(args.files):

@@ -104,8 +104,8 @@ def load_scores(run_dir, names, split):
     paths = [score_path(run_dir, n, split) for n in names]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} score file(s) missing, first: {missing[0]} "
-                                f"(all: {missing}); run `python eval.py {run_dir} --score` first")
+        raise FileNotFoundError(f"{len(missing)} of {len(paths)} score file(s) missing, the first {missing[0]}; "
+                                f"run `python eval.py {run_dir} --score` first")
     arrays = [np.load(p, mmap_mode="r") for p in paths]
     shapes = {n: a.shape for n, a in zip(names, arrays)}
     if any(a.ndim != 1 for a in arrays) or len({a.shape for a in arrays}) > 1:

@@ -5,11 +5,14 @@ and process group, the member files and their manifest, and the batched window s
 """
 import ast
 import datetime
+import fcntl
 import inspect
 import json
 import os
 import re
 import shutil
+import socket
+import sys
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -189,6 +192,26 @@ def read_json(path, what, fix):
         raise UserError(f"{what} {path} is unreadable ({type(e).__name__}: {str(e)[:100]}): {fix}") from None
 
 
+def lock(folder):
+    """An exclusive lock on folder/lock (flock), so two trainers never write one track: the kernel releases it when
+    the holder exits or dies, so a dead holder's lock is free at once. The file names the holder for the message.
+    -> the open file: the lock lasts until it is closed."""
+    f = open(Path(folder) / "lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{folder} is being trained by {holder}: a second trainer would interleave its log and "
+                        f"checkpoints. Let it finish (or stop it), then continue with --resume=True") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
 # -----------------------------------------------------------------------------------------------------
 # members: a weights file each, plus one manifest per track that lists them in order
 def member_state(model):
@@ -203,9 +226,28 @@ def save_member(run_dir, row, model, data_meta, state):
     save_torch({"model_config": asdict(model.cfg), "model": state, "row": row,
                 "data": {k: data_meta[k] for k in ("tokenizer", "vocab_size", "bos_id")}}, path)
     manifest = Path(run_dir) / f"track{row['track']}" / "manifest.json"
-    rows = read_json(manifest, "manifest", "delete it and re-run with --resume=True") if manifest.exists() else []
+    rows = track_manifest(manifest) if manifest.exists() else []
     rows = [r for r in rows if r["name"] != row["name"]] + [dict(row, path=str(path.relative_to(run_dir)))]
     write_json(rows, manifest)  # the row appears only after its file is complete
+
+
+def track_manifest(manifest):
+    """The rows of one track's manifest.json. One that is unreadable (cut short by a full disk, say) is rebuilt from
+    the member files, which carry their own rows, and rewritten, with a warning."""
+    try:
+        return json.loads(Path(manifest).read_text())
+    except ValueError as e:
+        run_dir, track = Path(manifest).parents[1], int(Path(manifest).parent.name[len("track"):])
+        rows = []
+        for path in sorted((run_dir / "members").glob("*.pt")):
+            row = safe_load(path, "member file", f"move it aside; {manifest} is being rebuilt from the member files")["row"]
+            if row["track"] == track:
+                rows.append(dict(row, path=str(path.relative_to(run_dir))))
+        rows.sort(key=lambda r: r["cycle"])
+        write_json(rows, manifest)
+        print(f"warning: {manifest} was unreadable ({type(e).__name__}); rebuilt it from {len(rows)} member file(s)",
+              file=sys.stderr, flush=True)
+        return rows
 
 
 def load_member(path, device="cpu"):
@@ -217,8 +259,7 @@ def load_member(path, device="cpu"):
 
 def read_manifest(run_dir):
     """Every member of a run, in training order (budget spent when it existed, then track, cycle)."""
-    rows = [r for f in sorted(Path(run_dir).glob("track*/manifest.json"))
-            for r in read_json(f, "manifest", "delete it and re-run training with --resume=True to rebuild it")]
+    rows = [r for f in sorted(Path(run_dir).glob("track*/manifest.json")) for r in track_manifest(f)]
     if not rows:
         raise UserError(f"no members in {run_dir}: train first (python q0.py <config> --out_dir={run_dir})")
     return sorted(rows, key=lambda r: (r["budget_epochs"], r["track"], r["cycle"]))

@@ -13,7 +13,6 @@ The ensemble and the prior only ever need log p(y_t | y_<t) of the true next tok
 `GPT.forward(idx, targets)` returns exactly that, per token, shape (B, T). `GPT.forward(idx)` gives
 the full (soft-capped, fp32) logits for distillation, logit averaging and sampling.
 """
-import math
 import sys
 from dataclasses import dataclass, replace
 
@@ -177,8 +176,10 @@ def token_logprobs(logits, targets):
 
 
 # bf16 dense peak FLOP/s by device name (no sparsity). An unknown device or the CPU shows no MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "B200": 2250e12, "A100": 312e12, "A10G": 125e12,
-              "L4": 121e12, "4090": 165e12}
+# dense bf16 peak by the card's name (torch.cuda.get_device_name), most specific first; a card not listed (an H100
+# whose name says neither PCIe, NVL nor SXM's "HBM3") shows no MFU rather than a guessed one
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100 80GB HBM3": 989e12, "H100 SXM": 989e12, "H200": 989e12,
+              "H800": 989e12, "B200": 2250e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
 
 
 def peak_flops(device):

@@ -190,6 +190,10 @@ class Q0Plan:
                 z_t, w = self.teacher_fwd(x), None
         return distill_loss(z_s, z_t, y, self.cfg.distill_alpha, self.cfg.distill_temperature, w)
 
+    def teacher_forwards(self):
+        """Teacher forward passes per training forward (for MFU): 0, 1, or the mixture's K."""
+        return len(self.mixture) or int(self.teacher is not None)
+
     def frozen_copy(self):
         model = copy.deepcopy(self.model).eval().requires_grad_(False)
         return model, (torch.compile(model) if self.cfg.compile else model)
@@ -246,6 +250,7 @@ class Q0Plan:
             t.reset_optimizer_state()
         else:
             perturb_(t.model, perturb_scale(cycle, c.num_cycles, c.perturb_scale_start, c.perturb_scale_end), gen)
+        t.broadcast_weights()
 
     def state_dict(self):
         if self.cfg.distill_teacher != "mixture":

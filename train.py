@@ -32,8 +32,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as gpt
-from common import (UserError, atomic_write, autocast, eval_rows, init_distributed, load_config, member_state, pick_device,
-                    read_json, safe_load, save_member, save_torch, score_windows, write_json)
+from common import (UserError, atomic_write, autocast, eval_rows, init_distributed, load_config, lock, member_state,
+                    pick_device, read_json, safe_load, save_member, save_torch, score_windows, write_json)
 from prepare_data import load_split
 
 
@@ -207,6 +207,9 @@ class SinglePlan:
         t.save_member(dict(name=name, mode=self.cfg.mode, track=self.track, cycle=0, seed=t.seed,
                            epochs=self.cfg.epochs, budget_epochs=budget, teacher=None, train_loss=t.last_loss))
 
+    def teacher_forwards(self):
+        return 0
+
     def state_dict(self):
         return {}
 
@@ -255,6 +258,14 @@ class Track:
         for opt in (self.muon, self.adam):
             for g in opt.param_groups:
                 g["lr"], g["weight_decay"] = g["base_lr"] * lr_mult, g["base_wd"] * wd_mult
+
+    def broadcast_weights(self):
+        """Every rank of the group takes its first rank's weights: after a perturbation (or re-init) drawn from the same
+        seed on every rank they are already equal; this makes it certain, whatever the kernels, for one broadcast."""
+        if self.env["group_size"] > 1:
+            src = self.env["rank"] - self.env["group_rank"]
+            for p in self.model.parameters():
+                dist.broadcast(p.data, src=src, group=self.env["group"])
 
     def reset_optimizer_state(self):
         """Forget momentum and second moments (q0's mode=chain starts every member afresh)."""
@@ -324,14 +335,25 @@ class Track:
 
     # ---- the loop -------------------------------------------------------------------------------------
     def train(self):
+        held = lock(self.dir) if self.env["group_rank"] == 0 else None  # before this track's first write
+        try:
+            self.train_locked()
+        finally:
+            if held:
+                held.close()
+
+    def train_locked(self):
         c, env, dev = self.cfg, self.env, self.env["device"]
         self.load_checkpoint()
         total = self.plan.total_steps
         if self.step >= total:
             env["log"](f"track {self.track}: already finished ({total} steps)")
             return
-        fwd = torch.compile(self.model) if c.compile else self.model
-        ddp = DDP(fwd, process_group=env["group"]) if env["group_size"] > 1 else fwd
+        # DDP first, then compile the DDP module: dynamo splits the graph at DDP's buckets so the gradient all-reduce
+        # overlaps the backward (PyTorch's DDP + torch.compile notes); gradients live in the buckets (no copy)
+        ddp = DDP(self.model, process_group=env["group"], gradient_as_bucket_view=True) if env["group_size"] > 1 else None
+        fwd = ddp or self.model
+        fwd = torch.compile(fwd) if c.compile else fwd
         every = lambda epochs: max(1, round(epochs * self.spe)) if epochs > 0 else None
         eval_steps, ckpt_steps = every(c.eval_every_epochs), every(c.ckpt_every_epochs)
         if self.step == 0:  # the starting point of the val curve
@@ -347,10 +369,10 @@ class Track:
             loss_sum = torch.zeros((), device=dev)
             for a in range(self.accum):
                 x, y = self.loader.micro_batch(self.step, env["group_rank"] * self.accum + a, c.micro_batch_size, dev)
-                sync = ddp.no_sync() if (ddp is not fwd and a < self.accum - 1) else nullcontext()
+                sync = ddp.no_sync() if (ddp and a < self.accum - 1) else nullcontext()
                 with sync:  # one `with`: no_sync() is a generator context manager and cannot be entered twice
                     with autocast(dev):
-                        loss = self.plan.loss(ddp, x, y) / self.accum
+                        loss = self.plan.loss(fwd, x, y) / self.accum
                     loss.backward()
                 loss_sum += loss.detach()
             # the grad norm before any step: an overflow in the backward pass can leave the loss finite
@@ -400,7 +422,8 @@ class Track:
         c, total = self.cfg, self.plan.total_steps
         g = self.muon.param_groups[0]
         tok_s = c.batch_tokens / dt if dt > 0 else float("nan")
-        mfu = f"{self.flops_per_step / dt / (self.peak * self.env['group_size']) * 100:5.1f}%" if self.peak and dt > 0 else "    -"
+        flops = self.flops_per_step * (3 + self.plan.teacher_forwards()) / 3  # a teacher forward is 1/3 of fwd + bwd
+        mfu = f"{flops / dt / (self.peak * self.env['group_size']) * 100:5.1f}%" if self.peak and dt > 0 else "    -"
         eta = (total - self.step) * dt
         self.env["log"](f"track {self.track} | step {self.step:6d}/{total} ({100 * self.step / total:5.1f}%) | "
                         f"epoch {self.step / self.spe:7.2f} | loss {loss:.4f} | lr {g['lr']:.2e} | wd {g['weight_decay']:.3f} | "

@@ -524,6 +524,26 @@ def test_truncated_checkpoint_is_named_and_the_fix_works(ref, run_copy, fault):
 
 
 @pytest.mark.slow
+def test_truncated_manifest_is_rebuilt_from_the_member_files(ref, run_copy, fault, capsys):
+    """A finished run's track0/manifest.json cut in half (a full disk, say): eval.py and a resume rebuild it from the
+    member files, which carry their rows, with a warning; the run is unchanged. Before: a bare JSONDecodeError."""
+    row = fault("truncated manifest (track0/manifest.json)", "eval --score on a finished run; resume mid-run")
+    manifest = run_copy / "track0" / "manifest.json"
+    whole = manifest.read_bytes()
+    truncate(manifest)
+    ev.main([str(run_copy), "--score"])
+    assert "rebuilt it from 3 member file(s)" in capsys.readouterr().err
+    assert json.loads(manifest.read_text()) == json.loads(whole)
+    truncate(manifest)
+    (run_copy / "track0" / "ckpt.pt").unlink()  # track 0 retrains; each snapshot updates the rebuilt manifest
+    resume(argv_for(ref, run_copy))
+    shutil.rmtree(run_copy / "scores")
+    assert_same_run(run_copy, ref[0])
+    row.trials = 2
+    row.result = "rebuilt from the member files with a one-line warning (eval and resume); run bit-identical"
+
+
+@pytest.mark.slow
 def test_truncated_snapshot_is_named_and_the_fix_works(ref, run_copy, fault, capsys):
     """t0-c002 cut in half: the resume (which reloads it as the teacher of track 0's last checkpoint) and eval.py
     --score each stop with one line naming it; the resume's fix (retrain the trajectory) gives the same run."""

@@ -574,3 +574,23 @@ def test_every_shipped_config_loads_and_its_values_are_in_range(path):
     if cfg.mode in ("q0", "chain"):
         import q0
         q0.validate(cfg, need, spe)
+
+
+@pytest.mark.slow
+def test_a_second_trainer_on_a_running_track_is_refused(tiny_data, tmp_path):
+    """Two trainers on one run would interleave the log and tear checkpoints: the second is refused, naming the
+    holder; once the holder is dead (SIGKILL: the kernel drops its lock) the resume goes ahead."""
+    run_dir = tmp_path / "r"
+    argv = train_argv(tiny_data, run_dir, **dict(SINGLE, epochs=4.0))
+    proc = spawn_train(argv)
+    t0 = time.time()
+    while not (run_dir / "track0" / "ckpt.pt").exists():
+        assert proc.poll() is None and time.time() - t0 < 120, "no checkpoint before the run ended"
+        time.sleep(0.05)
+    code, out, err = run_train(argv + ["--resume=True"])
+    assert code == 1
+    one_line_error(err, f"{run_dir / 'track0'} is being trained by pid {proc.pid} on ")
+    proc.kill()
+    proc.communicate(timeout=60)
+    code, out, err = run_train(argv + ["--resume=True"])
+    assert code == 0, err

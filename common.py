@@ -105,8 +105,8 @@ def load_config(cls, argv, doc, modes):
                 raise UserError(f"{path}:{node.lineno}: the value of '{node.targets[0].id}' must be a literal", status=2) from None
             pairs.insert(0, (node.targets[0].id, value, f"{path}:{node.lineno}"))  # file first, flags win
     mode = next((v for k, v, _ in reversed(pairs) if k == "mode"), cfg.mode)
-    if mode not in modes and mode in ("single", "ensemble", "q0", "chain"):  # before the other script's keys are unknown
-        script = "q0.py" if mode in ("q0", "chain") else "train.py"
+    if mode not in modes and mode in ("single", "ensemble", "q0", "chain", "student"):  # before the other's keys fail
+        script = "train.py" if mode in ("single", "ensemble") else "q0.py"
         raise UserError(f"mode {mode!r} is run by {script}: python {script} {' '.join(argv)}", status=2)
     for key, value, where in pairs:
         if key not in known:

@@ -37,8 +37,15 @@ scored once when it is saved; the teacher costs K forward passes per step.
 mode=chain is the strong baseline of the Slowrun history from the same machinery: at each cycle end the
 model is re-initialised (fresh optimizer state, warmup again) instead of perturbed, so every member is a
 full model trained from scratch against its predecessor.
+
+mode=student turns a finished population back into one model: it trains for `epochs` (warmup + cosine) against the
+learned-prior mixture of `teacher_run`'s top `teacher_k` members with the same distill_loss (K teacher forwards per
+step), from scratch or from the prior's top member, and saves it as the member "student" (StudentPlan):
+    python eval.py runs/quickstart && python q0.py configs/quickstart.py --mode=student \
+        --teacher_run=runs/quickstart --epochs=32 --distill_alpha=0.9 --distill_temperature=1.0 --out_dir=runs/student
 """
 import copy
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -50,14 +57,14 @@ import torch.nn.functional as F
 
 import prior
 import train
-from common import eval_rows, safe_load, score_windows
+from common import UserError, eval_rows, load_member, safe_load, score_windows
 
 
 # -----------------------------------------------------------------------------------------------------
 # defaults: train.py's keys (data, model, optimizer, logging) plus these; configs/*.py and --key=value override
 @dataclass
 class Q0Config(train.Config):
-    mode: str = "q0"                 # q0 | chain (each member re-initialised: the sequential-chain baseline)
+    mode: str = "q0"                 # q0 | chain (each member re-initialised: the sequential-chain baseline) | student
     num_trajectories: int = 1        # P parallel trajectories (q0) or independent chains (chain)
     num_cycles: int = 4              # cycles (= snapshots) per trajectory
     epochs_per_cycle: float = 2.0    # epochs of the train split per cycle
@@ -73,9 +80,13 @@ class Q0Config(train.Config):
     distill_temperature: float = 1.2  # T
     distill_teacher: str = "previous"  # previous snapshot (reference) | mixture: the prior's top-K of earlier snapshots
     distill_teacher_k: int = 4       # mixture teacher: members (K teacher forwards per step)
+    # mode=student: one model distilled from a finished run's learned-prior mixture, for `epochs` (warmup + cosine)
+    teacher_run: str = ""            # student: the run folder (scored, with prior.json from eval.py) whose mixture teaches
+    teacher_k: int = 4               # student: the prior's top K members of teacher_run, weights renormalised
+    student_init: str = "scratch"    # student: scratch | best (start from the prior's top member; same model_size)
 
     def num_tracks(self):
-        return self.num_trajectories
+        return 1 if self.mode == "student" else self.num_trajectories
 # -----------------------------------------------------------------------------------------------------
 
 
@@ -128,7 +139,12 @@ def perturb_(model, scale, generator):
 
 def validate(cfg, need, steps_per_epoch):
     """The q0 keys' ranges (train.validate checks the rest); need(ok, key, allowed) raises naming the key."""
-    need(cfg.mode in ("q0", "chain"), "mode", "must be q0 or chain (single and ensemble: train.py)")
+    need(cfg.mode in ("q0", "chain", "student"), "mode", "must be q0, chain or student (single and ensemble: train.py)")
+    if cfg.mode == "student":
+        need((Path(cfg.teacher_run) / "prior.json").is_file(), "teacher_run",
+             "must be a finished run with prior.json: train it, then python eval.py <run> (scores it, fits the prior)")
+        need(cfg.teacher_k >= 1, "teacher_k", "must be >= 1")
+        need(cfg.student_init in ("scratch", "best"), "student_init", "must be scratch or best")
     need(cfg.num_trajectories >= 1, "num_trajectories", "must be >= 1")
     need(cfg.num_cycles >= 1, "num_cycles", "must be >= 1")
     need(round(cfg.epochs_per_cycle * steps_per_epoch) >= 1, "epochs_per_cycle",
@@ -147,6 +163,10 @@ def validate(cfg, need, steps_per_epoch):
 
 
 def describe_budget(cfg):
+    if cfg.mode == "student":
+        return (f"student: {cfg.epochs:g} epochs against the top {cfg.teacher_k} of {cfg.teacher_run}'s prior (a="
+                f"{cfg.distill_alpha}, T={cfg.distill_temperature}; {cfg.teacher_k} teacher forwards per step), from "
+                f"{cfg.student_init}")
     total = cfg.num_trajectories * cfg.num_cycles * cfg.epochs_per_cycle
     teacher = ("the previous snapshot" if cfg.distill_teacher == "previous" else
                f"the prior's top {cfg.distill_teacher_k} of the earlier snapshots")
@@ -274,8 +294,52 @@ class Q0Plan:
             self.set_teacher(state["teacher"], self.member_state(state["teacher"]))
 
 
+class StudentPlan(train.SinglePlan):
+    """mode=student (issue 16): one model trained for `epochs` on the train split against the learned-prior mixture of
+    a finished run, loss = (1 - a) CE + a T^2 KL(p_mix || softmax(z_s / T)), p_mix = sum_k w_k softmax(z_k / T) over
+    the prior's top teacher_k members (distill_loss with a list of teachers, as the mixture teacher of Q0Plan). The
+    schedule is the single model's (warmup + cosine); the student is saved as a normal member, "student", which
+    eval.py scores like any other. The teachers are rebuilt from prior.json and the member files on resume."""
+
+    def __init__(self, t):
+        super().__init__(t)
+        c, run = self.cfg, Path(t.cfg.teacher_run)
+        entry = json.loads((run / "prior.json").read_text())["per_k"]
+        entry = entry.get(str(c.teacher_k)) or entry[max(entry, key=int)]  # K past the population: all of it
+        self.teachers, meta = [], t.data["meta"]
+        for name, w in zip(entry["members"], entry["weights"]):
+            model, ckpt = load_member(run / "members" / f"{name}.pt", t.env["device"])
+            if (ckpt["data"]["tokenizer"], ckpt["data"]["vocab_size"]) != (meta["tokenizer"], meta["vocab_size"]):
+                raise UserError(f"teacher {name} of {run} was trained on {ckpt['data']['tokenizer']} tokens (vocab "
+                                f"{ckpt['data']['vocab_size']}), the student's data_dir holds {meta['tokenizer']} (vocab "
+                                f"{meta['vocab_size']}): use the teacher run's data_dir")
+            self.teachers.append((name, w, model.requires_grad_(False)))
+        if c.student_init == "best":  # the prior's heaviest member; on resume the checkpoint's weights replace these
+            try:
+                t.model.load_state_dict(self.teachers[0][2].state_dict())
+            except RuntimeError:
+                raise UserError(f"student_init=best needs the student's model_size to be the teacher's "
+                                f"({self.teachers[0][2].cfg}); use student_init=scratch for another size") from None
+        self.description = "mixture(" + ", ".join(f"{n} {w:.3f}" for n, w, _ in self.teachers) + f") of {run}"
+
+    def loss(self, model, x, y):
+        z_s = model(x)
+        with torch.no_grad():
+            z_t = [m(x) for _, _, m in self.teachers]
+        return distill_loss(z_s, z_t, y, self.cfg.distill_alpha, self.cfg.distill_temperature,
+                            [w for _, w, _ in self.teachers])
+
+    def teacher_forwards(self):
+        return len(self.teachers)
+
+    def on_boundary(self, t, step):
+        t.save_member(dict(name="student", mode="student", track=0, cycle=0, seed=t.seed, epochs=self.cfg.epochs,
+                           budget_epochs=self.cfg.epochs, teacher=self.description, train_loss=t.last_loss))
+
+
 def main(argv):
-    train.main(argv, Q0Config, __doc__, ("q0", "chain"), Q0Plan, validate, describe_budget)
+    plan = lambda t: StudentPlan(t) if t.cfg.mode == "student" else Q0Plan(t)
+    train.main(argv, Q0Config, __doc__, ("q0", "chain", "student"), plan, validate, describe_budget)
 
 
 if __name__ == "__main__":

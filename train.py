@@ -505,6 +505,10 @@ def prepare_run_dir(cfg, env, data):
         write_json(record, config_path)
     if env["world"] > 1:
         dist.barrier()
+    if not config_path.is_file():  # rank 0 wrote it: a node that cannot see it would train its tracks apart
+        raise UserError(f"{config_path}, written by rank 0, is not visible to rank {env['rank']}: the run folder must be "
+                        f"on a file system every node sees (a node given another trajectory after a restart would "
+                        f"otherwise find no checkpoint and start it over)")
 
 
 def main(argv, config_class=Config, doc=__doc__, modes=("single", "ensemble"), make_plan=SinglePlan, validate_more=None,

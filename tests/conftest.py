@@ -100,9 +100,9 @@ def train_argv(data_dir, out_dir, **overrides):
 
 
 def is_q0(argv):
-    """Whether these arguments ask for a population (mode q0 or chain): q0.py runs them, train.py the rest."""
+    """Whether these arguments ask for q0.py (mode q0, chain or student); train.py runs the rest."""
     modes = [a.split("=", 1)[1] for a in argv if a.startswith("--mode=")]
-    return bool(modes) and modes[-1] in ("q0", "chain")
+    return bool(modes) and modes[-1] in ("q0", "chain", "student")
 
 
 def load_config(argv):
@@ -112,7 +112,7 @@ def load_config(argv):
     except common.UserError as e:
         if "is run by q0.py" not in str(e):
             raise
-        return common.load_config(q0.Q0Config, argv, "", ("q0", "chain"))
+        return common.load_config(q0.Q0Config, argv, "", ("q0", "chain", "student"))
 
 
 def validate(cfg, world, train_tokens):

@@ -685,4 +685,4 @@ def test_malicious_pickle_is_never_executed(ref, run_copy, tmp_path, fault, caps
     assert f"member file {teacher} is unreadable" in capsys.readouterr().err
     row.trials += 3
     assert not marker.exists()
-    row.result = "RunError (unreadable, weights_only) at each of 5 entry points; the payload never ran"
+    row.result = "UserError (unreadable, weights_only) at each of 5 entry points; the payload never ran"

@@ -2,11 +2,13 @@
 config validation, and q0/chain runs on CPU: snapshots and manifest, 2 processes against 1, chain re-init, and
 kill-and-resume. One tiny q0 run (2 trajectories x 3 cycles of 16 steps, distillation from cycle 2) is trained
 once and shared."""
+import json
 import math
 import shutil
 import subprocess
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -15,8 +17,8 @@ import torch.nn.functional as F
 import common
 import model as gpt
 import q0
-from conftest import (load_config, validate, PYTHON, ROOT, assert_same_weights, child_env, kill_when, last_logged_step, member_weights,
-                      read_log, run_train, run_train_subprocess, spawn_train, train_argv)
+from conftest import (PYTHON, ROOT, assert_same_weights, child_env, kill_when, last_logged_step, member_weights,
+                      load_config, read_log, run_train, run_train_subprocess, spawn_train, train_argv, validate)
 
 # 127 steps/epoch at 512 tokens/step -> cycles of round(0.125 * 127) = 16 steps; a checkpoint every 4 steps
 Q0 = dict(mode="q0", batch_tokens=512, micro_batch_size=8, num_trajectories=2, num_cycles=3, epochs_per_cycle=0.125,
@@ -386,3 +388,37 @@ def test_unreadable_teacher_snapshot_on_resume_is_one_clear_message(q0_run, tmp_
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: teacher snapshot {teacher} is unreadable"), proc.stderr
+
+
+# -----------------------------------------------------------------------------------------------------
+# mode=student: one model distilled from the population's learned-prior mixture (issue 16)
+
+def test_student_learns_the_mixture_and_is_a_member_eval_scores(q0_run, tiny_data, tmp_path, capsys):
+    """At a = 1, T = 1 the loss is KL(p_mix || p_student) alone (distill_loss, checked against a hand computation
+    above): it is >= 0 and falls as the student learns the mixture. The student is a normal member file: eval.py
+    scores it and puts it in the comparison table beside its teachers."""
+    import eval as ev
+    teacher_run = tmp_path / "teachers"
+    shutil.copytree(q0_run[0], teacher_run)
+    ev.main([str(teacher_run)])  # scores the members and writes prior.json
+    top2 = json.loads((teacher_run / "prior.json").read_text())["per_k"]["2"]
+    run_dir = tmp_path / "student"
+    argv = train_argv(tiny_data, run_dir, **dict(Q0, mode="student", teacher_run=str(teacher_run), teacher_k=2,
+                                                 distill_alpha=1.0, distill_temperature=1.0, epochs=0.25, dropout=0.0))
+    code, out, err = run_train(argv)
+    assert code == 0, err
+    assert "student: 0.25 epochs against the top 2" in out
+    losses = [r["loss"] for r in read_log(run_dir).values()]
+    assert min(losses) >= 0 and np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    row, = common.read_manifest(run_dir)
+    assert row["name"] == "student" and row["teacher"].startswith(f"mixture({top2['members'][0]} ")
+    capsys.readouterr()
+    reps = ev.main([str(run_dir), str(teacher_run)])
+    assert reps[0]["mode"] == "student" and reps[0]["num_members"] == 1
+    assert "student" in capsys.readouterr().out
+
+
+def test_student_refuses_a_teacher_run_without_its_prior(q0_run, tiny_data, tmp_path):
+    base = dict(Q0, mode="student", teacher_run=str(q0_run[0]), epochs=0.25)
+    code, out, err = run_train(train_argv(tiny_data, tmp_path / "a", **base))  # q0_run has no prior.json
+    assert code == 2 and "'teacher_run'" in err and "python eval.py" in err and not (tmp_path / "a").exists()

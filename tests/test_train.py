@@ -594,3 +594,12 @@ def test_a_second_trainer_on_a_running_track_is_refused(tiny_data, tmp_path):
     proc.communicate(timeout=60)
     code, out, err = run_train(argv + ["--resume=True"])
     assert code == 0, err
+
+
+def test_a_run_folder_other_ranks_cannot_see_is_refused(tiny_data, tmp_path, monkeypatch):
+    """Rank 0 writes config.json; a rank on a node whose disk does not hold it (a node-local run folder) stops."""
+    cfg = load_config(train_argv(tiny_data, tmp_path / "r", **SINGLE))
+    data = train.load_data(cfg)
+    env = dict(rank=1, world=1)  # rank 1 writes nothing; world 1: no barrier to wait at
+    with pytest.raises(common.UserError, match="file system every node sees"):
+        train.prepare_run_dir(cfg, env, data)

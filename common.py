@@ -139,15 +139,20 @@ def free_bytes(path):
     return shutil.disk_usage(path).free
 
 
+def check_disk(path, size):
+    """Room for size bytes at path (size x 1.1 + 1 MiB), else stop before writing anything."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    need, free = int(size * 1.1) + (1 << 20), free_bytes(Path(path).parent)
+    if free < need:
+        raise UserError(f"not enough disk to write {path}: need about {need >> 20} MiB, {free >> 20} MiB free. "
+                        f"Earlier files are intact; free space and re-run with --resume=True")
+
+
 def atomic_write(path, write, size=0):
     """write(f) into a temporary file beside `path`, fsync, then rename over it: a kill or a full disk leaves the
     old file or the new one, never half of one. The disk must hold size x 1.1 + 1 MiB (size: bytes to write)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    need, free = int(size * 1.1) + (1 << 20), free_bytes(path.parent)
-    if free < need:
-        raise UserError(f"not enough disk to write {path}: need about {need >> 20} MiB, {free >> 20} MiB free. "
-                        f"Earlier files are intact; free space and re-run with --resume=True")
+    check_disk(path, size)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -162,6 +167,17 @@ def atomic_write(path, write, size=0):
         tmp.unlink(missing_ok=True)
     for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed writer of this same file
         stale.unlink(missing_ok=True)
+
+
+def to_host(obj):
+    """A copy of a (nested) state on the CPU, for writing while the original keeps changing."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v) for v in obj)
+    return obj
 
 
 def save_torch(obj, path):

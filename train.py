@@ -21,6 +21,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -32,8 +33,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as gpt
-from common import (UserError, atomic_write, autocast, eval_rows, init_distributed, load_config, lock, member_state,
-                    pick_device, read_json, safe_load, save_member, save_torch, score_windows, write_json)
+from common import (UserError, atomic_write, autocast, check_disk, eval_rows, init_distributed, load_config, lock,
+                    member_state, nbytes, pick_device, read_json, safe_load, save_member, save_torch, score_windows,
+                    to_host, write_json)
 from prepare_data import load_split
 
 
@@ -75,6 +77,7 @@ class Config:
     eval_every_epochs: float = 1.0   # val (and fitness) loss; also at the end of every track; 0 = only then
     eval_tokens: int = 0             # tokens per eval split (0 = the whole split)
     ckpt_every_epochs: float = 0.5   # plus at every snapshot and at the end; 0 = only then
+    async_checkpoints: bool = True   # write checkpoints on a background thread from a host-memory copy
 
     def num_tracks(self):
         return self.ensemble_size if self.mode == "ensemble" else 1
@@ -82,7 +85,7 @@ class Config:
 
 # keys that do not change what a run computes: they may differ on --resume
 RESUME_SAFE_KEYS = {"resume", "out_dir", "device", "compile", "dist_timeout_minutes", "micro_batch_size", "log_every",
-                    "eval_every_epochs", "eval_tokens", "ckpt_every_epochs"}
+                    "eval_every_epochs", "eval_tokens", "ckpt_every_epochs", "async_checkpoints"}
 
 
 def validate(cfg, world_size, train_tokens):
@@ -236,6 +239,7 @@ class Track:
         self.spe = self.loader.steps_per_epoch
         self.make_optimizers()
         self.step, self.last_loss = 0, float("nan")
+        self.ckpt_writer, self.ckpt_error = None, None  # the background checkpoint write, and its failure if any
         self.plan = make_plan(self)
         self.flops_per_step = self.model.flops_per_token() * cfg.batch_tokens
         self.peak = gpt.peak_flops(env["device"])
@@ -280,19 +284,45 @@ class Track:
 
     def fail(self, problem):
         """Stop with the truth about what is on disk: nothing is written from the bad state."""
+        self.finish_checkpoint()
         last = (f"{self.ckpt_path} (step {safe_load(self.ckpt_path, 'checkpoint')['step']})"
                 if self.ckpt_path.exists() else "none yet (the track would start over)")
         raise UserError(f"track {self.track}: {problem}; nothing was saved from this state. Last good "
                         f"checkpoint: {last}. Lower the learning rates (or grad_clip) and re-run with --resume=True")
 
     def save_checkpoint(self):
+        """Snapshot the state into host memory, then write it on a background thread while training goes on (at 1.8B
+        a checkpoint is ~15 GB: written in line, the whole group would wait for the disk). One write at a time: the
+        previous one is finished (and renamed into place) before the next snapshot; a failed write stops the run at
+        the next checkpoint or at the end. async_checkpoints=False writes in line."""
         self.check_finite("the checkpoint")
+        self.finish_checkpoint()
         state = {"model": self.model.state_dict(), "muon": self.muon.state_dict(), "adam": self.adam.state_dict(),
                  "step": self.step, "data_position": dict(zip(("epoch", "batch"), divmod(self.step, self.spe))),
                  "last_loss": self.last_loss, "plan": self.plan.state_dict(), "config": asdict(self.cfg)}
-        if self.env["group_rank"] == 0:
-            save_torch(state, self.ckpt_path)
-        self.env["barrier"]()
+        if self.env["group_rank"] != 0:
+            return
+        if not self.cfg.async_checkpoints:
+            return save_torch(state, self.ckpt_path)
+        check_disk(self.ckpt_path, nbytes(state))  # a full disk stops the run here, not a checkpoint later
+        state = to_host(state)  # a copy: the live tensors change under the writer
+
+        def write():
+            try:
+                save_torch(state, self.ckpt_path)
+            except BaseException as e:  # raised again in the training thread by finish_checkpoint
+                self.ckpt_error = e
+        self.ckpt_writer = threading.Thread(target=write, name=f"ckpt-track{self.track}")
+        self.ckpt_writer.start()
+
+    def finish_checkpoint(self):
+        """Wait for the checkpoint being written, if any; raise its error, if it failed."""
+        if self.ckpt_writer is not None:
+            self.ckpt_writer.join()
+            self.ckpt_writer = None
+        if self.ckpt_error is not None:
+            error, self.ckpt_error = self.ckpt_error, None
+            raise error
 
     def load_checkpoint(self):
         if not self.ckpt_path.exists():  # killed before its first checkpoint: the track starts over
@@ -338,7 +368,10 @@ class Track:
         held = lock(self.dir) if self.env["group_rank"] == 0 else None  # before this track's first write
         try:
             self.train_locked()
+            self.finish_checkpoint()
         finally:
+            if self.ckpt_writer is not None:  # leaving on an error: let the write in flight finish whole
+                self.ckpt_writer.join()
             if held:
                 held.close()
 

@@ -447,13 +447,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, 
 
 
 def test_full_disk_stops_before_writing(tiny_data, tmp_path, monkeypatch):
-    calls = [0]
-
-    def free_bytes(path):  # asked before every write into track0/: room for the first checkpoint only
-        calls[0] += Path(path).name == "track0"
-        return 1 << 40 if calls[0] <= 1 else 0
-    monkeypatch.setattr(common, "free_bytes", free_bytes)
     run_dir = tmp_path / "full"
+
+    def free_bytes(path):  # room for the first checkpoint only
+        return 0 if Path(path).name == "track0" and (run_dir / "track0" / "ckpt.pt").exists() else 1 << 40
+    monkeypatch.setattr(common, "free_bytes", free_bytes)
     code, out, err = run_train(train_argv(tiny_data, run_dir, **SINGLE))
     assert code == 1
     ckpt = run_dir / "track0" / "ckpt.pt"

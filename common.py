@@ -1,7 +1,8 @@
 """
 common.py: the runtime pieces that train.py, q0.py and eval.py share, each in one place: the error type for
-"the user must fix something", the config reader (and its --help), the atomic writer, safe loading, the device
-and process group, the member files and their manifest, and the batched window scorer. No training logic.
+"the user must fix something", the config reader (and its --help), the atomic writer, safe loading, the run lock,
+the member files and their manifest, the batched window scorer, and a launch's plumbing: device, process groups,
+data and run folder. No training logic.
 """
 import ast
 import datetime
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 import model as gpt
-from prepare_data import UserError  # the one error type; defined below us so data prep needs no torch
+from prepare_data import UserError, load_split  # the one error type: below us, so data prep needs no torch
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -343,3 +344,79 @@ def init_distributed(device, timeout_minutes=180):
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None,
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
     return world, rank
+
+
+# -----------------------------------------------------------------------------------------------------
+# a launch: the process groups, the data, the run folder
+def setup_distributed(cfg):
+    """Process group (nccl on CUDA, gloo on CPU) and the split of the world into per-track groups."""
+    device = pick_device(cfg.device)
+    world, rank = init_distributed(device, cfg.dist_timeout_minutes)
+    tracks = cfg.num_tracks()
+    n_groups = min(world, tracks)
+    group_size = world // n_groups
+    group_index = rank // group_size
+    group = None
+    for g in range(n_groups if world > 1 else 0):  # every rank must create every group
+        pg = dist.new_group(list(range(g * group_size, (g + 1) * group_size)),
+                            timeout=datetime.timedelta(minutes=cfg.dist_timeout_minutes))  # as long as the world's
+        group = pg if g == group_index else group
+    verbose = rank % group_size == 0
+    return dict(
+        world=world, rank=rank, device=device, group=group, group_size=group_size, group_rank=rank % group_size,
+        my_tracks=[t for t in range(tracks) if t % n_groups == group_index],
+        log=lambda msg: print(msg, flush=True) if verbose else None,
+        barrier=(lambda: dist.barrier(group=group)) if group_size > 1 else (lambda: None),
+        all_reduce=(lambda t: dist.all_reduce(t, group=group)) if group_size > 1 else (lambda t: None))
+
+
+def load_data(cfg):
+    data = {}
+    for split in ("train", "fitness", "val"):
+        data[split], meta = load_split(cfg.data_dir, split)
+        data[split + "_meta"] = meta
+        top = int(data[split].max())  # the model's vocab comes from the meta: a token past it would crash mid-run
+        if not (top < meta["vocab_size"] and meta["bos_id"] < meta["vocab_size"]):
+            raise UserError(f"{Path(cfg.data_dir) / f'{split}.json'} says vocab_size {meta['vocab_size']} (bos_id "
+                            f"{meta['bos_id']}) but {split}.bin holds token id {top}: the meta does not match its data; "
+                            f"re-run prepare_data.py for {cfg.data_dir}")
+    data["meta"] = data["train_meta"]
+    tok = lambda m: (m["tokenizer"], m["vocab_size"])
+    for split in ("fitness", "val"):
+        if tok(data[split + "_meta"]) != tok(data["meta"]):
+            raise UserError(f"{cfg.data_dir}: {split} was tokenized with {tok(data[split + '_meta'])}, train with "
+                            f"{tok(data['meta'])} (tokenizer, vocab_size): re-run prepare_data.py for this folder")
+    return data
+
+
+def prepare_run_dir(cfg, env, data, resume_safe_keys=()):
+    """All ranks use cfg.out_dir (one deterministic name, no timestamps); rank 0 checks and writes config.json. A
+    resume may change only resume_safe_keys (the script's keys that do not change what the run computes)."""
+    run_dir = Path(cfg.out_dir)
+    config_path = run_dir / "config.json"
+    record = dict(config=asdict(cfg), data={s: data[s + "_meta"]["sha256"] for s in ("train", "fitness", "val")})
+    if env["rank"] == 0:
+        # torchrun --max-restarts passes --resume=True to its first attempt too: there, nothing to resume is fine
+        first_attempt = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"
+        if cfg.resume and not config_path.exists() and not first_attempt:
+            raise UserError(f"nothing to resume: {run_dir} holds no run ({config_path} is missing). Drop --resume=True "
+                            f"to start it, or point --out_dir at the run to continue")
+        if config_path.exists():
+            if not cfg.resume:
+                raise UserError(f"{run_dir} already holds a run: add --resume=True to continue it, or set --out_dir=<new folder>")
+            old = read_json(config_path, "run record", "restore it, or start the run again in a new --out_dir")
+            for key, value in old["config"].items():
+                now = record["config"].get(key)
+                if key not in resume_safe_keys and json.dumps(now) != json.dumps(value):
+                    raise UserError(f"cannot resume {run_dir}: config key '{key}' was {value!r}, now {now!r}, which changes "
+                                    f"what the run computes. Use the original value or a new --out_dir")
+            if old["data"] != record["data"]:
+                raise UserError(f"cannot resume {run_dir}: the data in {cfg.data_dir} differs from the data it was trained on "
+                                f"(sha256 in {config_path}). Use the original data or a new --out_dir")
+        write_json(record, config_path)
+    if env["world"] > 1:
+        dist.barrier()
+    if not config_path.is_file():  # rank 0 wrote it: a node that cannot see it would train its tracks apart
+        raise UserError(f"{config_path}, written by rank 0, is not visible to rank {env['rank']}: the run folder must be "
+                        f"on a file system every node sees (a node given another trajectory after a restart would "
+                        f"otherwise find no checkpoint and start it over)")

@@ -16,7 +16,6 @@ group trains its tracks (ensemble members, or q0's trajectories) one after anoth
 so one process runs everything sequentially with the same results as the parallel layout.
 Run folder: config.json, track<i>/{ckpt.pt, log.jsonl, manifest.json}, members/<name>.pt.
 """
-import datetime
 import json
 import math
 import os
@@ -33,10 +32,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as gpt
-from common import (UserError, atomic_write, autocast, check_disk, eval_rows, init_distributed, load_config, lock,
-                    member_state, nbytes, pick_device, read_json, safe_load, save_member, save_torch, score_windows,
-                    to_host, write_json)
-from prepare_data import load_split
+from common import (UserError, atomic_write, autocast, check_disk, eval_rows, load_config, load_data, lock, member_state,
+                    nbytes, prepare_run_dir, safe_load, save_member, save_torch, score_windows, setup_distributed,
+                    to_host)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -466,84 +464,15 @@ class Track:
 
     def jsonl(self, row):
         if self.env["group_rank"] == 0:
-            with open(self.dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            try:
+                with open(self.dir / "log.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as e:  # a full disk: a torn last line is dropped on resume
+                raise UserError(f"could not append to {self.dir / 'log.jsonl'} ({e.strerror or e}). Earlier files are "
+                                f"intact; fix it (free space?) and re-run with --resume=True") from None
 
 
 # -----------------------------------------------------------------------------------------------------
-def setup_distributed(cfg):
-    """Process group (nccl on CUDA, gloo on CPU) and the split of the world into per-track groups."""
-    device = pick_device(cfg.device)
-    world, rank = init_distributed(device, cfg.dist_timeout_minutes)
-    tracks = cfg.num_tracks()
-    n_groups = min(world, tracks)
-    group_size = world // n_groups
-    group_index = rank // group_size
-    group = None
-    for g in range(n_groups if world > 1 else 0):  # every rank must create every group
-        pg = dist.new_group(list(range(g * group_size, (g + 1) * group_size)),
-                            timeout=datetime.timedelta(minutes=cfg.dist_timeout_minutes))  # as long as the world's
-        group = pg if g == group_index else group
-    verbose = rank % group_size == 0
-    return dict(
-        world=world, rank=rank, device=device, group=group, group_size=group_size, group_rank=rank % group_size,
-        my_tracks=[t for t in range(tracks) if t % n_groups == group_index],
-        log=lambda msg: print(msg, flush=True) if verbose else None,
-        barrier=(lambda: dist.barrier(group=group)) if group_size > 1 else (lambda: None),
-        all_reduce=(lambda t: dist.all_reduce(t, group=group)) if group_size > 1 else (lambda t: None))
-
-
-def load_data(cfg):
-    data = {}
-    for split in ("train", "fitness", "val"):
-        data[split], meta = load_split(cfg.data_dir, split)
-        data[split + "_meta"] = meta
-        top = int(data[split].max())  # the model's vocab comes from the meta: a token past it would crash mid-run
-        if not (top < meta["vocab_size"] and meta["bos_id"] < meta["vocab_size"]):
-            raise UserError(f"{Path(cfg.data_dir) / f'{split}.json'} says vocab_size {meta['vocab_size']} (bos_id "
-                            f"{meta['bos_id']}) but {split}.bin holds token id {top}: the meta does not match its data; "
-                            f"re-run prepare_data.py for {cfg.data_dir}")
-    data["meta"] = data["train_meta"]
-    tok = lambda m: (m["tokenizer"], m["vocab_size"])
-    for split in ("fitness", "val"):
-        if tok(data[split + "_meta"]) != tok(data["meta"]):
-            raise UserError(f"{cfg.data_dir}: {split} was tokenized with {tok(data[split + '_meta'])}, train with "
-                            f"{tok(data['meta'])} (tokenizer, vocab_size): re-run prepare_data.py for this folder")
-    return data
-
-
-def prepare_run_dir(cfg, env, data):
-    """All ranks use cfg.out_dir (one deterministic name, no timestamps); rank 0 checks and writes config.json."""
-    run_dir = Path(cfg.out_dir)
-    config_path = run_dir / "config.json"
-    record = dict(config=asdict(cfg), data={s: data[s + "_meta"]["sha256"] for s in ("train", "fitness", "val")})
-    if env["rank"] == 0:
-        # torchrun --max-restarts passes --resume=True to its first attempt too: there, nothing to resume is fine
-        first_attempt = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"
-        if cfg.resume and not config_path.exists() and not first_attempt:
-            raise UserError(f"nothing to resume: {run_dir} holds no run ({config_path} is missing). Drop --resume=True "
-                            f"to start it, or point --out_dir at the run to continue")
-        if config_path.exists():
-            if not cfg.resume:
-                raise UserError(f"{run_dir} already holds a run: add --resume=True to continue it, or set --out_dir=<new folder>")
-            old = read_json(config_path, "run record", "restore it, or start the run again in a new --out_dir")
-            for key, value in old["config"].items():
-                now = record["config"].get(key)
-                if key not in RESUME_SAFE_KEYS and json.dumps(now) != json.dumps(value):
-                    raise UserError(f"cannot resume {run_dir}: config key '{key}' was {value!r}, now {now!r}, which changes "
-                                    f"what the run computes. Use the original value or a new --out_dir")
-            if old["data"] != record["data"]:
-                raise UserError(f"cannot resume {run_dir}: the data in {cfg.data_dir} differs from the data it was trained on "
-                                f"(sha256 in {config_path}). Use the original data or a new --out_dir")
-        write_json(record, config_path)
-    if env["world"] > 1:
-        dist.barrier()
-    if not config_path.is_file():  # rank 0 wrote it: a node that cannot see it would train its tracks apart
-        raise UserError(f"{config_path}, written by rank 0, is not visible to rank {env['rank']}: the run folder must be "
-                        f"on a file system every node sees (a node given another trajectory after a restart would "
-                        f"otherwise find no checkpoint and start it over)")
-
-
 def main(argv, config_class=Config, doc=__doc__, modes=("single", "ensemble"), make_plan=SinglePlan, validate_more=None,
          describe=None):
     """Everything a launch does, for train.py and q0.py alike (q0.py passes its config, plan, checks and budget line):
@@ -557,7 +486,7 @@ def main(argv, config_class=Config, doc=__doc__, modes=("single", "ensemble"), m
         if validate_more:
             validate_more(cfg, need, spe)
         env = setup_distributed(cfg)
-        prepare_run_dir(cfg, env, data)
+        prepare_run_dir(cfg, env, data, RESUME_SAFE_KEYS)
         t = Track(cfg, env["my_tracks"][0], env, data, make_plan)
         if env["rank"] == 0:
             print("config:", json.dumps(asdict(cfg)))

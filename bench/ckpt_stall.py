@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import prepare_data  # noqa: E402
 import train  # noqa: E402
-from common import nbytes  # noqa: E402
+from common import load_data, nbytes  # noqa: E402
 
 
 def track_for(size, data_dir, out_dir):
@@ -31,7 +31,7 @@ def track_for(size, data_dir, out_dir):
                        micro_batch_size=8)
     env = dict(world=1, rank=0, device=torch.device("cpu"), group=None, group_size=1, group_rank=0, my_tracks=[0],
                log=lambda msg: None, barrier=lambda: None, all_reduce=lambda t: None)
-    data = train.load_data(cfg)
+    data = load_data(cfg)
     data["meta"] = dict(data["meta"], vocab_size=50257)  # GPT-2's vocab: embedding and head as at scale
     t = train.Track(cfg, 0, env, data, train.SinglePlan)
     x, y = t.loader.micro_batch(0, 0, 8, env["device"])

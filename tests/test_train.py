@@ -137,7 +137,7 @@ def test_resolved_config_is_saved(single_run):
 
 def test_accum_is_derived(tiny_data, tmp_path, single_run):
     cfg = load_config(train_argv(tiny_data, tmp_path / "r", batch_tokens=2048, micro_batch_size=8))
-    data = train.load_data(cfg)
+    data = common.load_data(cfg)
     for group_size, accum in [(1, 8), (2, 4), (4, 2), (8, 1)]:
         env = dict(device=torch.device("cpu"), group_size=group_size, group_rank=0, log=print,
                    barrier=lambda: None, all_reduce=lambda t: None)
@@ -262,7 +262,7 @@ def test_weight_decay_on_embedding_and_head_as_the_reference(tiny_data, tmp_path
     for flag, adam_wd in ((True, 1.3), (False, 0.0)):
         cfg = train.Config(data_dir=str(tiny_data), weight_decay=1.3, embed_head_wd=flag, out_dir=str(tmp_path / str(flag)), **TINY)
         env = dict(device=torch.device("cpu"), group_size=1, group_rank=0, log=lambda m: None)
-        t = train.Track(cfg, 0, env, train.load_data(cfg), train.SinglePlan)
+        t = train.Track(cfg, 0, env, common.load_data(cfg), train.SinglePlan)
         assert [g["weight_decay"] for g in t.muon.param_groups] == [1.3]
         assert [g["weight_decay"] for g in t.adam.param_groups] == [adam_wd, adam_wd]
         t.set_multipliers(0.5, 0.7)
@@ -597,7 +597,7 @@ def test_a_second_trainer_on_a_running_track_is_refused(tiny_data, tmp_path):
 def test_a_run_folder_other_ranks_cannot_see_is_refused(tiny_data, tmp_path, monkeypatch):
     """Rank 0 writes config.json; a rank on a node whose disk does not hold it (a node-local run folder) stops."""
     cfg = load_config(train_argv(tiny_data, tmp_path / "r", **SINGLE))
-    data = train.load_data(cfg)
+    data = common.load_data(cfg)
     env = dict(rank=1, world=1)  # rank 1 writes nothing; world 1: no barrier to wait at
     with pytest.raises(common.UserError, match="file system every node sees"):
-        train.prepare_run_dir(cfg, env, data)
+        common.prepare_run_dir(cfg, env, data)

@@ -13,8 +13,11 @@ Launch:
 
 Budgets are in epochs of the train split. The world is split into min(world, tracks) process groups; each
 group trains its tracks (ensemble members, or q0's trajectories) one after another with DDP inside the group,
-so one process runs everything sequentially with the same results as the parallel layout.
-Run folder: config.json, track<i>/{ckpt.pt, log.jsonl, manifest.json}, members/<name>.pt.
+so one process runs everything sequentially with the same results as one process per track. With several ranks
+per track the members differ slightly (dropout masks are drawn per rank, and fp32 reductions run in another order).
+Run folder: config.json, track<i>/{ckpt.pt, log.jsonl, manifest.json, lock}, members/<name>.pt.
+The plan protocol (SinglePlan here; q0.Q0Plan, q0.StudentPlan): total_steps, boundaries, multipliers(step) -> (lr, wd
+multipliers), loss(model, x, y), on_boundary(track, step), teacher_forwards(), state_dict(), load_state_dict().
 """
 import json
 import math

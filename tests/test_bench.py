@@ -2,6 +2,7 @@
 (interpolation in log-budget), the populations from existing_at, the recipe grid from distill_start; and the
 claim that keeps parallel shards from training one run twice. Hand-computed values; nothing here trains."""
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -79,3 +80,16 @@ def test_claim_keeps_a_live_trainer_and_takes_over_a_dead_ones(tmp_path):
     dead.wait()
     (run_dir / "TRAINING").write_text(str(dead.pid))     # its trainer was killed: take it over
     assert reproduce.claim(run_dir) and (run_dir / "TRAINING").read_text() == str(os.getpid())
+
+
+def test_gpu_check_script_runs_end_to_end_on_cpu():
+    """bench/gpu_check.py is meant for the first CUDA machine; its dry run on CPU exercises every part but the
+    flash check and the CUDA numbers, and prints the JSON a GPU run fills in."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--size", "tiny", "--no_compile",
+                           "--steps", "2", "--seq_len", "64", "--vocab", "320"], cwd=root, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["layers"] == 2 and out["sdpa_flash"] == "n/a" and out["checkpoint"]["equal"] is True
+    assert out["ms_per_step"] > 0 and out["distill_ratio"] > 0 and out["mfu"] is None  # timings: noisy on CPU

@@ -241,6 +241,7 @@ class Track:
         self.make_optimizers()
         self.step, self.last_loss = 0, float("nan")
         self.ckpt_writer, self.ckpt_error = None, None  # the background checkpoint write, and its failure if any
+        self.log_rows = 0  # rows in log.jsonl: the checkpoint records it, so a log cut short is noticed on resume
         self.plan = make_plan(self)
         self.flops_per_step = self.model.flops_per_token() * cfg.batch_tokens
         self.peak = gpt.peak_flops(env["device"])
@@ -300,7 +301,8 @@ class Track:
         self.finish_checkpoint()
         state = {"model": self.model.state_dict(), "muon": self.muon.state_dict(), "adam": self.adam.state_dict(),
                  "step": self.step, "data_position": dict(zip(("epoch", "batch"), divmod(self.step, self.spe))),
-                 "last_loss": self.last_loss, "plan": self.plan.state_dict(), "config": asdict(self.cfg)}
+                 "last_loss": self.last_loss, "plan": self.plan.state_dict(), "config": asdict(self.cfg),
+                 "log_rows": self.log_rows}
         if self.env["group_rank"] != 0:
             return
         if not self.cfg.async_checkpoints:
@@ -340,21 +342,27 @@ class Track:
         self.adam.load_state_dict(state["adam"])
         self.plan.load_state_dict(state["plan"])
         self.step, self.last_loss = state["step"], state["last_loss"]
-        self.drop_log_rows_after(self.step)
+        self.drop_log_rows_after(self.step, state.get("log_rows", 0))
         self.env["log"](f"track {self.track}: resumed from {self.ckpt_path} at step {self.step}")
 
-    def drop_log_rows_after(self, step):
+    def drop_log_rows_after(self, step, expected_rows=0):
         """A resumed run redoes every step after its checkpoint: drop their log rows, so none appears twice. The
-        rewrite is atomic: a kill during it leaves the old log whole."""
+        rewrite is atomic: a kill during it leaves the old log whole. Fewer rows than the checkpoint counted (a log
+        cut short or lost) cannot be rebuilt: say so, once, and go on (the run itself is whole)."""
         log = self.dir / "log.jsonl"
+        keep = []
         if self.env["group_rank"] == 0 and log.exists():
-            keep = []
             for row in log.read_text().splitlines():
                 try:
                     keep += [row + "\n"] if json.loads(row)["step"] <= step else []
                 except ValueError:
                     pass  # a line torn by a crash mid-append
             atomic_write(log, lambda f: f.write("".join(keep).encode()))
+        if self.env["group_rank"] == 0 and len(keep) < expected_rows:
+            print(f"warning: {log} holds {len(keep)} rows up to step {step}, the checkpoint counted {expected_rows}: "
+                  f"{expected_rows - len(keep)} log rows were lost (the weights, optimizer state and members are intact)",
+                  file=sys.stderr, flush=True)
+        self.log_rows = len(keep)
 
     def save_member(self, row):
         self.check_finite(f"member {row['name']}")
@@ -470,6 +478,7 @@ class Track:
             try:
                 with open(self.dir / "log.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
+                self.log_rows += 1
             except OSError as e:  # a full disk: a torn last line is dropped on resume
                 raise UserError(f"could not append to {self.dir / 'log.jsonl'} ({e.strerror or e}). Earlier files are "
                                 f"intact; fix it (free space?) and re-run with --resume=True") from None

@@ -616,3 +616,17 @@ def test_compile_on_cpu_trains_like_eager(tiny_data, tmp_path):
     assert eager.keys() == compiled.keys() and len(eager) == 6
     for step in eager:
         assert compiled[step]["loss"] == pytest.approx(eager[step]["loss"], rel=1e-4), step
+
+
+def test_a_log_cut_short_is_noticed_on_resume(single_run, tmp_path):
+    """The checkpoint counts the log's rows; a log.jsonl that lost rows (cut short, or rewritten by a killed resume
+    before that was atomic) gets one warning naming how many, and the run goes on."""
+    run_dir, argv, _ = single_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    log = copy / "track0" / "log.jsonl"
+    rows = log.read_text().splitlines()
+    log.write_text("\n".join(rows[:3]) + "\n")
+    code, out, err = run_train([a for a in argv if not a.startswith("--out_dir")] + [f"--out_dir={copy}", "--resume=True"])
+    assert code == 0, err
+    assert f"warning: {log} holds 3 rows up to step" in err and f"the checkpoint counted {len(rows)}" in err

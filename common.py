@@ -267,8 +267,8 @@ def track_manifest(manifest):
         return rows
 
 
-def load_member(path, device="cpu"):
-    ckpt = safe_load(path, "member file")
+def load_member(path, device="cpu", fix="delete it and re-run with --resume=True to recompute it"):
+    ckpt = safe_load(path, "member file", fix)
     model = gpt.build(gpt.GPTConfig(**ckpt["model_config"]), device)
     model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
     return model.eval(), ckpt

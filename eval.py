@@ -63,8 +63,9 @@ def setup_distributed(kind):
     return dict(world=world, rank=rank, device=dev)
 
 
-def open_run(run_dir, max_tokens=0):
-    """Config, manifest (training order), the fitness and val tokens and their windows, checked against the run."""
+def open_run(run_dir, max_tokens=0, exclude=()):
+    """Config, manifest (training order; minus the members named in `exclude`), the fitness and val tokens and their
+    windows, checked against the run."""
     run = Path(run_dir)
     if not run.is_dir():
         raise UserError(f"run folder {run} not found: train one first (python q0.py <config> --out_dir={run})")
@@ -73,6 +74,9 @@ def open_run(run_dir, max_tokens=0):
         raise UserError(f"{config_path} missing: {run} is not a run folder of train.py or q0.py (train into it with --out_dir={run})")
     record = read_json(config_path, "run record", "restore it from the run, or train again into a new folder")
     cfg, rows = record["config"], read_manifest(run)
+    rows = [r for r in rows if r["name"] not in exclude]
+    if not rows:
+        raise UserError(f"--exclude leaves no member of {run}", status=2)
     out = dict(dir=run, cfg=cfg, rows=rows, names=[r["name"] for r in rows], seq_len=cfg["seq_len"], eval_tokens=max_tokens)
     for split in ("fitness", "val"):
         try:
@@ -90,9 +94,11 @@ def open_run(run_dir, max_tokens=0):
 def load(run, name, dev):
     row = next(r for r in run["rows"] if r["name"] == name)
     path = run["dir"] / row["path"]
+    fix = (f"leave it out with `python eval.py {run['dir']} --exclude {name}`, or retrain its track: delete "
+           f"{run['dir'] / ('track' + str(row['track']))} and re-run the training command with --resume=True")
     if not path.is_file():
-        raise UserError(f"member file {path} (manifest of {run['dir']}) is missing: re-run its training command with --resume=True")
-    model, ckpt = load_member(path, dev)
+        raise UserError(f"member file {path} (manifest of {run['dir']}) is missing: {fix}")
+    model, ckpt = load_member(path, dev, fix)
     meta, mine = run["val"]["meta"], ckpt["data"]
     if ((mine["tokenizer"], mine["vocab_size"]) != (meta["tokenizer"], meta["vocab_size"])
             or model.cfg.vocab_size < meta["vocab_size"]):  # a token past the model's vocab would crash the forward
@@ -491,6 +497,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders written by q0.py or train.py")
     p.add_argument("--score", action="store_true", help="score the members only (no prior, no reports)")
+    p.add_argument("--exclude", default="", help="comma-separated members to leave out (an unreadable one, say)")
     p.add_argument("--device", default=device)
     p.add_argument("--dtype", default=dtype, choices=("float32", "float16"))
     p.add_argument("--eval_tokens", type=int, default=eval_tokens, help="tokens per split (0 = all)")
@@ -518,7 +525,11 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         env = setup_distributed(args.device)
-        runs = [open_run(run_dir, args.eval_tokens) for run_dir in args.runs]
+        exclude = {n.strip() for n in args.exclude.split(",") if n.strip()}
+        runs = [open_run(run_dir, args.eval_tokens, exclude) for run_dir in args.runs]
+        unknown = exclude - {r["name"] for run_dir in args.runs for r in read_manifest(run_dir)}
+        if unknown:
+            raise UserError(f"--exclude: {', '.join(sorted(unknown))} is not a member of {', '.join(args.runs)}", status=2)
         for run in runs:  # every rank scores every run first, so no rank waits at a barrier through the reports
             score_run(run, env, args.dtype, args.batch_size)
         for run in runs if not args.score and env["rank"] == 0 else []:  # only rank 0 reports

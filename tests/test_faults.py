@@ -547,7 +547,7 @@ def test_truncated_manifest_is_rebuilt_from_the_member_files(ref, run_copy, faul
 def test_truncated_snapshot_is_named_and_the_fix_works(ref, run_copy, fault, capsys):
     """t0-c002 cut in half: the resume (which reloads it as the teacher of track 0's last checkpoint) and eval.py
     --score each stop with one line naming it; the resume's fix (retrain the trajectory) gives the same run."""
-    row = fault("truncated snapshot (members/t0-c002.pt)", "resume (as teacher), eval --score; then the fix")
+    row = fault("truncated snapshot (members/t0-c002.pt)", "resume (as teacher), eval --score, eval --exclude; the fix")
     member = run_copy / "members" / "t0-c002.pt"
     truncate(member)
     code, out, err = run_train(argv_for(ref, run_copy, "--resume=True"))
@@ -555,14 +555,21 @@ def test_truncated_snapshot_is_named_and_the_fix_works(ref, run_copy, fault, cap
     error_line(err, f"teacher snapshot {member} is unreadable", "truncated", f"delete {run_copy / 'track0'}")
     with pytest.raises(SystemExit):
         ev.main([str(run_copy), "--score"])
-    assert f"member file {member} is unreadable" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"member file {member} is unreadable" in err and "--exclude t0-c002" in err and f"delete {run_copy / 'track0'}" in err
     assert not prior.score_path(run_copy, "t0-c002", "fitness").exists()
+    reps = ev.main([str(run_copy), "--exclude", "t0-c002"])  # the rest of the population is still evaluated
+    assert reps[0]["num_members"] == 5 and "t0-c002" not in reps[0]["weights"]
+    capsys.readouterr()
     shutil.rmtree(run_copy / "scores")
+    for f in ("prior.json", "eval.json", "eval.png"):
+        (run_copy / f).unlink(missing_ok=True)
     shutil.rmtree(run_copy / "track0")  # the resume's fix
     resume(argv_for(ref, run_copy))
     assert_same_run(run_copy, ref[0])
-    row.trials = 2
-    row.result = "one line naming the file at both; following the resume's fix retrains track 0 bit-identically"
+    row.trials = 3
+    row.result = ("one line naming the file at both; eval --exclude evaluates the other 5; following the resume's fix "
+                  "retrains track 0 bit-identically")
 
 
 @pytest.mark.slow

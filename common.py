@@ -355,17 +355,16 @@ def setup_distributed(cfg):
     tracks = cfg.num_tracks()
     n_groups = min(world, tracks)
     group_size = world // n_groups
-    group_index = rank // group_size
+    group_index, group_rank = divmod(rank, group_size)
     group = None
     for g in range(n_groups if world > 1 else 0):  # every rank must create every group
         pg = dist.new_group(list(range(g * group_size, (g + 1) * group_size)),
                             timeout=datetime.timedelta(minutes=cfg.dist_timeout_minutes))  # as long as the world's
         group = pg if g == group_index else group
-    verbose = rank % group_size == 0
     return dict(
-        world=world, rank=rank, device=device, group=group, group_size=group_size, group_rank=rank % group_size,
+        world=world, rank=rank, device=device, group=group, group_size=group_size, group_rank=group_rank,
         my_tracks=[t for t in range(tracks) if t % n_groups == group_index],
-        log=lambda msg: print(msg, flush=True) if verbose else None,
+        log=lambda msg: print(msg, flush=True) if group_rank == 0 else None,
         barrier=(lambda: dist.barrier(group=group)) if group_size > 1 else (lambda: None),
         all_reduce=(lambda t: dist.all_reduce(t, group=group)) if group_size > 1 else (lambda t: None))
 

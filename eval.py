@@ -74,10 +74,12 @@ def open_run(run_dir, max_tokens=0, exclude=()):
         raise UserError(f"{config_path} missing: {run} is not a run folder of train.py or q0.py (train into it with --out_dir={run})")
     record = read_json(config_path, "run record", "restore it from the run, or train again into a new folder")
     cfg, rows = record["config"], read_manifest(run)
+    excluded = [r["name"] for r in rows if r["name"] in exclude]
     rows = [r for r in rows if r["name"] not in exclude]
     if not rows:
         raise UserError(f"--exclude leaves no member of {run}", status=2)
-    out = dict(dir=run, cfg=cfg, rows=rows, names=[r["name"] for r in rows], seq_len=cfg["seq_len"], eval_tokens=max_tokens)
+    out = dict(dir=run, cfg=cfg, rows=rows, names=[r["name"] for r in rows], excluded=excluded, seq_len=cfg["seq_len"],
+               eval_tokens=max_tokens)
     for split in ("fitness", "val"):
         try:
             tokens, meta = load_split(cfg["data_dir"], split)
@@ -527,7 +529,7 @@ def main(argv=None):
         env = setup_distributed(args.device)
         exclude = {n.strip() for n in args.exclude.split(",") if n.strip()}
         runs = [open_run(run_dir, args.eval_tokens, exclude) for run_dir in args.runs]
-        unknown = exclude - {r["name"] for run_dir in args.runs for r in read_manifest(run_dir)}
+        unknown = exclude - {name for run in runs for name in run["excluded"]}
         if unknown:
             raise UserError(f"--exclude: {', '.join(sorted(unknown))} is not a member of {', '.join(args.runs)}", status=2)
         for run in runs:  # every rank scores every run first, so no rank waits at a barrier through the reports

@@ -45,7 +45,6 @@ step), from scratch or from the prior's top member, and saves it as the member "
         --teacher_run=runs/quickstart --epochs=32 --distill_alpha=0.9 --distill_temperature=1.0 --out_dir=runs/student
 """
 import copy
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -57,7 +56,7 @@ import torch.nn.functional as F
 
 import prior
 import train
-from common import UserError, eval_rows, load_member, safe_load, score_windows
+from common import UserError, eval_rows, load_member, read_json, safe_load, score_windows
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -304,7 +303,7 @@ class StudentPlan(train.SinglePlan):
     def __init__(self, t):
         super().__init__(t)
         c, run = self.cfg, Path(t.cfg.teacher_run)
-        entry = json.loads((run / "prior.json").read_text())["per_k"]
+        entry = read_json(run / "prior.json", "teacher prior", f"rewrite it with python eval.py {run}")["per_k"]
         entry = entry.get(str(c.teacher_k)) or entry[max(entry, key=int)]  # K past the population: all of it
         self.teachers, meta = [], t.data["meta"]
         for name, w in zip(entry["members"], entry["weights"]):

@@ -502,16 +502,22 @@ def test_resume_of_a_missing_run_folder_is_refused(tiny_data, tmp_path):
     assert not (tmp_path / "nope").exists()
 
 
-@pytest.mark.slow
-def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tiny_data, tmp_path):
-
-    run_dir = tmp_path / "r"
-    argv = train_argv(tiny_data, run_dir, **dict(SINGLE, epochs=4.0))
+def spawn_until_first_checkpoint(data_dir, run_dir):
+    """A 4-epoch single run as a subprocess, returned once its first checkpoint exists. -> (argv, the Popen)."""
+    argv = train_argv(data_dir, run_dir, **dict(SINGLE, epochs=4.0))
     proc = spawn_train(argv)
     t0 = time.time()
     while not (run_dir / "track0" / "ckpt.pt").exists():
         assert proc.poll() is None and time.time() - t0 < 120, "no checkpoint before the run ended"
         time.sleep(0.05)
+    return argv, proc
+
+
+@pytest.mark.slow
+def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tiny_data, tmp_path):
+
+    run_dir = tmp_path / "r"
+    argv, proc = spawn_until_first_checkpoint(tiny_data, run_dir)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, out[-2000:]
@@ -579,12 +585,7 @@ def test_a_second_trainer_on_a_running_track_is_refused(tiny_data, tmp_path):
     """Two trainers on one run would interleave the log and tear checkpoints: the second is refused, naming the
     holder; once the holder is dead (SIGKILL: the kernel drops its lock) the resume goes ahead."""
     run_dir = tmp_path / "r"
-    argv = train_argv(tiny_data, run_dir, **dict(SINGLE, epochs=4.0))
-    proc = spawn_train(argv)
-    t0 = time.time()
-    while not (run_dir / "track0" / "ckpt.pt").exists():
-        assert proc.poll() is None and time.time() - t0 < 120, "no checkpoint before the run ended"
-        time.sleep(0.05)
+    argv, proc = spawn_until_first_checkpoint(tiny_data, run_dir)
     code, out, err = run_train(argv + ["--resume=True"])
     assert code == 1
     one_line_error(err, f"{run_dir / 'track0'} is being trained by pid {proc.pid} on ")

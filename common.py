@@ -7,6 +7,7 @@ data and run folder. No training logic.
 import ast
 import datetime
 import fcntl
+import hashlib
 import inspect
 import json
 import os
@@ -181,8 +182,37 @@ def to_host(obj):
     return obj
 
 
+def digest(obj, h=None):
+    """sha256 of what a (nested) object holds: each tensor's dtype, shape and bytes, each array's, every other
+    value's repr, dict keys in order. Taken of the object saved and again of the object loaded, so a flipped bit
+    anywhere in what a load returns is caught. sha256 rather than the 2.3x faster crc32 (bench/hash_speed.py: 1.8
+    vs 4.2 GB/s on one core): 8 s for a 1.8B checkpoint, on the background writer and once at resume, 2 s per
+    member, small beside the training that makes them, and no 1-in-4-billion false match."""
+    top, h = h is None, h or hashlib.sha256()
+    if torch.is_tensor(obj):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(obj.shape)}:".encode())
+        h.update(t.view(torch.uint8).numpy())  # the bytes in place (bf16 too): no copy of a memory-mapped file
+    elif isinstance(obj, np.ndarray):
+        h.update(f"A{obj.dtype}{obj.shape}:".encode())
+        h.update(np.ascontiguousarray(obj).reshape(-1).view(np.uint8))
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}:".encode())
+        for k, v in obj.items():
+            h.update(f"{k!r}=".encode())
+            digest(v, h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}:".encode())
+        for v in obj:
+            digest(v, h)
+    else:
+        h.update(f"{obj!r};".encode())
+    return h.hexdigest() if top else h
+
+
 def save_torch(obj, path):
-    atomic_write(path, lambda f: torch.save(obj, f), nbytes(obj))
+    """A dict of tensors and plain values, with its digest under "sha256": safe_load checks it."""
+    atomic_write(path, lambda f: torch.save(dict(obj, sha256=digest(obj)), f), nbytes(obj))
 
 
 def write_json(obj, path):
@@ -190,16 +220,34 @@ def write_json(obj, path):
 
 
 def save_array(array, path):
+    """An .npy file, then its digest beside it (path + .sha256, written second: an array without one is unfinished)."""
     atomic_write(path, lambda f: np.save(f, array), array.nbytes)
+    atomic_write(f"{path}.sha256", lambda f: f.write(digest(array).encode()))
+
+
+def array_intact(path):
+    """None when the .npy at path is unfinished or unreadable (no digest beside it: recompute it), False when it
+    does not match its digest (corrupted on disk), else True."""
+    try:
+        want = Path(f"{path}.sha256").read_text().strip()
+        return digest(np.load(path, mmap_mode="r")) == want
+    except (OSError, ValueError):
+        return None
 
 
 def safe_load(path, what, fix="delete it and re-run with --resume=True to recompute it"):
-    """torch.load that never runs code from the file (weights_only) and maps it instead of reading it all."""
+    """torch.load that never runs code from the file (weights_only), maps it instead of reading it all, and checks
+    the digest save_torch stored (a file from before digests has none: loaded unchecked)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise UserError(f"{what} {path} is unreadable ({type(e).__name__}: {str(e)[:120]}); it is truncated or "
                         f"corrupt: {fix}") from None
+    want = obj.pop("sha256", None) if isinstance(obj, dict) else None
+    if want is not None and digest(obj) != want:
+        raise UserError(f"{what} {path} does not match the sha256 stored in it: its contents changed on disk since "
+                        f"it was written (flipped bits, a bad copy): {fix}")
+    return obj
 
 
 def read_json(path, what, fix):

@@ -35,8 +35,8 @@ import torch.distributed as dist
 
 import model as gpt
 import prior
-from common import (UserError, autocast, eval_rows, init_distributed, load_member, pick_device, read_json, read_manifest,
-                    save_array, score_windows, window_batches, write_json)
+from common import (UserError, array_intact, autocast, eval_rows, init_distributed, load_member, pick_device, read_json,
+                    read_manifest, save_array, score_windows, window_batches, write_json)
 from prepare_data import load_split, tokenizer_for_meta
 
 # -----------------------------------------------------------------------------
@@ -116,11 +116,14 @@ def token_logprobs(model, split, dev, size=batch_size):
 
 
 def scored(path, n):
-    """True when a score file is complete: a readable 1-D array of n entries (a killed write never lands)."""
-    try:
-        return np.load(path, mmap_mode="r").shape == (n,)
-    except (OSError, ValueError):
-        return False
+    """True when a score file is complete: a readable 1-D array of n entries that matches the sha256 written beside
+    it (save_array writes that second, so a killed write never counts). One that does not match is named and scored
+    again: a score file is a cache, recomputed from its member."""
+    intact = array_intact(path)
+    if intact is False:
+        print(f"warning: score file {path} does not match its sha256 ({path}.sha256): corrupted on disk; scoring it "
+              f"again", file=sys.stderr, flush=True)
+    return bool(intact) and np.load(path, mmap_mode="r").shape == (n,)
 
 
 def peak_memory(dev):

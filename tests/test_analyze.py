@@ -114,7 +114,7 @@ def test_tables_on_a_tiny_distilled_run(tiny_data, tmp_path):
     train_rows = [line.split(" | ") for line in text.splitlines() if "| t0-c003 | t0-c002 | 256 |" in line]
     assert len(train_rows) == 2 and all(math.isfinite(float(c.strip(" |"))) for r in train_rows for c in r[4:])
     # the train scores are cached beside, never inside, scores/ (which holds exactly fitness + val per member)
-    [cached] = list((run / "analysis").iterdir())
+    [cached] = list((run / "analysis").glob("*.npy"))  # and its .sha256 beside it
     assert cached.name.startswith("t0-c003.train-") and np.load(cached).shape == (256,)
     assert len(list((run / "scores").glob("*.npy"))) == 2 * 3
     # a second call reads the cache (same length, file untouched); another token count rescores

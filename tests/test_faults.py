@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import subprocess
+import zipfile
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -124,8 +125,8 @@ def assert_same_run(run_dir, ref_dir):
         same(load(run_dir, f"members/{name}.pt"), load(ref_dir, f"members/{name}.pt"), name)
     for k in (0, 1):
         a, b = load(run_dir, f"track{k}/ckpt.pt"), load(ref_dir, f"track{k}/ckpt.pt")
-        for state in (a, b):
-            del state["config"]["out_dir"], state["config"]["resume"]
+        for state in (a, b):  # the folder differs, so does the sha256 of the state that names it
+            del state["config"]["out_dir"], state["config"]["resume"], state["sha256"]
         same(a, b, f"track{k}/ckpt.pt")  # weights, Muon and AdamW state, step, plan, config
         for kind, keys in (("train", ("loss", "lr", "wd")), ("eval", ("val", "fitness"))):
             logged = lambda d: {s: [r[key] for key in keys] for s, r in read_log(d, k, kind).items()}
@@ -483,7 +484,8 @@ def rewrite_member(path, **change):
         for k in ("embed.weight", "head.weight"):
             m["model"][k] = m["model"][k][:v].clone()
     m["data"].update(change)
-    torch.save(m, path)
+    del m["sha256"]
+    common.save_torch(m, path)  # a file written so, not a damaged one: its sha256 matches
 
 
 @pytest.mark.slow
@@ -521,6 +523,63 @@ def test_truncated_checkpoint_is_named_and_the_fix_works(ref, run_copy, fault):
     assert_same_run(run_copy, ref[0])
     row.trials = 1
     row.result = "one line naming the file and the fix; following it recomputes the track bit-identically"
+
+
+def flip_bits(path, n=8):
+    """One bit in each of n bytes in the middle of the file's largest stored record (a .pt's biggest tensor, an
+    .npy's data): the silent damage of a bad disk or copy. The file stays readable."""
+    path = Path(path)
+    b = bytearray(path.read_bytes())
+    if path.suffix == ".pt":
+        with zipfile.ZipFile(path) as z:
+            rec = max(z.infolist(), key=lambda i: i.file_size)
+        lo = rec.header_offset + 30 + len(rec.filename.encode()) + len(rec.extra)  # local header, then the data
+        hi = lo + rec.file_size
+    else:
+        lo, hi = 128, len(b)  # past the .npy header
+    for i in range(n):
+        b[(lo + hi) // 2 + 4 * i] ^= 1 << i
+    path.write_bytes(bytes(b))
+
+
+@pytest.mark.slow
+def test_flipped_bits_in_a_member_checkpoint_or_score_file_are_named(ref, scored_ref, run_copy, tmp_path, fault, capsys):
+    """8 bytes with a flipped bit in a member, a checkpoint, a score file. Before: eval exited 0 with a wrong ensemble,
+    the resume trained on, the score was used as is. Now every torch file carries its sha256 (save_torch/safe_load)
+    and every score file has one beside it: the member and checkpoint stop with one line naming the file and the
+    fix, which works; the score file is named and scored again (a cache), and the numbers are the clean run's."""
+    row = fault("8 flipped bits: member / checkpoint / score file", "eval --score; resume; eval")
+    member = run_copy / "members" / "t1-c002.pt"
+    flip_bits(member)
+    with pytest.raises(SystemExit):
+        ev.main([str(run_copy), "--score"])
+    err = capsys.readouterr().err
+    error_line(err, f"member file {member} does not match the sha256", "--exclude t1-c002")
+    shutil.copy(ref[0] / "members" / "t1-c002.pt", member)  # restored from a backup
+
+    ckpt = run_copy / "track0" / "ckpt.pt"
+    flip_bits(ckpt)
+    code, out, err = run_train(argv_for(ref, run_copy, "--resume=True"))
+    assert code == 1
+    error_line(err, f"checkpoint {ckpt} does not match the sha256", "delete it and re-run with --resume=True")
+    ckpt.unlink()  # the fix it names
+    resume(argv_for(ref, run_copy))
+    shutil.rmtree(run_copy / "scores")
+    assert_same_run(run_copy, ref[0])
+
+    run_dir = tmp_path / "scored"
+    shutil.copytree(scored_ref, run_dir)
+    score = prior.score_path(run_dir, "t0-c002", "val")
+    flip_bits(score)
+    capsys.readouterr()
+    reps = ev.main([str(run_dir)])
+    assert f"score file {score} does not match its sha256" in capsys.readouterr().err
+    assert scores(run_dir).keys() == scores(scored_ref).keys()
+    assert all(np.array_equal(a, scores(scored_ref)[n]) for n, a in scores(run_dir).items())
+    assert reps[0]["summary"] == json.loads((scored_ref / "eval.json").read_text())["summary"]
+    row.trials = 3
+    row.result = ("member and checkpoint: one line naming the file (eval, resume); the fix retrains bit-identically; "
+                  "score file: named, rescored, all 12 equal the clean run's")
 
 
 @pytest.mark.slow

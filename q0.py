@@ -43,10 +43,13 @@ learned-prior mixture of `teacher_run`'s top `teacher_k` members with the same d
 step), from scratch or from the prior's top member, and saves it as the member "student" (StudentPlan):
     python eval.py runs/quickstart && python q0.py configs/quickstart.py --mode=student \
         --teacher_run=runs/quickstart --epochs=32 --distill_alpha=0.9 --distill_temperature=1.0 --out_dir=runs/student
+With teacher_topk = k > 0 the mixture is computed once instead, its top k per token stored in a memory-mapped file
+(TeacherFile), and the student trains from it at one forward per step (loss: topk_distill_loss).
 """
 import copy
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +59,8 @@ import torch.nn.functional as F
 
 import prior
 import train
-from common import UserError, eval_rows, load_member, read_json, safe_load, score_windows
+from common import (UserError, array_intact, autocast, eval_rows, load_member, read_json, safe_load, save_array,
+                    score_windows, window_batches, write_json)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -83,6 +87,8 @@ class Q0Config(train.Config):
     teacher_run: str = ""            # student: the run folder (scored, with prior.json from eval.py) whose mixture teaches
     teacher_k: int = 4               # student: the prior's top K members of teacher_run, weights renormalised
     student_init: str = "scratch"    # student: scratch | best (start from the prior's top member; same model_size)
+    teacher_topk: int = 0            # student: 0 = K teacher forwards per step; k = the mixture's top k per token, computed once into out_dir/teacher_topk/
+    teacher_topk_renormalise: bool = False  # student, ablation: rescale the top k to sum 1 instead of a bucket for the rest
 
     def num_tracks(self):
         return 1 if self.mode == "student" else self.num_trajectories
@@ -119,13 +125,39 @@ def distill_loss(student_logits, teacher_logits, targets, alpha, temperature, te
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, T, V)
     if teacher_weights is None:
         log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
-    else:  # log sum_k w_k p_k, accumulated one teacher at a time: never K (B, T, V) tensors at once
-        log_p_t = None
-        for z, w in zip(teacher_logits, teacher_weights):
-            lp = F.log_softmax(z.detach().float() / temperature, dim=-1) + math.log(w)
-            log_p_t = lp if log_p_t is None else torch.logaddexp(log_p_t, lp)
+    else:
+        log_p_t = mixture_log_probs(teacher_logits, teacher_weights, temperature)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean()
     return (1 - alpha) * ce + alpha * temperature ** 2 * kl
+
+
+def mixture_log_probs(teacher_logits, teacher_weights, temperature):
+    """log sum_k w_k softmax(z_k / T), accumulated one teacher at a time: never K (B, T, V) tensors at once."""
+    log_p = None
+    for z, w in zip(teacher_logits, teacher_weights):
+        lp = F.log_softmax(z.detach().float() / temperature, dim=-1) + math.log(w)
+        log_p = lp if log_p is None else torch.logaddexp(log_p, lp)
+    return log_p
+
+
+def topk_distill_loss(student_logits, teacher_ids, teacher_probs, targets, alpha, temperature, renormalise=False):
+    """distill_loss with the teacher stored as its k likeliest tokens per position (ids j, probabilities p_j): the KL
+    over the k tokens plus one bucket for all the others, r = 1 - sum_j p_j, which the student gives
+    q_r = 1 - sum_j q_j (q = softmax(z_s / T)):
+        KL = sum_j p_j (log p_j - log q_j) + r (log r - log q_r)
+    the exact KL between the two distributions seen at that grain; with k = V it is distill_loss. renormalise=True
+    (an ablation) drops the bucket and rescales p to sum 1 instead, which makes the teacher over-confident."""
+    ce = F.cross_entropy(student_logits.flatten(0, 1), targets.flatten())
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    p = teacher_probs.float()
+    if renormalise:
+        p = p / p.sum(-1, keepdim=True)
+    kl = (torch.xlogy(p, p) - p * log_q.gather(-1, teacher_ids)).sum(-1)
+    if not renormalise:
+        log_q_rest = torch.logsumexp(log_q.scatter(-1, teacher_ids, float("-inf")), dim=-1)
+        r = torch.where(torch.isfinite(log_q_rest), (1 - p.sum(-1)).clamp_min(0), 0.0)  # k = V: no bucket
+        kl = kl + torch.xlogy(r, r) - torch.where(r > 0, r * log_q_rest, 0.0)
+    return (1 - alpha) * ce + alpha * temperature ** 2 * kl.mean()
 
 
 @torch.no_grad()
@@ -144,6 +176,8 @@ def validate(cfg, need, steps_per_epoch):
              "must be a finished run with prior.json: train it, then python eval.py <run> (scores it, fits the prior)")
         need(cfg.teacher_k >= 1, "teacher_k", "must be >= 1")
         need(cfg.student_init in ("scratch", "best"), "student_init", "must be scratch or best")
+    need(cfg.teacher_topk >= 0, "teacher_topk", "must be >= 0 (0: the teachers run online)")
+    need(cfg.teacher_topk == 0 or cfg.mode == "student", "teacher_topk", "is a mode=student key (0 otherwise)")
     need(cfg.num_trajectories >= 1, "num_trajectories", "must be >= 1")
     need(cfg.num_cycles >= 1, "num_cycles", "must be >= 1")
     need(round(cfg.epochs_per_cycle * steps_per_epoch) >= 1, "epochs_per_cycle",
@@ -164,8 +198,9 @@ def validate(cfg, need, steps_per_epoch):
 def describe_budget(cfg):
     if cfg.mode == "student":
         return (f"student: {cfg.epochs:g} epochs against the top {cfg.teacher_k} of {cfg.teacher_run}'s prior (a="
-                f"{cfg.distill_alpha}, T={cfg.distill_temperature}; {cfg.teacher_k} teacher forwards per step), from "
-                f"{cfg.student_init}")
+                f"{cfg.distill_alpha}, T={cfg.distill_temperature}; " + (f"{cfg.teacher_k} teacher forwards per step"
+                if not cfg.teacher_topk else f"its top {cfg.teacher_topk} per token from a file, computed once") +
+                f"), from {cfg.student_init}")
     total = cfg.num_trajectories * cfg.num_cycles * cfg.epochs_per_cycle
     teacher = ("the previous snapshot" if cfg.distill_teacher == "previous" else
                f"the prior's top {cfg.distill_teacher_k} of the earlier snapshots")
@@ -293,6 +328,83 @@ class Q0Plan:
             self.set_teacher(state["teacher"], self.member_state(state["teacher"]))
 
 
+class TeacherFile:
+    """The cheap teacher for a large K (teacher_topk = k > 0, issue 16): the mixture is computed once over a fixed grid
+    of windows of the train split (window w = tokens [wT, wT + T], stride T from the first token) and its k likeliest
+    tokens per position are stored beside the student, in out_dir/teacher_topk/: part i holds windows i, i+P, i+2P, ...
+    (P = the group size that made the file) as ids.i.npy (uint16 while the vocab fits) and probs.i.npy (float16), 4k
+    bytes per token (12.8 GB for 100M tokens at k = 32), each with its sha256 beside it. Group rank r computes parts
+    r, r + size, ..., so the K forwards are split over the ranks; a part is held in host memory until written, and one
+    that is missing or fails its sha256 is computed again at the next start. The student then trains from the file
+    with one forward per step. It is also the student's loader: the grid is shuffled each epoch by (seed, track,
+    epoch) but not re-chunked as EpochLoader does (a stored target belongs to its window); micro_batch is
+    EpochLoader's, and targets() are the stored top k of the micro-batch drawn last."""
+
+    def __init__(self, t, teachers, description):
+        c, env = t.cfg, t.env
+        self.tokens, self.T, self.R, self.key = t.data["train"], c.seq_len, c.batch_tokens // c.seq_len, (t.seed, t.track)
+        self.windows_per_epoch = (len(self.tokens) - 1) // c.seq_len
+        self.steps_per_epoch = self.windows_per_epoch // self.R
+        self.dir, self.k, self.temperature = Path(c.out_dir) / "teacher_topk", c.teacher_topk, c.distill_temperature
+        vocab = teachers[0][2].cfg.vocab_size
+        if self.k > vocab:
+            raise UserError(f"teacher_topk={self.k} is more than the teachers' vocab ({vocab}): use at most {vocab}", status=2)
+        spec = dict(teacher=description, k=self.k, temperature=self.temperature, seq_len=c.seq_len,
+                    windows=self.windows_per_epoch, train_sha256=t.data["train_meta"]["sha256"])
+        if env["group_rank"] == 0 and not (self.dir / "meta.json").exists():
+            write_json(dict(spec, parts=env["group_size"]), self.dir / "meta.json")
+        env["barrier"]()
+        meta = read_json(self.dir / "meta.json", "teacher file record", f"delete {self.dir}: it is computed again")
+        if {key: meta.get(key) for key in spec} != spec:
+            raise UserError(f"{self.dir} holds the targets of another teacher ({meta.get('teacher')}, k {meta.get('k')}, "
+                            f"T {meta.get('temperature')}) than this student's ({description}, k {self.k}, T "
+                            f"{self.temperature}): delete it (was prior.json refit?) and re-run; it is computed again")
+        self.parts = meta["parts"]
+        path = lambda kind, i: self.dir / f"{kind}.{i}.npy"
+        for i in range(env["group_rank"], self.parts, env["group_size"]):
+            if not (array_intact(path("ids", i)) and array_intact(path("probs", i))):
+                self.compute_part(i, teachers, t.env["device"], c.micro_batch_size, path)
+        env["barrier"]()
+        self.ids = [np.load(path("ids", i), mmap_mode="r") for i in range(self.parts)]
+        self.probs = [np.load(path("probs", i), mmap_mode="r") for i in range(self.parts)]
+        self.epoch, self.rows = None, None
+
+    @torch.no_grad()
+    def compute_part(self, i, teachers, device, batch_size, path):
+        t0, T, windows = time.time(), self.T, range(i, self.windows_per_epoch, self.parts)
+        shape, vocab = (len(windows), T, self.k), teachers[0][2].cfg.vocab_size
+        ids, probs = np.empty(shape, np.uint16 if vocab <= 2 ** 16 else np.int32), np.empty(shape, np.float16)
+        n, kept = 0, 0.0
+        for rows in window_batches(self.tokens, [(w * T, w * T + T + 1) for w in windows], batch_size, device):
+            with autocast(device):
+                logits = [m(rows[:, :-1]) for _, _, m in teachers]
+            top = mixture_log_probs(logits, [w for _, w, _ in teachers], self.temperature).topk(self.k, dim=-1)
+            p = top.values.exp()
+            probs[n:n + len(rows)], ids[n:n + len(rows)] = p.cpu().numpy(), top.indices.cpu().numpy()
+            kept, n = kept + p.sum(-1).sum().item(), n + len(rows)
+        save_array(ids, path("ids", i))
+        save_array(probs, path("probs", i))
+        print(f"teacher file part {i} of {self.parts}: {n * T:,} tokens, top {self.k} hold {kept / max(1, n * T):.4f} of "
+              f"the mixture's probability on average; {time.time() - t0:.1f} s", flush=True)
+
+    def micro_batch(self, step, micro_index, micro_rows, device):
+        epoch, b = divmod(step, self.steps_per_epoch)
+        if epoch != self.epoch:
+            self.epoch, self.order = epoch, np.random.default_rng([*self.key, epoch]).permutation(self.windows_per_epoch)
+        row0 = b * self.R + micro_index * micro_rows
+        self.rows, self.device = self.order[row0:row0 + micro_rows], device
+        rows = np.stack([self.tokens[w * self.T: w * self.T + self.T + 1] for w in self.rows])
+        rows = torch.from_numpy(rows.astype(np.int64)).to(device, non_blocking=True)
+        return rows[:, :-1], rows[:, 1:]
+
+    def targets(self):
+        """The stored (ids, probabilities) of the micro-batch drawn last: (B, T, k) each, int64 and float32."""
+        at = lambda arrays, w: arrays[w % self.parts][w // self.parts]
+        ids = np.stack([at(self.ids, w) for w in self.rows]).astype(np.int64)
+        probs = np.stack([at(self.probs, w) for w in self.rows]).astype(np.float32)
+        return torch.from_numpy(ids).to(self.device), torch.from_numpy(probs).to(self.device)
+
+
 class StudentPlan(train.SinglePlan):
     """mode=student (issue 16): one model trained for `epochs` on the train split against the learned-prior mixture of
     a finished run, loss = (1 - a) CE + a T^2 KL(p_mix || softmax(z_s / T)), p_mix = sum_k w_k softmax(z_k / T) over
@@ -301,8 +413,7 @@ class StudentPlan(train.SinglePlan):
     eval.py scores like any other. The teachers are rebuilt from prior.json and the member files on resume."""
 
     def __init__(self, t):
-        super().__init__(t)
-        c, run = self.cfg, Path(t.cfg.teacher_run)
+        c, run = t.cfg, Path(t.cfg.teacher_run)
         entry = read_json(run / "prior.json", "teacher prior", f"rewrite it with python eval.py {run}")["per_k"]
         entry = entry.get(str(c.teacher_k)) or entry[max(entry, key=int)]  # K past the population: all of it
         self.teachers, meta = [], t.data["meta"]
@@ -313,23 +424,32 @@ class StudentPlan(train.SinglePlan):
                                 f"{ckpt['data']['vocab_size']}), the student's data_dir holds {meta['tokenizer']} (vocab "
                                 f"{meta['vocab_size']}): use the teacher run's data_dir")
             self.teachers.append((name, w, model.requires_grad_(False)))
+        self.description = "mixture(" + ", ".join(f"{n} {w:.3f}" for n, w, _ in self.teachers) + f") of {run}"
+        self.file = TeacherFile(t, self.teachers, self.description) if c.teacher_topk else None
+        if self.file:  # the student's data is the file's window grid
+            t.loader, t.spe = self.file, self.file.steps_per_epoch
+        super().__init__(t)
         if c.student_init == "best":  # the prior's heaviest member; on resume the checkpoint's weights replace these
             try:
                 t.model.load_state_dict(self.teachers[0][2].state_dict())
             except RuntimeError:
                 raise UserError(f"student_init=best needs the student's model_size to be the teacher's "
                                 f"({self.teachers[0][2].cfg}); use student_init=scratch for another size") from None
-        self.description = "mixture(" + ", ".join(f"{n} {w:.3f}" for n, w, _ in self.teachers) + f") of {run}"
+        if self.file:  # the file holds what the K models would give: free them
+            self.teachers = [(n, w, None) for n, w, _ in self.teachers]
 
     def loss(self, model, x, y):
         z_s = model(x)
+        if self.file:
+            return topk_distill_loss(z_s, *self.file.targets(), y, self.cfg.distill_alpha, self.cfg.distill_temperature,
+                                     self.cfg.teacher_topk_renormalise)
         with torch.no_grad():
             z_t = [m(x) for _, _, m in self.teachers]
         return distill_loss(z_s, z_t, y, self.cfg.distill_alpha, self.cfg.distill_temperature,
                             [w for _, w, _ in self.teachers])
 
     def teacher_forwards(self):
-        return len(self.teachers)
+        return 0 if self.file else len(self.teachers)
 
     def on_boundary(self, t, step):
         t.save_member(dict(name="student", mode="student", track=0, cycle=0, seed=t.seed, epochs=self.cfg.epochs,

@@ -13,15 +13,17 @@ Launch:
 
 Budgets are in epochs of the train split. The world is split into min(world, tracks) process groups; each
 group trains its tracks (ensemble members, or q0's trajectories) one after another with DDP inside the group,
-so one process runs everything sequentially with the same results as one process per track. With several ranks
-per track the members differ slightly (dropout masks are drawn per rank, and fp32 reductions run in another order).
-Run folder: config.json, track<i>/{ckpt.pt, log.jsonl, manifest.json, lock}, members/<name>.pt.
+so one process runs everything sequentially with the same results as one process per track. Several ranks per
+track give the same members up to fp32 reduction order: every micro-batch of the global batch is the same rows with
+the same dropout masks (seeded by its place in the global batch, not by the rank) whatever the number of ranks.
+Run folder: config.json, track<i>/{ckpt.pt, started.json, log.jsonl, manifest.json, lock}, members/<name>.pt.
 The plan protocol (SinglePlan here; q0.Q0Plan, q0.StudentPlan): total_steps, boundaries, multipliers(step) -> (lr, wd
 multipliers), loss(model, x, y), on_boundary(track, step), teacher_forwards(), state_dict(), load_state_dict().
 """
 import json
 import math
 import os
+import socket
 import sys
 import threading
 import time
@@ -36,8 +38,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as gpt
 from common import (UserError, atomic_write, autocast, check_disk, eval_rows, load_config, load_data, lock, member_state,
-                    nbytes, prepare_run_dir, safe_load, save_member, save_torch, score_windows, setup_distributed,
-                    to_host)
+                    nbytes, prepare_run_dir, read_json, safe_load, save_member, save_torch, score_windows,
+                    setup_distributed, to_host, write_json)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -231,6 +233,7 @@ class Track:
         self.dir = Path(cfg.out_dir) / f"track{track}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_path = self.dir / "ckpt.pt"
+        self.started_path = self.dir / "started.json"  # written once its first checkpoint is on disk
         torch.manual_seed(self.seed)
         self.model = gpt.build(gpt.config_for(cfg.model_size, vocab_size=gpt.padded_vocab(data["meta"]["vocab_size"]),
                                               seq_len=cfg.seq_len, dropout=cfg.dropout), env["device"])
@@ -306,17 +309,24 @@ class Track:
         if self.env["group_rank"] != 0:
             return
         if not self.cfg.async_checkpoints:
-            return save_torch(state, self.ckpt_path)
+            return self.write_checkpoint(state)
         check_disk(self.ckpt_path, nbytes(state))  # a full disk stops the run here, not a checkpoint later
         state = to_host(state)  # a copy: the live tensors change under the writer
 
         def write():
             try:
-                save_torch(state, self.ckpt_path)
+                self.write_checkpoint(state)
             except BaseException as e:  # raised again in the training thread by finish_checkpoint
                 self.ckpt_error = e
         self.ckpt_writer = threading.Thread(target=write, name=f"ckpt-track{self.track}")
         self.ckpt_writer.start()
+
+    def write_checkpoint(self, state):
+        """ckpt.pt, then (the first time) started.json: from then on a start that finds no ckpt.pt stops instead of
+        training the trajectory again from step 0 (a node-local run folder, or a deleted checkpoint)."""
+        save_torch(state, self.ckpt_path)
+        if not self.started_path.exists():
+            write_json(dict(first_checkpoint_step=state["step"], host=socket.gethostname()), self.started_path)
 
     def finish_checkpoint(self):
         """Wait for the checkpoint being written, if any; raise its error, if it failed."""
@@ -328,10 +338,17 @@ class Track:
             raise error
 
     def load_checkpoint(self):
+        retrain = f"delete {self.dir} and re-run with --resume=True to train this trajectory again from step 0"
+        if not self.ckpt_path.exists() and self.started_path.exists():
+            first = read_json(self.started_path, "trajectory record", retrain)
+            raise UserError(f"track {self.track} has started ({self.started_path}: first checkpoint at step "
+                            f"{first['first_checkpoint_step']}, on {first['host']}) but {self.ckpt_path} is missing: this "
+                            f"node does not see the folder it was trained in (the run folder must be on a file system "
+                            f"every node sees), or the checkpoint was deleted. Point --out_dir at that folder, or {retrain}")
         if not self.ckpt_path.exists():  # killed before its first checkpoint: the track starts over
             self.drop_log_rows_after(-1)
             return
-        state = safe_load(self.ckpt_path, "checkpoint")
+        state = safe_load(self.ckpt_path, "checkpoint", retrain)
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as e:  # a shape mismatch: the data's vocab_size (its meta) changed under the run
@@ -404,13 +421,14 @@ class Track:
         step_time = 0.0
         while self.step < total:
             t0 = time.time()
-            # dropout RNG is a pure function of (seed, rank, step): a resumed run draws the same masks,
-            # and no RNG state has to be saved or gathered from the ranks
-            torch.manual_seed(((self.seed * 65_537) + env["group_rank"]) * 1_000_003 + self.step)
             self.set_multipliers(*self.plan.multipliers(self.step))
             loss_sum = torch.zeros((), device=dev)
             for a in range(self.accum):
-                x, y = self.loader.micro_batch(self.step, env["group_rank"] * self.accum + a, c.micro_batch_size, dev)
+                j = env["group_rank"] * self.accum + a  # this micro-batch's place in the global batch
+                # dropout masks are a pure function of (seed, j, step): the same rows get the same masks on any number
+                # of ranks, and a resumed run draws them again without saving or gathering RNG state
+                torch.manual_seed(((self.seed * 65_537) + j) * 1_000_003 + self.step)
+                x, y = self.loader.micro_batch(self.step, j, c.micro_batch_size, dev)
                 sync = ddp.no_sync() if (ddp and a < self.accum - 1) else nullcontext()
                 with sync:  # one `with`: no_sync() is a generator context manager and cannot be entered twice
                     with autocast(dev):

@@ -378,7 +378,8 @@ def test_resume_before_the_first_checkpoint_starts_over_without_duplicate_log_ro
     """A run killed after it logged but before its first checkpoint: the track restarts from step 0, and the
     rows it had logged are dropped rather than written a second time."""
     ref_dir, argv, _ = single_run
-    for p in [run_copy / "track0" / "ckpt.pt", run_copy / "track0" / "manifest.json", *(run_copy / "members").iterdir()]:
+    for p in [run_copy / "track0" / "ckpt.pt", run_copy / "track0" / "started.json", run_copy / "track0" / "manifest.json",
+              *(run_copy / "members").iterdir()]:  # what a run killed before its first checkpoint leaves
         p.unlink()
     code, out, err = run_train([a for a in argv if not a.startswith("--out_dir")] + [f"--out_dir={run_copy}", "--resume=True"])
     assert code == 0, err
@@ -449,8 +450,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, 
 def test_full_disk_stops_before_writing(tiny_data, tmp_path, monkeypatch):
     run_dir = tmp_path / "full"
 
-    def free_bytes(path):  # room for the first checkpoint only
-        return 0 if Path(path).name == "track0" and (run_dir / "track0" / "ckpt.pt").exists() else 1 << 40
+    def free_bytes(path):  # room for the first checkpoint (and the record that the track has started) only
+        return 0 if Path(path).name == "track0" and (run_dir / "track0" / "started.json").exists() else 1 << 40
     monkeypatch.setattr(common, "free_bytes", free_bytes)
     code, out, err = run_train(train_argv(tiny_data, run_dir, **SINGLE))
     assert code == 1
@@ -540,9 +541,10 @@ def test_process_group_timeout_is_the_config_value(monkeypatch):
     assert seen["timeout"] == datetime.timedelta(hours=3) and seen["backend"] == "gloo"
 
 
-def test_nan_gradient_with_a_finite_loss_takes_no_step(tiny_data, tmp_path, monkeypatch):
+def test_nan_gradient_with_a_finite_loss_takes_no_step(tiny_data, tmp_path, monkeypatch, fault):
     """An overflow in the backward pass leaves the loss finite and the gradients NaN (injected at step 8): the step
     must not be taken, nothing written from it, and the message must name the last good checkpoint truly."""
+    row = fault("NaN gradient, finite loss (single)", "backward of step 8")
     class NanBackward(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x):
@@ -569,6 +571,8 @@ def test_nan_gradient_with_a_finite_loss_takes_no_step(tiny_data, tmp_path, monk
     monkeypatch.undo()
     code, out, err = run_train(train_argv(tiny_data, run_dir, **SINGLE) + ["--resume=True"])  # the cause gone
     assert code == 0, err
+    row.trials = 1
+    row.result = "step not taken; one line naming step 8 and ckpt (step 6), which stays finite; resume finishes"
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.py")), ids=lambda p: p.name)
@@ -581,9 +585,10 @@ def test_every_shipped_config_loads_and_its_values_are_in_range(path):
 
 
 @pytest.mark.slow
-def test_a_second_trainer_on_a_running_track_is_refused(tiny_data, tmp_path):
+def test_a_second_trainer_on_a_running_track_is_refused(tiny_data, tmp_path, fault):
     """Two trainers on one run would interleave the log and tear checkpoints: the second is refused, naming the
     holder; once the holder is dead (SIGKILL: the kernel drops its lock) the resume goes ahead."""
+    row = fault("second trainer on a running track", "--resume=True while the first trains; then after its SIGKILL")
     run_dir = tmp_path / "r"
     argv, proc = spawn_until_first_checkpoint(tiny_data, run_dir)
     code, out, err = run_train(argv + ["--resume=True"])
@@ -593,6 +598,8 @@ def test_a_second_trainer_on_a_running_track_is_refused(tiny_data, tmp_path):
     proc.communicate(timeout=60)
     code, out, err = run_train(argv + ["--resume=True"])
     assert code == 0, err
+    row.trials = 2
+    row.result = "refused with one line naming the holder's pid and host; after the holder's death the resume runs"
 
 
 def test_a_run_folder_other_ranks_cannot_see_is_refused(tiny_data, tmp_path, monkeypatch):
@@ -619,9 +626,10 @@ def test_compile_on_cpu_trains_like_eager(tiny_data, tmp_path):
         assert compiled[step]["loss"] == pytest.approx(eager[step]["loss"], rel=1e-4), step
 
 
-def test_a_log_cut_short_is_noticed_on_resume(single_run, tmp_path):
+def test_a_log_cut_short_is_noticed_on_resume(single_run, tmp_path, fault):
     """The checkpoint counts the log's rows; a log.jsonl that lost rows (cut short, or rewritten by a killed resume
     before that was atomic) gets one warning naming how many, and the run goes on."""
+    row = fault("log.jsonl cut short (single)", "resume of a finished run, 3 rows left")
     run_dir, argv, _ = single_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
@@ -631,3 +639,5 @@ def test_a_log_cut_short_is_noticed_on_resume(single_run, tmp_path):
     code, out, err = run_train([a for a in argv if not a.startswith("--out_dir")] + [f"--out_dir={copy}", "--resume=True"])
     assert code == 0, err
     assert f"warning: {log} holds 3 rows up to step" in err and f"the checkpoint counted {len(rows)}" in err
+    row.trials = 1
+    row.result = "one warning naming the log and the rows lost; the run (weights, members) goes on intact"

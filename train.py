@@ -339,14 +339,15 @@ class Track:
 
     def load_checkpoint(self):
         retrain = f"delete {self.dir} and re-run with --resume=True to train this trajectory again from step 0"
-        if not self.ckpt_path.exists() and self.started_path.exists():
-            first = read_json(self.started_path, "trajectory record", retrain)
-            raise UserError(f"track {self.track} has started ({self.started_path}: first checkpoint at step "
-                            f"{first['first_checkpoint_step']}, on {first['host']}) but {self.ckpt_path} is missing: this "
-                            f"node does not see the folder it was trained in (the run folder must be on a file system "
-                            f"every node sees), or the checkpoint was deleted. Point --out_dir at that folder, or {retrain}")
-        if not self.ckpt_path.exists():  # killed before its first checkpoint: the track starts over
-            self.drop_log_rows_after(-1)
+        if not self.ckpt_path.exists():
+            if self.started_path.exists():
+                first = read_json(self.started_path, "trajectory record", retrain)
+                raise UserError(f"track {self.track} has started ({self.started_path}: first checkpoint at step "
+                                f"{first['first_checkpoint_step']}, on {first['host']}) but {self.ckpt_path} is missing: "
+                                f"this node does not see the folder it was trained in (the run folder must be on a file "
+                                f"system every node sees), or the checkpoint was deleted. Point --out_dir at that folder, "
+                                f"or {retrain}")
+            self.drop_log_rows_after(-1)  # killed before its first checkpoint: the track starts over
             return
         state = safe_load(self.ckpt_path, "checkpoint", retrain)
         try:

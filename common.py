@@ -389,9 +389,30 @@ def init_distributed(device, timeout_minutes=180):
     checkpoint or scoring more members; NCCL's default of 10 minutes would kill the job there."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if world > 1 and not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=timeout_minutes)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+                                timeout=timeout, **restart_store(world, rank, timeout))
     return world, rank
+
+
+def restart_store(world, rank, timeout):
+    """torchrun --max-restarts keeps one key-value store (its agent's) for every attempt and does not scope the keys
+    by attempt (torch 2.5-2.13, pytorch/pytorch#135712): a restarted rank can read the dead attempt's gloo address
+    or NCCL id and fail to connect ("Connection refused" or a hang: 8 of 12 test jobs, BENCHMARKS 5). On one node
+    every worker is restarted together, so TORCHELASTIC_RESTART_COUNT names the attempt on every rank: scope the
+    keys by it. Across nodes it does not (a healthy node restarts its workers without counting), so there the fix
+    is torchrun's own: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store per attempt). -> init_process_group kwargs."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    if os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
+        if rank == 0:
+            print("warning: torchrun restarted the workers on a store shared across attempts; if they fail to connect, "
+                  "launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", flush=True)
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    return dict(store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank, world_size=world)
 
 
 # -----------------------------------------------------------------------------------------------------

@@ -541,6 +541,33 @@ def test_process_group_timeout_is_the_config_value(monkeypatch):
     assert seen["timeout"] == datetime.timedelta(hours=3) and seen["backend"] == "gloo"
 
 
+def test_a_restart_on_one_node_scopes_the_store_keys_by_attempt(monkeypatch, capsys):
+    """torchrun's agent store outlives a worker restart with the dead attempt's keys in it: on one node they are
+    scoped by TORCHELASTIC_RESTART_COUNT; across nodes (counts differ) it says the launch fix; first attempts and
+    plain launches are left alone."""
+    import datetime
+    made = []
+    monkeypatch.setattr(common.dist, "TCPStore", lambda *a, **kw: made.append((a, kw)) or common.dist.HashStore())
+    env = dict(TORCHELASTIC_RESTART_COUNT="2", TORCHELASTIC_USE_AGENT_STORE="True", GROUP_WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    kw = common.restart_store(2, 1, datetime.timedelta(minutes=5))
+    assert made == [(("127.0.0.1", 29500, 2), dict(is_master=False, timeout=datetime.timedelta(minutes=5)))]
+    assert (kw["rank"], kw["world_size"]) == (1, 2)
+    kw["store"].set("rank_0", b"x")  # the prefix is the attempt's
+    assert made and common.dist.PrefixStore("attempt2", kw["store"].underlying_store).get("rank_0") == b"x"
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    assert common.restart_store(4, 0, datetime.timedelta(minutes=5)) == {}
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in capsys.readouterr().out
+    for k, v in (("GROUP_WORLD_SIZE", "1"), ("TORCHELASTIC_RESTART_COUNT", "0")):
+        monkeypatch.setenv(k, v)
+    assert common.restart_store(2, 0, datetime.timedelta(minutes=5)) == {}
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: fresh store
+    assert common.restart_store(2, 0, datetime.timedelta(minutes=5)) == {} and len(made) == 1
+
+
 def test_nan_gradient_with_a_finite_loss_takes_no_step(tiny_data, tmp_path, monkeypatch, fault):
     """An overflow in the backward pass leaves the loss finite and the gradients NaN (injected at step 8): the step
     must not be taken, nothing written from it, and the message must name the last good checkpoint truly."""

@@ -132,9 +132,10 @@ def existing_at(rows, budget):
     return [i for i, r in enumerate(rows) if r["budget_epochs"] <= budget]
 
 
-def best_k_on_fitness(F, V):
-    """Prior fit on fitness; the K (1, 2, 4, ... all) whose top-K mixture is best on fitness -> (fitness, K, val)."""
-    w, _ = prior.fit_em(F)
+def best_k_on_fitness(F, V, w=None):
+    """Prior fit on fitness (or w, that fit done already); the K (1, 2, 4, ... all) whose top-K mixture is best on
+    fitness -> (fitness, K, val)."""
+    w = prior.fit_em(F)[0] if w is None else w
     return min((prior.mixture_nll(F[top], wk), k, prior.mixture_nll(V[top], wk))
                for k in prior.ks_for(len(F)) for top, wk in [prior.top_k(w, k)])
 
@@ -165,15 +166,20 @@ def ensemble_curve(out, seed, member_epochs, budget=ensemble_budget):
     return [(k * member_epochs, prior.mixture_nll(V[:k], np.full(k, 1 / k))) for k in range(1, len(rows) + 1)]
 
 
-def population_curve(run_members, max_k=None):
-    """Val loss of the population as it existed at each budget: prior fit on fitness, top-K (K = all or max_k).
+def budget_priors(run_members):
+    """The prior (EM on fitness) of the population as it existed at each budget, fit once per budget: the curves
+    and the per-budget K all read these (at 64 members, EM is ~35 s a fit on this VM) -> [(budget, indices, w)]."""
+    rows, F, V = run_members
+    return [(b, idx, prior.fit_em(F[idx])[0]) for b in sorted({r["budget_epochs"] for r in rows})
+            for idx in [existing_at(rows, b)]]
+
+
+def population_curve(run_members, priors, max_k=None):
+    """Val loss of the population as it existed at each budget: its prior (budget_priors), top-K (K = all or max_k).
     run_members: members() of a run, read once by the caller."""
     rows, F, V = run_members
-    budgets = sorted({r["budget_epochs"] for r in rows})
     curve = []
-    for b in budgets:
-        idx = existing_at(rows, b)
-        w, _ = prior.fit_em(F[idx])
+    for b, idx, w in priors:
         k = len(idx) if max_k is None else min(max_k, len(idx))
         top, wk = prior.top_k(w, k)
         curve.append((b, prior.mixture_nll(V[idx][top], wk), prior.mixture_nll(V[idx], np.full(len(idx), 1 / len(idx)))))
@@ -202,7 +208,7 @@ def budget_to_reach(curve, target):
         if loss <= target:
             if prev is None or prev[1] == loss:
                 return b
-            (b0, l0), frac = prev, (prev[1] - target) / (prev[1] - loss)
+            b0, frac = prev[0], (prev[1] - target) / (prev[1] - loss)
             return math.exp(math.log(b0) + frac * (math.log(b) - math.log(b0)))
         prev = (b, loss)
     return None
@@ -225,8 +231,9 @@ def headline(out, seed, budget=ensemble_budget):
     cycles = round(budget / (q0_trajectories * q0_epochs_per_cycle))
     q0_run = run(f"q0{budget_tag(budget)}-s{seed}", out, q0_flags(seed, num_cycles=cycles, **headline_flags()))
     q0_members = members(q0_run)
-    q0_curve = population_curve(q0_members)
-    q0_matched = population_curve(q0_members, max_k=len(ens))
+    priors = budget_priors(q0_members)
+    q0_curve = population_curve(q0_members, priors)
+    q0_matched = population_curve(q0_members, priors, max_k=len(ens))
     target, ens_budget = ens[-1][1], ens[-1][0]
     res = dict(seed=seed, ensemble_size=len(ens), single=singles, best_single_epochs=best_E, ensemble=ens, q0=q0_curve, q0_matched=q0_matched,
                target=target, ensemble_budget=ens_budget)
@@ -317,10 +324,10 @@ def recipes(out, seed, best_E, shard=(0, 1)):
             run(name, out, flags)  # the headline's q0 run is the grid entry it equals: trained once
         if m := finished(out, name):
             rows, F, V = m
-            curves[name] = population_curve(m)
-            for b in sorted({r["budget_epochs"] for r in rows}):
-                idx = existing_at(rows, b)
-                best = best_k_on_fitness(F[idx], V[idx])
+            priors = budget_priors(m)
+            curves[name] = population_curve(m, priors)
+            for b, idx, w in priors:
+                best = best_k_on_fitness(F[idx], V[idx], w)
                 found.setdefault(b, []).append(dict(P=P, epochs_per_cycle=epc, K=best[1], fitness=best[0], val=best[2],
                                                     distill_after_epochs=None if d is None else d * epc))
     return dict(best={b: min(c, key=lambda r: r["fitness"]) for b, c in sorted(found.items())}, curves=curves)
@@ -513,9 +520,9 @@ def report(results, out):
     hs = list(results.get("headline", {}).values())
     for h in hs:
         print(f"\nseed {h['seed']}: val loss (nats/byte) against the epoch budget")
-        print(f"  single model   " + "  ".join(f"E={E}: {v:.4f}" for E, v, _ in h["single"]) + f"   (best on fitness: E={h['best_single_epochs']})")
-        print(f"  naive ensemble " + "  ".join(f"{b:g}: {l:.4f}" for b, l in h["ensemble"]))
-        print(f"  q0 (prior)     " + "  ".join(f"{b:g}: {l:.4f}" for b, l, _ in h["q0"]))
+        print("  single model   " + "  ".join(f"E={E}: {v:.4f}" for E, v, _ in h["single"]) + f"   (best on fitness: E={h['best_single_epochs']})")
+        print("  naive ensemble " + "  ".join(f"{b:g}: {l:.4f}" for b, l in h["ensemble"]))
+        print("  q0 (prior)     " + "  ".join(f"{b:g}: {l:.4f}" for b, l, _ in h["q0"]))
         print(f"  q0 (prior, K<={h['ensemble_size']}) " + "  ".join(f"{b:g}: {l:.4f}" for b, l, _ in h["q0_matched"]))
     if hs:
         print("\n| seed | best single (E) | naive ensemble (budget) | q0 budget to match, free K | ratio | matched K | ratio | q0 at ensemble budget | gap |")

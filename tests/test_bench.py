@@ -70,6 +70,26 @@ def test_best_k_is_chosen_on_fitness_and_val_only_reported():
     assert (k, fit, val) == (1, pytest.approx(1.0), pytest.approx(2.0))
 
 
+def test_population_curve_uses_one_prior_fit_per_budget(monkeypatch):
+    """Budget 2 holds members 0-1 (one 2 epochs in), budget 4 all three. Member 2 is perfect on fitness, so the
+    prior at 4 is all on it; the matched curve (K <= 1) and the free one read the same fit, done once per budget."""
+    rows = [dict(budget_epochs=2.0), dict(budget_epochs=2.0), dict(budget_epochs=4.0)]
+    F = np.log(np.array([[0.5] * 8, [0.25] * 8, [1.0] * 8]))
+    V = np.log(np.array([[0.5] * 8, [0.25] * 8, [0.125] * 8]))
+    fits = []
+    real = reproduce.prior.fit_em
+    monkeypatch.setattr(reproduce.prior, "fit_em", lambda L, **kw: fits.append(len(L)) or real(L, **kw))
+    priors = reproduce.budget_priors((rows, F, V))
+    free = reproduce.population_curve((rows, F, V), priors)
+    matched = reproduce.population_curve((rows, F, V), priors, max_k=1)
+    assert fits == [2, 3]
+    assert [b for b, *_ in free] == [2.0, 4.0]
+    assert free[0][1] == pytest.approx(math.log(2), abs=1e-6)  # EM puts all weight on member 0 (p 0.5 > 0.25)
+    assert free[0][2] == pytest.approx(-math.log(0.375))       # uniform over members 0-1
+    assert free[1][1] == pytest.approx(math.log(8), abs=1e-6) and matched[1][1] == pytest.approx(math.log(8), abs=1e-6)
+    assert free[1][2] == pytest.approx(-math.log((0.5 + 0.25 + 0.125) / 3))
+
+
 def test_claim_keeps_a_live_trainer_and_takes_over_a_dead_ones(tmp_path):
     run_dir = tmp_path / "runs" / "q0-s1"
     assert reproduce.claim(run_dir) and (run_dir / "TRAINING").read_text() == str(os.getpid())

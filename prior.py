@@ -27,8 +27,10 @@ import torch
 # -----------------------------------------------------------------------------
 method = "em"            # em | adamw: whose weights go into prior.json (both always run and compared)
 split = "fitness"        # the only split a prior is fit on; val is the test set
-em_iters = 5000          # EM iteration cap; each is one read of L: an exp and two matrix-vector products
-em_tol = 1e-9            # EM stops once an iteration lowers the objective by less (nats/token)
+em_iters = 5000          # cap on EM's passes over L after the first; each: an exp and two matrix-vector products
+em_tol = 1e-9            # EM stops once a step lowers the objective by less (nats/token)
+em_gap = 1e-7            # ... or once its certificate says it is this close to the optimum (nats/token)
+em_accelerate = True     # SQUAREM steps (fit_em): the same optimum in 9-18x fewer passes; False: plain EM
 adamw_lr = 0.5           # reference: AdamW on alpha, w = softmax(alpha), lr 0.5
 adamw_steps = 300        # reference: 300 full-batch steps
 adamw_clip = 1.0         # reference: gradient-norm clip
@@ -159,26 +161,53 @@ def objective_and_ratios(L, w, chunk=None):
     return f / L.shape[1], g / L.shape[1]
 
 
-def fit_em(L, iters=em_iters, tol=em_tol, chunk=None):
+def fit_em(L, iters=em_iters, tol=em_tol, gap=em_gap, accelerate=em_accelerate, chunk=None):
     """Exact EM for the mixture weights, from uniform:
         r_it = w_i p_i(t) / sum_j w_j p_j(t)      (responsibility of member i for token t)
         w_i <- mean_t r_it = w_i * mean_t p_i(t) / p_w(t) = w_i g_i
     Each step never raises f (EM is a minorise-maximise method) and keeps w on the simplex.
     g also certifies the fit: f(w) - min f <= log max_i g_i (Jensen), reported as info["gap"].
-    Stops when f drops by less than tol in an iteration, or after iters. One read of L per iteration."""
+    EM's steps shrink as small weights fade (thousands of passes at 64 members), so by default each step is a
+    SQUAREM step (Varadhan & Roland 2008, scheme S3): two EM steps w -> w1 -> w2, r = w1 - w, v = w2 - 2 w1 + w,
+        a = -|r| / |v|,   w' = w - 2a r + a^2 v      (a = -1 gives w2; a is halved towards -1 until w' >= 0)
+    then one EM step from w'; it is kept only if its objective is below w2's, else w2 is. So f never rises, as in
+    EM, and it reaches the optimum in 9-18x fewer passes on our populations (BENCHMARKS 4).
+    Stops when the gap is below `gap`, when a step lowers f by less than tol, or after iters passes over L."""
     t0 = time.time()
     L = as_scores(L)
     w = np.full(len(L), 1.0 / len(L))
     f, g = objective_and_ratios(L, w, chunk)
-    history, it = [f], 0
-    for it in range(1, iters + 1):
+    history, passes = [f], 0
+
+    def em_step(w, g):  # -> (f, g, w) one EM step on; one pass over L
         w = w * g
         w /= w.sum()  # exact maths keeps sum 1; this only stops rounding drift
-        f, g = objective_and_ratios(L, w, chunk)
+        return (*objective_and_ratios(L, w, chunk), w)
+
+    while passes < iters and np.log(g.max()) > gap:
+        f1, g1, w1 = new = em_step(w, g)
+        passes += 1
+        if accelerate and passes + 1 <= iters:
+            f2, g2, w2 = new = em_step(w1, g1)
+            passes += 1
+            r, v = w1 - w, w2 - 2 * w1 + w
+            if passes + 2 <= iters and np.linalg.norm(v) > 0:
+                a = -np.linalg.norm(r) / np.linalg.norm(v)
+                for _ in range(30):
+                    w_x = w - 2 * a * r + a * a * v
+                    if a >= -1 or w_x.min() >= 0:
+                        break
+                    a = (a - 1) / 2
+                if a < -1 and w_x.min() >= 0:
+                    w_x /= w_x.sum()
+                    tried = em_step(w_x, objective_and_ratios(L, w_x, chunk)[1])
+                    passes += 2
+                    new = tried if tried[0] < f2 else new
+        f, g, w = new
         history.append(f)
         if history[-2] - history[-1] < tol:
             break
-    info = dict(iterations=it, objective=history[-1], seconds=time.time() - t0, gap=float(np.log(g.max())),
+    info = dict(iterations=passes, objective=history[-1], seconds=time.time() - t0, gap=float(np.log(g.max())),
                 history=history)
     return w, info
 

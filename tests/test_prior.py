@@ -96,6 +96,22 @@ def test_em_monotone(seed):
     assert info["objective"] <= prior.mixture_nll(L, np.full(7, 1 / 7))  # never worse than uniform
 
 
+def test_squarem_reaches_plain_ems_optimum_in_fewer_passes():
+    """The accelerated fit (the default) and plain EM run to convergence find the same optimum; the accelerated
+    one never raises f, stops on the certificate (gap <= em_gap), and needs several times fewer passes over L."""
+    L, _ = synthetic_population(20_000, seed=3)
+    L = np.concatenate([L, L[:3] - 0.05])  # near-copies of three members: weights that fade slowly, EM's weak spot
+    w_sq, sq = prior.fit_em(L)
+    w_em, em = prior.fit_em(L, iters=50_000, tol=0.0, gap=1e-9, accelerate=False)
+    assert sq["gap"] <= 1e-6 and em["gap"] <= 1e-9
+    assert np.all(np.diff(sq["history"]) <= 1e-12)
+    assert sq["objective"] <= em["objective"] + prior.em_gap
+    np.testing.assert_allclose(w_sq, w_em, atol=1e-3)  # the optimum is flat in near-copies: weights agree loosely
+    assert sq["iterations"] * 4 < em["iterations"], (sq["iterations"], em["iterations"])
+    _, capped = prior.fit_em(L, iters=7)
+    assert capped["iterations"] <= 7  # the cap counts passes, accelerated or not
+
+
 # --- top-K and the baselines -------------------------------------------------
 
 def test_top_k_renormalises_hand_example():
@@ -287,12 +303,13 @@ def test_chunked_maths_equals_whole_array(chunked):
     for w in (np.full(6, 1 / 6), np.array([0.5, 0.0, 0.2, 0.3, 0.0, 0.0]), np.eye(6)[3]):
         assert prior.mixture_nll(L, w, chunk=chunk) == pytest.approx(ref_mixture_nll(A, w), abs=1e-10)
         assert prior.mixture_nll(L, w) == pytest.approx(ref_mixture_nll(A, w), abs=1e-10)  # default: one block
-    w, info = prior.fit_em(L, iters=200, tol=-np.inf, chunk=chunk)  # -inf: past convergence, where tol=0 would stop
-    w_ref, history, gap = ref_fit_em(A, 200, -np.inf)                 # on the first rise of rounding noise
+    plain = dict(accelerate=False, gap=-np.inf)  # the EM steps themselves; SQUAREM's are tested on their own
+    w, info = prior.fit_em(L, iters=200, tol=-np.inf, chunk=chunk, **plain)  # -inf: past convergence, where tol=0
+    w_ref, history, gap = ref_fit_em(A, 200, -np.inf)                 # would stop on the first rise of rounding noise
     np.testing.assert_allclose(w, w_ref, rtol=0, atol=1e-10)
     np.testing.assert_allclose(info["history"], history, rtol=0, atol=1e-10)
     assert info["gap"] == pytest.approx(gap, abs=1e-10) and info["iterations"] == 200
-    w, info = prior.fit_em(L, chunk=chunk)  # the default stopping rule stops at the same iteration
+    w, info = prior.fit_em(L, chunk=chunk, **plain)  # the tol stopping rule stops at the same iteration
     w_ref, history, _ = ref_fit_em(A, prior.em_iters, prior.em_tol)
     assert info["iterations"] == len(history) - 1
     np.testing.assert_allclose(w, w_ref, rtol=0, atol=1e-10)

@@ -185,10 +185,10 @@ def fit_em(L, iters=em_iters, tol=em_tol, gap=em_gap, accelerate=em_accelerate, 
         return (*objective_and_ratios(L, w, chunk), w)
 
     while passes < iters and np.log(g.max()) > gap:
-        f1, g1, w1 = new = em_step(w, g)
+        new = _, g1, w1 = em_step(w, g)
         passes += 1
         if accelerate and passes + 1 <= iters:
-            f2, g2, w2 = new = em_step(w1, g1)
+            new = f2, _, w2 = em_step(w1, g1)
             passes += 1
             r, v = w1 - w, w2 - 2 * w1 + w
             if passes + 2 <= iters and np.linalg.norm(v) > 0:

@@ -168,7 +168,7 @@ def ensemble_curve(out, seed, member_epochs, budget=ensemble_budget):
 
 def budget_priors(run_members):
     """The prior (EM on fitness) of the population as it existed at each budget, fit once per budget: the curves
-    and the per-budget K all read these (at 64 members, EM is ~35 s a fit on this VM) -> [(budget, indices, w)]."""
+    and the per-budget K all read these -> [(budget, indices, w)]."""
     rows, F, V = run_members
     return [(b, idx, prior.fit_em(F[idx])[0]) for b in sorted({r["budget_epochs"] for r in rows})
             for idx in [existing_at(rows, b)]]

@@ -1,9 +1,9 @@
 """
 q0.py: train a q0 population (primitives 1 and 2 of the q0 paper, arXiv 2606.03938, and the authors' reference
 script, github.com/qlabs-eng/slowrun unlimited/train.py): parallel cyclic trajectories with snapshots and chain
-distillation. The loop, checkpoints and process groups are train.py's; this file gives it one plan per trajectory:
-`multipliers(step)` (the schedule), `loss(model, x, y)`, `on_boundary(track, step)` (snapshot, teacher, noise)
-and a small state dict for checkpoints. Then `python eval.py RUN` scores the members and fits the prior (prior.py).
+distillation. The loop is train.py's (`train.train_track`); this file gives it one plan per trajectory: the
+schedule, the loss, and what happens at each cycle end. Then `python eval.py RUN` scores the members and fits the
+learned prior (primitive 3, prior.py).
 
 Launch:
     python q0.py configs/quickstart.py                                          # CPU, minutes
@@ -14,42 +14,46 @@ Launch:
         --rdzv_endpoint=$MASTER_HOST:29500 q0.py configs/fineweb_1p8b_q0.py     # 5 nodes: one trajectory each
     ... add --resume=True to continue a killed run exactly where its checkpoints left it.
 
-Primitive 1, cyclic schedule. A trajectory runs `num_cycles` cycles of L = epochs_per_cycle x
-steps_per_epoch steps. At step s of a cycle (s = 0 ... L-1), with f = lr_floor, w = wd_floor:
+Primitive 1, cyclic schedule. A trajectory runs `num_cycles` cycles; `cycle_ends` lists the step each one ends at
+(cycle c ends at c x L, L = epochs_per_cycle x steps_per_epoch). At step s of a cycle of L steps (s = 0 ... L-1),
+with f = lr_floor, w = wd_floor:
     linear (sawtooth):  lr_mult(s) = f + (1 - f) * (1 - s / L)
     cosine:             lr_mult(s) = f + (1 - f) * 0.5 * (1 + cos(pi * s / L))
     wd_mult(s) = w + (1 - w) * (1 - lr_mult(s)) / (1 - f)        (1 when constant_wd)
-so the LR is at its peak and the WD at w x base at a cycle's start, and the LR falls towards f x peak
-while the WD rises towards 1 x base at its end. At each cycle end: save the snapshot (a population
-member, with its manifest row), then add noise N(0, (scale_c * std(W))^2) to every weight tensor W,
-scale_c cosine-decayed from perturb_scale_start (first snapshot) to perturb_scale_end (last).
-Optimizer state is kept across cycles. P trajectories (seeds seed + i) run in parallel process groups.
+so the LR is at its peak and the WD at w x base at a cycle's start, and the LR falls towards f x peak while the WD
+rises towards 1 x base at its end. Optimizer state is kept across cycles. P trajectories (seeds seed + i) run in
+parallel process groups.
 
-Primitive 2, chain distillation. From cycle `distill_after_cycles` on, the teacher is the previous
-snapshot of the same trajectory (taken before the noise): frozen, eval mode, no grad, run online on
-the same micro-batch. Per token, with student logits z_s, teacher logits z_t, target y:
+At a cycle end, in this order (the loop evaluates first and checkpoints after; Q0Plan.at_save):
+    1. snapshot: save the weights as a population member (members/t<i>-c<cycle>.pt and its manifest row);
+    2. teacher:  from cycle distill_after_cycles on, the snapshot becomes the next cycle's teacher, exactly as saved;
+    3. noise:    add N(0, (scale_c * std(W))^2) to every weight tensor W, scale_c cosine-decayed from
+                 perturb_scale_start (first snapshot) to perturb_scale_end (last); mode=chain re-initialises instead.
+
+Primitive 2, chain distillation. The teacher is the previous snapshot of the same trajectory (taken before the
+noise): frozen, eval mode, no grad, run online on the same micro-batch. Per token, with student logits z_s,
+teacher logits z_t, target y:
     loss = (1 - a) * CE(z_s, y) + a * T^2 * KL( p_t || softmax(z_s / T) ),   p_t = softmax(z_t / T)
 distill_teacher="mixture" (not in the reference) makes the teacher the population's own ensemble instead: the
 learned prior (EM on the fitness split, prior.py) over all earlier snapshots of the trajectory, its top
 distill_teacher_k members renormalised, p_t = sum_k w_k softmax(z_k / T). Each snapshot's fitness log-probs are
-scored once when it is saved; the teacher costs K forward passes per step.
+scored once when it is saved; the teacher costs K forward passes per step. Teachers are small objects
+(PreviousSnapshot, MixtureTeacher) with one interface; their state goes into the checkpoint.
 
 mode=chain is the strong baseline of the Slowrun history from the same machinery: at each cycle end the
 model is re-initialised (fresh optimizer state, warmup again) instead of perturbed, so every member is a
 full model trained from scratch against its predecessor.
 
-mode=student turns a finished population back into one model: it trains for `epochs` (warmup + cosine) against the
-learned-prior mixture of `teacher_run`'s top `teacher_k` members with the same distill_loss (K teacher forwards per
-step), from scratch or from the prior's top member, and saves it as the member "student" (StudentPlan):
-    python eval.py runs/quickstart && python q0.py configs/quickstart.py --mode=student \
+mode=student (student.py) turns a finished population back into one model: it trains for `epochs` (warmup +
+cosine) against the learned-prior mixture of `teacher_run`'s top `teacher_k` members with the same distill_loss:
+    python eval.py runs/quickstart && python q0.py configs/quickstart.py --mode=student \\
         --teacher_run=runs/quickstart --epochs=32 --distill_alpha=0.9 --distill_temperature=1.0 --out_dir=runs/student
-With teacher_topk = k > 0 the mixture is computed once instead, its top k per token stored in a memory-mapped file
-(TeacherFile), and the student trains from it at one forward per step (loss: topk_distill_loss).
 """
+import bisect
 import copy
 import math
+import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,16 +62,17 @@ import torch
 import torch.nn.functional as F
 
 import prior
+import runtime
 import train
-from common import (UserError, array_intact, autocast, eval_rows, load_member, read_json, safe_load, save_array,
-                    score_windows, window_batches, write_json)
+from common import (eval_rows as eval_windows, load_config, load_data, prepare_run_dir, safe_load, score_windows,
+                    setup_distributed)
 
 
 # -----------------------------------------------------------------------------------------------------
 # defaults: train.py's keys (data, model, optimizer, logging) plus these; configs/*.py and --key=value override
 @dataclass
 class Q0Config(train.Config):
-    mode: str = "q0"                 # q0 | chain (each member re-initialised: the sequential-chain baseline) | student
+    mode: str = "q0"                 # q0 | chain (re-init, not noise, at each cycle end: the sequential-chain baseline) | student
     num_trajectories: int = 1        # P parallel trajectories (q0) or independent chains (chain)
     num_cycles: int = 4              # cycles (= snapshots) per trajectory
     epochs_per_cycle: float = 2.0    # epochs of the train split per cycle
@@ -78,7 +83,7 @@ class Q0Config(train.Config):
     constant_wd: bool = False        # ablation: WD multiplier fixed at 1
     perturb_scale_start: float = 0.25  # noise std after a snapshot, x each tensor's std, cosine-decayed
     perturb_scale_end: float = 0.05    # ... to this at the last cycle; both 0 = no noise
-    distill_after_cycles: int = 8    # cycles trained without a teacher; the snapshot of cycle k teaches cycle k+1
+    distill_after_cycles: int = 8    # distil from cycle max(1, this) + 1 on: the snapshot of cycle k teaches k+1
     distill_alpha: float = 0.45      # loss = (1-a) CE + a T^2 KL(teacher || student)
     distill_temperature: float = 1.2  # T
     distill_teacher: str = "previous"  # previous snapshot (reference) | mixture: the prior's top-K of earlier snapshots
@@ -140,26 +145,6 @@ def mixture_log_probs(teacher_logits, teacher_weights, temperature):
     return log_p
 
 
-def topk_distill_loss(student_logits, teacher_ids, teacher_probs, targets, alpha, temperature, renormalise=False):
-    """distill_loss with the teacher stored as its k likeliest tokens per position (ids j, probabilities p_j): the KL
-    over the k tokens plus one bucket for all the others, r = 1 - sum_j p_j, which the student gives
-    q_r = 1 - sum_j q_j (q = softmax(z_s / T)):
-        KL = sum_j p_j (log p_j - log q_j) + r (log r - log q_r)
-    the exact KL between the two distributions seen at that grain; with k = V it is distill_loss. renormalise=True
-    (an ablation) drops the bucket and rescales p to sum 1 instead, which makes the teacher over-confident."""
-    ce = F.cross_entropy(student_logits.flatten(0, 1), targets.flatten())
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    p = teacher_probs.float()
-    if renormalise:
-        p = p / p.sum(-1, keepdim=True)
-    kl = (torch.xlogy(p, p) - p * log_q.gather(-1, teacher_ids)).sum(-1)
-    if not renormalise:
-        log_q_rest = torch.logsumexp(log_q.scatter(-1, teacher_ids, float("-inf")), dim=-1)
-        r = torch.where(torch.isfinite(log_q_rest), (1 - p.sum(-1)).clamp_min(0), 0.0)  # k = V: no bucket
-        kl = kl + torch.xlogy(r, r) - torch.where(r > 0, r * log_q_rest, 0.0)
-    return (1 - alpha) * ce + alpha * temperature ** 2 * kl.mean()
-
-
 @torch.no_grad()
 def perturb_(model, scale, generator):
     """w <- w + N(0, (scale * std(w))^2), every tensor, from a generator seeded by (seed, cycle)."""
@@ -208,262 +193,203 @@ def describe_budget(cfg):
     distill = (f"chain distillation in cycles {first}-{cfg.num_cycles} (a={cfg.distill_alpha}, T={cfg.distill_temperature}, "
                f"teacher: {teacher})"
                if first <= cfg.num_cycles else "no chain distillation (distill_after_cycles >= num_cycles)")
+    between = ("each cycle ends in a fresh model (re-initialised, new optimizer state; perturb_scale_* unused)"
+               if cfg.mode == "chain" else f"noise {cfg.perturb_scale_start:g} -> {cfg.perturb_scale_end:g} x each tensor's std "
+               f"after each snapshot")
     return (f"{cfg.mode} budget: {cfg.num_trajectories} trajectories x {cfg.num_cycles} cycles x {cfg.epochs_per_cycle} "
-            f"epochs/cycle = {total:g} epochs, {cfg.num_trajectories * cfg.num_cycles} snapshots; {distill}")
+            f"epochs/cycle = {total:g} epochs, {cfg.num_trajectories * cfg.num_cycles} snapshots; {distill}; {between}")
 
 
-class Q0Plan:
-    """The per-track plan train.py's loop runs for mode=q0 and mode=chain (see the module docstring)."""
 
-    def __init__(self, t):
-        c = self.cfg = t.cfg
-        self.cycle_steps = round(c.epochs_per_cycle * t.spe)
-        self.total_steps = c.num_cycles * self.cycle_steps
-        self.boundaries = {k * self.cycle_steps for k in range(1, c.num_cycles + 1)}
-        self.track, self.device, self.model = t.track, t.env["device"], t.model  # the model: to copy as a teacher
-        self.teacher, self.teacher_fwd, self.teacher_name = None, None, None
-        self.mixture = []         # distill_teacher="mixture": [(name, weight, frozen model, its forward)]
-        self.fitness_scores = {}  # distill_teacher="mixture": each snapshot's fitness log-probs, for the prior
+# -----------------------------------------------------------------------------------------------------
+# teachers: a name (None until there is one), forwards per step, targets(x) -> (logits or [logits], weights or None),
+# at_snapshot(name, weights, model) at each cycle end, after_step(model), and a state for the checkpoint
+class PreviousSnapshot:
+    """The reference's teacher: the trajectory's previous snapshot, one frozen copy per rank, overwritten in place."""
 
-    def multipliers(self, step):
-        c = self.cfg
-        cycle, s = divmod(step, self.cycle_steps)
-        lr = lr_multiplier(s, self.cycle_steps, c.lr_floor, c.cycle_shape)
-        wd = 1.0 if c.constant_wd else wd_multiplier(lr, c.lr_floor, c.wd_floor)
-        warm = c.first_cycle_warmup_steps and (cycle == 0 or c.mode == "chain") and s < c.first_cycle_warmup_steps
-        return (lr * (s + 1) / c.first_cycle_warmup_steps if warm else lr), wd
+    def __init__(self, cfg, track, data, env):
+        self.cfg, self.track, self.device = cfg, track, env["device"]
+        self.name, self.model, self.fwd = None, None, None
 
-    def loss(self, model, x, y):
-        if self.teacher is None and not self.mixture:
-            return -model(x, y).mean()
-        z_s = model(x)  # (B, T, V) through DDP/compile, so gradients sync as usual
-        with torch.no_grad():
-            if self.mixture:
-                z_t, w = [fwd(x) for _, _, _, fwd in self.mixture], [w for _, w, _, _ in self.mixture]
-            else:
-                z_t, w = self.teacher_fwd(x), None
-        return distill_loss(z_s, z_t, y, self.cfg.distill_alpha, self.cfg.distill_temperature, w)
+    @property
+    def forwards(self):
+        return int(self.name is not None)
 
-    def teacher_forwards(self):
-        """Teacher forward passes per training forward (for MFU): 0, 1, or the mixture's K."""
-        return len(self.mixture) or int(self.teacher is not None)
+    def targets(self, x):
+        return self.fwd(x), None
 
-    def frozen_copy(self):
-        model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        return model, (torch.compile(model) if self.cfg.compile else model)
+    def at_snapshot(self, name, weights, model, active):
+        if active:  # the next cycle distils from this snapshot, exactly as saved
+            self.set(name, weights, model)
 
-    def set_teacher(self, name, state):
-        """One frozen teacher copy per rank, overwritten in place at each cycle end."""
-        if self.teacher is None:
-            self.teacher, self.teacher_fwd = self.frozen_copy()
-        self.teacher.load_state_dict({k: v.to(self.device) for k, v in state.items()})
-        self.teacher_name = name
+    def set(self, name, weights, model):
+        if self.model is None:
+            self.model, self.fwd = frozen_copy(model, self.cfg.compile)
+        self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
+        self.name = name
 
-    def mixture_members(self):
-        """The prior over every snapshot scored so far (EM on their fitness log-probs), top distill_teacher_k."""
+    def after_step(self, model):
+        pass  # room for an EMA-of-weights teacher
+
+    def state_dict(self):
+        return {"teacher": self.name}
+
+    def load_state_dict(self, state, model):
+        """On resume, the teacher is reloaded from its snapshot file: the exact weights it was distilled from."""
+        if state.get("teacher"):
+            self.set(state["teacher"], member_weights(self.cfg, self.track, state["teacher"]), model)
+
+
+class MixtureTeacher(PreviousSnapshot):
+    """distill_teacher=mixture: the learned prior over every earlier snapshot of the trajectory (EM on their fitness
+    log-probs, scored once per snapshot), its top distill_teacher_k renormalised. Frozen copies are reused."""
+
+    def __init__(self, cfg, track, data, env):
+        super().__init__(cfg, track, data, env)
+        self.fitness = data["fitness"]
+        self.members = []         # [(name, weight, frozen model, its forward)]
+        self.fitness_scores = {}  # each snapshot's fitness log-probs, for the prior
+
+    @property
+    def forwards(self):
+        return len(self.members)
+
+    def targets(self, x):
+        return [fwd(x) for _, _, _, fwd in self.members], [w for _, w, _, _ in self.members]
+
+    def at_snapshot(self, name, weights, model, active):
+        # log p(y | prefix) at every scored position of the fitness split, on every rank of the group alike (a few
+        # windows: cheaper than gathering)
+        self.fitness_scores[name] = score_windows(model, self.fitness, eval_windows(self.fitness, self.cfg.seq_len), self.device)
+        if active:
+            here = {name: weights}
+            self.set_members(self.choose(), lambda n: here[n] if n in here else member_weights(self.cfg, self.track, n), model)
+
+    def choose(self):
         names = list(self.fitness_scores)
         w, _ = prior.fit_em(np.stack([self.fitness_scores[n].double().numpy() for n in names]))
         idx, wk = prior.top_k(w, self.cfg.distill_teacher_k)
         keep = wk > 1e-3  # a member the prior gives (almost) nothing would cost a forward pass for nothing
         return [(names[i], float(x)) for i, x in zip(idx[keep], wk[keep] / wk[keep].sum())]
 
-    def set_mixture(self, chosen, load_state):
-        """chosen: [(name, weight)]; load_state(name) -> its weights. Frozen copies are reused across cycles."""
-        models = [(m, fwd) for _, _, m, fwd in self.mixture]
-        models += [self.frozen_copy() for _ in range(len(chosen) - len(models))]
+    def set_members(self, chosen, load_weights, model):
+        """chosen: [(name, weight)]; load_weights(name) -> its weights."""
+        models = [(m, fwd) for _, _, m, fwd in self.members]
+        models += [frozen_copy(model, self.cfg.compile) for _ in range(len(chosen) - len(models))]
         for (name, _), (m, _) in zip(chosen, models):
-            m.load_state_dict({k: v.to(self.device) for k, v in load_state(name).items()})
-        self.mixture = [(name, w, m, fwd) for (name, w), (m, fwd) in zip(chosen, models)]
-        self.teacher_name = "mixture(" + ", ".join(f"{n} {w:.3f}" for n, w in chosen) + ")"
-
-    def fitness_logprobs(self, t):
-        """log p(y | prefix) of the model at every scored position of the fitness split (eval_rows windows), on
-        every rank of the group alike (a few windows: cheaper than gathering)."""
-        tokens = t.data["fitness"]
-        return score_windows(t.model, tokens, eval_rows(tokens, self.cfg.seq_len), self.device)
-
-    def on_boundary(self, t, step):
-        c, cycle = self.cfg, step // self.cycle_steps  # cycles completed, 1-based snapshot index
-        name = f"t{self.track}-c{cycle:03d}"
-        epochs = cycle * c.epochs_per_cycle
-        state = t.save_member(dict(name=name, mode=c.mode, track=self.track, cycle=cycle, seed=t.seed, epochs=epochs,
-                                   budget_epochs=c.num_trajectories * epochs, teacher=self.teacher_name,
-                                   train_loss=t.last_loss))
-        if cycle == c.num_cycles:
-            return
-        if c.distill_teacher == "mixture":
-            self.fitness_scores[name] = self.fitness_logprobs(t)
-        if cycle >= c.distill_after_cycles and c.distill_teacher == "mixture":
-            here = {name: state}
-            self.set_mixture(self.mixture_members(), lambda n: here[n] if n in here else self.member_state(n))
-        elif cycle >= c.distill_after_cycles:  # the next cycle distils from this snapshot, exactly as saved
-            self.set_teacher(name, state)
-        gen = torch.Generator(device=self.device).manual_seed(t.seed * 10_007 + cycle)
-        if c.mode == "chain":  # a fresh model from scratch: new init, no optimizer memory
-            t.model.init_weights(generator=gen)
-            t.reset_optimizer_state()
-        else:
-            perturb_(t.model, perturb_scale(cycle, c.num_cycles, c.perturb_scale_start, c.perturb_scale_end), gen)
-        t.broadcast_weights()
+            m.load_state_dict({k: v.to(self.device) for k, v in load_weights(name).items()})
+        self.members = [(name, w, m, fwd) for (name, w), (m, fwd) in zip(chosen, models)]
+        self.name = "mixture(" + ", ".join(f"{n} {w:.3f}" for n, w in chosen) + ")"
 
     def state_dict(self):
-        if self.cfg.distill_teacher != "mixture":
-            return {"teacher": self.teacher_name}
-        return {"teacher": self.teacher_name, "mixture": [[n, w] for n, w, _, _ in self.mixture],
+        return {"teacher": self.name, "mixture": [[n, w] for n, w, _, _ in self.members],
                 "fitness": dict(self.fitness_scores)}
 
-    def member_state(self, name):
-        path = Path(self.cfg.out_dir) / "members" / f"{name}.pt"
-        return safe_load(path, "teacher snapshot",
-                         fix=f"the run cannot continue distilling from it: restore the file from a backup, or "
-                             f"delete {Path(self.cfg.out_dir) / f'track{self.track}'} to retrain this trajectory")["model"]
-
-    def load_state_dict(self, state):
-        """On resume, reload the teacher from its snapshot file(s): the exact weights it was distilled from."""
-        if "mixture" in state:
-            self.fitness_scores = dict(state["fitness"])
-            if state["mixture"]:
-                self.set_mixture([(n, w) for n, w in state["mixture"]], self.member_state)
-        elif state.get("teacher"):
-            self.set_teacher(state["teacher"], self.member_state(state["teacher"]))
+    def load_state_dict(self, state, model):
+        self.fitness_scores = dict(state["fitness"])
+        if state["mixture"]:
+            self.set_members([(n, w) for n, w in state["mixture"]], lambda n: member_weights(self.cfg, self.track, n), model)
 
 
-class TeacherFile:
-    """The cheap teacher for a large K (teacher_topk = k > 0, issue 16): the mixture is computed once over a fixed grid
-    of windows of the train split (window w = tokens [wT, wT + T], stride T from the first token) and its k likeliest
-    tokens per position are stored beside the student, in out_dir/teacher_topk/: part i holds windows i, i+P, i+2P, ...
-    (P = the group size that made the file) as ids.i.npy (uint16 while the vocab fits) and probs.i.npy (float16), 4k
-    bytes per token (12.8 GB for 100M tokens at k = 32), each with its sha256 beside it. Group rank r computes parts
-    r, r + size, ..., so the K forwards are split over the ranks; a part is held in host memory until written, and one
-    that is missing or fails its sha256 is computed again at the next start. The student then trains from the file
-    with one forward per step. It is also the student's loader: the grid is shuffled each epoch by (seed, track,
-    epoch) but not re-chunked as EpochLoader does (a stored target belongs to its window); micro_batch is
-    EpochLoader's, and targets() are the stored top k of the micro-batch drawn last."""
-
-    def __init__(self, t, load_teachers, description):
-        """load_teachers() -> [(name, weight, model)]: called only when a part has to be computed."""
-        c, env = t.cfg, t.env
-        self.tokens, self.T, self.R, self.key = t.data["train"], c.seq_len, c.batch_tokens // c.seq_len, (t.seed, t.track)
-        self.windows_per_epoch = (len(self.tokens) - 1) // c.seq_len
-        self.steps_per_epoch = self.windows_per_epoch // self.R
-        self.dir, self.k, self.temperature = Path(c.out_dir) / "teacher_topk", c.teacher_topk, c.distill_temperature
-        self.vocab = t.model.cfg.vocab_size  # the teachers' too: load_teachers checks they share the student's data
-        if self.k > self.vocab:
-            raise UserError(f"teacher_topk={self.k} is more than the teachers' vocab ({self.vocab}): use at most "
-                            f"{self.vocab}", status=2)
-        spec = dict(teacher=description, k=self.k, temperature=self.temperature, seq_len=c.seq_len,
-                    windows=self.windows_per_epoch, train_sha256=t.data["train_meta"]["sha256"])
-        if env["group_rank"] == 0 and not (self.dir / "meta.json").exists():
-            write_json(dict(spec, parts=env["group_size"]), self.dir / "meta.json")
-        env["barrier"]()
-        meta = read_json(self.dir / "meta.json", "teacher file record", f"delete {self.dir}: it is computed again")
-        if {key: meta.get(key) for key in spec} != spec:
-            raise UserError(f"{self.dir} holds the targets of another teacher ({meta.get('teacher')}, k {meta.get('k')}, "
-                            f"T {meta.get('temperature')}) than this student's ({description}, k {self.k}, T "
-                            f"{self.temperature}): delete it (was prior.json refit?) and re-run; it is computed again")
-        self.parts = meta["parts"]
-        path, teachers = (lambda kind, i: self.dir / f"{kind}.{i}.npy"), None
-        for i in range(env["group_rank"], self.parts, env["group_size"]):
-            if not (array_intact(path("ids", i)) and array_intact(path("probs", i))):
-                teachers = teachers or load_teachers()
-                self.compute_part(i, teachers, t.env["device"], c.micro_batch_size, path)
-        env["barrier"]()
-        self.ids = [np.load(path("ids", i), mmap_mode="r") for i in range(self.parts)]
-        self.probs = [np.load(path("probs", i), mmap_mode="r") for i in range(self.parts)]
-        self.epoch, self.rows = None, None
-
-    @torch.no_grad()
-    def compute_part(self, i, teachers, device, batch_size, path):
-        t0, T, windows = time.time(), self.T, range(i, self.windows_per_epoch, self.parts)
-        shape = (len(windows), T, self.k)
-        ids, probs = np.empty(shape, np.uint16 if self.vocab <= 2 ** 16 else np.int32), np.empty(shape, np.float16)
-        n, kept = 0, 0.0
-        for rows in window_batches(self.tokens, [(w * T, w * T + T + 1) for w in windows], batch_size, device):
-            with autocast(device):
-                logits = [m(rows[:, :-1]) for _, _, m in teachers]
-            top = mixture_log_probs(logits, [w for _, w, _ in teachers], self.temperature).topk(self.k, dim=-1)
-            p = top.values.exp()
-            probs[n:n + len(rows)], ids[n:n + len(rows)] = p.cpu().numpy(), top.indices.cpu().numpy()
-            kept, n = kept + p.sum(-1).sum().item(), n + len(rows)
-        save_array(ids, path("ids", i))
-        save_array(probs, path("probs", i))
-        print(f"teacher file part {i} of {self.parts}: {n * T:,} tokens, top {self.k} hold {kept / max(1, n * T):.4f} of "
-              f"the mixture's probability on average; {time.time() - t0:.1f} s", flush=True)
-
-    def micro_batch(self, step, micro_index, micro_rows, device):
-        epoch, b = divmod(step, self.steps_per_epoch)
-        if epoch != self.epoch:
-            self.epoch, self.order = epoch, np.random.default_rng([*self.key, epoch]).permutation(self.windows_per_epoch)
-        row0 = b * self.R + micro_index * micro_rows
-        self.rows, self.device = self.order[row0:row0 + micro_rows], device
-        rows = np.stack([self.tokens[w * self.T: w * self.T + self.T + 1] for w in self.rows])
-        rows = torch.from_numpy(rows.astype(np.int64)).to(device, non_blocking=True)
-        return rows[:, :-1], rows[:, 1:]
-
-    def targets(self):
-        """The stored (ids, probabilities) of the micro-batch drawn last: (B, T, k) each, int64 and float32."""
-        at = lambda arrays, w: arrays[w % self.parts][w // self.parts]
-        ids = np.stack([at(self.ids, w) for w in self.rows]).astype(np.int64)
-        probs = np.stack([at(self.probs, w) for w in self.rows]).astype(np.float32)
-        return torch.from_numpy(ids).to(self.device), torch.from_numpy(probs).to(self.device)
+def frozen_copy(model, compile):
+    copy_ = copy.deepcopy(model).eval().requires_grad_(False)
+    return copy_, (torch.compile(copy_) if compile else copy_)
 
 
-class StudentPlan(train.SinglePlan):
-    """mode=student (issue 16): one model trained for `epochs` on the train split against the learned-prior mixture of
-    a finished run, loss = (1 - a) CE + a T^2 KL(p_mix || softmax(z_s / T)), p_mix = sum_k w_k softmax(z_k / T) over
-    the prior's top teacher_k members (distill_loss with a list of teachers, as the mixture teacher of Q0Plan). The
-    schedule is the single model's (warmup + cosine); the student is saved as a normal member, "student", which
-    eval.py scores like any other. The teachers are rebuilt from prior.json and the member files on resume."""
+def member_weights(cfg, track, name):
+    path = Path(cfg.out_dir) / "members" / f"{name}.pt"
+    return safe_load(path, "teacher snapshot",
+                     fix=f"the run cannot continue distilling from it: restore the file from a backup, or "
+                         f"delete {Path(cfg.out_dir) / f'track{track}'} to retrain this trajectory")["model"]
 
-    def __init__(self, t):
-        c, run = t.cfg, Path(t.cfg.teacher_run)
-        entry = read_json(run / "prior.json", "teacher prior", f"rewrite it with python eval.py {run}")["per_k"]
-        entry = entry.get(str(c.teacher_k)) or entry[max(entry, key=int)]  # K past the population: all of it
-        pairs, meta = list(zip(entry["members"], entry["weights"])), t.data["meta"]
 
-        def load_teacher(name):
-            model, ckpt = load_member(run / "members" / f"{name}.pt", t.env["device"])
-            if (ckpt["data"]["tokenizer"], ckpt["data"]["vocab_size"]) != (meta["tokenizer"], meta["vocab_size"]):
-                raise UserError(f"teacher {name} of {run} was trained on {ckpt['data']['tokenizer']} tokens (vocab "
-                                f"{ckpt['data']['vocab_size']}), the student's data_dir holds {meta['tokenizer']} (vocab "
-                                f"{meta['vocab_size']}): use the teacher run's data_dir")
-            return model.requires_grad_(False)
-        load_all = lambda: [(n, w, load_teacher(n)) for n, w in pairs]
-        self.description = "mixture(" + ", ".join(f"{n} {w:.3f}" for n, w in pairs) + f") of {run}"
-        self.file = TeacherFile(t, load_all, self.description) if c.teacher_topk else None
-        if self.file:  # the student's data is the file's window grid; the file holds what the K models would give
-            t.loader, t.spe = self.file, self.file.steps_per_epoch
-        self.teachers = [(n, w, None) for n, w in pairs] if self.file else load_all()
-        super().__init__(t)
-        if c.student_init == "best":  # the prior's heaviest member; on resume the checkpoint's weights replace these
-            best = self.teachers[0][2] if self.teachers[0][2] is not None else load_teacher(pairs[0][0])
-            try:
-                t.model.load_state_dict(best.state_dict())
-            except RuntimeError:
-                raise UserError(f"student_init=best needs the student's model_size to be the teacher's "
-                                f"({best.cfg}); use student_init=scratch for another size") from None
+TEACHERS = {"previous": PreviousSnapshot, "mixture": MixtureTeacher}
 
-    def loss(self, model, x, y):
-        z_s = model(x)
-        if self.file:
-            return topk_distill_loss(z_s, *self.file.targets(), y, self.cfg.distill_alpha, self.cfg.distill_temperature,
-                                     self.cfg.teacher_topk_renormalise)
+
+# -----------------------------------------------------------------------------------------------------
+class Q0Plan:
+    """The plan train.py's loop runs for mode=q0 and mode=chain (its protocol: train.py, above SinglePlan)."""
+
+    def __init__(self, cfg, track, model, data, env):
+        self.cfg, self.track, self.model = cfg, track, model  # the model: to copy as a teacher on resume
+        self.loader = train.epoch_loader(cfg, track, data)
+        L = round(cfg.epochs_per_cycle * self.loader.steps_per_epoch)
+        self.cycle_ends = [c * L for c in range(1, cfg.num_cycles + 1)]  # the schedule: where each cycle ends
+        self.total_steps, self.save_steps = self.cycle_ends[-1], self.cycle_ends
+        self.teacher = TEACHERS[cfg.distill_teacher](cfg, track, data, env)
+        self.device = env["device"]
+
+    def multipliers(self, step):
+        c = self.cfg
+        cycle = bisect.bisect_right(self.cycle_ends, step)  # 0-based: the cycle this step is in
+        start = self.cycle_ends[cycle - 1] if cycle else 0
+        L, s = self.cycle_ends[cycle] - start, step - start
+        lr = lr_multiplier(s, L, c.lr_floor, c.cycle_shape)
+        wd = 1.0 if c.constant_wd else wd_multiplier(lr, c.lr_floor, c.wd_floor)
+        warm = c.first_cycle_warmup_steps and (cycle == 0 or c.mode == "chain") and s < c.first_cycle_warmup_steps
+        return (lr * (s + 1) / c.first_cycle_warmup_steps if warm else lr), wd
+
+    def loss(self, model, batch):
+        x, y = batch
+        if self.teacher.name is None:
+            return -model(x, y).mean()
+        z_s = model(x)  # (B, T, V) through DDP/compile, so gradients sync as usual
         with torch.no_grad():
-            z_t = [m(x) for _, _, m in self.teachers]
-        return distill_loss(z_s, z_t, y, self.cfg.distill_alpha, self.cfg.distill_temperature,
-                            [w for _, w, _ in self.teachers])
+            z_t, w = self.teacher.targets(x)
+        return distill_loss(z_s, z_t, y, self.cfg.distill_alpha, self.cfg.distill_temperature, w)
+
+    def after_step(self, model, step):
+        self.teacher.after_step(model)
+
+    def at_save(self, model, step, save):
+        """A cycle end: snapshot, teacher, noise (the module docstring). -> True when the optimizer starts afresh."""
+        c = self.cfg
+        cycle = self.cycle_ends.index(step) + 1  # 1-based snapshot index
+        name, epochs = f"t{self.track}-c{cycle:03d}", cycle * c.epochs_per_cycle
+        weights = save(dict(name=name, mode=c.mode, track=self.track, cycle=cycle, seed=c.seed + self.track,
+                            epochs=epochs, budget_epochs=c.num_trajectories * epochs, teacher=self.teacher.name))
+        if cycle == c.num_cycles:
+            return False
+        self.teacher.at_snapshot(name, weights, model, active=cycle >= c.distill_after_cycles)
+        gen = torch.Generator(device=self.device).manual_seed((c.seed + self.track) * 10_007 + cycle)
+        if c.mode == "chain":  # a fresh model from scratch: new init, no optimizer memory
+            model.init_weights(generator=gen)
+            return True
+        perturb_(model, perturb_scale(cycle, c.num_cycles, c.perturb_scale_start, c.perturb_scale_end), gen)
+        return False
 
     def teacher_forwards(self):
-        return 0 if self.file else len(self.teachers)
+        return self.teacher.forwards
 
-    def on_boundary(self, t, step):
-        t.save_member(dict(name="student", mode="student", track=0, cycle=0, seed=t.seed, epochs=self.cfg.epochs,
-                           budget_epochs=self.cfg.epochs, teacher=self.description, train_loss=t.last_loss))
+    def state_dict(self):
+        return self.teacher.state_dict()
+
+    def load_state_dict(self, state):
+        self.teacher.load_state_dict(state, self.model)
+
+
+def make_plan(cfg, track, model, data, env):
+    if cfg.mode == "student":
+        import student  # it imports this file (the losses); only a student run needs it
+        return student.StudentPlan(cfg, track, model, data, env)
+    return Q0Plan(cfg, track, model, data, env)
 
 
 def main(argv):
-    plan = lambda t: StudentPlan(t) if t.cfg.mode == "student" else Q0Plan(t)
-    train.main(argv, Q0Config, __doc__, ("q0", "chain", "student"), plan, validate, describe_budget)
+    with runtime.session(argv) as s:
+        cfg = s["cfg"] = load_config(Q0Config, argv, __doc__, ("q0", "chain", "student"))
+        data = load_data(cfg)
+        need, spe = train.validate(cfg, int(os.environ.get("WORLD_SIZE", 1)), len(data["train"]))
+        validate(cfg, need, spe)
+        env = setup_distributed(cfg)
+        prepare_run_dir(cfg, env, data, train.RESUME_SAFE_KEYS)
+        if env["rank"] == 0:
+            print(train.describe_setup(cfg, env, data))
+            print(describe_budget(cfg))
+        for track in env["my_tracks"]:  # one model in memory at a time
+            train.train_track(cfg, track, env, data, make_plan)
+        if env["rank"] == 0:
+            print(f"done: outputs in {cfg.out_dir}/ (config.json, track*/log.jsonl, members/*.pt); next: python eval.py {cfg.out_dir}")
 
 
 if __name__ == "__main__":

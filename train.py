@@ -1,7 +1,8 @@
 """
 train.py: train one model (mode=single), or the naive-ensemble baseline (mode=ensemble: `ensemble_size`
-independently seeded models). q0.py runs the population (cyclic trajectories, snapshots, chain distillation) with
-this same loop: it hands the loop a plan with the schedule, the loss and what to do at each cycle end.
+independently seeded models). In nanoGPT's order: the defaults, the data loader, the plan, the model and its
+optimizers, the loop. q0.py runs the population with this same loop: it hands `train_track` a plan of its own
+(the cyclic schedule, the distillation loss, and what happens at each cycle end).
 
 Launch:
     python train.py configs/shakespeare_single.py                     # CPU, minutes
@@ -16,20 +17,15 @@ group trains its tracks (ensemble members, or q0's trajectories) one after anoth
 so one process runs everything sequentially with the same results as one process per track. Several ranks per
 track give the same members up to fp32 reduction order: every micro-batch of the global batch is the same rows with
 the same dropout masks (seeded by its place in the global batch, not by the rank) whatever the number of ranks.
-Run folder: config.json, track<i>/{ckpt.pt, started.json, log.jsonl, manifest.json, lock}, members/<name>.pt.
-The plan protocol (SinglePlan here; q0.Q0Plan, q0.StudentPlan): total_steps, boundaries, multipliers(step) -> (lr, wd
-multipliers), loss(model, x, y), on_boundary(track, step), teacher_forwards(), state_dict(), load_state_dict().
+What keeps a run safe (resume, checkpoints, the lock, the log, signals) is runtime.py's; the loop calls it by name.
 """
 import json
 import math
 import os
-import socket
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,9 +33,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as gpt
-from common import (UserError, atomic_write, autocast, check_disk, eval_rows, load_config, load_data, lock, member_state,
-                    nbytes, prepare_run_dir, read_json, safe_load, save_member, save_torch, score_windows,
-                    setup_distributed, to_host, write_json)
+import runtime
+from common import (UserError, autocast, eval_rows as eval_windows, load_config, load_data, prepare_run_dir,
+                    score_windows, setup_distributed)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -47,7 +43,7 @@ from common import (UserError, atomic_write, autocast, check_disk, eval_rows, lo
 @dataclass
 class Config:
     # run
-    mode: str = "single"             # single | ensemble (q0.py: q0 | chain)
+    mode: str = "single"             # single | ensemble (q0.py: q0 | chain | student)
     out_dir: str = ""                # run folder; "" = runs/<config file name>
     resume: bool = False             # continue the run in out_dir from its checkpoints
     seed: int = 1337                 # track i: init and dropout from seed + i; data order from (seed, i, epoch)
@@ -186,15 +182,30 @@ class EpochLoader:
 
 
 # -----------------------------------------------------------------------------------------------------
-# single / ensemble schedule; q0.py supplies its own plan with the same four methods
+# the plan: what one track trains for (SinglePlan here; q0.Q0Plan and q0.StudentPlan). The loop asks it:
+#   plan.loader                        micro_batch(step, j, rows, device) -> a batch tuple; steps_per_epoch
+#   plan.total_steps, plan.save_steps  the steps; those that end by saving a member (q0: the cycle ends)
+#   plan.multipliers(step)             -> (lr multiplier, wd multiplier) for this step
+#   plan.loss(model, batch)            -> the micro-batch's mean loss
+#   plan.after_step(model, step)       after each optimizer step (a hook; nothing here)
+#   plan.at_save(model, step, save)    at a save step: save(row) writes the member -> its weights; returns True
+#                                      when the optimizer state must start afresh (q0's mode=chain)
+#   plan.teacher_forwards()            teacher forward passes per training forward (for MFU)
+#   plan.state_dict(), plan.load_state_dict(state)   its part of the checkpoint
+def epoch_loader(cfg, track, data):
+    return EpochLoader(data["train"], data["meta"]["doc_starts"], cfg.seq_len, cfg.batch_tokens // cfg.seq_len,
+                       cfg.seed, track)
+
+
 class SinglePlan:
     """LR multiplier: linear warmup over warmup_steps, then cosine (or linear) decay to min_lr_frac at the
     last step; WD multiplier 1. One member, saved at the end."""
 
-    def __init__(self, t):
-        self.cfg, self.track = t.cfg, t.track
-        self.total_steps = max(1, round(t.cfg.epochs * t.spe))
-        self.boundaries = {self.total_steps}
+    def __init__(self, cfg, track, model, data, env):
+        self.cfg, self.track = cfg, track
+        self.loader = epoch_loader(cfg, track, data)
+        self.total_steps = max(1, round(cfg.epochs * self.loader.steps_per_epoch))
+        self.save_steps = [self.total_steps]
 
     def multipliers(self, step):
         c = self.cfg
@@ -204,14 +215,19 @@ class SinglePlan:
         shape = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "none": 1.0}[c.decay]
         return c.min_lr_frac + (1 - c.min_lr_frac) * shape, 1.0
 
-    def loss(self, model, x, y):
+    def loss(self, model, batch):
+        x, y = batch
         return -model(x, y).mean()
 
-    def on_boundary(self, t, step):
-        name = "single" if self.cfg.mode == "single" else f"member{self.track}"
-        budget = self.cfg.epochs * (self.track + 1)  # members trained one after another
-        t.save_member(dict(name=name, mode=self.cfg.mode, track=self.track, cycle=0, seed=t.seed,
-                           epochs=self.cfg.epochs, budget_epochs=budget, teacher=None, train_loss=t.last_loss))
+    def after_step(self, model, step):
+        pass
+
+    def at_save(self, model, step, save):
+        c = self.cfg
+        name = "single" if c.mode == "single" else f"member{self.track}"
+        save(dict(name=name, mode=c.mode, track=self.track, cycle=0, seed=c.seed + self.track, epochs=c.epochs,
+                  budget_epochs=c.epochs * (self.track + 1), teacher=None))  # members trained one after another
+        return False
 
     def teacher_forwards(self):
         return 0
@@ -224,332 +240,189 @@ class SinglePlan:
 
 
 # -----------------------------------------------------------------------------------------------------
-class Track:
-    """One model's training: a single model, an ensemble member or a q0 trajectory (make_plan(track) -> its plan)."""
+# the model and its optimizers
+def make_optimizers(cfg, model, device):
+    """Muon (torch.optim.Muon) on the hidden 2-D matrices, AdamW on embedding and head; the same base weight decay on
+    all of them (embed_head_wd=False: on the Muon matrices only). The model has no scalars. Each group keeps its base
+    LR and WD from the config: the schedule multiplies them (set_multipliers)."""
+    hidden = [p for n, p in model.named_parameters() if n.startswith("blocks.")]
+    assert all(p.ndim == 2 for p in hidden), "Muon takes 2-D matrices only"
+    muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=0.95)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    adam = torch.optim.AdamW([dict(params=[model.embed.weight], lr=cfg.embed_lr), dict(params=[model.head.weight], lr=cfg.head_lr)],
+                             betas=cfg.adam_betas, eps=1e-10, weight_decay=cfg.weight_decay if cfg.embed_head_wd else 0.0, **fused)
+    set_base(cfg, muon, adam)
+    return muon, adam
 
-    def __init__(self, cfg, track, env, data, make_plan):
-        self.cfg, self.track, self.env, self.data = cfg, track, env, data
-        self.seed = cfg.seed + track
-        self.dir = Path(cfg.out_dir) / f"track{track}"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.ckpt_path = self.dir / "ckpt.pt"
-        self.started_path = self.dir / "started.json"  # written once its first checkpoint is on disk
-        torch.manual_seed(self.seed)
-        self.model = gpt.build(gpt.config_for(cfg.model_size, vocab_size=gpt.padded_vocab(data["meta"]["vocab_size"]),
-                                              seq_len=cfg.seq_len, dropout=cfg.dropout), env["device"])
-        self.accum = cfg.batch_tokens // (cfg.seq_len * cfg.micro_batch_size * env["group_size"])
-        self.loader = EpochLoader(data["train"], data["meta"]["doc_starts"], cfg.seq_len, cfg.batch_tokens // cfg.seq_len,
-                                  cfg.seed, track)
-        self.spe = self.loader.steps_per_epoch
-        self.make_optimizers()
-        self.step, self.last_loss = 0, float("nan")
-        self.ckpt_writer, self.ckpt_error = None, None  # the background checkpoint write, and its failure if any
-        self.log_rows = 0  # rows in log.jsonl: the checkpoint records it, so a log cut short is noticed on resume
-        self.plan = make_plan(self)
-        self.flops_per_step = self.model.flops_per_token() * cfg.batch_tokens
-        self.peak = gpt.peak_flops(env["device"])
 
-    def make_optimizers(self):
-        """Muon (torch.optim.Muon) on the hidden 2-D matrices, AdamW on embedding and head; the same base
-        weight decay on all of them (embed_head_wd=False: on the Muon matrices only). The model has no scalars."""
-        c, m = self.cfg, self.model
-        hidden = [p for n, p in m.named_parameters() if n.startswith("blocks.")]
-        assert all(p.ndim == 2 for p in hidden), "Muon takes 2-D matrices only"
-        self.muon = torch.optim.Muon(hidden, lr=c.muon_lr, weight_decay=c.weight_decay, momentum=0.95)
-        fused = {"fused": True} if self.env["device"].type == "cuda" else {}
-        self.adam = torch.optim.AdamW([dict(params=[m.embed.weight], lr=c.embed_lr), dict(params=[m.head.weight], lr=c.head_lr)],
-                                      betas=c.adam_betas, eps=1e-10, weight_decay=c.weight_decay if c.embed_head_wd else 0.0, **fused)
-        for opt in (self.muon, self.adam):
-            for g in opt.param_groups:
-                g["base_lr"], g["base_wd"] = g["lr"], g["weight_decay"]
+def set_base(cfg, muon, adam):
+    """The config's LRs and WD as each group's base (also after loading a checkpoint's optimizer state)."""
+    embed_head_wd = cfg.weight_decay if cfg.embed_head_wd else 0.0
+    for g, lr, wd in zip([*muon.param_groups, *adam.param_groups], [cfg.muon_lr, cfg.embed_lr, cfg.head_lr],
+                         [cfg.weight_decay, embed_head_wd, embed_head_wd]):
+        g["base_lr"], g["base_wd"] = lr, wd
 
-    def set_multipliers(self, lr_mult, wd_mult):
-        for opt in (self.muon, self.adam):
-            for g in opt.param_groups:
-                g["lr"], g["weight_decay"] = g["base_lr"] * lr_mult, g["base_wd"] * wd_mult
 
-    def broadcast_weights(self):
-        """Every rank of the group takes its first rank's weights: after a perturbation (or re-init) drawn from the same
-        seed on every rank they are already equal; this makes it certain, whatever the kernels, for one broadcast."""
-        if self.env["group_size"] > 1:
-            src = self.env["rank"] - self.env["group_rank"]
-            for p in self.model.parameters():
-                dist.broadcast(p.data, src=src, group=self.env["group"])
+def set_multipliers(optimizers, lr_mult, wd_mult):
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g["lr"], g["weight_decay"] = g["base_lr"] * lr_mult, g["base_wd"] * wd_mult
 
-    def reset_optimizer_state(self):
-        """Forget momentum and second moments (q0's mode=chain starts every member afresh)."""
-        self.muon.state.clear()
-        self.adam.state.clear()
 
-    # ---- checkpoints and members: written only from a finite state ---------------------------------------
-    def check_finite(self, what):
-        bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
-        if bad:
-            self.fail(f"weight {bad[0]} is not finite after step {self.step}, before writing {what}")
+def broadcast_weights(model, env):
+    """Every rank of the group takes its first rank's weights: after a perturbation (or re-init) drawn from the same
+    seed on every rank they are already equal; this makes it certain, whatever the kernels, for one broadcast."""
+    if env["group_size"] > 1:
+        for p in model.parameters():
+            dist.broadcast(p.data, src=env["rank"] - env["group_rank"], group=env["group"])
 
-    def fail(self, problem):
-        """Stop with the truth about what is on disk: nothing is written from the bad state."""
-        self.finish_checkpoint()
-        last = (f"{self.ckpt_path} (step {safe_load(self.ckpt_path, 'checkpoint')['step']})"
-                if self.ckpt_path.exists() else "none yet (the track would start over)")
-        raise UserError(f"track {self.track}: {problem}; nothing was saved from this state. Last good "
-                        f"checkpoint: {last}. Lower the learning rates (or grad_clip) and re-run with --resume=True")
 
-    def save_checkpoint(self):
-        """Snapshot the state into host memory, then write it on a background thread while training goes on (at 1.8B
-        a checkpoint is ~15 GB: written in line, the whole group would wait for the disk). One write at a time: the
-        previous one is finished (and renamed into place) before the next snapshot; a failed write stops the run at
-        the next checkpoint or at the end. async_checkpoints=False writes in line."""
-        self.check_finite("the checkpoint")
-        self.finish_checkpoint()
-        state = {"model": self.model.state_dict(), "muon": self.muon.state_dict(), "adam": self.adam.state_dict(),
-                 "step": self.step, "data_position": dict(zip(("epoch", "batch"), divmod(self.step, self.spe))),
-                 "last_loss": self.last_loss, "plan": self.plan.state_dict(), "config": asdict(self.cfg),
-                 "log_rows": self.log_rows}
-        if self.env["group_rank"] != 0:
-            return
-        if not self.cfg.async_checkpoints:
-            return self.write_checkpoint(state)
-        check_disk(self.ckpt_path, nbytes(state))  # a full disk stops the run here, not a checkpoint later
-        state = to_host(state)  # a copy: the live tensors change under the writer
-
-        def write():
-            try:
-                self.write_checkpoint(state)
-            except BaseException as e:  # raised again in the training thread by finish_checkpoint
-                self.ckpt_error = e
-        self.ckpt_writer = threading.Thread(target=write, name=f"ckpt-track{self.track}")
-        self.ckpt_writer.start()
-
-    def write_checkpoint(self, state):
-        """ckpt.pt, then (the first time) started.json: from then on a start that finds no ckpt.pt stops instead of
-        training the trajectory again from step 0 (a node-local run folder, or a deleted checkpoint)."""
-        save_torch(state, self.ckpt_path)
-        if not self.started_path.exists():
-            write_json(dict(first_checkpoint_step=state["step"], host=socket.gethostname()), self.started_path)
-
-    def finish_checkpoint(self):
-        """Wait for the checkpoint being written, if any; raise its error, if it failed."""
-        if self.ckpt_writer is not None:
-            self.ckpt_writer.join()
-            self.ckpt_writer = None
-        if self.ckpt_error is not None:
-            error, self.ckpt_error = self.ckpt_error, None
-            raise error
-
-    def load_checkpoint(self):
-        retrain = f"delete {self.dir} and re-run with --resume=True to train this trajectory again from step 0"
-        if not self.ckpt_path.exists():
-            if self.started_path.exists():
-                first = read_json(self.started_path, "trajectory record", retrain)
-                raise UserError(f"track {self.track} has started ({self.started_path}: first checkpoint at step "
-                                f"{first['first_checkpoint_step']}, on {first['host']}) but {self.ckpt_path} is missing: "
-                                f"this node does not see the folder it was trained in (the run folder must be on a file "
-                                f"system every node sees), or the checkpoint was deleted. Point --out_dir at that folder, "
-                                f"or {retrain}")
-            self.drop_log_rows_after(-1)  # killed before its first checkpoint: the track starts over
-            return
-        state = safe_load(self.ckpt_path, "checkpoint", retrain)
-        try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as e:  # a shape mismatch: the data's vocab_size (its meta) changed under the run
-            raise UserError(f"checkpoint {self.ckpt_path} does not fit the model this config and data build "
-                            f"({str(e).strip().splitlines()[-1].strip()[:160]}): the vocab_size in {self.cfg.data_dir}'s "
-                            f"meta or the model changed since it was written; use the original data or a new --out_dir") from None
-        self.muon.load_state_dict(state["muon"])
-        self.adam.load_state_dict(state["adam"])
-        self.plan.load_state_dict(state["plan"])
-        self.step, self.last_loss = state["step"], state["last_loss"]
-        self.drop_log_rows_after(self.step, state.get("log_rows", 0))
-        self.env["log"](f"track {self.track}: resumed from {self.ckpt_path} at step {self.step}")
-
-    def drop_log_rows_after(self, step, expected_rows=0):
-        """A resumed run redoes every step after its checkpoint: drop their log rows, so none appears twice. The
-        rewrite is atomic: a kill during it leaves the old log whole. Fewer rows than the checkpoint counted (a log
-        cut short or lost) cannot be rebuilt: say so, once, and go on (the run itself is whole)."""
-        log = self.dir / "log.jsonl"
-        keep = []
-        if self.env["group_rank"] == 0 and log.exists():
-            for row in log.read_text().splitlines():
-                try:
-                    keep += [row + "\n"] if json.loads(row)["step"] <= step else []
-                except ValueError:
-                    pass  # a line torn by a crash mid-append
-            atomic_write(log, lambda f: f.write("".join(keep).encode()))
-        if self.env["group_rank"] == 0 and len(keep) < expected_rows:
-            print(f"warning: {log} holds {len(keep)} rows up to step {step}, the checkpoint counted {expected_rows}: "
-                  f"{expected_rows - len(keep)} log rows were lost (the weights, optimizer state and members are intact)",
-                  file=sys.stderr, flush=True)
-        self.log_rows = len(keep)
-
-    def save_member(self, row):
-        self.check_finite(f"member {row['name']}")
-        state = member_state(self.model)
-        if self.env["group_rank"] == 0:
-            save_member(self.cfg.out_dir, row, self.model, self.data["meta"], state)
-        self.env["barrier"]()
-        return state
-
-    # ---- the loop -------------------------------------------------------------------------------------
-    def train(self):
-        held = lock(self.dir) if self.env["group_rank"] == 0 else None  # before this track's first write
-        try:
-            self.train_locked()
-            self.finish_checkpoint()
-        finally:
-            if self.ckpt_writer is not None:  # leaving on an error: let the write in flight finish whole
-                self.ckpt_writer.join()
-            if held:
-                held.close()
-
-    def train_locked(self):
-        c, env, dev = self.cfg, self.env, self.env["device"]
-        self.load_checkpoint()
-        total = self.plan.total_steps
-        if self.step >= total:
-            env["log"](f"track {self.track}: already finished ({total} steps)")
-            return
-        # DDP first, then compile the DDP module: dynamo splits the graph at DDP's buckets so the gradient all-reduce
-        # overlaps the backward (PyTorch's DDP + torch.compile notes); gradients live in the buckets (no copy)
-        ddp = DDP(self.model, process_group=env["group"], gradient_as_bucket_view=True) if env["group_size"] > 1 else None
-        fwd = ddp or self.model
-        fwd = torch.compile(fwd) if c.compile else fwd
-        every = lambda epochs: max(1, round(epochs * self.spe)) if epochs > 0 else None
-        eval_steps, ckpt_steps = every(c.eval_every_epochs), every(c.ckpt_every_epochs)
-        if self.step == 0:  # the starting point of the val curve
-            self.log_eval()
-        self.model.train()
-        step_time = 0.0
-        while self.step < total:
-            t0 = time.time()
-            self.set_multipliers(*self.plan.multipliers(self.step))
-            loss_sum = torch.zeros((), device=dev)
-            for a in range(self.accum):
-                j = env["group_rank"] * self.accum + a  # this micro-batch's place in the global batch
-                # dropout masks are a pure function of (seed, j, step): the same rows get the same masks on any number
-                # of ranks, and a resumed run draws them again without saving or gathering RNG state
-                torch.manual_seed(((self.seed * 65_537) + j) * 1_000_003 + self.step)
-                x, y = self.loader.micro_batch(self.step, j, c.micro_batch_size, dev)
-                sync = ddp.no_sync() if (ddp and a < self.accum - 1) else nullcontext()
-                with sync:  # one `with`: no_sync() is a generator context manager and cannot be entered twice
-                    with autocast(dev):
-                        loss = self.plan.loss(fwd, x, y) / self.accum
-                    loss.backward()
-                loss_sum += loss.detach()
-            # the grad norm before any step: an overflow in the backward pass can leave the loss finite
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip or float("inf"))
-            env["all_reduce"](loss_sum)
-            loss_value = loss_sum.item() / env["group_size"]
-            if not (math.isfinite(loss_value) and torch.isfinite(grad_norm)):
-                self.fail(f"loss is {loss_value} at step {self.step + 1} (grad norm {grad_norm.item():.4g}; the step was not taken)")
-            self.muon.step()
-            self.adam.step()
-            self.muon.zero_grad(set_to_none=True)
-            self.adam.zero_grad(set_to_none=True)
-            self.step += 1
-            step_time += time.time() - t0
-            self.last_loss = loss_value
-            if self.step % c.log_every == 0 or self.step == total:
-                steps = c.log_every if self.step % c.log_every == 0 else self.step % c.log_every
-                self.log_line(loss_value, step_time / steps)
-                step_time = 0.0
-            # eval before the boundary hook: q0 perturbs the weights right after its snapshot
-            if (eval_steps and self.step % eval_steps == 0) or self.step == total:
-                self.log_eval()
-            if self.step in self.plan.boundaries:
-                self.plan.on_boundary(self, self.step)
-            if (ckpt_steps and self.step % ckpt_steps == 0) or self.step in self.plan.boundaries or self.step == total:
-                self.save_checkpoint()
-
-    @torch.no_grad()
-    def evaluate(self, split):
-        """Mean loss over the split's windows (eval_rows), the group's ranks sharing them."""
-        env = self.env
-        windows = eval_rows(self.data[split], self.cfg.seq_len, self.cfg.eval_tokens)[env["group_rank"]::env["group_size"]]
-        lp = score_windows(self.model, self.data[split], windows, env["device"])
-        total = torch.tensor([-lp.double().sum().item(), lp.numel()], dtype=torch.float64, device=env["device"])
-        env["all_reduce"](total)
-        return (total[0] / total[1]).item()
-
-    def log_eval(self):
-        losses = {s: self.evaluate(s) for s in ("val", "fitness")}
-        if not all(map(math.isfinite, losses.values())):
-            self.fail(f"eval loss is not finite after step {self.step} ({losses})")
-        self.env["log"](f"track {self.track} | step {self.step} | epoch {self.step / self.spe:.2f} | "
-                        f"val {losses['val']:.4f} | fitness {losses['fitness']:.4f}")
-        self.jsonl(dict(kind="eval", step=self.step, epoch=self.step / self.spe, **losses))
-
-    def log_line(self, loss, dt):
-        c, total = self.cfg, self.plan.total_steps
-        g = self.muon.param_groups[0]
-        tok_s = c.batch_tokens / dt if dt > 0 else float("nan")
-        flops = self.flops_per_step * (3 + self.plan.teacher_forwards()) / 3  # a teacher forward is 1/3 of fwd + bwd
-        mfu = f"{flops / dt / (self.peak * self.env['group_size']) * 100:5.1f}%" if self.peak and dt > 0 else "    -"
-        eta = (total - self.step) * dt
-        self.env["log"](f"track {self.track} | step {self.step:6d}/{total} ({100 * self.step / total:5.1f}%) | "
-                        f"epoch {self.step / self.spe:7.2f} | loss {loss:.4f} | lr {g['lr']:.2e} | wd {g['weight_decay']:.3f} | "
-                        f"{dt * 1000:7.1f} ms | {tok_s:9,.0f} tok/s | mfu {mfu} | eta {eta / 60:6.1f} min")
-        self.jsonl(dict(kind="train", step=self.step, epoch=self.step / self.spe, loss=loss, lr=g["lr"],
-                        wd=g["weight_decay"], ms=dt * 1000, tok_s=tok_s))
-
-    def jsonl(self, row):
-        if self.env["group_rank"] == 0:
-            try:
-                with open(self.dir / "log.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                self.log_rows += 1
-            except OSError as e:  # a full disk: a torn last line is dropped on resume
-                raise UserError(f"could not append to {self.dir / 'log.jsonl'} ({e.strerror or e}). Earlier files are "
-                                f"intact; fix it (free space?) and re-run with --resume=True") from None
+@torch.no_grad()
+def evaluate(model, tokens, cfg, env):
+    """Mean loss over the split's windows (eval_windows), the group's ranks sharing them."""
+    windows = eval_windows(tokens, cfg.seq_len, cfg.eval_tokens)[env["group_rank"]::env["group_size"]]
+    lp = score_windows(model, tokens, windows, env["device"])
+    total = torch.tensor([-lp.double().sum().item(), lp.numel()], dtype=torch.float64, device=env["device"])
+    env["all_reduce"](total)
+    return (total[0] / total[1]).item()
 
 
 # -----------------------------------------------------------------------------------------------------
-def main(argv, config_class=Config, doc=__doc__, modes=("single", "ensemble"), make_plan=SinglePlan, validate_more=None,
-         describe=None):
-    """Everything a launch does, for train.py and q0.py alike (q0.py passes its config, plan, checks and budget line):
-    read the config, check it, set up, train this rank's tracks. A problem the user must fix prints one message
-    (exit 2 for a bad config, 1 otherwise); Ctrl-C says how to resume."""
-    cfg = None
-    try:
-        cfg = load_config(config_class, argv, doc, modes)
+# the loop: one track from its checkpoint (or step 0) to its last step
+def train_track(cfg, track, env, data, make_plan):
+    dev, seed = env["device"], cfg.seed + track
+    torch.manual_seed(seed)
+    model = gpt.build(gpt.config_for(cfg.model_size, vocab_size=gpt.padded_vocab(data["meta"]["vocab_size"]),
+                                     seq_len=cfg.seq_len, dropout=cfg.dropout), dev)
+    muon, adam = make_optimizers(cfg, model, dev)
+    run = runtime.TrackRun(cfg, track, env, data["meta"])
+    plan = make_plan(cfg, track, model, data, env)
+    spe, total, accum = plan.loader.steps_per_epoch, plan.total_steps, grad_accum(cfg, env)
+    step, last_loss = 0, float("nan")
+    with run:
+        state = run.resume()
+        if state:
+            run.load_model(model, state["model"])
+            muon.load_state_dict(state["muon"])
+            adam.load_state_dict(state["adam"])
+            set_base(cfg, muon, adam)
+            plan.load_state_dict(state["plan"])
+            step, last_loss = state["step"], state["last_loss"]
+        if step >= total:
+            return run.log(f"track {track}: already finished ({total} steps)")
+        # DDP first, then compile the DDP module: dynamo splits the graph at DDP's buckets so the gradient all-reduce
+        # overlaps the backward (PyTorch's DDP + torch.compile notes); gradients live in the buckets (no copy)
+        ddp = DDP(model, process_group=env["group"], gradient_as_bucket_view=True) if env["group_size"] > 1 else None
+        fwd = torch.compile(ddp or model) if cfg.compile else (ddp or model)
+        every = lambda epochs: max(1, round(epochs * spe)) if epochs > 0 else None
+        eval_steps, ckpt_steps = every(cfg.eval_every_epochs), every(cfg.ckpt_every_epochs)
+        flops_per_step, peak = model.flops_per_token() * cfg.batch_tokens, gpt.peak_flops(dev)
+        checkpoint_state = lambda: {"model": model.state_dict(), "muon": muon.state_dict(), "adam": adam.state_dict(),
+                                    "step": step, "data_position": dict(zip(("epoch", "batch"), divmod(step, spe))),
+                                    "last_loss": last_loss, "plan": plan.state_dict()}
+
+        def log_eval():
+            losses = {s: evaluate(model, data[s], cfg, env) for s in ("val", "fitness")}
+            if not all(map(math.isfinite, losses.values())):
+                run.fail(f"eval loss is not finite after step {step} ({losses})")
+            run.log(f"track {track} | step {step} | epoch {step / spe:.2f} | val {losses['val']:.4f} | "
+                    f"fitness {losses['fitness']:.4f}")
+            run.log_row(dict(kind="eval", step=step, epoch=step / spe, **losses))
+
+        if step == 0:  # the starting point of the val curve
+            log_eval()
+        model.train()
+        step_time = 0.0
+        while step < total:
+            t0 = time.time()
+            set_multipliers((muon, adam), *plan.multipliers(step))
+            loss_sum = torch.zeros((), device=dev)
+            for a in range(accum):
+                j = env["group_rank"] * accum + a  # this micro-batch's place in the global batch
+                # dropout masks are a pure function of (seed, j, step): the same rows get the same masks on any number
+                # of ranks, and a resumed run draws them again without saving or gathering RNG state
+                torch.manual_seed(((seed * 65_537) + j) * 1_000_003 + step)
+                batch = plan.loader.micro_batch(step, j, cfg.micro_batch_size, dev)
+                sync = ddp.no_sync() if (ddp and a < accum - 1) else nullcontext()
+                with sync:  # one `with`: no_sync() is a generator context manager and cannot be entered twice
+                    with autocast(dev):
+                        loss = plan.loss(fwd, batch) / accum
+                    loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            # the group's mean loss, and whether any rank was asked to stop (so all stop after the same step)
+            stats = torch.stack([loss_sum, torch.tensor(float(run.signal_pending()), device=dev)])
+            env["all_reduce"](stats)
+            loss_value, stop_asked = stats[0].item() / env["group_size"], stats[1].item() > 0
+            run.check_step(step, loss_value, grad_norm)
+            muon.step()
+            adam.step()
+            muon.zero_grad(set_to_none=True)
+            adam.zero_grad(set_to_none=True)
+            step += 1
+            plan.after_step(model, step)
+            step_time += time.time() - t0
+            last_loss = loss_value
+            if step % cfg.log_every == 0 or step == total:
+                dt = step_time / (cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every)
+                g = muon.param_groups[0]
+                tok_s = cfg.batch_tokens / dt if dt > 0 else float("nan")
+                flops = flops_per_step * (3 + plan.teacher_forwards()) / 3  # a teacher forward is 1/3 of fwd + bwd
+                mfu = f"{flops / dt / (peak * env['group_size']) * 100:5.1f}%" if peak and dt > 0 else "    -"
+                run.log(f"track {track} | step {step:6d}/{total} ({100 * step / total:5.1f}%) | epoch {step / spe:7.2f} | "
+                        f"loss {loss_value:.4f} | lr {g['lr']:.2e} | wd {g['weight_decay']:.3f} | {dt * 1000:7.1f} ms | "
+                        f"{tok_s:9,.0f} tok/s | mfu {mfu} | eta {(total - step) * dt / 60:6.1f} min")
+                run.log_row(dict(kind="train", step=step, epoch=step / spe, loss=loss_value, lr=g["lr"],
+                                 wd=g["weight_decay"], ms=dt * 1000, tok_s=tok_s))
+                step_time = 0.0
+            # eval before the save step: q0 perturbs the weights right after its snapshot
+            if (eval_steps and step % eval_steps == 0) or step == total:
+                log_eval()
+            if step in plan.save_steps:
+                save = lambda row: run.save_member(dict(row, train_loss=last_loss), model, step)
+                if plan.at_save(model, step, save):
+                    muon.state.clear()  # a fresh model (q0's mode=chain): no optimizer memory either
+                    adam.state.clear()
+                broadcast_weights(model, env)
+            if (ckpt_steps and step % ckpt_steps == 0) or step in plan.save_steps or step == total:
+                run.checkpoint(step, model, checkpoint_state())
+            run.stop_if_asked(step, model, checkpoint_state, stop_asked)
+
+
+def grad_accum(cfg, env):
+    """Micro-batches per rank per step: batch_tokens = seq_len x micro_batch_size x accum x ranks per track."""
+    return cfg.batch_tokens // (cfg.seq_len * cfg.micro_batch_size * env["group_size"])
+
+
+def describe_setup(cfg, env, data):
+    """The batch arithmetic, once (most nanoGPT questions are about exactly this)."""
+    with torch.device("meta"):  # sizes only: no memory, no init
+        m = gpt.GPT(gpt.config_for(cfg.model_size, vocab_size=gpt.padded_vocab(data["meta"]["vocab_size"]), seq_len=cfg.seq_len))
+    accum = grad_accum(cfg, env)
+    spe = EpochLoader.num_windows(len(data["train"]), cfg.seq_len) // (cfg.batch_tokens // cfg.seq_len)
+    return "\n".join([
+        "config: " + json.dumps(asdict(cfg)),
+        f"model: {cfg.model_size}, {m.num_params() / 1e6:.2f}M params, {m.flops_per_token() / 1e6:.1f} "
+        f"MFLOPs/token | data: {len(data['train']):,} train tokens ({data['meta']['tokenizer']}), {len(data['val']):,} "
+        f"val, {len(data['fitness']):,} fitness",
+        f"batch: {cfg.micro_batch_size} seqs x {cfg.seq_len} tokens x {accum} accum x {env['group_size']} ranks/track = "
+        f"{cfg.batch_tokens:,} tokens/step | {spe} steps/epoch | {cfg.num_tracks()} track(s) on {env['world']} rank(s) "
+        f"in {env['world'] // env['group_size']} group(s) | device {env['device']}"])
+
+
+def main(argv):
+    with runtime.session(argv) as s:
+        cfg = s["cfg"] = load_config(Config, argv, __doc__, ("single", "ensemble"))
         data = load_data(cfg)
-        need, spe = validate(cfg, int(os.environ.get("WORLD_SIZE", 1)), len(data["train"]))
-        if validate_more:
-            validate_more(cfg, need, spe)
+        validate(cfg, int(os.environ.get("WORLD_SIZE", 1)), len(data["train"]))
         env = setup_distributed(cfg)
         prepare_run_dir(cfg, env, data, RESUME_SAFE_KEYS)
-        t = Track(cfg, env["my_tracks"][0], env, data, make_plan)
         if env["rank"] == 0:
-            print("config:", json.dumps(asdict(cfg)))
-            print(f"model: {cfg.model_size}, {t.model.num_params() / 1e6:.2f}M params, {t.model.flops_per_token() / 1e6:.1f} MFLOPs/token | "
-                  f"data: {len(data['train']):,} train tokens ({data['meta']['tokenizer']}), {len(data['val']):,} val, "
-                  f"{len(data['fitness']):,} fitness")
-            print(f"batch: {cfg.micro_batch_size} seqs x {cfg.seq_len} tokens x {t.accum} accum x {env['group_size']} ranks/track = "
-                  f"{cfg.batch_tokens:,} tokens/step | {t.spe} steps/epoch | {cfg.num_tracks()} track(s) on {env['world']} rank(s) "
-                  f"in {env['world'] // env['group_size']} group(s) | device {env['device']}")
-            if describe:
-                print(describe(cfg))
-        t.train()
-        for track in env["my_tracks"][1:]:  # one model in memory at a time
-            del t
-            t = Track(cfg, track, env, data, make_plan)
-            t.train()
+            print(describe_setup(cfg, env, data))
+        for track in env["my_tracks"]:  # one model in memory at a time
+            train_track(cfg, track, env, data, SinglePlan)
         if env["rank"] == 0:
             print(f"done: outputs in {cfg.out_dir}/ (config.json, track*/log.jsonl, members/*.pt); next: python eval.py {cfg.out_dir}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(e.status)
-    except KeyboardInterrupt:
-        if cfg is None:
-            raise
-        ckpts = sorted(str(p) for p in Path(cfg.out_dir).glob("track*/ckpt.pt"))
-        again = " ".join(a for a in [Path(sys.argv[0]).name, *argv] if a != "--resume=True")
-        print(f"\ninterrupted. Checkpoints: {', '.join(ckpts) or 'none yet'}; finished members are in {cfg.out_dir}/members. "
-              f"Continue exactly where it stopped with:\n  python {again} --resume=True", file=sys.stderr, flush=True)
-        sys.exit(130)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

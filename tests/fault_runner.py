@@ -9,6 +9,8 @@ FAULT is KIND:TARGET:N[:rank=R], armed on the Nth call (1-based) that matches TA
                         JSON): write half the bytes to its temporary name, then die (no rename)
     after_write:GLOB:N  common.atomic_write to GLOB: write it completely (renamed), then die
     call:MOD.ATTR:N     die on entering the Nth call of MOD.ATTR (e.g. torch.optim.Muon.step: mid-step)
+    signal:GLOB:N:sig=INT|TERM   send this process SIGINT or SIGTERM in the middle of that write (half written to its
+                        temporary name), then let the write go on: a signal arriving while a file is written
 rank=R arms it on that global rank only; under torchrun it is armed in the first attempt only
 (TORCHELASTIC_RESTART_COUNT 0), so a restarted worker runs clean."""
 import fnmatch
@@ -48,8 +50,24 @@ def counter(pattern, n):
     return hit
 
 
-def arm(kind, target, n):
-    if kind in ("write", "after_write"):
+def arm(kind, target, n, opts=None):
+    if kind == "signal":
+        import common
+        real, hit, sig = common.atomic_write, counter(target, n), getattr(signal, f"SIG{(opts or {}).get('sig', 'INT')}")
+
+        def atomic_write(path, write, size=0):
+            if hit(path):
+                def write_and_signal(f):
+                    buf = io.BytesIO()
+                    write(buf)
+                    data = buf.getvalue()
+                    f.write(data[: len(data) // 2])
+                    os.kill(os.getpid(), sig)
+                    f.write(data[len(data) // 2:])
+                return real(path, write_and_signal, size)
+            return real(path, write, size)
+        common.atomic_write = atomic_write
+    elif kind in ("write", "after_write"):
         import common  # patched before the scripts import it, so their `from common import ...` get the patch
         real, hit = common.atomic_write, counter(target, n)
 
@@ -93,10 +111,11 @@ def arm(kind, target, n):
 def main(argv):
     fault, script, args = argv[0], argv[1], argv[2:]
     kind, target, n, *opts = fault.split(":")
-    rank = dict(o.split("=") for o in opts).get("rank")
+    opts = dict(o.split("=") for o in opts)
+    rank = opts.get("rank")
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     if first_attempt and (rank is None or rank == os.environ.get("RANK", "0")):
-        arm(kind, target, int(n))
+        arm(kind, target, int(n), opts)
     module = importlib.import_module(script)
     module.main(args)
 

@@ -29,7 +29,7 @@ import common
 import eval as ev
 import prepare_data
 import prior
-import train
+import runtime
 from conftest import (PYTHON, ROOT, TORCHRUN, child_env, kill_when, last_logged_step, read_log, run_train,
                       spawn_train, train_argv)
 
@@ -197,6 +197,33 @@ def test_sigkill_then_resume_equals_uninterrupted(ref, tmp_path, fault, where, h
     assert_same_run(run_dir, ref[0])
     row.result = (f"{len(listed)} whole member(s) listed after the kill; resumed at {', '.join(resumed) or 'step 0'}; "
                   f"members, manifest, ckpts, losses bit-identical; no .tmp read or left")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where,spec,code", [
+    ("SIGINT mid-write of the last member (t1-c003)", "signal:*members/t1-c003.pt:1:sig=INT", 130),
+    ("SIGTERM mid-write of the last checkpoint", f"signal:*track1/ckpt.pt:{STEPS // 4}:sig=TERM", 143),
+    ("SIGTERM mid-write of a checkpoint mid-cycle (step 12)", "signal:*track0/ckpt.pt:3:sig=TERM", 143)])
+def test_a_signal_during_a_write_stops_cleanly_and_the_printed_command_resumes(ref, tmp_path, fault, where, spec, code):
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM while a file is being written, sent at that exact point (no race with
+    the run's end): the write finishes whole, the run stops at the end of the step with the documented exit code and
+    the command that continues it, and that command gives the uninterrupted run's files bit for bit."""
+    row = fault(where.split(" mid-")[0], "mid-" + where.split(" mid-")[1])
+    run_dir = tmp_path / "run"
+    argv = argv_for(ref, run_dir)
+    proc = subprocess.run([PYTHON, FAULT_RUNNER, spec, "q0", *argv], cwd=ROOT, env=child_env(), timeout=240,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    row.trials = 1
+    assert proc.returncode == code, proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout and "done:" not in proc.stdout, proc.stdout[-3000:]
+    sig = "SIGINT" if code == 130 else "SIGTERM"
+    assert f"interrupted ({sig}). Checkpoints: " in proc.stdout, proc.stdout[-3000:]
+    command = proc.stdout.strip().splitlines()[-1].strip()
+    assert command.startswith("python fault_runner.py") and command.endswith("--resume=True")
+    assert not list(run_dir.rglob(".*.tmp*"))  # the write in flight finished, renamed into place
+    resume(argv)
+    assert_same_run(run_dir, ref[0])
+    row.result = f"exit {code}, resume command printed; resumed run identical"
 
 
 @pytest.mark.slow
@@ -674,17 +701,17 @@ def test_nan_or_inf_loss_stops_and_keeps_the_last_good_checkpoint(ref, tmp_path,
     row = fault(f"{bad} loss (q0)", f"track {track}, step {step}")
     real_loss, calls = q0.Q0Plan.loss, {0: 0, 1: 0}
 
-    def loss(self, model, x, y):
+    def loss(self, model, batch):
         calls[self.track] += 1
-        value = real_loss(self, model, x, y)
+        value = real_loss(self, model, batch)
         return value * float(bad) if self.track == track and calls[track] > (step - 1) * 2 else value  # 2 micro-batches
-    saves, real_save = [], train.save_torch
+    saves, real_save = [], runtime.save_torch
 
     def save_torch(obj, path):
         real_save(obj, path)
         saves.append((str(Path(path).relative_to(run_dir)), obj.get("step")))
     monkeypatch.setattr(q0.Q0Plan, "loss", loss)
-    monkeypatch.setattr(train, "save_torch", save_torch)
+    monkeypatch.setattr(runtime, "save_torch", save_torch)
     run_dir = tmp_path / "run"
     argv = argv_for(ref, run_dir)
     code, out, err = run_train(argv)

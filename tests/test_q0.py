@@ -6,7 +6,6 @@ import json
 import math
 import shutil
 import subprocess
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 import common
 import model as gpt
 import q0
+from student import topk_distill_loss
 from conftest import (PYTHON, ROOT, assert_same_weights, child_env, kill_when, last_logged_step, member_weights,
                       load_config, read_log, run_train, run_train_subprocess, spawn_train, train_argv, validate)
 
@@ -34,26 +34,30 @@ def q0_run(tiny_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("q0") / "run"
     argv = train_argv(tiny_data, run_dir, **Q0)
     perturbations, teachers = [], []
-    real_perturb, real_set_teacher = q0.perturb_, q0.Q0Plan.set_teacher
+    real_perturb, real_set_teacher = q0.perturb_, q0.PreviousSnapshot.set
 
     def perturb_(model, scale, generator):
         before = {k: v.clone() for k, v in model.state_dict().items()}
         real_perturb(model, scale, generator)
         perturbations.append((scale, before, {k: v.clone() for k, v in model.state_dict().items()}))
 
-    def set_teacher(self, name, state):
-        real_set_teacher(self, name, state)
-        teachers.append((name, {k: v.clone() for k, v in self.teacher.state_dict().items()}))
+    def set_teacher(self, name, state, model):
+        real_set_teacher(self, name, state, model)
+        teachers.append((name, {k: v.clone() for k, v in self.model.state_dict().items()}))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(q0, "perturb_", perturb_)
-        mp.setattr(q0.Q0Plan, "set_teacher", set_teacher)
+        mp.setattr(q0.PreviousSnapshot, "set", set_teacher)
         code, out, err = run_train(argv)
     assert code == 0, err
     return run_dir, argv, perturbations, teachers
 
 
-def fake_track(spe=10, model=None, **cfg):
-    return SimpleNamespace(cfg=q0.Q0Config(**cfg), spe=spe, track=0, env={"device": torch.device("cpu")}, model=model)
+def q0_plan(spe=10, model=None, **cfg):
+    """A Q0Plan over train tokens for exactly `spe` steps per epoch (one document)."""
+    c = q0.Q0Config(**cfg)
+    data = {"train": np.zeros(spe * c.batch_tokens + c.seq_len, np.uint16), "meta": {"doc_starts": [0]},
+            "fitness": np.zeros(64, np.uint16)}
+    return q0.Q0Plan(c, 0, model, data, {"device": torch.device("cpu")})
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -76,8 +80,8 @@ def test_lr_and_wd_multipliers_by_hand():
 
 
 def test_q0_plan_multipliers_constant_wd_and_warmup():
-    plan = q0.Q0Plan(fake_track(spe=10, mode="q0", epochs_per_cycle=1.0, num_cycles=3, first_cycle_warmup_steps=4))
-    assert (plan.cycle_steps, plan.total_steps, plan.boundaries) == (10, 30, {10, 20, 30})
+    plan = q0_plan(spe=10, mode="q0", epochs_per_cycle=1.0, num_cycles=3, first_cycle_warmup_steps=4)
+    assert (plan.cycle_ends, plan.total_steps, plan.save_steps) == ([10, 20, 30], 30, [10, 20, 30])
     lr0 = lambda s: q0.lr_multiplier(s, 10, 0.08)
     assert plan.multipliers(0) == (pytest.approx(0.25), pytest.approx(0.7))  # warmup 1/4 of the peak; WD unwarmed
     assert plan.multipliers(2)[0] == pytest.approx(lr0(2) * 3 / 4)
@@ -85,9 +89,9 @@ def test_q0_plan_multipliers_constant_wd_and_warmup():
     assert plan.multipliers(9) == (pytest.approx(lr0(9)), pytest.approx(0.7 + 0.3 * (1 - lr0(9)) / 0.92))
     assert plan.multipliers(10) == (1.0, pytest.approx(0.7))  # q0: the next cycles restart at the peak, no warmup
     assert plan.multipliers(25) == (pytest.approx(0.54), pytest.approx(0.85))
-    chain = q0.Q0Plan(fake_track(spe=10, mode="chain", epochs_per_cycle=1.0, num_cycles=3, first_cycle_warmup_steps=4))
+    chain = q0_plan(spe=10, mode="chain", epochs_per_cycle=1.0, num_cycles=3, first_cycle_warmup_steps=4)
     assert chain.multipliers(10)[0] == pytest.approx(0.25) and chain.multipliers(21)[0] == pytest.approx(lr0(1) / 2)
-    const = q0.Q0Plan(fake_track(spe=10, mode="q0", epochs_per_cycle=1.0, constant_wd=True))
+    const = q0_plan(spe=10, mode="q0", epochs_per_cycle=1.0, constant_wd=True)
     assert all(const.multipliers(s)[1] == 1.0 for s in range(0, 40, 3))
 
 
@@ -199,20 +203,21 @@ def test_no_gradient_reaches_the_teacher():
     with torch.no_grad():
         student.head.weight.normal_(0, 0.5)
     teacher_state = {k: v + 0.1 * torch.randn_like(v) for k, v in student.state_dict().items()}
-    plan = q0.Q0Plan(fake_track(model=student, mode="q0", epochs_per_cycle=1.0, dropout=0.1))
-    plan.set_teacher("t0-c001", teacher_state)
-    assert plan.teacher is not student and not plan.teacher.training
-    assert all(not p.requires_grad for p in plan.teacher.parameters())
+    plan = q0_plan(model=student, mode="q0", epochs_per_cycle=1.0, dropout=0.1)
+    plan.teacher.set("t0-c001", teacher_state, student)
+    teacher = plan.teacher.model
+    assert teacher is not student and not teacher.training
+    assert all(not p.requires_grad for p in teacher.parameters())
     x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
-    loss = plan.loss(student, x, y)
+    loss = plan.loss(student, (x, y))
     with torch.no_grad():
-        expected = q0.distill_loss(student(x), plan.teacher(x), y, 0.45, 1.2)
+        expected = q0.distill_loss(student(x), teacher(x), y, 0.45, 1.2)
     torch.testing.assert_close(loss, expected)
     assert abs(loss.item() - (-student(x, y).mean()).item()) > 1e-3  # not plain CE
     loss.backward()
-    assert all(p.grad is None for p in plan.teacher.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
     assert student.head.weight.grad is not None and student.head.weight.grad.abs().sum() > 0
-    assert_same_weights(plan.teacher.state_dict(), teacher_state)
+    assert_same_weights(teacher.state_dict(), teacher_state)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -371,19 +376,19 @@ def test_q0_kill_and_resume_matches_uninterrupted(q0_run, tmp_path):
 @pytest.mark.slow
 def test_chain_reinitialises_at_each_cycle(tiny_data, tmp_path, monkeypatch):
     after = []
-    real = q0.Q0Plan.on_boundary
+    real = q0.Q0Plan.at_save
 
-    def on_boundary(self, t, step):
-        real(self, t, step)
-        weights = {k: v.clone() for k, v in t.model.state_dict().items()}
-        after.append((step, weights, len(t.muon.state), len(t.adam.state)))
-    monkeypatch.setattr(q0.Q0Plan, "on_boundary", on_boundary)
+    def at_save(self, model, step, save):
+        fresh = real(self, model, step, save)
+        after.append((step, {k: v.clone() for k, v in model.state_dict().items()}, fresh))
+        return fresh
+    monkeypatch.setattr(q0.Q0Plan, "at_save", at_save)
     run_dir = tmp_path / "chain"
     code, out, err = run_train(train_argv(tiny_data, run_dir, **dict(Q0, mode="chain", num_trajectories=1, num_cycles=2,
                                                                       ckpt_every_epochs=0)))
     assert code == 0, err
-    (step, state, muon_state, adam_state), last = after[0], after[1]
-    assert step == L and muon_state == 0 and adam_state == 0  # no optimizer memory carried over
+    (step, state, fresh), last = after[0], after[1]
+    assert step == L and fresh  # the loop clears the optimizer state: no memory carried over
     snapshot = member_weights(run_dir, "t0-c001")
     assert torch.count_nonzero(snapshot["head.weight"]) > 0
     assert torch.count_nonzero(state["head.weight"]) == 0  # a fresh init: zero head and residual writers
@@ -391,7 +396,7 @@ def test_chain_reinitialises_at_each_cycle(tiny_data, tmp_path, monkeypatch):
     fresh = gpt.build(gpt.config_for("tiny", vocab_size=320, seq_len=32, dropout=0.1), "cpu")
     fresh.init_weights(generator=torch.Generator().manual_seed(1337 * 10_007 + 1))  # seeded by (seed, cycle)
     assert_same_weights(state, fresh.state_dict())
-    assert last[0] == 2 * L and last[2] > 0  # nothing re-initialised after the last cycle
+    assert last[0] == 2 * L and not last[2]  # nothing re-initialised after the last cycle
     rows = common.read_manifest(run_dir)
     assert [(r["name"], r["mode"], r["teacher"]) for r in rows] == [("t0-c001", "chain", None),
                                                                   ("t0-c002", "chain", "t0-c001")]
@@ -453,7 +458,7 @@ def test_topk_distill_loss_is_distill_loss_at_k_equal_vocab_and_by_hand_below():
     w, a, T = [0.3, 0.7], 0.6, 1.5
     log_p = q0.mixture_log_probs(z_t, w, T)
     full = log_p.topk(7, dim=-1)
-    torch.testing.assert_close(q0.topk_distill_loss(z_s, full.indices, full.values.exp(), y, a, T),
+    torch.testing.assert_close(topk_distill_loss(z_s, full.indices, full.values.exp(), y, a, T),
                                q0.distill_loss(z_s, z_t, y, a, T, w))
     top = log_p.topk(3, dim=-1)
     q = F.softmax(z_s / T, dim=-1).tolist()
@@ -469,7 +474,7 @@ def test_topk_distill_loss_is_distill_loss_at_k_equal_vocab_and_by_hand_below():
                 if not renormalise:  # the bucket: the teacher's mass outside its top 3 against the student's
                     r, q_r = 1 - sum(p), sum(q[b][t][j] for j in range(7) if j not in ids)
                     kl += r * math.log(r / q_r) / 6
-        got = q0.topk_distill_loss(z_s, top.indices, top.values.exp(), y, a, T, renormalise).item()
+        got = topk_distill_loss(z_s, top.indices, top.values.exp(), y, a, T, renormalise).item()
         assert got == pytest.approx((1 - a) * ce + a * T * T * kl, rel=1e-5), renormalise
 
 

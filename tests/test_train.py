@@ -9,13 +9,14 @@ import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 import common
+import model as gpt
+import runtime
 import train
 from conftest import (PYTHON, ROOT, TINY, assert_same_weights, child_env, kill_when, load_config, member_weights, read_log, run_train,
                       run_train_subprocess, spawn_train, train_argv, validate)
@@ -39,8 +40,11 @@ def run_copy(single_run, tmp_path):
     return tmp_path / "run"
 
 
-def fake_track(cfg, spe, track=0):
-    return SimpleNamespace(cfg=cfg, spe=spe, track=track, env={"device": torch.device("cpu")})
+def fake_data(spe, seq_len=128, batch_tokens=4096):
+    """Train tokens for exactly `spe` steps per epoch (one document), as a plan sees them."""
+    rows = batch_tokens // seq_len
+    n = spe * rows * seq_len + seq_len
+    return {"train": np.zeros(n, np.uint16), "meta": {"doc_starts": [0]}}
 
 
 def one_line_error(err, *names):
@@ -139,11 +143,10 @@ def test_accum_is_derived(tiny_data, tmp_path, single_run):
     cfg = load_config(train_argv(tiny_data, tmp_path / "r", batch_tokens=2048, micro_batch_size=8))
     data = common.load_data(cfg)
     for group_size, accum in [(1, 8), (2, 4), (4, 2), (8, 1)]:
-        env = dict(device=torch.device("cpu"), group_size=group_size, group_rank=0, log=print,
-                   barrier=lambda: None, all_reduce=lambda t: None)
-        t = train.Track(cfg, 0, env, data, train.SinglePlan)
-        assert t.accum == accum and t.accum * group_size * 8 * 32 == 2048
-        assert t.spe == (65536 - 1) // 2048 == 31
+        env = dict(device=torch.device("cpu"), group_size=group_size, group_rank=0, world=group_size)
+        assert train.grad_accum(cfg, env) == accum and accum * group_size * 8 * 32 == 2048
+        assert f"x {accum} accum x {group_size} ranks/track = 2,048 tokens/step | 31 steps/epoch" in train.describe_setup(cfg, env, data)
+        assert train.SinglePlan(cfg, 0, None, data, env).loader.steps_per_epoch == (65536 - 1) // 2048 == 31
     # the start-up line states it: 8 seqs x 32 tokens x 4 accum x 1 rank = 1,024 tokens/step, 63 steps/epoch
     assert "8 seqs x 32 tokens x 4 accum x 1 ranks/track = 1,024 tokens/step | 63 steps/epoch" in single_run[2]
 
@@ -261,12 +264,12 @@ def test_weight_decay_on_embedding_and_head_as_the_reference(tiny_data, tmp_path
     scaled by the schedule's multiplier; embed_head_wd=False keeps it on the matrices only."""
     for flag, adam_wd in ((True, 1.3), (False, 0.0)):
         cfg = train.Config(data_dir=str(tiny_data), weight_decay=1.3, embed_head_wd=flag, out_dir=str(tmp_path / str(flag)), **TINY)
-        env = dict(device=torch.device("cpu"), group_size=1, group_rank=0, log=lambda m: None)
-        t = train.Track(cfg, 0, env, common.load_data(cfg), train.SinglePlan)
-        assert [g["weight_decay"] for g in t.muon.param_groups] == [1.3]
-        assert [g["weight_decay"] for g in t.adam.param_groups] == [adam_wd, adam_wd]
-        t.set_multipliers(0.5, 0.7)
-        assert [g["weight_decay"] for g in t.adam.param_groups] == [pytest.approx(adam_wd * 0.7)] * 2
+        model = gpt.build(gpt.config_for("tiny", seq_len=32), "cpu")
+        muon, adam = train.make_optimizers(cfg, model, torch.device("cpu"))
+        assert [g["weight_decay"] for g in muon.param_groups] == [1.3]
+        assert [g["weight_decay"] for g in adam.param_groups] == [adam_wd, adam_wd]
+        train.set_multipliers((muon, adam), 0.5, 0.7)
+        assert [g["weight_decay"] for g in adam.param_groups] == [pytest.approx(adam_wd * 0.7)] * 2
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -274,8 +277,8 @@ def test_weight_decay_on_embedding_and_head_as_the_reference(tiny_data, tmp_path
 
 def test_single_plan_schedule():
     cfg = train.Config(epochs=1.0, warmup_steps=4, decay="cosine", min_lr_frac=0.1)
-    plan = train.SinglePlan(fake_track(cfg, spe=20))
-    assert plan.total_steps == 20 and plan.boundaries == {20}
+    plan = train.SinglePlan(cfg, 0, None, fake_data(spe=20), {"device": torch.device("cpu")})
+    assert plan.total_steps == 20 and plan.save_steps == [20]
     lr = lambda s: plan.multipliers(s)[0]
     assert [lr(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]  # linear warmup
     assert lr(4) == 1.0  # decay starts at the peak
@@ -417,12 +420,12 @@ def test_second_run_in_the_same_folder_is_refused(run_copy, single_run):
 
 def record_saves(monkeypatch):
     saves = []
-    real = train.save_torch
+    real = runtime.save_torch
 
     def save_torch(obj, path):
         real(obj, path)
         saves.append((Path(path).name, obj.get("step")))
-    monkeypatch.setattr(train, "save_torch", save_torch)
+    monkeypatch.setattr(runtime, "save_torch", save_torch)
     return saves
 
 
@@ -430,9 +433,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, 
     """A loss that turns NaN at step 8 (injected: the soft-cap and the norms keep even a huge LR finite here)."""
     real_loss, calls = train.SinglePlan.loss, [0]
 
-    def loss(self, model, x, y):
+    def loss(self, model, batch):
         calls[0] += 1
-        value = real_loss(self, model, x, y)
+        value = real_loss(self, model, batch)
         return value * float("nan") if calls[0] > 7 * 4 else value  # 4 micro-batches per step
     monkeypatch.setattr(train.SinglePlan, "loss", loss)
     saves = record_saves(monkeypatch)
@@ -516,15 +519,17 @@ def spawn_until_first_checkpoint(data_dir, run_dir):
 
 @pytest.mark.slow
 def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tiny_data, tmp_path):
-
+    """Ctrl-C, sent at an exact point (mid-write of the first checkpoint: tests/fault_runner.py), not raced against
+    the run's end: exit 130, no traceback, the checkpoint and the command that continues the run, which works."""
     run_dir = tmp_path / "r"
-    argv, proc = spawn_until_first_checkpoint(tiny_data, run_dir)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
+    argv = train_argv(tiny_data, run_dir, **dict(SINGLE, epochs=4.0))
+    proc = subprocess.run([PYTHON, str(ROOT / "tests" / "fault_runner.py"), "signal:*track0/ckpt.pt:1:sig=INT", "train",
+                           *argv], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=240)
+    out = proc.stdout + proc.stderr
     assert proc.returncode == 130, out[-2000:]
-    assert "Traceback" not in out and "interrupted. Checkpoints: " + str(run_dir / "track0" / "ckpt.pt") in out
+    assert "Traceback" not in out and "interrupted (SIGINT). Checkpoints: " + str(run_dir / "track0" / "ckpt.pt") in out
     command = out.strip().splitlines()[-1].strip()
-    assert command.startswith("python train.py") and command.endswith("--resume=True")
+    assert command.startswith("python fault_runner.py") and command.endswith("--resume=True")
     code, _, err = run_train(command.split()[2:])  # the printed command continues the run
     assert code == 0, err
 
@@ -582,9 +587,9 @@ def test_nan_gradient_with_a_finite_loss_takes_no_step(tiny_data, tmp_path, monk
             return g * float("nan")
     real_loss, calls = train.SinglePlan.loss, [0]
 
-    def loss(self, model, x, y):
+    def loss(self, model, batch):
         calls[0] += 1
-        value = real_loss(self, model, x, y)
+        value = real_loss(self, model, batch)
         return NanBackward.apply(value) if calls[0] > 7 * 4 else value  # 4 micro-batches per step
     monkeypatch.setattr(train.SinglePlan, "loss", loss)
     saves = record_saves(monkeypatch)
@@ -592,7 +597,7 @@ def test_nan_gradient_with_a_finite_loss_takes_no_step(tiny_data, tmp_path, monk
     code, out, err = run_train(train_argv(tiny_data, run_dir, **SINGLE))
     assert code == 1
     ckpt = run_dir / "track0" / "ckpt.pt"
-    one_line_error(err, "at step 8 (grad norm nan; the step was not taken)", f"Last good checkpoint: {ckpt} (step 6)")
+    one_line_error(err, "the gradient is not finite at step 8 (grad norm nan", f"Last good checkpoint: {ckpt} (step 6)")
     assert saves == [("ckpt.pt", 3), ("ckpt.pt", 6)]
     assert all(torch.isfinite(v).all() for v in torch.load(ckpt, weights_only=True)["model"].values())
     monkeypatch.undo()

@@ -172,7 +172,7 @@ def weights_of(names, entry):
 def prior_top_k(rep, k):
     """The prior's k heaviest members: (all names, their indices, renormalised weights, weights over all names)."""
     names = list(rep["weights"])
-    idx, w = prior.top_k(np.array([rep["weights"][n] for n in names]), k)
+    idx, w = prior.mixture(np.array([rep["weights"][n] for n in names]), k)
     full = np.zeros(len(names))
     full[idx] = w
     return names, idx, w, full
@@ -192,7 +192,7 @@ def is_slowrun(meta):
 
 def load_scores(run, split):
     try:
-        return prior.load_scores(run["dir"], run["names"], split)  # (M, N) memory-mapped, training order
+        return prior.open_scores(run["dir"], run["names"], split)  # (M, N) memory-mapped, training order
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
 
@@ -246,7 +246,7 @@ def evaluate_run(run, method=prior_method):
     curve = []  # the population as it existed at each budget; the prior refit on its fitness scores
     for b in sorted({r["budget_epochs"] for r in rows}):
         sub = [i for i, r in enumerate(rows) if r["budget_epochs"] <= b]
-        w, _ = getattr(prior, f"fit_{method}")(L_fit[sub])
+        w, _ = prior.FITS[method](L_fit[sub])
         best = sub[int(np.argmin(fit_loss[sub]))]
         curve.append(dict(budget_epochs=b, members=len(sub), prior_val=prior.mixture_nll(L_val[sub], w),
                           uniform_val=prior.mixture_nll(L_val[sub], np.full(len(sub), 1 / len(sub))),

@@ -8,7 +8,8 @@ FAULT is KIND:TARGET:N[:rank=R], armed on the Nth call (1-based) that matches TA
     write:GLOB:N        common.atomic_write to a path matching GLOB (checkpoints, members, manifests, logs, scores,
                         JSON): write half the bytes to its temporary name, then die (no rename)
     after_write:GLOB:N  common.atomic_write to GLOB: write it completely (renamed), then die
-    call:MOD.ATTR:N     die on entering the Nth call of MOD.ATTR (e.g. torch.optim.Muon.step: mid-step)
+    call:MOD.ATTR:N     die on entering the Nth call of MOD.ATTR (e.g. torch.optim.Muon.step: mid-step); an ATTR
+                        that is a dict is entered by key (prior.FITS.adamw: the fit registry's AdamW)
 rank=R arms it on that global rank only; under torchrun it is armed in the first attempt only
 (TORCHELASTIC_RESTART_COUNT 0), so a restarted worker runs clean."""
 import fnmatch
@@ -76,16 +77,20 @@ def arm(kind, target, n):
                 continue
         else:
             raise SystemExit(f"fault_runner: cannot import {target}")
+        get = lambda owner, a: owner[a] if isinstance(owner, dict) else getattr(owner, a)
         for a in attrs[:-1]:
-            owner = getattr(owner, a)
-        real, calls = getattr(owner, attrs[-1]), [0]
+            owner = get(owner, a)
+        real, calls = get(owner, attrs[-1]), [0]
 
         def wrapper(*args, **kwargs):
             calls[0] += 1
             if calls[0] == n:
                 die()
             return real(*args, **kwargs)
-        setattr(owner, attrs[-1], wrapper)
+        if isinstance(owner, dict):
+            owner[attrs[-1]] = wrapper
+        else:
+            setattr(owner, attrs[-1], wrapper)
     else:
         raise SystemExit(f"fault_runner: unknown fault kind {kind!r}")
 

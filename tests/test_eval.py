@@ -83,7 +83,7 @@ def test_cached_mixture_equals_direct_forward(evaluated):
     run_dir, rep, _ = evaluated
     run = ev.open_run(run_dir)
     names, w = run["names"][:3], np.array([0.5, 0.3, 0.2])
-    cached = prior.mixture_nll(prior.load_scores(run_dir, names, "val"), w)
+    cached = prior.mixture_nll(prior.open_scores(run_dir, names, "val"), w)
     models = [common.load_member(run_dir / "members" / f"{n}.pt")[0] for n in names]
     tokens, total, n = run["val"]["tokens"], 0.0, 0
     with torch.no_grad():
@@ -96,7 +96,7 @@ def test_cached_mixture_equals_direct_forward(evaluated):
     assert cached == pytest.approx(total / n, abs=2e-6)
     # and each member's loss in the report is its own mean -log p
     direct = {m["name"]: m["val"] for m in rep["members"]}
-    assert direct[names[0]] == pytest.approx(prior.mixture_nll(prior.load_scores(run_dir, names[:1], "val"), [1.0]), abs=1e-9)
+    assert direct[names[0]] == pytest.approx(prior.mixture_nll(prior.open_scores(run_dir, names[:1], "val"), [1.0]), abs=1e-9)
 
 
 def test_scoring_resumes(run_copy):
@@ -169,7 +169,7 @@ def test_eval_keeps_a_current_prior_json(run_copy, capsys):
     assert json.loads((run_copy / "prior.json").read_text())["method"] == "em" and "fitted and written" in out
     names = rep["members"][0]["name"], rep["members"][1]["name"]
     # a sub-population's prior.json: stale for the whole run
-    ev.write_prior(run_copy / "prior.json", list(names), prior.load_scores(run_copy, list(names), "fitness"))
+    ev.write_prior(run_copy / "prior.json", list(names), prior.open_scores(run_copy, list(names), "fitness"))
     rep, out = run_cli([str(run_copy)])
     assert "other members" in rep["prior_refit"] and set(rep["weights"]) == {m["name"] for m in rep["members"]}
     capsys.readouterr()

@@ -350,10 +350,10 @@ def test_kill_prior_fit_then_rerun(scored_ref, tmp_path, fault, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(scored_ref, run_dir)
     (run_dir / "prior.json").unlink()
-    run_faulty("call:prior.fit_adamw:1", "eval", [str(run_dir)])  # EM done, AdamW not started
+    run_faulty("call:prior.FITS.adamw:1", "eval", [str(run_dir)])  # EM done, AdamW not started
     assert not (run_dir / "prior.json").exists()
     sub = ["t0-c001", "t1-c001"]  # an older prior.json (of a sub-population: stale), then a killed rewrite
-    ev.write_prior(run_dir / "prior.json", sub, prior.load_scores(run_dir, sub, "fitness"))
+    ev.write_prior(run_dir / "prior.json", sub, prior.open_scores(run_dir, sub, "fitness"))
     old = (run_dir / "prior.json").read_bytes()
     run_faulty("write:*/prior.json:1", "eval", [str(run_dir)])
     row.trials = 2

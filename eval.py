@@ -5,9 +5,9 @@ eval.py: score every member of a q0 population once, fit the learned prior, and 
     python eval.py runs/RUN --method adamw                # the prior by the reference's AdamW fit instead of EM
     python eval.py runs/RUN --score                       # score only (resumes: scored members are skipped)
     python eval.py runs/A runs/B runs/C --out runs/cmp    # one comparison table (+ runs/cmp/compare.json)
-    python eval.py runs/RUN --logit_avg 4                 # logit vs probability averaging, prior's top 4
-    python eval.py runs/RUN --downstream hellaswag arc_easy tests/fixtures/mc_tiny.jsonl
-    python eval.py runs/RUN --sample "def main(" --k 4    # text from the 4-member mixture
+    python eval.py runs/RUN --logit_avg 4                 # logit vs probability averaging, prior's top 4 (tools/sample.py)
+    python eval.py runs/RUN --downstream hellaswag arc_easy tests/fixtures/mc_tiny.jsonl   # tools/downstream.py
+    python eval.py runs/RUN --sample "def main(" --k 4    # text from the 4-member mixture (tools/sample.py)
     torchrun --standalone --nproc_per_node=8 eval.py runs/RUN --score            # members split over 8 GPUs
     torchrun --nnodes=5 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d \\
         --rdzv_endpoint=$MASTER_HOST:29500 eval.py runs/RUN --score              # 40 GPUs
@@ -18,13 +18,13 @@ of fitness and val (common.eval_rows windows), with its sha256 beside it (a file
 again): member i on rank i % world, one model in memory at a time.
 Everything after that is arithmetic on the cached (M, N) arrays L (prior.py), with p_i(t) = exp(L[i, t]):
     ensemble loss(w) = mean_t -log sum_i w_i p_i(t)      (probability averaging, prior.mixture_nll)
-for the prior's top-K, uniform over all, uniform over the last K and greedy selection. Weights, K and every
-selection come from the fitness split only; val is the test set and is only ever reported. RUN/prior.json (the
-prior's weights and per-K selections) is written here only, and kept while it is current for the run's members.
+for the prior's top-K (prior.members_at), uniform over all, uniform over the last K and greedy selection. Weights,
+K and every selection come from the fitness split only; val is the test set and is only ever reported. RUN/prior.json
+(the prior's weights and per-K selections) is written here only, and kept while it is current for the run's members.
+The extras that need the members' full distributions (K models at once) live in tools/, imported only for their flags.
 """
 import argparse
 import json
-import re
 import resource
 import sys
 import time
@@ -34,18 +34,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import model as gpt
 import prior
-from common import (UserError, array_intact, autocast, eval_rows, init_distributed, load_member, pick_device, read_json,
-                    read_manifest, save_array, score_windows, window_batches, write_json)
-from prepare_data import load_split, tokenizer_for_meta
+from common import (UserError, array_intact, eval_rows, init_distributed, load_member, pick_device, read_json,
+                    read_manifest, save_array, score_windows, write_json)
+from prepare_data import load_split
 
 # -----------------------------------------------------------------------------
 device = "auto"          # auto (cuda > mps > cpu) | cuda | mps | cpu
 dtype = "float32"        # new score files: float32 | float16 (half the disk, ~1e-3 relative rounding)
 eval_tokens = 0          # tokens scored per split (0 = the whole split); a file of another length is rescored
 batch_size = 16          # windows (or choices) per forward pass
-logits_floats = 2**26    # --logit_avg: cap on the B x T x V logits held at once (256 MiB in fp32)
 prior_method = None      # em | adamw: prior.json refit if it holds the other; None: a current prior.json as is, else em
 sample_k = 4             # --sample: members mixed (the prior's top K)
 max_new_tokens = 200     # --sample: tokens generated
@@ -57,8 +55,8 @@ seed = 1337              # --sample: multinomial generator
 SLOWRUN_TABLE = [(200e6, 3.703), (400e6, 3.370), (600e6, 3.200), (800e6, 3.123), (1e9, 3.046), (2e9, 2.892)]
 
 
-def setup_distributed(kind):
-    """Process group only under torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
+def eval_env(kind):
+    """Device, world size and rank for scoring. Process group only under torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
     dev = pick_device(kind)
     world, rank = init_distributed(dev)
     return dict(world=world, rank=rank, device=dev)
@@ -111,8 +109,8 @@ def load(run, name, dev):
     return model
 
 
-def token_logprobs(model, split, dev, size=batch_size):
-    """log p(y_t | y_<t) at every scored position of a split, in window order: (N,) float32."""
+def score_split(model, split, dev, size=batch_size):
+    """One member's score file: log p(y_t | y_<t) at every scored position of a split, in window order: (N,) float32."""
     return score_windows(model, split["tokens"], split["windows"], dev, size).numpy()
 
 
@@ -148,7 +146,7 @@ def score_run(run, env, out_dtype=dtype, size=batch_size):
         t0 = time.time()
         model = load(run, name, dev)  # one model in memory at a time
         for split in todo[name]:
-            save_array(token_logprobs(model, run[split], dev, size).astype(out_dtype), prior.score_path(run["dir"], name, split))
+            save_array(score_split(model, run[split], dev, size).astype(out_dtype), prior.score_path(run["dir"], name, split))
         del model
         n = sum(run[s]["n"] for s in todo[name])
         dt = time.time() - t0
@@ -162,20 +160,13 @@ def score_run(run, env, out_dtype=dtype, size=batch_size):
 # -----------------------------------------------------------------------------
 # reports: arithmetic on the cached arrays
 
-def weights_of(names, entry):
-    """A prior.json entry {members, weights} as a weight vector over all members (zeros elsewhere)."""
+def weights_of(names, mix):
+    """A mixture [(name, weight), ...] (prior.members_at, or a prior.json entry's members and weights zipped) as a
+    weight vector over all members, zeros elsewhere."""
     w = np.zeros(len(names))
-    w[[names.index(n) for n in entry["members"]]] = entry["weights"]
+    for n, x in mix:
+        w[names.index(n)] = x
     return w
-
-
-def prior_top_k(rep, k):
-    """The prior's k heaviest members: (all names, their indices, renormalised weights, weights over all names)."""
-    names = list(rep["weights"])
-    idx, w = prior.mixture(np.array([rep["weights"][n] for n in names]), k)
-    full = np.zeros(len(names))
-    full[idx] = w
-    return names, idx, w, full
 
 
 def slowrun_efficiency(loss):
@@ -190,9 +181,11 @@ def is_slowrun(meta):
     return meta["tokenizer"] == "gpt2" and "fineweb" in f"{meta['source']} {meta['source_detail']}".lower()
 
 
-def load_scores(run, split):
+def run_scores(run, split):
+    """The run's (M, N) scores of `split` (prior.open_scores: memory-mapped, training order); a missing or bad file is
+    a UserError naming the command that rescores it."""
     try:
-        return prior.open_scores(run["dir"], run["names"], split)  # (M, N) memory-mapped, training order
+        return prior.open_scores(run["dir"], run["names"], split)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
 
@@ -230,18 +223,19 @@ def current_prior(run_dir, names, L_fitness, method=None):
 
 def evaluate_run(run, method=prior_method):
     """The prior (RUN/prior.json when current for these members, else fit on fitness and written by
-    current_prior), then every val-loss report of the module docstring -> dict. The score files stay
-    memory-mapped: every loss below is read in chunks of tokens (prior.chunk_tokens), never stacked in RAM."""
+    current_prior), then every val-loss report of the module docstring -> (report dict, the prior.json dict). The score
+    files stay memory-mapped: every loss below is read in chunks of tokens (prior.chunk_tokens), never stacked in RAM."""
     names, rows, d = run["names"], run["rows"], run["dir"]
-    L_fit, L_val = load_scores(run, "fitness"), load_scores(run, "val")
+    L_fit, L_val = run_scores(run, "fitness"), run_scores(run, "val")
     fit_loss, val_loss = -L_fit.mean(1), -L_val.mean(1)  # (M,) per-member losses
     pj, refit_why = current_prior(d, names, L_fit, method)
     method = pj["method"]  # the budget curve refits with the method of the weights in use
-    val = lambda entry: prior.mixture_nll(L_val, weights_of(names, entry))
+    val = lambda mix: prior.mixture_nll(L_val, weights_of(names, mix))
+    baseline = lambda kind, k: zip(*(pj["baselines"][kind][str(k)][key] for key in ("members", "weights")))
     ks = [int(k) for k in pj["per_k"]]
-    ensemble = dict(ks=ks, prior={k: val(pj["per_k"][str(k)]) for k in ks},
-                    uniform_last={k: val(pj["baselines"]["uniform_last"][str(k)]) for k in ks},
-                    greedy={k: val(pj["baselines"]["greedy"][str(k)]) for k in ks},
+    ensemble = dict(ks=ks, prior={k: val(prior.members_at(pj, k)) for k in ks},
+                    uniform_last={k: val(baseline("uniform_last", k)) for k in ks},
+                    greedy={k: val(baseline("greedy", k)) for k in ks},
                     uniform_all=prior.mixture_nll(L_val, np.full(len(names), 1 / len(names))))
     curve = []  # the population as it existed at each budget; the prior refit on its fitness scores
     for b in sorted({r["budget_epochs"] for r in rows}):
@@ -265,7 +259,7 @@ def evaluate_run(run, method=prior_method):
         losses = {"best member": rep["best_member"]["val"], "uniform all": ensemble["uniform_all"],
                   **{f"prior K={k}": v for k, v in ensemble["prior"].items()}}
         rep["slowrun_efficiency"] = {k: dict(val=v, efficiency=slowrun_efficiency(v)) for k, v in losses.items()}
-    return rep
+    return rep, pj
 
 
 def print_report(rep):
@@ -356,148 +350,6 @@ def print_comparison(reps, out=None):
 
 
 # -----------------------------------------------------------------------------
-# extras that need full distributions: they hold K models at once
-
-@torch.no_grad()
-def logit_average(run, rep, k, dev):
-    """Val loss of the prior's top K combined two ways, same members and weights:
-        logit average   -log softmax(sum_i w_i z_i)[y]   (on the fly; holds K models, B x T x V logits)
-        prob average    -log sum_i w_i p_i(y)            (from the cached arrays)"""
-    names, idx, w, full = prior_top_k(rep, k)
-    models = [load(run, names[i], dev) for i in idx]
-    total, rows = 0.0, max(1, min(batch_size, logits_floats // (run["seq_len"] * models[0].cfg.vocab_size)))
-    for x in window_batches(run["val"]["tokens"], run["val"]["windows"], rows, dev):
-        with autocast(dev):
-            z = sum(float(wi) * m(x[:, :-1]) for wi, m in zip(w, models))  # (B, T, V)
-        total -= gpt.token_logprobs(z.float(), x[:, 1:]).double().sum().item()
-    return dict(k=len(idx), members=[names[i] for i in idx], weights=[float(x) for x in w], logit_avg_val=total / run["val"]["n"],
-                prob_avg_val=prior.mixture_nll(load_scores(run, "val"), full))
-
-
-def hub_questions(name):
-    """A hub benchmark as [{context, choices, label}], lm-eval's zero-shot prompts (choices joined with a space)."""
-    from datasets import load_dataset  # only here: local files and everything else work without it
-    def clean(t):  # lm-eval's hellaswag preprocess: drop WikiHow's [title]/[step] markers
-        return re.sub(r"\[.*?\]", "", t.strip().replace(" [title]", ". ")).replace("  ", " ")
-    spec = {"hellaswag": ("Rowan/hellaswag", None, "validation", lambda d: dict(
-                context=clean(d["activity_label"] + ": " + d["ctx_a"] + " " + d["ctx_b"].capitalize()),
-                choices=[clean(c) for c in d["endings"]], label=int(d["label"]))),
-            "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test", None),
-            "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "test", None),
-            "piqa": ("baber/piqa", None, "validation", lambda d: dict(
-                context=f"Question: {d['goal']}\nAnswer:", choices=[d["sol1"], d["sol2"]], label=int(d["label"])))}
-    path, config, split, convert = spec[name]
-    convert = convert or (lambda d: dict(context=f"Question: {d['question']}\nAnswer:", choices=d["choices"]["text"],
-                                         label=d["choices"]["label"].index(d["answerKey"])))
-    try:
-        return [convert(d) for d in load_dataset(path, config, split=split)]
-    except Exception as e:
-        raise UserError(f"cannot load {name} ({path}) from the hub ({type(e).__name__}: {str(e)[:200]}); offline? "
-                        f"write it as JSONL lines {{context, choices, label}} and pass the file instead") from None
-
-
-def read_questions(spec):
-    if spec in ("hellaswag", "arc_easy", "arc_challenge", "piqa"):
-        return hub_questions(spec)
-    path = Path(spec)
-    if not path.is_file():
-        raise UserError(f"--downstream {spec}: neither a benchmark name (hellaswag, arc_easy, arc_challenge, piqa) "
-                        f"nor a JSONL file")
-    qs = []
-    for i, line in enumerate(path.read_text().splitlines()):
-        try:
-            q = json.loads(line) if line.strip() else None
-        except ValueError:
-            q = {}
-        ok = isinstance(q, dict) and isinstance(q.get("context"), str) and isinstance(q.get("label"), int)
-        if q is not None and not (ok and isinstance(q.get("choices"), list) and 0 <= q["label"] < len(q["choices"])
-                                  and all(isinstance(c, str) for c in q["choices"])):
-            raise UserError(f"{path}:{i + 1}: each line must be {{\"context\": str, \"choices\": [str, ...], \"label\": int}}")
-        qs += [q] if q is not None else []
-    if not qs:
-        raise UserError(f"{path}: no questions")
-    return qs
-
-
-def choice_sequences(qs, tok, T):
-    """Every (question, choice) as BOS + context + continuation ids, left-truncated to T + 1 tokens; the
-    continuation is " " + choice unless either side already has the space (lm-eval's target delimiter)."""
-    seqs, n_cont, chars, first = [], [], [], []  # per choice; first[q] = index of question q's first choice
-    for q in qs:
-        ctx = [tok.bos_id] + tok.encode(q["context"])
-        first.append(len(seqs))
-        for c in q["choices"]:
-            cont = c if (not q["context"] or q["context"][-1].isspace() or c[:1].isspace()) else " " + c
-            ids = (ctx + tok.encode(cont))[-(T + 1):]
-            seqs.append(ids)
-            n_cont.append(min(len(tok.encode(cont)), len(ids) - 1))
-            chars.append(max(1, len(cont)))
-    return seqs, np.array(n_cont), np.array(chars), first
-
-
-@torch.no_grad()
-def continuation_logprobs(model, seqs, n_cont, dev, size=batch_size):
-    """One member's log p of every continuation token, all choices concatenated in order: (sum(n_cont),)."""
-    out = []
-    for b in range(0, len(seqs), size):
-        chunk = seqs[b:b + size]
-        x = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long)  # right padding: causal, so harmless
-        for j, ids in enumerate(chunk):
-            x[j, :len(ids)] = torch.tensor(ids)
-        x = x.to(dev)
-        with autocast(dev):
-            lp = model(x[:, :-1], x[:, 1:]).float().cpu().numpy()  # (B, L-1): lp[j, t] = log p(ids[t + 1])
-        out += [lp[j, len(ids) - 1 - n:len(ids) - 1] for j, (ids, n) in enumerate(zip(chunk, n_cont[b:b + size]))]
-    return np.concatenate(out)
-
-
-def downstream(run, rep, spec, dev):
-    """Multiple choice: a choice's score = sum over its tokens of log sum_i w_i p_i(token), after the context
-    (choice_sequences). acc = argmax score; acc_norm = argmax score / len(continuation in characters) (lm-eval).
-    Each member runs once over every choice; the mixtures for every K reuse those token log-probs."""
-    qs = read_questions(spec)
-    seqs, n_cont, chars, first = choice_sequences(qs, tokenizer_for_meta(run["val"]["meta"]), run["seq_len"])
-    names = list(rep["weights"])
-    lp = np.stack([continuation_logprobs(load(run, name, dev), seqs, n_cont, dev) for name in names])  # (M, tokens)
-    ends = np.cumsum(n_cont)
-
-    def accuracy(w):
-        with np.errstate(divide="ignore"):
-            mix = torch.logsumexp(torch.from_numpy(np.log(w)[:, None] + lp), 0).numpy()  # log sum_i w_i p_i, per token
-        score = np.array([mix[e - n:e].sum() for e, n in zip(ends, n_cont)])  # (choices,) log p(continuation)
-        norm = score / chars
-        acc = [0, 0]
-        for f, q in zip(first, qs):
-            n = len(q["choices"])
-            acc[0] += int(np.argmax(score[f:f + n])) == q["label"]
-            acc[1] += int(np.argmax(norm[f:f + n])) == q["label"]
-        return dict(acc=acc[0] / len(qs), acc_norm=acc[1] / len(qs))
-
-    best = rep["best_member"]["name"]
-    res = {f"best member {best}": accuracy(np.eye(len(names))[names.index(best)])}
-    res |= {f"prior K={k}": accuracy(prior_top_k(rep, k)[3]) for k in rep["ensemble"]["ks"]}
-    return dict(benchmark=spec, questions=len(qs), results=res)
-
-
-@torch.no_grad()
-def sample(run, rep, prompt, k, dev, new_tokens=max_new_tokens, temp=temperature, seed=seed):
-    """Sample from the prior's top-K mixture: p = sum_i w_i softmax(z_i / temp), then a seeded multinomial draw.
-    Holds K models; no KV cache (each step reruns the last seq_len tokens). -> (text, new token ids)."""
-    names, idx, w, _ = prior_top_k(rep, k)
-    models = [load(run, names[i], dev) for i in idx]
-    tok = tokenizer_for_meta(run["val"]["meta"])
-    ids, gen = [tok.bos_id] + tok.encode(prompt), torch.Generator().manual_seed(seed)
-    new = []
-    for _ in range(new_tokens):
-        x = torch.tensor([ids[-run["seq_len"]:]], device=dev)
-        p = sum(float(wi) * torch.softmax(m(x)[0, -1].float() / temp, -1) for wi, m in zip(w, models))  # (V,)
-        p = p[:tok.vocab_size].cpu()  # the padded vocab rows are never real tokens
-        new.append(int(torch.multinomial(p / p.sum(), 1, generator=gen)))
-        ids.append(new[-1])
-    return tok.decode(new), new
-
-
-# -----------------------------------------------------------------------------
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -530,7 +382,7 @@ def main(argv=None):
     reps = []
     try:
         args = parse_args(argv)
-        env = setup_distributed(args.device)
+        env = eval_env(args.device)
         exclude = {n.strip() for n in args.exclude.split(",") if n.strip()}
         runs = [open_run(run_dir, args.eval_tokens, exclude) for run_dir in args.runs]
         unknown = exclude - {name for run in runs for name in run["excluded"]}
@@ -539,13 +391,18 @@ def main(argv=None):
         for run in runs:  # every rank scores every run first, so no rank waits at a barrier through the reports
             score_run(run, env, args.dtype, args.batch_size)
         for run in runs if not args.score and env["rank"] == 0 else []:  # only rank 0 reports
-            rep = evaluate_run(run, args.method)
+            rep, pj = evaluate_run(run, args.method)
             dev = env["device"]
             if args.logit_avg:
-                rep["logit_avg"] = logit_average(run, rep, args.logit_avg, dev)
-            rep["downstream"] = [downstream(run, rep, spec, dev) for spec in args.downstream]
+                from tools.sample import logit_average  # the extras load only for their flags
+                rep["logit_avg"] = logit_average(run, pj, args.logit_avg, dev)
+            rep["downstream"] = []
+            if args.downstream:
+                from tools.downstream import downstream
+                rep["downstream"] = [downstream(run, pj, rep["best_member"]["name"], spec, dev) for spec in args.downstream]
             if args.sample is not None:
-                text = sample(run, rep, args.sample, args.k, dev, args.max_new_tokens, args.temperature, args.seed)[0]
+                from tools.sample import sample
+                text = sample(run, pj, args.sample, args.k, dev, args.max_new_tokens, args.temperature, args.seed)[0]
                 rep["sample"] = dict(prompt=args.sample, k=min(args.k, rep["num_members"]), temperature=args.temperature,
                                      seed=args.seed, text=text)
             print_report(rep)

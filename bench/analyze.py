@@ -150,7 +150,7 @@ def score_members(run_dir, names, data_dir, split, max_tokens, device="cpu"):
             out.append(np.load(path))
             continue
         model, _ = load_member(run_dir / rows[name]["path"], device)
-        out.append(ev.token_logprobs(model, windows, torch.device(device)))
+        out.append(ev.score_split(model, windows, torch.device(device)))
         save_array(out[-1], path)
         del model
     return np.stack(out).astype(np.float64)

@@ -1,6 +1,7 @@
-"""eval.py: cached-array ensembles against direct forward passes, resumable scoring, reports, downstream,
-sampling, logit averaging and bad input. Hermetic (no network) and small: one tiny q0 run (2 trajectories x
-2 cycles, seq_len 32, ~1K-token fitness and val) trained once per session in a few seconds."""
+"""eval.py and tools/: cached-array ensembles against direct forward passes, resumable scoring, reports, downstream
+(tools/downstream.py), sampling and logit averaging (tools/sample.py) and bad input. Hermetic (no network) and
+small: one tiny q0 run (2 trajectories x 2 cycles, seq_len 32, ~1K-token fitness and val) trained once per session
+in a few seconds."""
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import prepare_data  # noqa: E402
 import prior  # noqa: E402
 from test_prior import synthetic_population, without_timings  # noqa: E402
 import q0  # noqa: E402
+from tools import downstream as ds, sample as ts  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "mc_tiny.jsonl"
 CPU = dict(world=1, rank=0, device=torch.device("cpu"))
@@ -60,6 +62,10 @@ def evaluated(tiny_run, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("evaluated") / "run"
     shutil.copytree(tiny_run, run_dir)
     return run_dir, *run_cli([str(run_dir)])
+
+
+def prior_json(run_dir):
+    return json.loads((Path(run_dir) / "prior.json").read_text())
 
 
 def run_cli(argv):
@@ -184,7 +190,8 @@ def test_slowrun_efficiency_matches_the_method_file():
 
 def test_downstream_local_fixture(evaluated):
     run_dir, rep, _ = evaluated
-    res = ev.downstream(ev.open_run(run_dir), rep, str(FIXTURE), torch.device("cpu"))
+    res = ds.downstream(ev.open_run(run_dir), prior_json(run_dir), rep["best_member"]["name"], str(FIXTURE),
+                        torch.device("cpu"))
     assert res["questions"] == 8
     assert set(res["results"]) == {f"best member {rep['best_member']['name']}", "prior K=1", "prior K=2", "prior K=4"}
     for r in res["results"].values():
@@ -198,13 +205,13 @@ def test_choice_logprobs_padding_truncation_and_by_hand(evaluated):
     run_dir, rep, _ = evaluated
     run = ev.open_run(run_dir)
     tok = prepare_data.tokenizer_for_meta(run["val"]["meta"])
-    qs = ev.read_questions(str(FIXTURE))
-    seqs, n_cont, chars, first = ev.choice_sequences(qs, tok, run["seq_len"])
+    qs = ds.read_questions(str(FIXTURE))
+    seqs, n_cont, chars, first = ds.choice_sequences(qs, tok, run["seq_len"])
     assert len(seqs) == sum(len(q["choices"]) for q in qs) and max(map(len, seqs)) == run["seq_len"] + 1  # truncated
     assert all(seqs[f][0] == tok.bos_id for f, q in zip(first, qs) if len(q["context"]) < 20)  # short ones keep BOS
     model = common.load_member(run_dir / "members" / f"{run['names'][-1]}.pt")[0]
-    batched = ev.continuation_logprobs(model, seqs, n_cont, torch.device("cpu"), size=16)
-    alone = ev.continuation_logprobs(model, seqs, n_cont, torch.device("cpu"), size=1)
+    batched = ds.continuation_logprobs(model, seqs, n_cont, torch.device("cpu"), size=16)
+    alone = ds.continuation_logprobs(model, seqs, n_cont, torch.device("cpu"), size=1)
     np.testing.assert_allclose(batched, alone, atol=1e-5)  # right padding changes nothing
     ids = [tok.bos_id] + tok.encode("The sun rises in the west.")  # question 0, choice 0
     with torch.no_grad():
@@ -223,25 +230,25 @@ def test_hub_benchmarks_normalise_to_the_local_schema(monkeypatch):
                                      answerKey="B")],
             "baber/piqa": [dict(goal="Open a jar", sol1="twist the lid", sol2="eat the lid", label=0)]}
     monkeypatch.setattr(datasets, "load_dataset", lambda path, config=None, split=None: rows[path])
-    assert ev.read_questions("hellaswag") == [dict(context="Baking: A man mixes flour. He",
+    assert ds.read_questions("hellaswag") == [dict(context="Baking: A man mixes flour. He",
                                                    choices=["bakes. bread.", "sings loudly.", "x", "y"], label=1)]
     for name in ("arc_easy", "arc_challenge"):
-        assert ev.read_questions(name) == [dict(context="Question: What is H2O?\nAnswer:", choices=["salt", "water"], label=1)]
-    assert ev.read_questions("piqa") == [dict(context="Question: Open a jar\nAnswer:",
+        assert ds.read_questions(name) == [dict(context="Question: What is H2O?\nAnswer:", choices=["salt", "water"], label=1)]
+    assert ds.read_questions("piqa") == [dict(context="Question: Open a jar\nAnswer:",
                                               choices=["twist the lid", "eat the lid"], label=0)]
 
 
 def test_sample_length_and_seed(evaluated):
     run_dir, rep, _ = evaluated
     run = ev.open_run(run_dir)
-    text, ids = ev.sample(run, rep, "The ", 2, torch.device("cpu"), new_tokens=23, seed=3)
+    text, ids = ts.sample(run, prior_json(run_dir), "The ", 2, torch.device("cpu"), new_tokens=23, seed=3)
     assert isinstance(text, str) and len(ids) == 23
-    assert ev.sample(run, rep, "The ", 2, torch.device("cpu"), new_tokens=23, seed=3)[1] == ids
+    assert ts.sample(run, prior_json(run_dir), "The ", 2, torch.device("cpu"), new_tokens=23, seed=3)[1] == ids
 
 
 def test_logit_average_k1_is_the_member(evaluated):
     run_dir, rep, _ = evaluated
-    la = ev.logit_average(ev.open_run(run_dir), rep, 1, torch.device("cpu"))
+    la = ts.logit_average(ev.open_run(run_dir), prior_json(run_dir), 1, torch.device("cpu"))
     member = next(m for m in rep["members"] if m["name"] == la["members"][0])
     assert la["weights"] == [1.0]
     assert la["logit_avg_val"] == pytest.approx(member["val"], abs=1e-5)
@@ -271,7 +278,7 @@ def test_bad_input_is_one_clear_message(run_copy, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"context": "a", "choices": ["b"], "label": 3}\n')
     with pytest.raises(common.UserError, match="bad.jsonl:1"):
-        ev.read_questions(str(bad))
+        ds.read_questions(str(bad))
 
 
 # --- prior.json: one writer, kept while current ------------------------------------

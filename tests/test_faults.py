@@ -316,7 +316,7 @@ def scores(run_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("where,spec", [("mid-write of the 5th score file (member 3)", "write:*/scores/*.npy:5"),
-                                        ("mid-forward of the 5th member-split (member 3)", "call:eval.token_logprobs:5")])
+                                        ("mid-forward of the 5th member-split (member 3)", "call:eval.score_split:5")])
 def test_kill_scoring_then_rerun(ref, scored_ref, tmp_path, fault, capsys, where, spec):
     row = fault("SIGKILL eval.py --score, rerun", where)
     run_dir = tmp_path / "run"

@@ -15,7 +15,8 @@ eval.py: score every member of a q0 population once, fit the learned prior, and 
 
 Scoring writes RUN/scores/{name}.{split}.npy = log p_i(y_t | y_<t) of the true token at every scored position
 of fitness and val (common.eval_rows windows), with its sha256 beside it (a file that no longer matches is scored
-again): member i on rank i % world, one model in memory at a time.
+again) and, in RUN/scores/{name}.json, the sha256 of the member file it came from (a member retrained since is
+scored again): member i on rank i % world, one model in memory at a time.
 Everything after that is arithmetic on the cached (M, N) arrays L (prior.py), with p_i(t) = exp(L[i, t]):
     ensemble loss(w) = mean_t -log sum_i w_i p_i(t)      (probability averaging, prior.mixture_nll)
 for the prior's top-K (prior.members_at), uniform over all, uniform over the last K and greedy selection. Weights,
@@ -92,6 +93,32 @@ def open_run(run_dir, max_tokens=0, exclude=()):
     return out
 
 
+def member_path(run, name):
+    return run["dir"] / next(r for r in run["rows"] if r["name"] == name)["path"]
+
+
+def member_sha256(path):
+    """The sha256 common.save_torch stored in a member file, read without rehashing (the file is mapped and only its
+    small pickle read): a retrained member has another. None when the file is missing or unreadable."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("sha256")
+    except Exception:
+        return None
+
+
+def record_path(run_dir, name):
+    """RUN/scores/{name}.json: which member file (its sha256) the score files of `name` were computed from."""
+    return Path(run_dir) / "scores" / f"{name}.json"
+
+
+def scored_from(run_dir, name):
+    """The member sha256 recorded when `name` was last scored; None without a readable record."""
+    try:
+        return json.loads(record_path(run_dir, name).read_text())["member_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load(run, name, dev):
     row = next(r for r in run["rows"] if r["name"] == name)
     path = run["dir"] / row["path"]
@@ -132,11 +159,22 @@ def peak_memory(dev):
 
 
 def score_run(run, env, out_dtype=dtype, size=batch_size):
-    """Score every member not yet scored (member i on rank i % world); returns the names scored here and skipped."""
-    dev, world, rank = env["device"], env["world"], env["rank"]
-    (run["dir"] / "scores").mkdir(exist_ok=True)
-    todo = {name: [s for s in ("fitness", "val") if not scored(prior.score_path(run["dir"], name, s), run[s]["n"])]
-            for name in run["names"]}
+    """Score every member not yet scored, or scored from another member file than today's (member i on rank
+    i % world); returns the names scored and skipped."""
+    dev, world, rank, d = env["device"], env["world"], env["rank"], run["dir"]
+    (d / "scores").mkdir(exist_ok=True)
+    shas = {name: member_sha256(member_path(run, name)) for name in run["names"]}
+    todo = {}
+    for name in run["names"]:
+        todo[name] = [s for s in ("fitness", "val") if not scored(prior.score_path(d, name, s), run[s]["n"])]
+        was = scored_from(d, name)
+        if len(todo[name]) < 2 and was != shas[name]:  # cached scores of another member file: both splits again
+            if rank == 0:
+                why = ("its member file is missing or unreadable" if shas[name] is None else
+                       "there is no record of the member file they came from" if was is None else
+                       f"{member_path(run, name)} changed since (sha256 {shas[name][:12]}, scored from {was[:12]})")
+                print(f"member {name}: cached scores not used, {why}; scoring it again", flush=True)
+            todo[name] = ["fitness", "val"]
     mine = [n for i, n in enumerate(run["names"]) if i % world == rank and todo[n]]
     if rank == 0:
         print(f"scoring {run['dir']}: {len(run['names'])} members, {sum(not t for t in todo.values())} already scored, "
@@ -146,7 +184,8 @@ def score_run(run, env, out_dtype=dtype, size=batch_size):
         t0 = time.time()
         model = load(run, name, dev)  # one model in memory at a time
         for split in todo[name]:
-            save_array(score_split(model, run[split], dev, size).astype(out_dtype), prior.score_path(run["dir"], name, split))
+            save_array(score_split(model, run[split], dev, size).astype(out_dtype), prior.score_path(d, name, split))
+        write_json(dict(member=str(member_path(run, name).relative_to(d)), member_sha256=shas[name]), record_path(d, name))
         del model
         n = sum(run[s]["n"] for s in todo[name])
         dt = time.time() - t0
@@ -190,18 +229,21 @@ def run_scores(run, split):
         raise UserError(str(e)) from None
 
 
-def write_prior(path, names, L_fitness, method=prior.method):
+def write_prior(path, names, L_fitness, method=prior.method, member_sha256=None):
     """Fit the prior for these members (rows of L_fitness, in training order) and write it: the one writer of
-    prior.json."""
+    prior.json. member_sha256 ({name: sha256 of the member file scored}) is recorded in it when given."""
     pj = prior.fit_prior(names, L_fitness, method)
+    if member_sha256 is not None:
+        pj["member_sha256"] = {n: member_sha256[n] for n in names}
     write_json(pj, path)
     return pj
 
 
-def current_prior(run_dir, names, L_fitness, method=None):
+def current_prior(run_dir, names, L_fitness, method=None, member_sha256=None):
     """RUN/prior.json as it is when it is the prior of exactly these members (same names in training order, same
-    fitness tokens: its K=1 loss still matches the scores) and, if `method` is given, holds that method's weights;
-    otherwise fit it (with `method`, default em) and write it. -> (prior, None when kept, else why it was refit)."""
+    member files when member_sha256 is given, same fitness tokens: its K=1 loss still matches the scores) and, if
+    `method` is given, holds that method's weights; otherwise fit it (with `method`, default em) and write it.
+    -> (prior, None when kept, else why it was refit)."""
     path, L = Path(run_dir) / "prior.json", prior.as_scores(L_fitness)
     try:
         old = json.loads(path.read_text())
@@ -211,6 +253,11 @@ def current_prior(run_dir, names, L_fitness, method=None):
         why = "there was no readable prior.json"
     elif old.get("members") != list(names):
         why = "prior.json was fit on other members"
+    elif member_sha256 is not None and "member_sha256" not in old:
+        why = "prior.json does not record the member files it was fit on"
+    elif member_sha256 is not None and old["member_sha256"] != {n: member_sha256[n] for n in names}:
+        changed = [n for n in names if old["member_sha256"].get(n) != member_sha256[n]]
+        why = f"member(s) {', '.join(changed)} changed since prior.json was fit"
     elif old.get("num_tokens") != L.shape[1] or abs(old["per_k"]["1"]["fitness_nll"] - prior.mixture_nll(
             L, [float(n == old["per_k"]["1"]["members"][0]) for n in names])) > 1e-9:
         why = "the fitness scores changed since prior.json was fit"
@@ -218,7 +265,7 @@ def current_prior(run_dir, names, L_fitness, method=None):
         why = f"prior.json holds {old.get('method')} weights, {method} asked for"
     else:
         return old, None
-    return write_prior(path, names, L, method or prior.method), why
+    return write_prior(path, names, L, method or prior.method, member_sha256), why
 
 
 def evaluate_run(run, method=prior_method):
@@ -228,7 +275,7 @@ def evaluate_run(run, method=prior_method):
     names, rows, d = run["names"], run["rows"], run["dir"]
     L_fit, L_val = run_scores(run, "fitness"), run_scores(run, "val")
     fit_loss, val_loss = -L_fit.mean(1), -L_val.mean(1)  # (M,) per-member losses
-    pj, refit_why = current_prior(d, names, L_fit, method)
+    pj, refit_why = current_prior(d, names, L_fit, method, {n: scored_from(d, n) for n in names})
     method = pj["method"]  # the budget curve refits with the method of the weights in use
     val = lambda mix: prior.mixture_nll(L_val, weights_of(names, mix))
     baseline = lambda kind, k: zip(*(pj["baselines"][kind][str(k)][key] for key in ("members", "weights")))

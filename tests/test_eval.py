@@ -329,3 +329,49 @@ def test_current_prior_keeps_a_current_file_and_refits_a_stale_one(tmp_path):
     assert "scores changed" in why and ev.current_prior(tmp_path, names, L - 0.01)[1] is None
     pj, why = ev.current_prior(tmp_path, names, L[:, :1_000])  # rescored on fewer tokens
     assert "scores changed" in why and pj["num_tokens"] == 1_000
+
+
+# --- faults on the eval side (issue 29): injected from outside, then the message's fix -------------------------
+
+def retrain(run_dir, name, scale=1.05):
+    """What retraining a member does to its file, from outside: other weights, saved by common.save_torch (a valid
+    sha256 inside, a new one)."""
+    path = Path(run_dir) / "members" / f"{name}.pt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt.pop("sha256")
+    ckpt["model"] = {k: v * scale if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    common.save_torch(ckpt, path)
+    return path
+
+
+def member_val(run_dir, name):
+    """-mean log p of the member file as it is now on the val split: what eval.py must report for it."""
+    run = ev.open_run(run_dir)
+    model = common.load_member(Path(run_dir) / "members" / f"{name}.pt")[0]
+    return float(-ev.score_split(model, run["val"], torch.device("cpu")).astype(np.float64).mean())
+
+
+def test_a_retrained_member_is_rescored_and_the_prior_refit(evaluated, tmp_path, fault):
+    row = fault("member file retrained after scoring", "eval.py RUN on a scored run with prior.json")
+    run_dir = tmp_path / "run"
+    shutil.copytree(evaluated[0], run_dir)
+    pj = prior_json(run_dir)
+    name = next(n for n in pj["members"] if n != pj["per_k"]["1"]["members"][0])  # the old K=1 check misses it
+    before = {m["name"]: m["val"] for m in evaluated[1]["members"]}
+    retrain(run_dir, name)
+    rep, out = run_cli([str(run_dir)])
+    assert f"member {name}: cached scores not used, {run_dir / 'members' / (name + '.pt')} changed since" in out
+    assert "4 members, 3 already scored, 1 to score" in out
+    got = {m["name"]: m["val"] for m in rep["members"]}
+    assert got[name] == pytest.approx(member_val(run_dir, name), abs=1e-6) and abs(got[name] - before[name]) > 1e-4
+    assert all(got[n] == before[n] for n in got if n != name)  # the others came from the cache, unchanged
+    assert rep["prior_refit"] == f"member(s) {name} changed since prior.json was fit"
+    assert prior_json(run_dir)["member_sha256"][name] == torch.load(run_dir / "members" / f"{name}.pt",
+                                                                     weights_only=True, mmap=True)["sha256"]
+    rep, out = run_cli([str(run_dir)])  # the fix is the same command: now everything is current
+    assert "0 to score" in out and rep["prior_refit"] is None and {m["name"]: m["val"] for m in rep["members"]} == got
+    ev.record_path(run_dir, name).unlink()  # scores from before eval.py kept a record: not trusted
+    rep, out = run_cli([str(run_dir)])
+    assert f"member {name}: cached scores not used, there is no record of the member file" in out
+    assert "3 already scored, 1 to score" in out and {m["name"]: m["val"] for m in rep["members"]} == got
+    row.trials, row.result = 2, "named and rescored (its val = a direct forward of the new file); prior refit, naming it"

@@ -25,6 +25,7 @@ K and every selection come from the fitness split only; val is the test set and 
 The extras that need the members' full distributions (K models at once) live in tools/, imported only for their flags.
 """
 import argparse
+import hashlib
 import json
 import resource
 import sys
@@ -229,28 +230,39 @@ def run_scores(run, split):
         raise UserError(str(e)) from None
 
 
+def prior_digest(pj):
+    """sha256 of a prior.json's content but its own "sha256" key, as JSON text with sorted keys (what is on disk)."""
+    return hashlib.sha256(json.dumps({k: v for k, v in pj.items() if k != "sha256"}, sort_keys=True).encode()).hexdigest()
+
+
 def write_prior(path, names, L_fitness, method=prior.method, member_sha256=None):
     """Fit the prior for these members (rows of L_fitness, in training order) and write it: the one writer of
-    prior.json. member_sha256 ({name: sha256 of the member file scored}) is recorded in it when given."""
+    prior.json. member_sha256 ({name: sha256 of the member file scored}) is recorded in it when given, and the
+    file's own sha256 always (current_prior refits a prior.json changed on disk)."""
     pj = prior.fit_prior(names, L_fitness, method)
     if member_sha256 is not None:
         pj["member_sha256"] = {n: member_sha256[n] for n in names}
+    pj["sha256"] = prior_digest(pj)
     write_json(pj, path)
     return pj
 
 
 def current_prior(run_dir, names, L_fitness, method=None, member_sha256=None):
-    """RUN/prior.json as it is when it is the prior of exactly these members (same names in training order, same
-    member files when member_sha256 is given, same fitness tokens: its K=1 loss still matches the scores) and, if
-    `method` is given, holds that method's weights; otherwise fit it (with `method`, default em) and write it.
-    -> (prior, None when kept, else why it was refit)."""
+    """RUN/prior.json as it is when it is intact (its content matches the sha256 in it) and the prior of exactly these
+    members (same names in training order, same member files when member_sha256 is given, same fitness tokens: its
+    K=1 loss still matches the scores) and, if `method` is given, holds that method's weights; otherwise fit it (with
+    `method`, default em) and write it. -> (prior, None when kept, else why it was refit)."""
     path, L = Path(run_dir) / "prior.json", prior.as_scores(L_fitness)
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         old = None
-    if old is None:
+    if not isinstance(old, dict):
         why = "there was no readable prior.json"
+    elif "sha256" not in old:
+        why = "prior.json holds no sha256 of its content (written before eval.py kept one)"
+    elif old["sha256"] != prior_digest(old):
+        why = "prior.json changed on disk since eval.py wrote it (its content no longer matches its sha256)"
     elif old.get("members") != list(names):
         why = "prior.json was fit on other members"
     elif member_sha256 is not None and "member_sha256" not in old:

@@ -375,3 +375,24 @@ def test_a_retrained_member_is_rescored_and_the_prior_refit(evaluated, tmp_path,
     assert f"member {name}: cached scores not used, there is no record of the member file" in out
     assert "3 already scored, 1 to score" in out and {m["name"]: m["val"] for m in rep["members"]} == got
     row.trials, row.result = 2, "named and rescored (its val = a direct forward of the new file); prior refit, naming it"
+
+
+@pytest.mark.parametrize("where", ["per_k", "weights"])
+def test_a_prior_json_changed_on_disk_is_refit_not_reported(evaluated, tmp_path, fault, where):
+    """One digit changed in prior.json: the first decimal of the K=2 entry's first weight (what q0.py's student
+    reads) or of the heaviest member's weight (what every reported mixture is read from, prior.members_at)."""
+    row = fault("one digit of prior.json changed on disk", f"prior.json {where}")
+    run_dir = tmp_path / "run"
+    shutil.copytree(evaluated[0], run_dir)
+    pj, text = prior_json(run_dir), (run_dir / "prior.json").read_text()
+    value = repr(pj["per_k"]["2"]["weights"][0] if where == "per_k" else max(pj["weights"].values()))
+    at = text.index(value, text.index('"per_k"' if where == "per_k" else '"weights"'))  # that entry, not a copy
+    assert value.startswith("0.")
+    (run_dir / "prior.json").write_text(f"{text[:at + 2]}{(int(value[2]) + 1) % 10}{text[at + 3:]}")
+    rep, out = run_cli([str(run_dir)])
+    assert "fitted and written to prior.json (prior.json changed on disk since eval.py wrote it" in out
+    assert rep["ensemble"] == evaluated[1]["ensemble"] and rep["weights"] == evaluated[1]["weights"]  # the clean numbers
+    assert prior_json(run_dir)["per_k"] == prior_json(evaluated[0])["per_k"]
+    rep, out = run_cli([str(run_dir)])  # rewritten whole: kept from now on
+    assert rep["prior_refit"] is None and "read from prior.json" in out
+    row.trials, row.result = 1, "refit with one line saying prior.json changed on disk; the clean run's numbers"

@@ -341,6 +341,7 @@ def prior_without_timings(path):
     p = json.loads(Path(path).read_text())
     for fit in p["compare"].values():
         fit.pop("seconds")
+    p.pop("sha256")  # of the file, timings included
     return p
 
 

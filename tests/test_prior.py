@@ -202,7 +202,9 @@ def test_members_at_agrees_with_per_k():
 # --- files and the command line ----------------------------------------------
 
 def without_timings(p):
-    return {**p, "compare": {m: {k: v for k, v in r.items() if k != "seconds"} for m, r in p["compare"].items()}}
+    """A prior.json dict but its wall-clock times (and eval.py's sha256 of the file, which covers them)."""
+    return {**{k: v for k, v in p.items() if k != "sha256"},
+            "compare": {m: {k: v for k, v in r.items() if k != "seconds"} for m, r in p["compare"].items()}}
 
 
 def write_scores(run_dir, names, L, split="fitness", dtype=np.float32):

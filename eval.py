@@ -120,14 +120,25 @@ def scored_from(run_dir, name):
         return None
 
 
+def member_fix(run, name, retrain=True):
+    """What to do about a member eval.py cannot use; retraining is left out where it would save the same file."""
+    track = next(r for r in run["rows"] if r["name"] == name)["track"]
+    return (f"leave it out with `python eval.py {run['dir']} --exclude {name}`" + (
+        f", or retrain its track: delete {run['dir'] / ('track' + str(track))} and re-run the training command with "
+        f"--resume=True" if retrain else ""))
+
+
 def load(run, name, dev):
-    row = next(r for r in run["rows"] if r["name"] == name)
-    path = run["dir"] / row["path"]
-    fix = (f"leave it out with `python eval.py {run['dir']} --exclude {name}`, or retrain its track: delete "
-           f"{run['dir'] / ('track' + str(row['track']))} and re-run the training command with --resume=True")
+    """Member `name` as a model in eval mode, refused (one line naming the file and member_fix) when its file is
+    missing, unreadable, not its sha256, holds a NaN or inf weight, or was trained on other tokens than the run's data."""
+    path, fix = member_path(run, name), member_fix(run, name)
     if not path.is_file():
         raise UserError(f"member file {path} (manifest of {run['dir']}) is missing: {fix}")
     model, ckpt = load_member(path, dev, fix)
+    bad = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # saved that way (its sha256 matches): every score of it would be NaN
+        raise UserError(f"member file {path} holds non-finite weights ({len(bad)} of {len(ckpt['model'])} tensors, "
+                        f"the first {bad[0]}), saved so (its sha256 matches): {member_fix(run, name, retrain=False)}")
     meta, mine = run["val"]["meta"], ckpt["data"]
     if ((mine["tokenizer"], mine["vocab_size"]) != (meta["tokenizer"], meta["vocab_size"])
             or model.cfg.vocab_size < meta["vocab_size"]):  # a token past the model's vocab would crash the forward
@@ -185,7 +196,11 @@ def score_run(run, env, out_dtype=dtype, size=batch_size):
         t0 = time.time()
         model = load(run, name, dev)  # one model in memory at a time
         for split in todo[name]:
-            save_array(score_split(model, run[split], dev, size).astype(out_dtype), prior.score_path(d, name, split))
+            scores = score_split(model, run[split], dev, size).astype(out_dtype)
+            if not np.isfinite(scores).all():  # never a NaN score file: it would poison every mixture with it
+                raise UserError(f"member {name} gives non-finite log-probs on {split} ({int((~np.isfinite(scores)).sum()):,} "
+                                f"of {len(scores):,} tokens, {out_dtype}): {member_fix(run, name, retrain=False)}")
+            save_array(scores, prior.score_path(d, name, split))
         write_json(dict(member=str(member_path(run, name).relative_to(d)), member_sha256=shas[name]), record_path(d, name))
         del model
         n = sum(run[s]["n"] for s in todo[name])

@@ -396,3 +396,40 @@ def test_a_prior_json_changed_on_disk_is_refit_not_reported(evaluated, tmp_path,
     rep, out = run_cli([str(run_dir)])  # rewritten whole: kept from now on
     assert rep["prior_refit"] is None and "read from prior.json" in out
     row.trials, row.result = 1, "refit with one line saying prior.json changed on disk; the clean run's numbers"
+
+
+def test_a_member_with_nan_weights_and_a_valid_checksum_is_named_and_excludable(evaluated, tmp_path, fault, capsys,
+                                                                                 monkeypatch):
+    row = fault("member saved with a NaN weight (valid sha256)", "eval.py --score on a scored run; --exclude")
+    run_dir = tmp_path / "run"
+    shutil.copytree(evaluated[0], run_dir)
+    name = evaluated[1]["members"][1]["name"]
+    path = run_dir / "members" / f"{name}.pt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt.pop("sha256")
+    key = next(k for k, v in ckpt["model"].items() if v.dim() == 2)
+    ckpt["model"][key][0, 0] = float("nan")
+    common.save_torch(ckpt, path)  # saved so: its sha256 matches
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        ev.main([str(run_dir), "--score"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"member file {path} holds non-finite weights (1 of" in err and f"the first {key}" in err
+    assert f"--exclude {name}`" in err and "retrain" not in err
+    for p in (run_dir / "scores").glob("*.npy"):
+        assert np.isfinite(np.load(p)).all(), p  # no NaN score file; the old scores of it stay unused
+    rep, out = run_cli([str(run_dir), "--exclude", name])  # the fix it names
+    assert rep["num_members"] == 3 and name not in rep["weights"] and np.isfinite(rep["summary"]["prior_val"])
+    assert {m["name"]: m["val"] for m in rep["members"]} == {m["name"]: m["val"] for m in evaluated[1]["members"]
+                                                             if m["name"] != name}
+    # finite weights whose log-probs are not (an overflow on the device, say): refused before anything is written
+    shutil.rmtree(run_dir / "scores")
+    monkeypatch.setattr(ev, "score_windows", lambda model, tokens, windows, *rest: torch.full(
+        (sum(e - s - 1 for s, e in windows),), float("nan")))
+    with pytest.raises(SystemExit):
+        ev.main([str(run_dir), "--score", "--exclude", name])
+    err = capsys.readouterr().err
+    assert "gives non-finite log-probs on fitness" in err and "--exclude" in err
+    assert not list((run_dir / "scores").glob("*.npy"))
+    row.trials, row.result = 2, "one line naming the file, tensor and --exclude; no NaN score file; --exclude reports 3"

@@ -5,9 +5,9 @@ eval.py: score every member of a q0 population once, fit the learned prior, and 
     python eval.py runs/RUN --method adamw                # the prior by the reference's AdamW fit instead of EM
     python eval.py runs/RUN --score                       # score only (resumes: scored members are skipped)
     python eval.py runs/A runs/B runs/C --out runs/cmp    # one comparison table (+ runs/cmp/compare.json)
-    python eval.py runs/RUN --logit_avg 4                 # logit vs probability averaging, prior's top 4 (tools/sample.py)
+    python eval.py runs/RUN --logit_avg 4                 # logit vs probability averaging, top 4 (tools/sample.py)
     python eval.py runs/RUN --downstream hellaswag arc_easy tests/fixtures/mc_tiny.jsonl   # tools/downstream.py
-    python eval.py runs/RUN --sample "def main(" --k 4    # text from the 4-member mixture (tools/sample.py)
+    python eval.py runs/RUN --sample "def main(" --k 4    # text from the top-4 mixture (tools/sample.py)
     torchrun --standalone --nproc_per_node=8 eval.py runs/RUN --score            # members split over 8 GPUs
     torchrun --nnodes=5 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d \\
         --rdzv_endpoint=$MASTER_HOST:29500 eval.py runs/RUN --score              # 40 GPUs
@@ -130,7 +130,7 @@ def member_fix(run, name, retrain=True):
 
 def load(run, name, dev):
     """Member `name` as a model in eval mode, refused (one line naming the file and member_fix) when its file is
-    missing, unreadable, not its sha256, holds a NaN or inf weight, or was trained on other tokens than the run's data."""
+    missing, unreadable, not its sha256, holds a NaN or inf weight, or was trained on other tokens than the run's."""
     path, fix = member_path(run, name), member_fix(run, name)
     if not path.is_file():
         raise UserError(f"member file {path} (manifest of {run['dir']}) is missing: {fix}")
@@ -198,8 +198,9 @@ def score_run(run, env, out_dtype=dtype, size=batch_size):
         for split in todo[name]:
             scores = score_split(model, run[split], dev, size).astype(out_dtype)
             if not np.isfinite(scores).all():  # never a NaN score file: it would poison every mixture with it
-                raise UserError(f"member {name} gives non-finite log-probs on {split} ({int((~np.isfinite(scores)).sum()):,} "
-                                f"of {len(scores):,} tokens, {out_dtype}): {member_fix(run, name, retrain=False)}")
+                bad = int((~np.isfinite(scores)).sum())
+                raise UserError(f"member {name} gives non-finite log-probs on {split} ({bad:,} of {len(scores):,} tokens, "
+                                f"{out_dtype}): {member_fix(run, name, retrain=False)}")
             save_array(scores, prior.score_path(d, name, split))
         write_json(dict(member=str(member_path(run, name).relative_to(d)), member_sha256=shas[name]), record_path(d, name))
         del model
@@ -247,7 +248,8 @@ def run_scores(run, split):
 
 def prior_digest(pj):
     """sha256 of a prior.json's content but its own "sha256" key, as JSON text with sorted keys (what is on disk)."""
-    return hashlib.sha256(json.dumps({k: v for k, v in pj.items() if k != "sha256"}, sort_keys=True).encode()).hexdigest()
+    text = json.dumps({k: v for k, v in pj.items() if k != "sha256"}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def write_prior(path, names, L_fitness, method=prior.method, member_sha256=None):

@@ -374,7 +374,7 @@ def test_a_retrained_member_is_rescored_and_the_prior_refit(evaluated, tmp_path,
     rep, out = run_cli([str(run_dir)])
     assert f"member {name}: cached scores not used, there is no record of the member file" in out
     assert "3 already scored, 1 to score" in out and {m["name"]: m["val"] for m in rep["members"]} == got
-    row.trials, row.result = 2, "named and rescored (its val = a direct forward of the new file); prior refit, naming it"
+    row.trials, row.result = 2, "named, rescored (val = a direct forward of the new file); prior refit, naming it"
 
 
 @pytest.mark.parametrize("where", ["per_k", "weights"])
@@ -391,7 +391,7 @@ def test_a_prior_json_changed_on_disk_is_refit_not_reported(evaluated, tmp_path,
     (run_dir / "prior.json").write_text(f"{text[:at + 2]}{(int(value[2]) + 1) % 10}{text[at + 3:]}")
     rep, out = run_cli([str(run_dir)])
     assert "fitted and written to prior.json (prior.json changed on disk since eval.py wrote it" in out
-    assert rep["ensemble"] == evaluated[1]["ensemble"] and rep["weights"] == evaluated[1]["weights"]  # the clean numbers
+    assert rep["ensemble"] == evaluated[1]["ensemble"] and rep["weights"] == evaluated[1]["weights"]  # clean numbers
     assert prior_json(run_dir)["per_k"] == prior_json(evaluated[0])["per_k"]
     rep, out = run_cli([str(run_dir)])  # rewritten whole: kept from now on
     assert rep["prior_refit"] is None and "read from prior.json" in out

@@ -39,7 +39,8 @@ def logit_average(run, pj, k, dev):
         with autocast(dev):
             z = sum(wi * m(x[:, :-1]) for (_, wi), m in zip(mix, models))  # (B, T, V)
         total -= gpt.token_logprobs(z.float(), x[:, 1:]).double().sum().item()
-    return dict(k=len(mix), members=[n for n, _ in mix], weights=[wi for _, wi in mix], logit_avg_val=total / run["val"]["n"],
+    return dict(k=len(mix), members=[n for n, _ in mix], weights=[wi for _, wi in mix],
+                logit_avg_val=total / run["val"]["n"],
                 prob_avg_val=prior.mixture_nll(ev.run_scores(run, "val"), ev.weights_of(run["names"], mix)))
 
 

@@ -94,6 +94,17 @@ def open_run(run_dir, max_tokens=0, exclude=()):
     return out
 
 
+def eval_write(write, *args):
+    """common's writer write(*args) (save_array, write_json), with eval.py's advice when the disk is full or a write
+    fails: common's says to re-run with --resume=True, the trainers' flag; eval.py has none, and a rerun of the same
+    command continues by itself (what is scored is kept)."""
+    try:
+        return write(*args)
+    except UserError as e:
+        raise UserError(str(e).replace("re-run with --resume=True", "re-run the same eval.py command (what is already "
+                                       "scored is kept)"), e.status) from None
+
+
 def member_path(run, name):
     return run["dir"] / next(r for r in run["rows"] if r["name"] == name)["path"]
 
@@ -201,8 +212,9 @@ def score_run(run, env, out_dtype=dtype, size=batch_size):
                 bad = int((~np.isfinite(scores)).sum())
                 raise UserError(f"member {name} gives non-finite log-probs on {split} ({bad:,} of {len(scores):,} tokens, "
                                 f"{out_dtype}): {member_fix(run, name, retrain=False)}")
-            save_array(scores, prior.score_path(d, name, split))
-        write_json(dict(member=str(member_path(run, name).relative_to(d)), member_sha256=shas[name]), record_path(d, name))
+            eval_write(save_array, scores, prior.score_path(d, name, split))
+        eval_write(write_json, dict(member=str(member_path(run, name).relative_to(d)), member_sha256=shas[name]),
+                   record_path(d, name))
         del model
         n = sum(run[s]["n"] for s in todo[name])
         dt = time.time() - t0
@@ -260,7 +272,7 @@ def write_prior(path, names, L_fitness, method=prior.method, member_sha256=None)
     if member_sha256 is not None:
         pj["member_sha256"] = {n: member_sha256[n] for n in names}
     pj["sha256"] = prior_digest(pj)
-    write_json(pj, path)
+    eval_write(write_json, pj, path)
     return pj
 
 
@@ -422,7 +434,7 @@ def print_comparison(reps, out=None):
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         keys = ("run", "mode", "num_members", "budget_epochs", "best_member", "summary")
-        write_json([{k: r[k] for k in keys} for r in reps], Path(out) / "compare.json")
+        eval_write(write_json, [{k: r[k] for k in keys} for r in reps], Path(out) / "compare.json")
 
 
 # -----------------------------------------------------------------------------
@@ -482,7 +494,7 @@ def main(argv=None):
                 rep["sample"] = dict(prompt=args.sample, k=min(args.k, rep["num_members"]), temperature=args.temperature,
                                      seed=args.seed, text=text)
             print_report(rep)
-            write_json(rep, run["dir"] / "eval.json")
+            eval_write(write_json, rep, run["dir"] / "eval.json")
             png = plot(rep, run["dir"] / "eval.png")
             print(f"wrote {run['dir']}/{'prior.json, ' if rep['prior_refit'] else ''}eval.json"
                   f"{', eval.png' if png else ' (no matplotlib: no eval.png)'}")

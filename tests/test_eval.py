@@ -433,3 +433,28 @@ def test_a_member_with_nan_weights_and_a_valid_checksum_is_named_and_excludable(
     assert "gives non-finite log-probs on fitness" in err and "--exclude" in err
     assert not list((run_dir / "scores").glob("*.npy"))
     row.trials, row.result = 2, "one line naming the file, tensor and --exclude; no NaN score file; --exclude reports 3"
+
+
+@pytest.mark.parametrize("where", ["scores", "prior.json"])
+def test_a_full_disk_names_the_eval_command_not_resume(run_copy, fault, capsys, monkeypatch, where):
+    """common's writers advise --resume=True on a full disk, a flag eval.py does not have: eval.py says to re-run the
+    same command, and that command then finishes, scoring only what is missing."""
+    row = fault("disk full", f"eval.py writing {where}")
+    calls = [0]
+
+    def free_bytes(path):  # full after member 1 (2 score files, 2 digests, its record), or for the run folder
+        calls[0] += Path(path).name == "scores"
+        return 0 if (calls[0] > 5 if where == "scores" else Path(path) == run_copy) else 1 << 40
+    monkeypatch.setattr(common, "free_bytes", free_bytes)
+    with pytest.raises(SystemExit) as e:
+        ev.main([str(run_copy)])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    second = common.read_manifest(run_copy)[1]["name"]
+    target = run_copy / "prior.json" if where == "prior.json" else prior.score_path(run_copy, second, "fitness")
+    assert e.value.code == 1 and f"not enough disk to write {target}" in err and "Earlier files are intact" in err
+    assert "--resume" not in err and "re-run the same eval.py command (what is already scored is kept)" in err
+    rep, out = run_cli([str(run_copy)])  # space freed: the command it names
+    assert ("4 members, 1 already scored, 3 to score" if where == "scores" else "4 members, 4 already scored") in out
+    assert json.loads((run_copy / "eval.json").read_text())["summary"] == rep["summary"]
+    row.trials, row.result = 1, "one line: not enough disk, re-run the same eval.py command; that rerun finishes"

@@ -64,9 +64,18 @@ def eval_env(kind):
     return dict(world=world, rank=rank, device=dev)
 
 
+def planned_members(cfg):
+    """Members the run of this config holds once finished: q0 and chain num_trajectories x num_cycles, ensemble
+    ensemble_size, single and student one. Fewer in the manifest: the run is unfinished (a track still training,
+    stopped, or never started), which its config says without reading any checkpoint."""
+    if cfg["mode"] in ("q0", "chain"):
+        return cfg["num_trajectories"] * cfg["num_cycles"]
+    return cfg["ensemble_size"] if cfg["mode"] == "ensemble" else 1
+
+
 def open_run(run_dir, max_tokens=0, exclude=()):
     """Config, manifest (training order; minus the members named in `exclude`), the fitness and val tokens and their
-    windows, checked against the run."""
+    windows, checked against the run; the members planned and found (planned_members)."""
     run = Path(run_dir)
     if not run.is_dir():
         raise UserError(f"run folder {run} not found: train one first (python q0.py <config> --out_dir={run})")
@@ -80,7 +89,7 @@ def open_run(run_dir, max_tokens=0, exclude=()):
     if not rows:
         raise UserError(f"--exclude leaves no member of {run}", status=2)
     out = dict(dir=run, cfg=cfg, rows=rows, names=[r["name"] for r in rows], excluded=excluded, seq_len=cfg["seq_len"],
-               eval_tokens=max_tokens)
+               eval_tokens=max_tokens, planned=planned_members(cfg), found=len(rows) + len(excluded))
     for split in ("fitness", "val"):
         try:
             tokens, meta = load_split(cfg["data_dir"], split)
@@ -337,6 +346,7 @@ def evaluate_run(run, method=prior_method):
     members = [dict(name=n, track=r["track"], cycle=r["cycle"], budget_epochs=r["budget_epochs"], fitness=float(fit_loss[i]),
                     val=float(val_loss[i]), weight=pj["weights"][n]) for i, (n, r) in enumerate(zip(names, rows))]
     rep = dict(run=str(d), mode=run["cfg"]["mode"], num_members=len(names), budget_epochs=max(r["budget_epochs"] for r in rows),
+               members_planned=run["planned"], members_found=run["found"], scored_now=run.get("scored_now"),
                eval_tokens=run["eval_tokens"], num_tokens={s: run[s]["n"] for s in ("fitness", "val")},
                score_dtype=str(np.load(prior.score_path(d, names[0], "val"), mmap_mode="r").dtype), selection="fitness",
                prior_method=method, prior_refit=refit_why, weights=pj["weights"], members=members,
@@ -350,9 +360,22 @@ def evaluate_run(run, method=prior_method):
     return rep, pj
 
 
+def run_state(rep):
+    """The first line's verdict: is the run finished, and were the members read now or all scores cached?"""
+    found, planned, now = rep["members_found"], rep["members_planned"], rep["scored_now"]
+    state = (f"UNFINISHED: {found} of {planned} planned members (continue its training with --resume=True)"
+             if found < planned else "finished")
+    if now is not None:
+        cached = rep["num_members"] - len(now)
+        state += " | scores: " + ("all from the cache" if not now else "all scored now" if not cached else
+                                  f"{len(now)} scored now, {cached} from the cache")
+    return state
+
+
 def print_report(rep):
     print(f"\n== {rep['run']} | {rep['mode']} | {rep['num_members']} members | budget {rep['budget_epochs']:g} epochs | "
-          f"fitness {rep['num_tokens']['fitness']:,} + val {rep['num_tokens']['val']:,} tokens ({rep['score_dtype']}) ==")
+          f"fitness {rep['num_tokens']['fitness']:,} + val {rep['num_tokens']['val']:,} tokens ({rep['score_dtype']}) | "
+          f"{run_state(rep)} ==")
     print("member       track cycle budget  fitness      val   weight")
     for m in rep["members"]:
         print(f"{m['name']:<12} {m['track']:5d} {m['cycle']:5d} {m['budget_epochs']:6g} {m['fitness']:8.4f} {m['val']:8.4f} "
@@ -477,7 +500,7 @@ def main(argv=None):
         if unknown:
             raise UserError(f"--exclude: {', '.join(sorted(unknown))} is not a member of {', '.join(args.runs)}", status=2)
         for run in runs:  # every rank scores every run first, so no rank waits at a barrier through the reports
-            score_run(run, env, args.dtype, args.batch_size)
+            run["scored_now"] = score_run(run, env, args.dtype, args.batch_size)["scored"]
         for run in runs if not args.score and env["rank"] == 0 else []:  # only rank 0 reports
             rep, pj = evaluate_run(run, args.method)
             dev = env["device"]

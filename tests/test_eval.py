@@ -44,15 +44,17 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
+TINY_Q0 = ["--mode=q0", "--model_size=tiny", "--seq_len=32", "--batch_tokens=512", "--micro_batch_size=16",
+           "--num_trajectories=2", "--num_cycles=2", "--epochs_per_cycle=1", "--distill_after_cycles=1",
+           "--eval_every_epochs=0", "--ckpt_every_epochs=0", "--log_every=1000"]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, one_thread):
     base = tmp_path_factory.mktemp("eval")
     prepare_data.main(["--out_dir", str(base / "data"), "--val_tokens", "1024", "--fitness_tokens", "1024",
                        "--train_tokens", "8192"])
-    q0.main([f"--out_dir={base / 'run'}", f"--data_dir={base / 'data'}", "--mode=q0", "--model_size=tiny",
-                "--seq_len=32", "--batch_tokens=512", "--micro_batch_size=16", "--num_trajectories=2", "--num_cycles=2",
-                "--epochs_per_cycle=1", "--distill_after_cycles=1", "--eval_every_epochs=0", "--ckpt_every_epochs=0",
-                "--log_every=1000"])
+    q0.main([f"--out_dir={base / 'run'}", f"--data_dir={base / 'data'}", *TINY_Q0])
     return base / "run"
 
 
@@ -458,3 +460,27 @@ def test_a_full_disk_names_the_eval_command_not_resume(run_copy, fault, capsys, 
     assert ("4 members, 1 already scored, 3 to score" if where == "scores" else "4 members, 4 already scored") in out
     assert json.loads((run_copy / "eval.json").read_text())["summary"] == rep["summary"]
     row.trials, row.result = 1, "one line: not enough disk, re-run the same eval.py command; that rerun finishes"
+
+
+def test_the_first_line_says_an_unfinished_run_and_where_the_scores_came_from(evaluated, tmp_path, fault, capsys):
+    """Track 1 never ran (its folder, members and scores removed from outside): 2 of the 4 planned members. The report's first
+    line says UNFINISHED and that every score came from the cache; after the fix it names (training with
+    --resume=True), finished, with 2 members scored now and 2 from the cache."""
+    row = fault("unfinished run (one track never ran)", "eval.py RUN; the resume it names; eval.py RUN")
+    run_dir = tmp_path / "run"
+    shutil.copytree(evaluated[0], run_dir)
+    first_line = lambda out: out.split("\n== ", 1)[1].splitlines()[0]  # of the report
+    assert first_line(evaluated[2]).endswith("| finished | scores: all scored now ==")
+    shutil.rmtree(run_dir / "track1")
+    for p in [*(run_dir / "members").glob("t1-*"), *(run_dir / "scores").glob("t1-*")]:
+        p.unlink()
+    rep, out = run_cli([str(run_dir)])
+    assert rep["num_members"] == 2 and first_line(out).endswith(
+        "| UNFINISHED: 2 of 4 planned members (continue its training with --resume=True) | scores: all from the cache ==")
+    data_dir = json.loads((run_dir / "config.json").read_text())["config"]["data_dir"]
+    q0.main([f"--out_dir={run_dir}", f"--data_dir={data_dir}", *TINY_Q0, "--resume=True"])  # the fix it names
+    rep, out = run_cli([str(run_dir)])
+    assert first_line(out).endswith("| finished | scores: 2 scored now, 2 from the cache ==")
+    assert rep["summary"] == evaluated[1]["summary"]  # track 1 retrained bit for bit: the finished run's numbers
+    capsys.readouterr()
+    row.trials, row.result = 1, "UNFINISHED 2 of 4, all cached; after --resume=True: finished, 2 scored now, same numbers"

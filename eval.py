@@ -58,7 +58,8 @@ SLOWRUN_TABLE = [(200e6, 3.703), (400e6, 3.370), (600e6, 3.200), (800e6, 3.123),
 
 
 def eval_env(kind):
-    """Device, world size and rank for scoring. Process group only under torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
+    """Device, world size and rank for scoring. Process group only under torchrun (WORLD_SIZE > 1): nccl on CUDA,
+    gloo on CPU."""
     dev = pick_device(kind)
     world, rank = init_distributed(dev)
     return dict(world=world, rank=rank, device=dev)

@@ -5,9 +5,9 @@ eval.py: score every member of a q0 population once, fit the learned prior, and 
     python eval.py runs/RUN --method adamw                # the prior by the reference's AdamW fit instead of EM
     python eval.py runs/RUN --score                       # score only (resumes: scored members are skipped)
     python eval.py runs/A runs/B runs/C --out runs/cmp    # one comparison table (+ runs/cmp/compare.json)
-    python eval.py runs/RUN --logit_avg 4                 # logit vs probability averaging, prior's top 4
-    python eval.py runs/RUN --downstream hellaswag arc_easy tests/fixtures/mc_tiny.jsonl
-    python eval.py runs/RUN --sample "def main(" --k 4    # text from the 4-member mixture
+    python eval.py runs/RUN --logit_avg 4                 # logit vs probability averaging, top 4 (tools/sample.py)
+    python eval.py runs/RUN --downstream hellaswag arc_easy tests/fixtures/mc_tiny.jsonl   # tools/downstream.py
+    python eval.py runs/RUN --sample "def main(" --k 4    # text from the top-4 mixture (tools/sample.py)
     torchrun --standalone --nproc_per_node=8 eval.py runs/RUN --score            # members split over 8 GPUs
     torchrun --nnodes=5 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d \\
         --rdzv_endpoint=$MASTER_HOST:29500 eval.py runs/RUN --score              # 40 GPUs
@@ -15,16 +15,18 @@ eval.py: score every member of a q0 population once, fit the learned prior, and 
 
 Scoring writes RUN/scores/{name}.{split}.npy = log p_i(y_t | y_<t) of the true token at every scored position
 of fitness and val (common.eval_rows windows), with its sha256 beside it (a file that no longer matches is scored
-again): member i on rank i % world, one model in memory at a time.
+again) and, in RUN/scores/{name}.json, the sha256 of the member file it came from (a member retrained since is
+scored again): member i on rank i % world, one model in memory at a time.
 Everything after that is arithmetic on the cached (M, N) arrays L (prior.py), with p_i(t) = exp(L[i, t]):
     ensemble loss(w) = mean_t -log sum_i w_i p_i(t)      (probability averaging, prior.mixture_nll)
-for the prior's top-K, uniform over all, uniform over the last K and greedy selection. Weights, K and every
-selection come from the fitness split only; val is the test set and is only ever reported. RUN/prior.json (the
-prior's weights and per-K selections) is written here only, and kept while it is current for the run's members.
+for the prior's top-K (prior.members_at), uniform over all, uniform over the last K and greedy selection. Weights,
+K and every selection come from the fitness split only; val is the test set and is only ever reported. RUN/prior.json
+(the prior's weights and per-K selections) is written here only, and kept while it is current for the run's members.
+The extras that need the members' full distributions (K models at once) live in tools/, imported only for their flags.
 """
 import argparse
+import hashlib
 import json
-import re
 import resource
 import sys
 import time
@@ -34,18 +36,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import model as gpt
 import prior
-from common import (UserError, array_intact, autocast, eval_rows, init_distributed, load_member, pick_device, read_json,
-                    read_manifest, save_array, score_windows, window_batches, write_json)
-from prepare_data import load_split, tokenizer_for_meta
+from common import (UserError, array_intact, eval_rows, init_distributed, load_member, pick_device, read_json,
+                    read_manifest, save_array, score_windows, write_json)
+from prepare_data import load_split
 
 # -----------------------------------------------------------------------------
 device = "auto"          # auto (cuda > mps > cpu) | cuda | mps | cpu
 dtype = "float32"        # new score files: float32 | float16 (half the disk, ~1e-3 relative rounding)
 eval_tokens = 0          # tokens scored per split (0 = the whole split); a file of another length is rescored
 batch_size = 16          # windows (or choices) per forward pass
-logits_floats = 2**26    # --logit_avg: cap on the B x T x V logits held at once (256 MiB in fp32)
 prior_method = None      # em | adamw: prior.json refit if it holds the other; None: a current prior.json as is, else em
 sample_k = 4             # --sample: members mixed (the prior's top K)
 max_new_tokens = 200     # --sample: tokens generated
@@ -57,16 +57,26 @@ seed = 1337              # --sample: multinomial generator
 SLOWRUN_TABLE = [(200e6, 3.703), (400e6, 3.370), (600e6, 3.200), (800e6, 3.123), (1e9, 3.046), (2e9, 2.892)]
 
 
-def setup_distributed(kind):
-    """Process group only under torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
+def eval_env(kind):
+    """Device, world size and rank for scoring. Process group only under torchrun (WORLD_SIZE > 1): nccl on CUDA,
+    gloo on CPU."""
     dev = pick_device(kind)
     world, rank = init_distributed(dev)
     return dict(world=world, rank=rank, device=dev)
 
 
+def planned_members(cfg):
+    """Members the run of this config holds once finished: q0 and chain num_trajectories x num_cycles, ensemble
+    ensemble_size, single and student one. Fewer in the manifest: the run is unfinished (a track still training,
+    stopped, or never started), which its config says without reading any checkpoint."""
+    if cfg["mode"] in ("q0", "chain"):
+        return cfg["num_trajectories"] * cfg["num_cycles"]
+    return cfg["ensemble_size"] if cfg["mode"] == "ensemble" else 1
+
+
 def open_run(run_dir, max_tokens=0, exclude=()):
     """Config, manifest (training order; minus the members named in `exclude`), the fitness and val tokens and their
-    windows, checked against the run."""
+    windows, checked against the run; the members planned and found (planned_members)."""
     run = Path(run_dir)
     if not run.is_dir():
         raise UserError(f"run folder {run} not found: train one first (python q0.py <config> --out_dir={run})")
@@ -80,7 +90,7 @@ def open_run(run_dir, max_tokens=0, exclude=()):
     if not rows:
         raise UserError(f"--exclude leaves no member of {run}", status=2)
     out = dict(dir=run, cfg=cfg, rows=rows, names=[r["name"] for r in rows], excluded=excluded, seq_len=cfg["seq_len"],
-               eval_tokens=max_tokens)
+               eval_tokens=max_tokens, planned=planned_members(cfg), found=len(rows) + len(excluded))
     for split in ("fitness", "val"):
         try:
             tokens, meta = load_split(cfg["data_dir"], split)
@@ -94,14 +104,62 @@ def open_run(run_dir, max_tokens=0, exclude=()):
     return out
 
 
+def eval_write(write, *args):
+    """common's writer write(*args) (save_array, write_json), with eval.py's advice when the disk is full or a write
+    fails: common's says to re-run with --resume=True, the trainers' flag; eval.py has none, and a rerun of the same
+    command continues by itself (what is scored is kept)."""
+    try:
+        return write(*args)
+    except UserError as e:
+        raise UserError(str(e).replace("re-run with --resume=True", "re-run the same eval.py command (what is already "
+                                       "scored is kept)"), e.status) from None
+
+
+def member_path(run, name):
+    return run["dir"] / next(r for r in run["rows"] if r["name"] == name)["path"]
+
+
+def member_sha256(path):
+    """The sha256 common.save_torch stored in a member file, read without rehashing (the file is mapped and only its
+    small pickle read): a retrained member has another. None when the file is missing or unreadable."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("sha256")
+    except Exception:
+        return None
+
+
+def record_path(run_dir, name):
+    """RUN/scores/{name}.json: which member file (its sha256) the score files of `name` were computed from."""
+    return Path(run_dir) / "scores" / f"{name}.json"
+
+
+def scored_from(run_dir, name):
+    """The member sha256 recorded when `name` was last scored; None without a readable record."""
+    try:
+        return json.loads(record_path(run_dir, name).read_text())["member_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def member_fix(run, name, retrain=True):
+    """What to do about a member eval.py cannot use; retraining is left out where it would save the same file."""
+    track = next(r for r in run["rows"] if r["name"] == name)["track"]
+    return (f"leave it out with `python eval.py {run['dir']} --exclude {name}`" + (
+        f", or retrain its track: delete {run['dir'] / ('track' + str(track))} and re-run the training command with "
+        f"--resume=True" if retrain else ""))
+
+
 def load(run, name, dev):
-    row = next(r for r in run["rows"] if r["name"] == name)
-    path = run["dir"] / row["path"]
-    fix = (f"leave it out with `python eval.py {run['dir']} --exclude {name}`, or retrain its track: delete "
-           f"{run['dir'] / ('track' + str(row['track']))} and re-run the training command with --resume=True")
+    """Member `name` as a model in eval mode, refused (one line naming the file and member_fix) when its file is
+    missing, unreadable, not its sha256, holds a NaN or inf weight, or was trained on other tokens than the run's."""
+    path, fix = member_path(run, name), member_fix(run, name)
     if not path.is_file():
         raise UserError(f"member file {path} (manifest of {run['dir']}) is missing: {fix}")
     model, ckpt = load_member(path, dev, fix)
+    bad = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # saved that way (its sha256 matches): every score of it would be NaN
+        raise UserError(f"member file {path} holds non-finite weights ({len(bad)} of {len(ckpt['model'])} tensors, "
+                        f"the first {bad[0]}), saved so (its sha256 matches): {member_fix(run, name, retrain=False)}")
     meta, mine = run["val"]["meta"], ckpt["data"]
     if ((mine["tokenizer"], mine["vocab_size"]) != (meta["tokenizer"], meta["vocab_size"])
             or model.cfg.vocab_size < meta["vocab_size"]):  # a token past the model's vocab would crash the forward
@@ -111,8 +169,8 @@ def load(run, name, dev):
     return model
 
 
-def token_logprobs(model, split, dev, size=batch_size):
-    """log p(y_t | y_<t) at every scored position of a split, in window order: (N,) float32."""
+def score_split(model, split, dev, size=batch_size):
+    """One member's score file: log p(y_t | y_<t) at every scored position of a split, in window order: (N,) float32."""
     return score_windows(model, split["tokens"], split["windows"], dev, size).numpy()
 
 
@@ -134,11 +192,22 @@ def peak_memory(dev):
 
 
 def score_run(run, env, out_dtype=dtype, size=batch_size):
-    """Score every member not yet scored (member i on rank i % world); returns the names scored here and skipped."""
-    dev, world, rank = env["device"], env["world"], env["rank"]
-    (run["dir"] / "scores").mkdir(exist_ok=True)
-    todo = {name: [s for s in ("fitness", "val") if not scored(prior.score_path(run["dir"], name, s), run[s]["n"])]
-            for name in run["names"]}
+    """Score every member not yet scored, or scored from another member file than today's (member i on rank
+    i % world); returns the names scored and skipped."""
+    dev, world, rank, d = env["device"], env["world"], env["rank"], run["dir"]
+    (d / "scores").mkdir(exist_ok=True)
+    shas = {name: member_sha256(member_path(run, name)) for name in run["names"]}
+    todo = {}
+    for name in run["names"]:
+        todo[name] = [s for s in ("fitness", "val") if not scored(prior.score_path(d, name, s), run[s]["n"])]
+        was = scored_from(d, name)
+        if len(todo[name]) < 2 and was != shas[name]:  # cached scores of another member file: both splits again
+            if rank == 0:
+                why = ("its member file is missing or unreadable" if shas[name] is None else
+                       "there is no record of the member file they came from" if was is None else
+                       f"{member_path(run, name)} changed since (sha256 {shas[name][:12]}, scored from {was[:12]})")
+                print(f"member {name}: cached scores not used, {why}; scoring it again", flush=True)
+            todo[name] = ["fitness", "val"]
     mine = [n for i, n in enumerate(run["names"]) if i % world == rank and todo[n]]
     if rank == 0:
         print(f"scoring {run['dir']}: {len(run['names'])} members, {sum(not t for t in todo.values())} already scored, "
@@ -148,7 +217,14 @@ def score_run(run, env, out_dtype=dtype, size=batch_size):
         t0 = time.time()
         model = load(run, name, dev)  # one model in memory at a time
         for split in todo[name]:
-            save_array(token_logprobs(model, run[split], dev, size).astype(out_dtype), prior.score_path(run["dir"], name, split))
+            scores = score_split(model, run[split], dev, size).astype(out_dtype)
+            if not np.isfinite(scores).all():  # never a NaN score file: it would poison every mixture with it
+                bad = int((~np.isfinite(scores)).sum())
+                raise UserError(f"member {name} gives non-finite log-probs on {split} ({bad:,} of {len(scores):,} tokens, "
+                                f"{out_dtype}): {member_fix(run, name, retrain=False)}")
+            eval_write(save_array, scores, prior.score_path(d, name, split))
+        eval_write(write_json, dict(member=str(member_path(run, name).relative_to(d)), member_sha256=shas[name]),
+                   record_path(d, name))
         del model
         n = sum(run[s]["n"] for s in todo[name])
         dt = time.time() - t0
@@ -162,20 +238,13 @@ def score_run(run, env, out_dtype=dtype, size=batch_size):
 # -----------------------------------------------------------------------------
 # reports: arithmetic on the cached arrays
 
-def weights_of(names, entry):
-    """A prior.json entry {members, weights} as a weight vector over all members (zeros elsewhere)."""
+def weights_of(names, mix):
+    """A mixture [(name, weight), ...] (prior.members_at, or a prior.json entry's members and weights zipped) as a
+    weight vector over all members, zeros elsewhere."""
     w = np.zeros(len(names))
-    w[[names.index(n) for n in entry["members"]]] = entry["weights"]
+    for n, x in mix:
+        w[names.index(n)] = x
     return w
-
-
-def prior_top_k(rep, k):
-    """The prior's k heaviest members: (all names, their indices, renormalised weights, weights over all names)."""
-    names = list(rep["weights"])
-    idx, w = prior.top_k(np.array([rep["weights"][n] for n in names]), k)
-    full = np.zeros(len(names))
-    full[idx] = w
-    return names, idx, w, full
 
 
 def slowrun_efficiency(loss):
@@ -190,34 +259,56 @@ def is_slowrun(meta):
     return meta["tokenizer"] == "gpt2" and "fineweb" in f"{meta['source']} {meta['source_detail']}".lower()
 
 
-def load_scores(run, split):
+def run_scores(run, split):
+    """The run's (M, N) scores of `split` (prior.open_scores: memory-mapped, training order); a missing or bad file is
+    a UserError naming the command that rescores it."""
     try:
-        return prior.load_scores(run["dir"], run["names"], split)  # (M, N) memory-mapped, training order
+        return prior.open_scores(run["dir"], run["names"], split)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
 
 
-def write_prior(path, names, L_fitness, method=prior.method):
+def prior_digest(pj):
+    """sha256 of a prior.json's content but its own "sha256" key, as JSON text with sorted keys (what is on disk)."""
+    text = json.dumps({k: v for k, v in pj.items() if k != "sha256"}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_prior(path, names, L_fitness, method=prior.method, member_sha256=None):
     """Fit the prior for these members (rows of L_fitness, in training order) and write it: the one writer of
-    prior.json."""
+    prior.json. member_sha256 ({name: sha256 of the member file scored}) is recorded in it when given, and the
+    file's own sha256 always (current_prior refits a prior.json changed on disk)."""
     pj = prior.fit_prior(names, L_fitness, method)
-    write_json(pj, path)
+    if member_sha256 is not None:
+        pj["member_sha256"] = {n: member_sha256[n] for n in names}
+    pj["sha256"] = prior_digest(pj)
+    eval_write(write_json, pj, path)
     return pj
 
 
-def current_prior(run_dir, names, L_fitness, method=None):
-    """RUN/prior.json as it is when it is the prior of exactly these members (same names in training order, same
-    fitness tokens: its K=1 loss still matches the scores) and, if `method` is given, holds that method's weights;
-    otherwise fit it (with `method`, default em) and write it. -> (prior, None when kept, else why it was refit)."""
+def current_prior(run_dir, names, L_fitness, method=None, member_sha256=None):
+    """RUN/prior.json as it is when it is intact (its content matches the sha256 in it) and the prior of exactly these
+    members (same names in training order, same member files when member_sha256 is given, same fitness tokens: its
+    K=1 loss still matches the scores) and, if `method` is given, holds that method's weights; otherwise fit it (with
+    `method`, default em) and write it. -> (prior, None when kept, else why it was refit)."""
     path, L = Path(run_dir) / "prior.json", prior.as_scores(L_fitness)
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         old = None
-    if old is None:
+    if not isinstance(old, dict):
         why = "there was no readable prior.json"
+    elif "sha256" not in old:
+        why = "prior.json holds no sha256 of its content (written before eval.py kept one)"
+    elif old["sha256"] != prior_digest(old):
+        why = "prior.json changed on disk since eval.py wrote it (its content no longer matches its sha256)"
     elif old.get("members") != list(names):
         why = "prior.json was fit on other members"
+    elif member_sha256 is not None and "member_sha256" not in old:
+        why = "prior.json does not record the member files it was fit on"
+    elif member_sha256 is not None and old["member_sha256"] != {n: member_sha256[n] for n in names}:
+        changed = [n for n in names if old["member_sha256"].get(n) != member_sha256[n]]
+        why = f"member(s) {', '.join(changed)} changed since prior.json was fit"
     elif old.get("num_tokens") != L.shape[1] or abs(old["per_k"]["1"]["fitness_nll"] - prior.mixture_nll(
             L, [float(n == old["per_k"]["1"]["members"][0]) for n in names])) > 1e-9:
         why = "the fitness scores changed since prior.json was fit"
@@ -225,28 +316,29 @@ def current_prior(run_dir, names, L_fitness, method=None):
         why = f"prior.json holds {old.get('method')} weights, {method} asked for"
     else:
         return old, None
-    return write_prior(path, names, L, method or prior.method), why
+    return write_prior(path, names, L, method or prior.method, member_sha256), why
 
 
 def evaluate_run(run, method=prior_method):
     """The prior (RUN/prior.json when current for these members, else fit on fitness and written by
-    current_prior), then every val-loss report of the module docstring -> dict. The score files stay
-    memory-mapped: every loss below is read in chunks of tokens (prior.chunk_tokens), never stacked in RAM."""
+    current_prior), then every val-loss report of the module docstring -> (report dict, the prior.json dict). The score
+    files stay memory-mapped: every loss below is read in chunks of tokens (prior.chunk_tokens), never stacked in RAM."""
     names, rows, d = run["names"], run["rows"], run["dir"]
-    L_fit, L_val = load_scores(run, "fitness"), load_scores(run, "val")
+    L_fit, L_val = run_scores(run, "fitness"), run_scores(run, "val")
     fit_loss, val_loss = -L_fit.mean(1), -L_val.mean(1)  # (M,) per-member losses
-    pj, refit_why = current_prior(d, names, L_fit, method)
+    pj, refit_why = current_prior(d, names, L_fit, method, {n: scored_from(d, n) for n in names})
     method = pj["method"]  # the budget curve refits with the method of the weights in use
-    val = lambda entry: prior.mixture_nll(L_val, weights_of(names, entry))
+    val = lambda mix: prior.mixture_nll(L_val, weights_of(names, mix))
+    baseline = lambda kind, k: zip(*(pj["baselines"][kind][str(k)][key] for key in ("members", "weights")))
     ks = [int(k) for k in pj["per_k"]]
-    ensemble = dict(ks=ks, prior={k: val(pj["per_k"][str(k)]) for k in ks},
-                    uniform_last={k: val(pj["baselines"]["uniform_last"][str(k)]) for k in ks},
-                    greedy={k: val(pj["baselines"]["greedy"][str(k)]) for k in ks},
+    ensemble = dict(ks=ks, prior={k: val(prior.members_at(pj, k)) for k in ks},
+                    uniform_last={k: val(baseline("uniform_last", k)) for k in ks},
+                    greedy={k: val(baseline("greedy", k)) for k in ks},
                     uniform_all=prior.mixture_nll(L_val, np.full(len(names), 1 / len(names))))
     curve = []  # the population as it existed at each budget; the prior refit on its fitness scores
     for b in sorted({r["budget_epochs"] for r in rows}):
         sub = [i for i, r in enumerate(rows) if r["budget_epochs"] <= b]
-        w, _ = getattr(prior, f"fit_{method}")(L_fit[sub])
+        w, _ = prior.FITS[method](L_fit[sub])
         best = sub[int(np.argmin(fit_loss[sub]))]
         curve.append(dict(budget_epochs=b, members=len(sub), prior_val=prior.mixture_nll(L_val[sub], w),
                           uniform_val=prior.mixture_nll(L_val[sub], np.full(len(sub), 1 / len(sub))),
@@ -255,6 +347,7 @@ def evaluate_run(run, method=prior_method):
     members = [dict(name=n, track=r["track"], cycle=r["cycle"], budget_epochs=r["budget_epochs"], fitness=float(fit_loss[i]),
                     val=float(val_loss[i]), weight=pj["weights"][n]) for i, (n, r) in enumerate(zip(names, rows))]
     rep = dict(run=str(d), mode=run["cfg"]["mode"], num_members=len(names), budget_epochs=max(r["budget_epochs"] for r in rows),
+               members_planned=run["planned"], members_found=run["found"], scored_now=run.get("scored_now"),
                eval_tokens=run["eval_tokens"], num_tokens={s: run[s]["n"] for s in ("fitness", "val")},
                score_dtype=str(np.load(prior.score_path(d, names[0], "val"), mmap_mode="r").dtype), selection="fitness",
                prior_method=method, prior_refit=refit_why, weights=pj["weights"], members=members,
@@ -265,12 +358,25 @@ def evaluate_run(run, method=prior_method):
         losses = {"best member": rep["best_member"]["val"], "uniform all": ensemble["uniform_all"],
                   **{f"prior K={k}": v for k, v in ensemble["prior"].items()}}
         rep["slowrun_efficiency"] = {k: dict(val=v, efficiency=slowrun_efficiency(v)) for k, v in losses.items()}
-    return rep
+    return rep, pj
+
+
+def run_state(rep):
+    """The first line's verdict: is the run finished, and were the members read now or all scores cached?"""
+    found, planned, now = rep["members_found"], rep["members_planned"], rep["scored_now"]
+    state = (f"UNFINISHED: {found} of {planned} planned members (continue its training with --resume=True)"
+             if found < planned else "finished")
+    if now is not None:
+        cached = rep["num_members"] - len(now)
+        state += " | scores: " + ("all from the cache" if not now else "all scored now" if not cached else
+                                  f"{len(now)} scored now, {cached} from the cache")
+    return state
 
 
 def print_report(rep):
     print(f"\n== {rep['run']} | {rep['mode']} | {rep['num_members']} members | budget {rep['budget_epochs']:g} epochs | "
-          f"fitness {rep['num_tokens']['fitness']:,} + val {rep['num_tokens']['val']:,} tokens ({rep['score_dtype']}) ==")
+          f"fitness {rep['num_tokens']['fitness']:,} + val {rep['num_tokens']['val']:,} tokens ({rep['score_dtype']}) | "
+          f"{run_state(rep)} ==")
     print("member       track cycle budget  fitness      val   weight")
     for m in rep["members"]:
         print(f"{m['name']:<12} {m['track']:5d} {m['cycle']:5d} {m['budget_epochs']:6g} {m['fitness']:8.4f} {m['val']:8.4f} "
@@ -352,149 +458,7 @@ def print_comparison(reps, out=None):
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         keys = ("run", "mode", "num_members", "budget_epochs", "best_member", "summary")
-        write_json([{k: r[k] for k in keys} for r in reps], Path(out) / "compare.json")
-
-
-# -----------------------------------------------------------------------------
-# extras that need full distributions: they hold K models at once
-
-@torch.no_grad()
-def logit_average(run, rep, k, dev):
-    """Val loss of the prior's top K combined two ways, same members and weights:
-        logit average   -log softmax(sum_i w_i z_i)[y]   (on the fly; holds K models, B x T x V logits)
-        prob average    -log sum_i w_i p_i(y)            (from the cached arrays)"""
-    names, idx, w, full = prior_top_k(rep, k)
-    models = [load(run, names[i], dev) for i in idx]
-    total, rows = 0.0, max(1, min(batch_size, logits_floats // (run["seq_len"] * models[0].cfg.vocab_size)))
-    for x in window_batches(run["val"]["tokens"], run["val"]["windows"], rows, dev):
-        with autocast(dev):
-            z = sum(float(wi) * m(x[:, :-1]) for wi, m in zip(w, models))  # (B, T, V)
-        total -= gpt.token_logprobs(z.float(), x[:, 1:]).double().sum().item()
-    return dict(k=len(idx), members=[names[i] for i in idx], weights=[float(x) for x in w], logit_avg_val=total / run["val"]["n"],
-                prob_avg_val=prior.mixture_nll(load_scores(run, "val"), full))
-
-
-def hub_questions(name):
-    """A hub benchmark as [{context, choices, label}], lm-eval's zero-shot prompts (choices joined with a space)."""
-    from datasets import load_dataset  # only here: local files and everything else work without it
-    def clean(t):  # lm-eval's hellaswag preprocess: drop WikiHow's [title]/[step] markers
-        return re.sub(r"\[.*?\]", "", t.strip().replace(" [title]", ". ")).replace("  ", " ")
-    spec = {"hellaswag": ("Rowan/hellaswag", None, "validation", lambda d: dict(
-                context=clean(d["activity_label"] + ": " + d["ctx_a"] + " " + d["ctx_b"].capitalize()),
-                choices=[clean(c) for c in d["endings"]], label=int(d["label"]))),
-            "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test", None),
-            "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "test", None),
-            "piqa": ("baber/piqa", None, "validation", lambda d: dict(
-                context=f"Question: {d['goal']}\nAnswer:", choices=[d["sol1"], d["sol2"]], label=int(d["label"])))}
-    path, config, split, convert = spec[name]
-    convert = convert or (lambda d: dict(context=f"Question: {d['question']}\nAnswer:", choices=d["choices"]["text"],
-                                         label=d["choices"]["label"].index(d["answerKey"])))
-    try:
-        return [convert(d) for d in load_dataset(path, config, split=split)]
-    except Exception as e:
-        raise UserError(f"cannot load {name} ({path}) from the hub ({type(e).__name__}: {str(e)[:200]}); offline? "
-                        f"write it as JSONL lines {{context, choices, label}} and pass the file instead") from None
-
-
-def read_questions(spec):
-    if spec in ("hellaswag", "arc_easy", "arc_challenge", "piqa"):
-        return hub_questions(spec)
-    path = Path(spec)
-    if not path.is_file():
-        raise UserError(f"--downstream {spec}: neither a benchmark name (hellaswag, arc_easy, arc_challenge, piqa) "
-                        f"nor a JSONL file")
-    qs = []
-    for i, line in enumerate(path.read_text().splitlines()):
-        try:
-            q = json.loads(line) if line.strip() else None
-        except ValueError:
-            q = {}
-        ok = isinstance(q, dict) and isinstance(q.get("context"), str) and isinstance(q.get("label"), int)
-        if q is not None and not (ok and isinstance(q.get("choices"), list) and 0 <= q["label"] < len(q["choices"])
-                                  and all(isinstance(c, str) for c in q["choices"])):
-            raise UserError(f"{path}:{i + 1}: each line must be {{\"context\": str, \"choices\": [str, ...], \"label\": int}}")
-        qs += [q] if q is not None else []
-    if not qs:
-        raise UserError(f"{path}: no questions")
-    return qs
-
-
-def choice_sequences(qs, tok, T):
-    """Every (question, choice) as BOS + context + continuation ids, left-truncated to T + 1 tokens; the
-    continuation is " " + choice unless either side already has the space (lm-eval's target delimiter)."""
-    seqs, n_cont, chars, first = [], [], [], []  # per choice; first[q] = index of question q's first choice
-    for q in qs:
-        ctx = [tok.bos_id] + tok.encode(q["context"])
-        first.append(len(seqs))
-        for c in q["choices"]:
-            cont = c if (not q["context"] or q["context"][-1].isspace() or c[:1].isspace()) else " " + c
-            ids = (ctx + tok.encode(cont))[-(T + 1):]
-            seqs.append(ids)
-            n_cont.append(min(len(tok.encode(cont)), len(ids) - 1))
-            chars.append(max(1, len(cont)))
-    return seqs, np.array(n_cont), np.array(chars), first
-
-
-@torch.no_grad()
-def continuation_logprobs(model, seqs, n_cont, dev, size=batch_size):
-    """One member's log p of every continuation token, all choices concatenated in order: (sum(n_cont),)."""
-    out = []
-    for b in range(0, len(seqs), size):
-        chunk = seqs[b:b + size]
-        x = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long)  # right padding: causal, so harmless
-        for j, ids in enumerate(chunk):
-            x[j, :len(ids)] = torch.tensor(ids)
-        x = x.to(dev)
-        with autocast(dev):
-            lp = model(x[:, :-1], x[:, 1:]).float().cpu().numpy()  # (B, L-1): lp[j, t] = log p(ids[t + 1])
-        out += [lp[j, len(ids) - 1 - n:len(ids) - 1] for j, (ids, n) in enumerate(zip(chunk, n_cont[b:b + size]))]
-    return np.concatenate(out)
-
-
-def downstream(run, rep, spec, dev):
-    """Multiple choice: a choice's score = sum over its tokens of log sum_i w_i p_i(token), after the context
-    (choice_sequences). acc = argmax score; acc_norm = argmax score / len(continuation in characters) (lm-eval).
-    Each member runs once over every choice; the mixtures for every K reuse those token log-probs."""
-    qs = read_questions(spec)
-    seqs, n_cont, chars, first = choice_sequences(qs, tokenizer_for_meta(run["val"]["meta"]), run["seq_len"])
-    names = list(rep["weights"])
-    lp = np.stack([continuation_logprobs(load(run, name, dev), seqs, n_cont, dev) for name in names])  # (M, tokens)
-    ends = np.cumsum(n_cont)
-
-    def accuracy(w):
-        with np.errstate(divide="ignore"):
-            mix = torch.logsumexp(torch.from_numpy(np.log(w)[:, None] + lp), 0).numpy()  # log sum_i w_i p_i, per token
-        score = np.array([mix[e - n:e].sum() for e, n in zip(ends, n_cont)])  # (choices,) log p(continuation)
-        norm = score / chars
-        acc = [0, 0]
-        for f, q in zip(first, qs):
-            n = len(q["choices"])
-            acc[0] += int(np.argmax(score[f:f + n])) == q["label"]
-            acc[1] += int(np.argmax(norm[f:f + n])) == q["label"]
-        return dict(acc=acc[0] / len(qs), acc_norm=acc[1] / len(qs))
-
-    best = rep["best_member"]["name"]
-    res = {f"best member {best}": accuracy(np.eye(len(names))[names.index(best)])}
-    res |= {f"prior K={k}": accuracy(prior_top_k(rep, k)[3]) for k in rep["ensemble"]["ks"]}
-    return dict(benchmark=spec, questions=len(qs), results=res)
-
-
-@torch.no_grad()
-def sample(run, rep, prompt, k, dev, new_tokens=max_new_tokens, temp=temperature, seed=seed):
-    """Sample from the prior's top-K mixture: p = sum_i w_i softmax(z_i / temp), then a seeded multinomial draw.
-    Holds K models; no KV cache (each step reruns the last seq_len tokens). -> (text, new token ids)."""
-    names, idx, w, _ = prior_top_k(rep, k)
-    models = [load(run, names[i], dev) for i in idx]
-    tok = tokenizer_for_meta(run["val"]["meta"])
-    ids, gen = [tok.bos_id] + tok.encode(prompt), torch.Generator().manual_seed(seed)
-    new = []
-    for _ in range(new_tokens):
-        x = torch.tensor([ids[-run["seq_len"]:]], device=dev)
-        p = sum(float(wi) * torch.softmax(m(x)[0, -1].float() / temp, -1) for wi, m in zip(w, models))  # (V,)
-        p = p[:tok.vocab_size].cpu()  # the padded vocab rows are never real tokens
-        new.append(int(torch.multinomial(p / p.sum(), 1, generator=gen)))
-        ids.append(new[-1])
-    return tok.decode(new), new
+        eval_write(write_json, [{k: r[k] for k in keys} for r in reps], Path(out) / "compare.json")
 
 
 # -----------------------------------------------------------------------------
@@ -530,26 +494,31 @@ def main(argv=None):
     reps = []
     try:
         args = parse_args(argv)
-        env = setup_distributed(args.device)
+        env = eval_env(args.device)
         exclude = {n.strip() for n in args.exclude.split(",") if n.strip()}
         runs = [open_run(run_dir, args.eval_tokens, exclude) for run_dir in args.runs]
         unknown = exclude - {name for run in runs for name in run["excluded"]}
         if unknown:
             raise UserError(f"--exclude: {', '.join(sorted(unknown))} is not a member of {', '.join(args.runs)}", status=2)
         for run in runs:  # every rank scores every run first, so no rank waits at a barrier through the reports
-            score_run(run, env, args.dtype, args.batch_size)
+            run["scored_now"] = score_run(run, env, args.dtype, args.batch_size)["scored"]
         for run in runs if not args.score and env["rank"] == 0 else []:  # only rank 0 reports
-            rep = evaluate_run(run, args.method)
+            rep, pj = evaluate_run(run, args.method)
             dev = env["device"]
             if args.logit_avg:
-                rep["logit_avg"] = logit_average(run, rep, args.logit_avg, dev)
-            rep["downstream"] = [downstream(run, rep, spec, dev) for spec in args.downstream]
+                from tools.sample import logit_average  # the extras load only for their flags
+                rep["logit_avg"] = logit_average(run, pj, args.logit_avg, dev)
+            rep["downstream"] = []
+            if args.downstream:
+                from tools.downstream import downstream
+                rep["downstream"] = [downstream(run, pj, rep["best_member"]["name"], spec, dev) for spec in args.downstream]
             if args.sample is not None:
-                text = sample(run, rep, args.sample, args.k, dev, args.max_new_tokens, args.temperature, args.seed)[0]
+                from tools.sample import sample
+                text = sample(run, pj, args.sample, args.k, dev, args.max_new_tokens, args.temperature, args.seed)[0]
                 rep["sample"] = dict(prompt=args.sample, k=min(args.k, rep["num_members"]), temperature=args.temperature,
                                      seed=args.seed, text=text)
             print_report(rep)
-            write_json(rep, run["dir"] / "eval.json")
+            eval_write(write_json, rep, run["dir"] / "eval.json")
             png = plot(rep, run["dir"] / "eval.png")
             print(f"wrote {run['dir']}/{'prior.json, ' if rep['prior_refit'] else ''}eval.json"
                   f"{', eval.png' if png else ' (no matplotlib: no eval.png)'}")

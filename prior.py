@@ -96,7 +96,7 @@ def as_scores(L):
     return L if isinstance(L, Scores) else Scores(np.atleast_2d(np.asarray(L)))
 
 
-def load_scores(run_dir, names, split):
+def open_scores(run_dir, names, split):
     """The members' score files as Scores (M, N), memory-mapped: nothing is held in RAM (one NaN check reads them
     chunk by chunk). The files hold float32 log p (float16 also reads). log p, not p: p = e^-300 underflows, log p
     does not. float32 rounds each log p by <= 6e-8 relative (2e-7 nats at log p = -3), and a logsumexp moves by at
@@ -233,13 +233,29 @@ def fit_adamw(L, lr=adamw_lr, steps=adamw_steps, clip=adamw_clip, chunk=None):
     return w, info
 
 
+FITS = {"em": fit_em, "adamw": fit_adamw}  # every fit by the name prior.json records (--method); fit(L) -> (w, info)
+
+
 # --- using the weights, and the baselines ------------------------------------
 
-def top_k(w, k):
-    """The k heaviest members (ties go to the earlier index) and their weights renormalised to sum 1."""
+def mixture(w, k):
+    """The prior's mixture at inference budget k: the k heaviest members (ties go to the earlier index) and their
+    weights renormalised to sum 1, w_i / sum_{j in top k} w_j. Every consumer of the prior picks members with it."""
     w = np.asarray(w, dtype=np.float64)
     idx = np.argsort(-w, kind="stable")[:k]
     return idx, w[idx] / w[idx].sum()
+
+
+top_k = mixture  # the old name, still called by q0.py; to go once q0.py calls mixture
+
+
+def members_at(prior_json, k):
+    """The mixture at budget k of a prior.json dict, as [(name, weight), ...] heaviest first: mixture() of its
+    "weights" taken in the order of its "members". Its per_k entries were written by the same mixture() from the
+    same weights, so both agree; this is the one reader of a mixture from prior.json."""
+    names = prior_json["members"]
+    idx, w = mixture([prior_json["weights"][n] for n in names], k)
+    return [(names[i], float(x)) for i, x in zip(idx, w)]
 
 
 def uniform_last(M, k):
@@ -282,9 +298,9 @@ def fit_prior(names, L_fitness, method=method):
     of them on val alike), and EM vs AdamW. Fit on the fitness split only."""
     names, L = list(names), as_scores(L_fitness)
     assert L.shape[0] == len(names), f"{len(names)} names but L has {L.shape[0]} rows"
-    fits = {"em": fit_em(L), "adamw": fit_adamw(L)}
-    if method not in fits:
-        raise ValueError(f"method must be one of {list(fits)}, got {method!r}")
+    if method not in FITS:
+        raise ValueError(f"method must be one of {list(FITS)}, got {method!r}")
+    fits = {m: fit(L) for m, fit in FITS.items()}
     w = fits[method][0]
     ks = ks_for(len(names))
     greedy = greedy_select(L, ks[-2] if len(ks) > 1 else 1)  # at K = M greedy is every member
@@ -305,7 +321,7 @@ def fit_prior(names, L_fitness, method=method):
         "members": names,
         "objective_fitness": fits[method][1]["objective"],
         "weights": {n: float(x) for n, x in zip(names, w)},
-        "per_k": {str(k): entry(*top_k(w, k)) for k in ks},
+        "per_k": {str(k): entry(*mixture(w, k)) for k in ks},
         "baselines": {
             "uniform_last": {str(k): uniform(uniform_last(len(names), k)) for k in ks},
             "greedy": {str(k): uniform(greedy[:k] if k < len(names) else np.arange(k)) for k in ks},

@@ -90,7 +90,7 @@ def load_run(run_dir):
     """Manifest rows (training order), names and the cached (M, N) fitness and val log-prob arrays."""
     rows = read_manifest(run_dir)
     names = [r["name"] for r in rows]
-    return rows, names, prior.load_scores(run_dir, names, "fitness"), prior.load_scores(run_dir, names, "val")
+    return rows, names, prior.open_scores(run_dir, names, "fitness"), prior.open_scores(run_dir, names, "val")
 
 
 def member_table(run_dir):
@@ -150,7 +150,7 @@ def score_members(run_dir, names, data_dir, split, max_tokens, device="cpu"):
             out.append(np.load(path))
             continue
         model, _ = load_member(run_dir / rows[name]["path"], device)
-        out.append(ev.token_logprobs(model, windows, torch.device(device)))
+        out.append(ev.score_split(model, windows, torch.device(device)))
         save_array(out[-1], path)
         del model
     return np.stack(out).astype(np.float64)
@@ -166,7 +166,7 @@ def train_vs_heldout(run_dir, names, max_tokens, device="cpu"):
     if record.get("data", {}).get("train", meta["sha256"]) != meta["sha256"]:
         raise ValueError(f"{data_dir}/train.bin is not the data {run_dir} was trained on (sha256 in config.json)")
     L_train = score_members(run_dir, names, data_dir, "train", max_tokens, device)
-    L_val = prior.load_scores(run_dir, names, "val")
+    L_val = prior.open_scores(run_dir, names, "val")
     rows = {r["name"]: r for r in read_manifest(run_dir)}
     out = []
     for i, name in enumerate(names):
@@ -188,9 +188,9 @@ def fitness_predicts_val(run_dir, other_data_dir=None, other_tokens=50_000):
     given, for the fitness split of another data folder (for example whole documents: a different text)."""
     rows = read_manifest(run_dir)
     names = [r["name"] for r in rows]
-    V = prior.load_scores(run_dir, names, "val")
+    V = prior.open_scores(run_dir, names, "val")
     val = -V.mean(axis=1)
-    fits = {"fitness": prior.load_scores(run_dir, names, "fitness")}
+    fits = {"fitness": prior.open_scores(run_dir, names, "fitness")}
     if other_data_dir:
         fits[f"fitness of {Path(other_data_dir).name}"] = score_members(run_dir, names, other_data_dir, "fitness", other_tokens)
     val_rank = np.argsort(np.argsort(val))

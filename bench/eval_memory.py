@@ -10,7 +10,7 @@ Per N it writes 480 synthetic score files (float32 log p = -|normal|, 4 B a toke
 temporary folder (checks the free disk first, deletes it afterwards); fitness and val are the same files
 (symlinks), which halves the disk and the page cache and changes nothing in the maths. Each (M, N) point then runs
 in a fresh subprocess, so its peak RSS (ru_maxrss) is its own, what evaluate_run does with the first M members:
-    load_scores (fitness, val) and the members' mean losses; EM on all M; the val loss of the prior's top K for
+    open_scores (fitness, val) and the members' mean losses; EM on all M; the val loss of the prior's top K for
     K in ks_for(M), of uniform-last-K and of uniform over all; the budget curve at 4 budgets (the first M/4, M/2,
     3M/4, M members: EM refit, prior and uniform val loss); 2 greedy picks.
 EM runs a fixed --em_iters iterations (tol -inf), so every point does the same number of passes over L. Not run:
@@ -58,14 +58,14 @@ def child(folder, m, iters):
     rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.time()
     names = [f"m{i:03d}" for i in range(m)]
-    L_fit, L_val = prior.load_scores(folder, names, "fitness"), prior.load_scores(folder, names, "val")
+    L_fit, L_val = prior.open_scores(folder, names, "fitness"), prior.open_scores(folder, names, "val")
     fit_loss, val_loss = -L_fit.mean(1), -L_val.mean(1)
     t_em = time.time()
     w, info = prior.fit_em(L_fit, iters=iters, tol=-np.inf)
     t_em = (time.time() - t_em) / (iters + 1)  # iters + 1 passes over L_fit
     out = {}
     for k in prior.ks_for(m):
-        idx, wk = prior.top_k(w, k)
+        idx, wk = prior.mixture(w, k)
         full = np.zeros(m)
         full[idx] = wk
         out[f"prior K={k}"] = prior.mixture_nll(L_val, full)

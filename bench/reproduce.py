@@ -118,7 +118,7 @@ def members(run_dir):
     from common import read_manifest
     rows = read_manifest(run_dir)
     names = [r["name"] for r in rows]
-    return rows, prior.load_scores(run_dir, names, "fitness"), prior.load_scores(run_dir, names, "val")
+    return rows, prior.open_scores(run_dir, names, "fitness"), prior.open_scores(run_dir, names, "val")
 
 
 def finished(out, name):
@@ -137,7 +137,7 @@ def best_k_on_fitness(F, V, w=None):
     fitness -> (fitness, K, val)."""
     w = prior.fit_em(F)[0] if w is None else w
     return min((prior.mixture_nll(F[top], wk), k, prior.mixture_nll(V[top], wk))
-               for k in prior.ks_for(len(F)) for top, wk in [prior.top_k(w, k)])
+               for k in prior.ks_for(len(F)) for top, wk in [prior.mixture(w, k)])
 
 
 def single_curve(out, seed, lengths=single_lengths):
@@ -181,7 +181,7 @@ def population_curve(run_members, priors, max_k=None):
     curve = []
     for b, idx, w in priors:
         k = len(idx) if max_k is None else min(max_k, len(idx))
-        top, wk = prior.top_k(w, k)
+        top, wk = prior.mixture(w, k)
         curve.append((b, prior.mixture_nll(V[idx][top], wk), prior.mixture_nll(V[idx], np.full(len(idx), 1 / len(idx)))))
     return curve
 
@@ -285,7 +285,7 @@ def ablation_table(out, seed):
         rows, F, V = m
         w, _ = prior.fit_em(F)
         table[label] = {"all": prior.mixture_nll(V, w), **{f"K={k}": prior.mixture_nll(V[top], wk)
-                                                           for k in (1, 4) for top, wk in [prior.top_k(w, k)]}}
+                                                           for k in (1, 4) for top, wk in [prior.mixture(w, k)]}}
         if label == "q0":
             table["uniform weights instead of the prior"] = {"all": prior.mixture_nll(V, np.full(len(rows), 1 / len(rows)))}
     return table
@@ -378,7 +378,7 @@ def population_summary(run_members, ks=(1, 2, 4, 8, 16)):
                 late_member_val=float(member_val[late].mean()),
                 diversity_gain=float(member_val.mean()) - prior.mixture_nll(V, u),
                 by_k=[(k, prior.mixture_nll(F[top], wk), prior.mixture_nll(V[top], wk))
-                      for k in ks if k <= len(rows) for top, wk in [prior.top_k(w, k)]])
+                      for k in ks if k <= len(rows) for top, wk in [prior.mixture(w, k)]])
 
 
 def distill_suite(out, seed, shard=(0, 1)):

@@ -161,7 +161,7 @@ def main():
     for k in range(1, 5):
         member = gpt.build(cfg, dev).eval()
         t0 = time.perf_counter()
-        ev.token_logprobs(member, split, dev)
+        ev.score_split(member, split, dev)
         dt = time.perf_counter() - t0
         del member
         print(f"  scoring member {k}: {a.seq_len * 64 / dt:10,.0f} tok/s | peak memory after {k} member(s): "

@@ -8,7 +8,8 @@ FAULT is KIND:TARGET:N[:rank=R], armed on the Nth call (1-based) that matches TA
     write:GLOB:N        common.atomic_write to a path matching GLOB (checkpoints, members, manifests, logs, scores,
                         JSON): write half the bytes to its temporary name, then die (no rename)
     after_write:GLOB:N  common.atomic_write to GLOB: write it completely (renamed), then die
-    call:MOD.ATTR:N     die on entering the Nth call of MOD.ATTR (e.g. torch.optim.Muon.step: mid-step)
+    call:MOD.ATTR:N     die on entering the Nth call of MOD.ATTR (e.g. torch.optim.Muon.step: mid-step); an ATTR
+                        that is a dict is entered by key (prior.FITS.adamw: the fit registry's AdamW)
     signal:GLOB:N:sig=INT|TERM   send this process SIGINT or SIGTERM in the middle of that write (half written to its
                         temporary name), then let the write go on: a signal arriving while a file is written
 rank=R arms it on that global rank only; under torchrun it is armed in the first attempt only
@@ -94,16 +95,20 @@ def arm(kind, target, n, opts=None):
                 continue
         else:
             raise SystemExit(f"fault_runner: cannot import {target}")
+        get = lambda owner, a: owner[a] if isinstance(owner, dict) else getattr(owner, a)
         for a in attrs[:-1]:
-            owner = getattr(owner, a)
-        real, calls = getattr(owner, attrs[-1]), [0]
+            owner = get(owner, a)
+        real, calls = get(owner, attrs[-1]), [0]
 
         def wrapper(*args, **kwargs):
             calls[0] += 1
             if calls[0] == n:
                 die()
             return real(*args, **kwargs)
-        setattr(owner, attrs[-1], wrapper)
+        if isinstance(owner, dict):
+            owner[attrs[-1]] = wrapper
+        else:
+            setattr(owner, attrs[-1], wrapper)
     else:
         raise SystemExit(f"fault_runner: unknown fault kind {kind!r}")
 

@@ -1,6 +1,7 @@
-"""eval.py: cached-array ensembles against direct forward passes, resumable scoring, reports, downstream,
-sampling, logit averaging and bad input. Hermetic (no network) and small: one tiny q0 run (2 trajectories x
-2 cycles, seq_len 32, ~1K-token fitness and val) trained once per session in a few seconds."""
+"""eval.py and tools/: cached-array ensembles against direct forward passes, resumable scoring, reports, downstream
+(tools/downstream.py), sampling and logit averaging (tools/sample.py) and bad input. Hermetic (no network) and
+small: one tiny q0 run (2 trajectories x 2 cycles, seq_len 32, ~1K-token fitness and val) trained once per session
+in a few seconds."""
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import prepare_data  # noqa: E402
 import prior  # noqa: E402
 from test_prior import synthetic_population, without_timings  # noqa: E402
 import q0  # noqa: E402
+from tools import downstream as ds, sample as ts  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "mc_tiny.jsonl"
 CPU = dict(world=1, rank=0, device=torch.device("cpu"))
@@ -42,15 +44,17 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
+TINY_Q0 = ["--mode=q0", "--model_size=tiny", "--seq_len=32", "--batch_tokens=512", "--micro_batch_size=16",
+           "--num_trajectories=2", "--num_cycles=2", "--epochs_per_cycle=1", "--distill_after_cycles=1",
+           "--eval_every_epochs=0", "--ckpt_every_epochs=0", "--log_every=1000"]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, one_thread):
     base = tmp_path_factory.mktemp("eval")
     prepare_data.main(["--out_dir", str(base / "data"), "--val_tokens", "1024", "--fitness_tokens", "1024",
                        "--train_tokens", "8192"])
-    q0.main([f"--out_dir={base / 'run'}", f"--data_dir={base / 'data'}", "--mode=q0", "--model_size=tiny",
-                "--seq_len=32", "--batch_tokens=512", "--micro_batch_size=16", "--num_trajectories=2", "--num_cycles=2",
-                "--epochs_per_cycle=1", "--distill_after_cycles=1", "--eval_every_epochs=0", "--ckpt_every_epochs=0",
-                "--log_every=1000"])
+    q0.main([f"--out_dir={base / 'run'}", f"--data_dir={base / 'data'}", *TINY_Q0])
     return base / "run"
 
 
@@ -60,6 +64,10 @@ def evaluated(tiny_run, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("evaluated") / "run"
     shutil.copytree(tiny_run, run_dir)
     return run_dir, *run_cli([str(run_dir)])
+
+
+def prior_json(run_dir):
+    return json.loads((Path(run_dir) / "prior.json").read_text())
 
 
 def run_cli(argv):
@@ -83,7 +91,7 @@ def test_cached_mixture_equals_direct_forward(evaluated):
     run_dir, rep, _ = evaluated
     run = ev.open_run(run_dir)
     names, w = run["names"][:3], np.array([0.5, 0.3, 0.2])
-    cached = prior.mixture_nll(prior.load_scores(run_dir, names, "val"), w)
+    cached = prior.mixture_nll(prior.open_scores(run_dir, names, "val"), w)
     models = [common.load_member(run_dir / "members" / f"{n}.pt")[0] for n in names]
     tokens, total, n = run["val"]["tokens"], 0.0, 0
     with torch.no_grad():
@@ -96,7 +104,7 @@ def test_cached_mixture_equals_direct_forward(evaluated):
     assert cached == pytest.approx(total / n, abs=2e-6)
     # and each member's loss in the report is its own mean -log p
     direct = {m["name"]: m["val"] for m in rep["members"]}
-    assert direct[names[0]] == pytest.approx(prior.mixture_nll(prior.load_scores(run_dir, names[:1], "val"), [1.0]), abs=1e-9)
+    assert direct[names[0]] == pytest.approx(prior.mixture_nll(prior.open_scores(run_dir, names[:1], "val"), [1.0]), abs=1e-9)
 
 
 def test_scoring_resumes(run_copy):
@@ -169,7 +177,7 @@ def test_eval_keeps_a_current_prior_json(run_copy, capsys):
     assert json.loads((run_copy / "prior.json").read_text())["method"] == "em" and "fitted and written" in out
     names = rep["members"][0]["name"], rep["members"][1]["name"]
     # a sub-population's prior.json: stale for the whole run
-    ev.write_prior(run_copy / "prior.json", list(names), prior.load_scores(run_copy, list(names), "fitness"))
+    ev.write_prior(run_copy / "prior.json", list(names), prior.open_scores(run_copy, list(names), "fitness"))
     rep, out = run_cli([str(run_copy)])
     assert "other members" in rep["prior_refit"] and set(rep["weights"]) == {m["name"] for m in rep["members"]}
     capsys.readouterr()
@@ -184,7 +192,8 @@ def test_slowrun_efficiency_matches_the_method_file():
 
 def test_downstream_local_fixture(evaluated):
     run_dir, rep, _ = evaluated
-    res = ev.downstream(ev.open_run(run_dir), rep, str(FIXTURE), torch.device("cpu"))
+    res = ds.downstream(ev.open_run(run_dir), prior_json(run_dir), rep["best_member"]["name"], str(FIXTURE),
+                        torch.device("cpu"))
     assert res["questions"] == 8
     assert set(res["results"]) == {f"best member {rep['best_member']['name']}", "prior K=1", "prior K=2", "prior K=4"}
     for r in res["results"].values():
@@ -198,13 +207,13 @@ def test_choice_logprobs_padding_truncation_and_by_hand(evaluated):
     run_dir, rep, _ = evaluated
     run = ev.open_run(run_dir)
     tok = prepare_data.tokenizer_for_meta(run["val"]["meta"])
-    qs = ev.read_questions(str(FIXTURE))
-    seqs, n_cont, chars, first = ev.choice_sequences(qs, tok, run["seq_len"])
+    qs = ds.read_questions(str(FIXTURE))
+    seqs, n_cont, chars, first = ds.choice_sequences(qs, tok, run["seq_len"])
     assert len(seqs) == sum(len(q["choices"]) for q in qs) and max(map(len, seqs)) == run["seq_len"] + 1  # truncated
     assert all(seqs[f][0] == tok.bos_id for f, q in zip(first, qs) if len(q["context"]) < 20)  # short ones keep BOS
     model = common.load_member(run_dir / "members" / f"{run['names'][-1]}.pt")[0]
-    batched = ev.continuation_logprobs(model, seqs, n_cont, torch.device("cpu"), size=16)
-    alone = ev.continuation_logprobs(model, seqs, n_cont, torch.device("cpu"), size=1)
+    batched = ds.continuation_logprobs(model, seqs, n_cont, torch.device("cpu"), size=16)
+    alone = ds.continuation_logprobs(model, seqs, n_cont, torch.device("cpu"), size=1)
     np.testing.assert_allclose(batched, alone, atol=1e-5)  # right padding changes nothing
     ids = [tok.bos_id] + tok.encode("The sun rises in the west.")  # question 0, choice 0
     with torch.no_grad():
@@ -223,25 +232,25 @@ def test_hub_benchmarks_normalise_to_the_local_schema(monkeypatch):
                                      answerKey="B")],
             "baber/piqa": [dict(goal="Open a jar", sol1="twist the lid", sol2="eat the lid", label=0)]}
     monkeypatch.setattr(datasets, "load_dataset", lambda path, config=None, split=None: rows[path])
-    assert ev.read_questions("hellaswag") == [dict(context="Baking: A man mixes flour. He",
+    assert ds.read_questions("hellaswag") == [dict(context="Baking: A man mixes flour. He",
                                                    choices=["bakes. bread.", "sings loudly.", "x", "y"], label=1)]
     for name in ("arc_easy", "arc_challenge"):
-        assert ev.read_questions(name) == [dict(context="Question: What is H2O?\nAnswer:", choices=["salt", "water"], label=1)]
-    assert ev.read_questions("piqa") == [dict(context="Question: Open a jar\nAnswer:",
+        assert ds.read_questions(name) == [dict(context="Question: What is H2O?\nAnswer:", choices=["salt", "water"], label=1)]
+    assert ds.read_questions("piqa") == [dict(context="Question: Open a jar\nAnswer:",
                                               choices=["twist the lid", "eat the lid"], label=0)]
 
 
 def test_sample_length_and_seed(evaluated):
     run_dir, rep, _ = evaluated
     run = ev.open_run(run_dir)
-    text, ids = ev.sample(run, rep, "The ", 2, torch.device("cpu"), new_tokens=23, seed=3)
+    text, ids = ts.sample(run, prior_json(run_dir), "The ", 2, torch.device("cpu"), new_tokens=23, seed=3)
     assert isinstance(text, str) and len(ids) == 23
-    assert ev.sample(run, rep, "The ", 2, torch.device("cpu"), new_tokens=23, seed=3)[1] == ids
+    assert ts.sample(run, prior_json(run_dir), "The ", 2, torch.device("cpu"), new_tokens=23, seed=3)[1] == ids
 
 
 def test_logit_average_k1_is_the_member(evaluated):
     run_dir, rep, _ = evaluated
-    la = ev.logit_average(ev.open_run(run_dir), rep, 1, torch.device("cpu"))
+    la = ts.logit_average(ev.open_run(run_dir), prior_json(run_dir), 1, torch.device("cpu"))
     member = next(m for m in rep["members"] if m["name"] == la["members"][0])
     assert la["weights"] == [1.0]
     assert la["logit_avg_val"] == pytest.approx(member["val"], abs=1e-5)
@@ -271,7 +280,7 @@ def test_bad_input_is_one_clear_message(run_copy, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"context": "a", "choices": ["b"], "label": 3}\n')
     with pytest.raises(common.UserError, match="bad.jsonl:1"):
-        ev.read_questions(str(bad))
+        ds.read_questions(str(bad))
 
 
 # --- prior.json: one writer, kept while current ------------------------------------
@@ -322,3 +331,156 @@ def test_current_prior_keeps_a_current_file_and_refits_a_stale_one(tmp_path):
     assert "scores changed" in why and ev.current_prior(tmp_path, names, L - 0.01)[1] is None
     pj, why = ev.current_prior(tmp_path, names, L[:, :1_000])  # rescored on fewer tokens
     assert "scores changed" in why and pj["num_tokens"] == 1_000
+
+
+# --- faults on the eval side (issue 29): injected from outside, then the message's fix -------------------------
+
+def retrain(run_dir, name, scale=1.05):
+    """What retraining a member does to its file, from outside: other weights, saved by common.save_torch (a valid
+    sha256 inside, a new one)."""
+    path = Path(run_dir) / "members" / f"{name}.pt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt.pop("sha256")
+    ckpt["model"] = {k: v * scale if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    common.save_torch(ckpt, path)
+    return path
+
+
+def member_val(run_dir, name):
+    """-mean log p of the member file as it is now on the val split: what eval.py must report for it."""
+    run = ev.open_run(run_dir)
+    model = common.load_member(Path(run_dir) / "members" / f"{name}.pt")[0]
+    return float(-ev.score_split(model, run["val"], torch.device("cpu")).astype(np.float64).mean())
+
+
+def test_a_retrained_member_is_rescored_and_the_prior_refit(evaluated, tmp_path, fault):
+    row = fault("member file retrained after scoring", "eval.py RUN on a scored run with prior.json")
+    run_dir = tmp_path / "run"
+    shutil.copytree(evaluated[0], run_dir)
+    pj = prior_json(run_dir)
+    name = next(n for n in pj["members"] if n != pj["per_k"]["1"]["members"][0])  # the old K=1 check misses it
+    before = {m["name"]: m["val"] for m in evaluated[1]["members"]}
+    retrain(run_dir, name)
+    rep, out = run_cli([str(run_dir)])
+    assert f"member {name}: cached scores not used, {run_dir / 'members' / (name + '.pt')} changed since" in out
+    assert "4 members, 3 already scored, 1 to score" in out
+    got = {m["name"]: m["val"] for m in rep["members"]}
+    assert got[name] == pytest.approx(member_val(run_dir, name), abs=1e-6) and abs(got[name] - before[name]) > 1e-4
+    assert all(got[n] == before[n] for n in got if n != name)  # the others came from the cache, unchanged
+    assert rep["prior_refit"] == f"member(s) {name} changed since prior.json was fit"
+    assert prior_json(run_dir)["member_sha256"][name] == torch.load(run_dir / "members" / f"{name}.pt",
+                                                                     weights_only=True, mmap=True)["sha256"]
+    rep, out = run_cli([str(run_dir)])  # the fix is the same command: now everything is current
+    assert "0 to score" in out and rep["prior_refit"] is None and {m["name"]: m["val"] for m in rep["members"]} == got
+    ev.record_path(run_dir, name).unlink()  # scores from before eval.py kept a record: not trusted
+    rep, out = run_cli([str(run_dir)])
+    assert f"member {name}: cached scores not used, there is no record of the member file" in out
+    assert "3 already scored, 1 to score" in out and {m["name"]: m["val"] for m in rep["members"]} == got
+    row.trials, row.result = 2, "named, rescored (val = a direct forward of the new file); prior refit, naming it"
+
+
+@pytest.mark.parametrize("where", ["per_k", "weights"])
+def test_a_prior_json_changed_on_disk_is_refit_not_reported(evaluated, tmp_path, fault, where):
+    """One digit changed in prior.json: the first decimal of the K=2 entry's first weight (what q0.py's student
+    reads) or of the heaviest member's weight (what every reported mixture is read from, prior.members_at)."""
+    row = fault("one digit of prior.json changed on disk", f"prior.json {where}")
+    run_dir = tmp_path / "run"
+    shutil.copytree(evaluated[0], run_dir)
+    pj, text = prior_json(run_dir), (run_dir / "prior.json").read_text()
+    value = repr(pj["per_k"]["2"]["weights"][0] if where == "per_k" else max(pj["weights"].values()))
+    at = text.index(value, text.index('"per_k"' if where == "per_k" else '"weights"'))  # that entry, not a copy
+    assert value.startswith("0.")
+    (run_dir / "prior.json").write_text(f"{text[:at + 2]}{(int(value[2]) + 1) % 10}{text[at + 3:]}")
+    rep, out = run_cli([str(run_dir)])
+    assert "fitted and written to prior.json (prior.json changed on disk since eval.py wrote it" in out
+    assert rep["ensemble"] == evaluated[1]["ensemble"] and rep["weights"] == evaluated[1]["weights"]  # clean numbers
+    assert prior_json(run_dir)["per_k"] == prior_json(evaluated[0])["per_k"]
+    rep, out = run_cli([str(run_dir)])  # rewritten whole: kept from now on
+    assert rep["prior_refit"] is None and "read from prior.json" in out
+    row.trials, row.result = 1, "refit with one line saying prior.json changed on disk; the clean run's numbers"
+
+
+def test_a_member_with_nan_weights_and_a_valid_checksum_is_named_and_excludable(evaluated, tmp_path, fault, capsys,
+                                                                                 monkeypatch):
+    row = fault("member saved with a NaN weight (valid sha256)", "eval.py --score on a scored run; --exclude")
+    run_dir = tmp_path / "run"
+    shutil.copytree(evaluated[0], run_dir)
+    name = evaluated[1]["members"][1]["name"]
+    path = run_dir / "members" / f"{name}.pt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt.pop("sha256")
+    key = next(k for k, v in ckpt["model"].items() if v.dim() == 2)
+    ckpt["model"][key][0, 0] = float("nan")
+    common.save_torch(ckpt, path)  # saved so: its sha256 matches
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        ev.main([str(run_dir), "--score"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"member file {path} holds non-finite weights (1 of" in err and f"the first {key}" in err
+    assert f"--exclude {name}`" in err and "retrain" not in err
+    for p in (run_dir / "scores").glob("*.npy"):
+        assert np.isfinite(np.load(p)).all(), p  # no NaN score file; the old scores of it stay unused
+    rep, out = run_cli([str(run_dir), "--exclude", name])  # the fix it names
+    assert rep["num_members"] == 3 and name not in rep["weights"] and np.isfinite(rep["summary"]["prior_val"])
+    assert {m["name"]: m["val"] for m in rep["members"]} == {m["name"]: m["val"] for m in evaluated[1]["members"]
+                                                             if m["name"] != name}
+    # finite weights whose log-probs are not (an overflow on the device, say): refused before anything is written
+    shutil.rmtree(run_dir / "scores")
+    monkeypatch.setattr(ev, "score_windows", lambda model, tokens, windows, *rest: torch.full(
+        (sum(e - s - 1 for s, e in windows),), float("nan")))
+    with pytest.raises(SystemExit):
+        ev.main([str(run_dir), "--score", "--exclude", name])
+    err = capsys.readouterr().err
+    assert "gives non-finite log-probs on fitness" in err and "--exclude" in err
+    assert not list((run_dir / "scores").glob("*.npy"))
+    row.trials, row.result = 2, "one line naming the file, tensor and --exclude; no NaN score file; --exclude reports 3"
+
+
+@pytest.mark.parametrize("where", ["scores", "prior.json"])
+def test_a_full_disk_names_the_eval_command_not_resume(run_copy, fault, capsys, monkeypatch, where):
+    """common's writers advise --resume=True on a full disk, a flag eval.py does not have: eval.py says to re-run the
+    same command, and that command then finishes, scoring only what is missing."""
+    row = fault("disk full", f"eval.py writing {where}")
+    calls = [0]
+
+    def free_bytes(path):  # full after member 1 (2 score files, 2 digests, its record), or for the run folder
+        calls[0] += Path(path).name == "scores"
+        return 0 if (calls[0] > 5 if where == "scores" else Path(path) == run_copy) else 1 << 40
+    monkeypatch.setattr(common, "free_bytes", free_bytes)
+    with pytest.raises(SystemExit) as e:
+        ev.main([str(run_copy)])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    second = common.read_manifest(run_copy)[1]["name"]
+    target = run_copy / "prior.json" if where == "prior.json" else prior.score_path(run_copy, second, "fitness")
+    assert e.value.code == 1 and f"not enough disk to write {target}" in err and "Earlier files are intact" in err
+    assert "--resume" not in err and "re-run the same eval.py command (what is already scored is kept)" in err
+    rep, out = run_cli([str(run_copy)])  # space freed: the command it names
+    assert ("4 members, 1 already scored, 3 to score" if where == "scores" else "4 members, 4 already scored") in out
+    assert json.loads((run_copy / "eval.json").read_text())["summary"] == rep["summary"]
+    row.trials, row.result = 1, "one line: not enough disk, re-run the same eval.py command; that rerun finishes"
+
+
+def test_the_first_line_says_an_unfinished_run_and_where_the_scores_came_from(evaluated, tmp_path, fault, capsys):
+    """Track 1 never ran (its folder, members and scores removed from outside): 2 of the 4 planned members. The report's first
+    line says UNFINISHED and that every score came from the cache; after the fix it names (training with
+    --resume=True), finished, with 2 members scored now and 2 from the cache."""
+    row = fault("unfinished run (one track never ran)", "eval.py RUN; the resume it names; eval.py RUN")
+    run_dir = tmp_path / "run"
+    shutil.copytree(evaluated[0], run_dir)
+    first_line = lambda out: out.split("\n== ", 1)[1].splitlines()[0]  # of the report
+    assert first_line(evaluated[2]).endswith("| finished | scores: all scored now ==")
+    shutil.rmtree(run_dir / "track1")
+    for p in [*(run_dir / "members").glob("t1-*"), *(run_dir / "scores").glob("t1-*")]:
+        p.unlink()
+    rep, out = run_cli([str(run_dir)])
+    assert rep["num_members"] == 2 and first_line(out).endswith(
+        "| UNFINISHED: 2 of 4 planned members (continue its training with --resume=True) | scores: all from the cache ==")
+    data_dir = json.loads((run_dir / "config.json").read_text())["config"]["data_dir"]
+    q0.main([f"--out_dir={run_dir}", f"--data_dir={data_dir}", *TINY_Q0, "--resume=True"])  # the fix it names
+    rep, out = run_cli([str(run_dir)])
+    assert first_line(out).endswith("| finished | scores: 2 scored now, 2 from the cache ==")
+    assert rep["summary"] == evaluated[1]["summary"]  # track 1 retrained bit for bit: the finished run's numbers
+    capsys.readouterr()
+    row.trials, row.result = 1, "UNFINISHED 2 of 4, all cached; after --resume=True: finished, 2 scored now, same numbers"

@@ -114,11 +114,11 @@ def test_squarem_reaches_plain_ems_optimum_in_fewer_passes():
 
 # --- top-K and the baselines -------------------------------------------------
 
-def test_top_k_renormalises_hand_example():
-    idx, w = prior.top_k([0.1, 0.4, 0.2, 0.3], 2)
+def test_mixture_renormalises_hand_example():
+    idx, w = prior.mixture([0.1, 0.4, 0.2, 0.3], 2)
     assert idx.tolist() == [1, 3]
     np.testing.assert_allclose(w, [4 / 7, 3 / 7])
-    idx, w = prior.top_k([0.25, 0.25, 0.5], 2)  # tie between 0 and 1: the earlier index wins
+    idx, w = prior.mixture([0.25, 0.25, 0.5], 2)  # tie between 0 and 1: the earlier index wins
     assert idx.tolist() == [2, 0]
     np.testing.assert_allclose(w, [2 / 3, 1 / 3])
 
@@ -166,17 +166,45 @@ def test_fit_prior_layout():
     # the fitted prior beats or matches both baselines on what it was fit on, at K = M
     for base in ("uniform_last", "greedy"):
         assert p["per_k"]["3"]["fitness_nll"] <= p["baselines"][base]["3"]["fitness_nll"] + 1e-12
-    assert set(p["compare"]) == {"em", "adamw"}
+    assert set(p["compare"]) == set(prior.FITS) == {"em", "adamw"}
     assert p["compare"]["em"]["objective"] <= p["compare"]["adamw"]["objective"] + 1e-8
     assert prior.fit_prior(names, L, method="adamw")["method"] == "adamw"
     with pytest.raises(ValueError):
         prior.fit_prior(names, L, method="sgd")
 
 
+def test_a_fit_added_to_the_registry_is_run_and_selectable(monkeypatch):
+    """prior.FITS is the one place fits are named: fit_prior runs and compares every entry and accepts each name."""
+    L, _ = synthetic_population(2_000, seed=4)
+    uniform = lambda L: (np.full(len(L), 1 / len(L)), dict(objective=prior.mixture_nll(L, np.full(len(L), 1 / len(L))),
+                                                            seconds=0.0, iterations=0))
+    monkeypatch.setitem(prior.FITS, "uniform", uniform)
+    p = prior.fit_prior(["a", "b", "c"], L, method="uniform")
+    assert set(p["compare"]) == {"em", "adamw", "uniform"} and p["weights"] == {n: 1 / 3 for n in "abc"}
+
+
+def test_members_at_agrees_with_per_k():
+    """The mixture at every K read back from prior.json (members_at, from the weights) is the per_k entry written
+    beside them, member for member and weight for weight, exactly; ties included (member d duplicates b, so EM gives
+    them the same weight: the earlier one is picked first in both)."""
+    L, _ = synthetic_population(3_000, seed=6)
+    L = np.vstack([L, L[1:2]])
+    names = ["a", "b", "c", "d"]
+    for method in prior.FITS:
+        pj = json.loads(json.dumps(prior.fit_prior(names, L, method)))  # as eval.py writes it and reads it back
+        assert pj["weights"]["b"] == pj["weights"]["d"]
+        for k, entry in pj["per_k"].items():
+            assert prior.members_at(pj, int(k)) == list(zip(entry["members"], entry["weights"]))
+        assert [n for n, _ in prior.members_at(pj, 4)].index("b") < [n for n, _ in prior.members_at(pj, 4)].index("d")
+    assert prior.top_k is prior.mixture  # the old name q0.py still calls: the same function
+
+
 # --- files and the command line ----------------------------------------------
 
 def without_timings(p):
-    return {**p, "compare": {m: {k: v for k, v in r.items() if k != "seconds"} for m, r in p["compare"].items()}}
+    """A prior.json dict but its wall-clock times (and eval.py's sha256 of the file, which covers them)."""
+    return {**{k: v for k, v in p.items() if k != "sha256"},
+            "compare": {m: {k: v for k, v in r.items() if k != "seconds"} for m, r in p["compare"].items()}}
 
 
 def write_scores(run_dir, names, L, split="fitness", dtype=np.float32):
@@ -185,11 +213,11 @@ def write_scores(run_dir, names, L, split="fitness", dtype=np.float32):
         np.save(prior.score_path(run_dir, name, split), row.astype(dtype))
 
 
-def test_load_scores(tmp_path):
+def test_open_scores(tmp_path):
     L, _ = synthetic_population(1_000, seed=3)
     write_scores(tmp_path, ["a", "b"], L[:2], dtype=np.float16)
     write_scores(tmp_path, ["c"], L[2:], dtype=np.float32)
-    got = prior.load_scores(tmp_path, ["a", "b", "c"], "fitness")
+    got = prior.open_scores(tmp_path, ["a", "b", "c"], "fitness")
     assert got.shape == (3, 1_000) and len(got) == 3
     assert all(isinstance(r, np.memmap) for r in got.rows)  # memory-mapped, never stacked
     np.testing.assert_allclose(np.asarray(got), L, atol=1e-2)  # fp16 rounding
@@ -197,13 +225,13 @@ def test_load_scores(tmp_path):
     np.testing.assert_allclose(got[2], L[2], rtol=1e-7)  # float32 log p: ~6e-8 relative
     np.testing.assert_allclose(got.mean(axis=1), np.asarray(got).mean(axis=1), rtol=1e-12)
     with pytest.raises(FileNotFoundError, match=r"(?s)d\.fitness\.npy.*eval\.py .* --score"):
-        prior.load_scores(tmp_path, ["a", "d"], "fitness")
+        prior.open_scores(tmp_path, ["a", "d"], "fitness")
     np.save(prior.score_path(tmp_path, "e", "fitness"), L[0, :999])
     with pytest.raises(ValueError, match="equal length"):
-        prior.load_scores(tmp_path, ["a", "e"], "fitness")
+        prior.open_scores(tmp_path, ["a", "e"], "fitness")
     np.save(prior.score_path(tmp_path, "f", "fitness"), np.where(np.arange(1_000) == 700, np.nan, L[0]))
     with pytest.raises(ValueError, match="NaN"):
-        prior.load_scores(tmp_path, ["a", "f"], "fitness")
+        prior.open_scores(tmp_path, ["a", "f"], "fitness")
 
 
 def test_scores_indexing_like_an_array():
@@ -294,7 +322,7 @@ def chunked(request, tmp_path):
         return A, A
     names = [f"m{i}" for i in range(len(A))]
     write_scores(tmp_path, names, A, dtype=np.float32)
-    return prior.load_scores(tmp_path, names, "fitness"), A.astype(np.float32).astype(np.float64)
+    return prior.open_scores(tmp_path, names, "fitness"), A.astype(np.float32).astype(np.float64)
 
 
 def test_chunked_maths_equals_whole_array(chunked):
@@ -321,13 +349,13 @@ def test_chunked_maths_equals_whole_array(chunked):
     np.testing.assert_allclose(prior.as_scores(L).mean(1), A.mean(1), rtol=0, atol=1e-12)
 
 
-def test_load_scores_keeps_memory_flat(tmp_path):
+def test_open_scores_keeps_memory_flat(tmp_path):
     """The math on memory-mapped files never stacks them: peak allocations stay at a few (M, chunk) blocks."""
     import tracemalloc
     names, n = [f"m{i}" for i in range(8)], 200_000
     rng = np.random.default_rng(7)
     write_scores(tmp_path, names, -np.abs(rng.standard_normal((8, n))), dtype=np.float32)
-    L = prior.load_scores(tmp_path, names, "fitness")
+    L = prior.open_scores(tmp_path, names, "fitness")
     tracemalloc.start()
     prior.fit_em(L, iters=2, tol=0.0, chunk=4096)
     prior.mixture_nll(L, np.full(8, 1 / 8), chunk=4096)

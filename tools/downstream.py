@@ -1,0 +1,132 @@
+"""
+tools/downstream.py: zero-shot multiple choice (hellaswag, arc_easy, arc_challenge, piqa from the hub, or a local
+JSONL file of {context, choices, label}) for the best member and the prior's top-K mixtures. Run through eval.py
+(it scores the run and fits the prior first; this file is imported only when --downstream is given):
+
+    python eval.py runs/RUN --downstream hellaswag arc_easy tests/fixtures/mc_tiny.jsonl
+    python tools/downstream.py runs/RUN tests/fixtures/mc_tiny.jsonl    # the same, from here
+
+Each member runs once over every choice; the mixtures for every K (prior.members_at) reuse its token log-probs.
+"""
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script too: the project's modules are one up
+import eval as ev  # noqa: E402
+import prior  # noqa: E402
+from common import UserError, autocast  # noqa: E402
+from prepare_data import tokenizer_for_meta  # noqa: E402
+
+HUB = ("hellaswag", "arc_easy", "arc_challenge", "piqa")
+
+
+def hub_questions(name):
+    """A hub benchmark as [{context, choices, label}], lm-eval's zero-shot prompts (choices joined with a space)."""
+    from datasets import load_dataset  # only here: local files and everything else work without it
+    def clean(t):  # lm-eval's hellaswag preprocess: drop WikiHow's [title]/[step] markers
+        return re.sub(r"\[.*?\]", "", t.strip().replace(" [title]", ". ")).replace("  ", " ")
+    spec = {"hellaswag": ("Rowan/hellaswag", None, "validation", lambda d: dict(
+                context=clean(d["activity_label"] + ": " + d["ctx_a"] + " " + d["ctx_b"].capitalize()),
+                choices=[clean(c) for c in d["endings"]], label=int(d["label"]))),
+            "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test", None),
+            "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "test", None),
+            "piqa": ("baber/piqa", None, "validation", lambda d: dict(
+                context=f"Question: {d['goal']}\nAnswer:", choices=[d["sol1"], d["sol2"]], label=int(d["label"])))}
+    path, config, split, convert = spec[name]
+    convert = convert or (lambda d: dict(context=f"Question: {d['question']}\nAnswer:", choices=d["choices"]["text"],
+                                         label=d["choices"]["label"].index(d["answerKey"])))
+    try:
+        return [convert(d) for d in load_dataset(path, config, split=split)]
+    except Exception as e:
+        raise UserError(f"cannot load {name} ({path}) from the hub ({type(e).__name__}: {str(e)[:200]}); offline? "
+                        f"write it as JSONL lines {{context, choices, label}} and pass the file instead") from None
+
+
+def read_questions(spec):
+    if spec in HUB:
+        return hub_questions(spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise UserError(f"--downstream {spec}: neither a benchmark name ({', '.join(HUB)}) nor a JSONL file")
+    qs = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        try:
+            q = json.loads(line) if line.strip() else None
+        except ValueError:
+            q = {}
+        ok = isinstance(q, dict) and isinstance(q.get("context"), str) and isinstance(q.get("label"), int)
+        if q is not None and not (ok and isinstance(q.get("choices"), list) and 0 <= q["label"] < len(q["choices"])
+                                  and all(isinstance(c, str) for c in q["choices"])):
+            raise UserError(f"{path}:{i + 1}: each line must be {{\"context\": str, \"choices\": [str, ...], \"label\": int}}")
+        qs += [q] if q is not None else []
+    if not qs:
+        raise UserError(f"{path}: no questions")
+    return qs
+
+
+def choice_sequences(qs, tok, T):
+    """Every (question, choice) as BOS + context + continuation ids, left-truncated to T + 1 tokens; the
+    continuation is " " + choice unless either side already has the space (lm-eval's target delimiter)."""
+    seqs, n_cont, chars, first = [], [], [], []  # per choice; first[q] = index of question q's first choice
+    for q in qs:
+        ctx = [tok.bos_id] + tok.encode(q["context"])
+        first.append(len(seqs))
+        for c in q["choices"]:
+            cont = c if (not q["context"] or q["context"][-1].isspace() or c[:1].isspace()) else " " + c
+            ids = (ctx + tok.encode(cont))[-(T + 1):]
+            seqs.append(ids)
+            n_cont.append(min(len(tok.encode(cont)), len(ids) - 1))
+            chars.append(max(1, len(cont)))
+    return seqs, np.array(n_cont), np.array(chars), first
+
+
+@torch.no_grad()
+def continuation_logprobs(model, seqs, n_cont, dev, size=ev.batch_size):
+    """One member's log p of every continuation token, all choices concatenated in order: (sum(n_cont),)."""
+    out = []
+    for b in range(0, len(seqs), size):
+        chunk = seqs[b:b + size]
+        x = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long)  # right padding: causal, so harmless
+        for j, ids in enumerate(chunk):
+            x[j, :len(ids)] = torch.tensor(ids)
+        x = x.to(dev)
+        with autocast(dev):
+            lp = model(x[:, :-1], x[:, 1:]).float().cpu().numpy()  # (B, L-1): lp[j, t] = log p(ids[t + 1])
+        out += [lp[j, len(ids) - 1 - n:len(ids) - 1] for j, (ids, n) in enumerate(zip(chunk, n_cont[b:b + size]))]
+    return np.concatenate(out)
+
+
+def downstream(run, pj, best, spec, dev):
+    """Multiple choice for member `best` alone and the prior's top K (prior.json `pj`) at each of its K: a choice's
+    score = sum over its tokens of log sum_i w_i p_i(token), after the context (choice_sequences). acc = argmax score;
+    acc_norm = argmax score / len(continuation in characters) (lm-eval)."""
+    qs = read_questions(spec)
+    seqs, n_cont, chars, first = choice_sequences(qs, tokenizer_for_meta(run["val"]["meta"]), run["seq_len"])
+    names = pj["members"]
+    lp = np.stack([continuation_logprobs(ev.load(run, name, dev), seqs, n_cont, dev) for name in names])  # (M, tokens)
+    ends = np.cumsum(n_cont)
+
+    def accuracy(w):
+        with np.errstate(divide="ignore"):
+            mix = torch.logsumexp(torch.from_numpy(np.log(w)[:, None] + lp), 0).numpy()  # log sum_i w_i p_i, per token
+        score = np.array([mix[e - n:e].sum() for e, n in zip(ends, n_cont)])  # (choices,) log p(continuation)
+        norm = score / chars
+        acc = [0, 0]
+        for f, q in zip(first, qs):
+            n = len(q["choices"])
+            acc[0] += int(np.argmax(score[f:f + n])) == q["label"]
+            acc[1] += int(np.argmax(norm[f:f + n])) == q["label"]
+        return dict(acc=acc[0] / len(qs), acc_norm=acc[1] / len(qs))
+
+    res = {f"best member {best}": accuracy(np.eye(len(names))[names.index(best)])}
+    res |= {f"prior K={k}": accuracy(ev.weights_of(names, prior.members_at(pj, int(k)))) for k in pj["per_k"]}
+    return dict(benchmark=spec, questions=len(qs), results=res)
+
+
+if __name__ == "__main__":  # python tools/downstream.py RUN SPEC... [eval.py flags]: eval.py RUN --downstream SPEC...
+    ev.main([*sys.argv[1:2], "--downstream", *sys.argv[2:]])

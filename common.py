@@ -305,7 +305,7 @@ def track_manifest(manifest):
         run_dir, track = Path(manifest).parents[1], int(Path(manifest).parent.name[len("track"):])
         rows = []
         for path in sorted((run_dir / "members").glob("*.pt")):
-            row = safe_load(path, "member file", f"move it aside; {manifest} is being rebuilt from the member files")["row"]
+            row = read_member(path, fix=f"move it aside; {manifest} is being rebuilt from the member files")["row"]
             if row["track"] == track:
                 rows.append(dict(row, path=str(path.relative_to(run_dir))))
         rows.sort(key=lambda r: r["cycle"])
@@ -315,8 +315,26 @@ def track_manifest(manifest):
         return rows
 
 
-def load_member(path, device="cpu", fix="delete it and re-run with --resume=True to recompute it"):
-    ckpt = safe_load(path, "member file", fix)
+def read_member(path, expected=None, what="member file", fix="delete it and re-run with --resume=True to recompute it"):
+    """The contents of member file `path`, which must be the member the caller means: the row stored in it (its
+    manifest row, written by save_member) must carry expected's name, track and cycle (expected: a manifest row, or
+    a name; default the file's own name). A valid file under another member's name (a copy, a rename) is refused."""
+    ckpt = safe_load(path, what, fix)
+    row, want = ckpt.get("row"), expected if expected is not None else Path(path).stem
+    want = want if isinstance(want, dict) else {"name": want}
+    if row is not None:  # every member file save_member wrote holds its row
+        got = {k: row.get(k) for k in ("name", "track", "cycle") if k in want}
+        if got != {k: want[k] for k in got}:
+            expect = ", ".join(f"{k} {want[k]}" for k in got)
+            raise UserError(f"{what} {path} holds member {row.get('name')} (track {row.get('track')}, cycle "
+                            f"{row.get('cycle')}), not the expected {expect}: a valid file under another member's "
+                            f"name (copied or renamed): {fix}")
+    return ckpt
+
+
+def load_member(path, device="cpu", fix="delete it and re-run with --resume=True to recompute it", expected=None):
+    """(model in eval mode, file contents) of a member file, checked to be `expected` (read_member)."""
+    ckpt = read_member(path, expected, fix=fix)
     model = gpt.build(gpt.GPTConfig(**ckpt["model_config"]), device)
     model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
     return model.eval(), ckpt

@@ -101,7 +101,7 @@ def load(run, name, dev):
            f"{run['dir'] / ('track' + str(row['track']))} and re-run the training command with --resume=True")
     if not path.is_file():
         raise UserError(f"member file {path} (manifest of {run['dir']}) is missing: {fix}")
-    model, ckpt = load_member(path, dev, fix)
+    model, ckpt = load_member(path, dev, fix, expected=row)
     meta, mine = run["val"]["meta"], ckpt["data"]
     if ((mine["tokenizer"], mine["vocab_size"]) != (meta["tokenizer"], meta["vocab_size"])
             or model.cfg.vocab_size < meta["vocab_size"]):  # a token past the model's vocab would crash the forward

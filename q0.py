@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 import prior
 import train
-from common import (UserError, array_intact, autocast, eval_rows, load_member, read_json, safe_load, save_array,
+from common import (UserError, array_intact, autocast, eval_rows, load_member, read_json, read_member, save_array,
                     score_windows, window_batches, write_json)
 
 
@@ -314,9 +314,9 @@ class Q0Plan:
 
     def member_state(self, name):
         path = Path(self.cfg.out_dir) / "members" / f"{name}.pt"
-        return safe_load(path, "teacher snapshot",
-                         fix=f"the run cannot continue distilling from it: restore the file from a backup, or "
-                             f"delete {Path(self.cfg.out_dir) / f'track{self.track}'} to retrain this trajectory")["model"]
+        return read_member(path, name, "teacher snapshot",
+                           fix=f"the run cannot continue distilling from it: restore the file from a backup, or "
+                               f"delete {Path(self.cfg.out_dir) / f'track{self.track}'} to retrain this trajectory")["model"]
 
     def load_state_dict(self, state):
         """On resume, reload the teacher from its snapshot file(s): the exact weights it was distilled from."""

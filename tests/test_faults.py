@@ -787,3 +787,49 @@ def test_malicious_pickle_is_never_executed(ref, run_copy, tmp_path, fault, caps
     row.trials += 3
     assert not marker.exists()
     row.result = "UserError (unreadable, weights_only) at each of 5 entry points; the payload never ran"
+
+
+# -----------------------------------------------------------------------------------------------------
+# issue 29: reliability, third pass
+
+@pytest.mark.slow
+def test_member_file_under_another_members_name_is_refused(ref, run_copy, fault, capsys):
+    """A valid member file under the wrong name: `cp t1-c001.pt t1-c002.pt` (the teacher of track 1's last
+    checkpoint), `cp t0-c001.pt t0-c003.pt`, and a manifest row (of a manifest without a digest) whose path names
+    another member's file. Before: the resume distilled from t1-c001 as if it were t1-c002, and eval reported
+    t0-c003 with t0-c001's numbers. Now every read checks the row stored in the file (common.read_member)."""
+    row = fault("member file under another member's name", "resume (teacher), eval --score (copy; manifest path)")
+    members = run_copy / "members"
+    shutil.copy(members / "t1-c001.pt", members / "t1-c002.pt")
+    code, out, err = run_train(argv_for(ref, run_copy, "--resume=True"))
+    assert code == 1
+    error_line(err, f"teacher snapshot {members / 't1-c002.pt'} holds member t1-c001", "expected name t1-c002",
+               f"delete {run_copy / 'track1'}")
+    shutil.rmtree(run_copy / "track1")  # the fix it names: retrain the trajectory, which rewrites t1-c002
+    resume(argv_for(ref, run_copy))
+    assert_same_run(run_copy, ref[0])
+
+    shutil.copy(members / "t0-c001.pt", members / "t0-c003.pt")
+    with pytest.raises(SystemExit) as e:
+        ev.main([str(run_copy), "--score"])
+    assert e.value.code == 1
+    error_line(capsys.readouterr().err, f"member file {members / 't0-c003.pt'} holds member t0-c001 (track 0, cycle 1)",
+               "expected name t0-c003, track 0, cycle 3", "--exclude t0-c003")
+    assert not prior.score_path(run_copy, "t0-c003", "fitness").exists()
+    reps = ev.main([str(run_copy), "--exclude", "t0-c003"])  # the fix it names
+    assert reps[0]["num_members"] == 5 and "t0-c003" not in reps[0]["weights"]
+    shutil.copy(ref[0] / "members" / "t0-c003.pt", members / "t0-c003.pt")
+
+    manifest = run_copy / "track1" / "manifest.json"
+    rows = common.track_manifest(manifest)
+    rows[2]["path"] = "members/t1-c002.pt"  # t1-c003's row points at t1-c002's file
+    manifest.write_text(json.dumps(rows))  # as the code before digests wrote it: read unchecked
+    shutil.rmtree(run_copy / "scores")  # scored by the run above: they would be skipped
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        ev.main([str(run_copy), "--score"])
+    error_line(capsys.readouterr().err, f"member file {members / 't1-c002.pt'} holds member t1-c002 (track 1, cycle 2)",
+               "expected name t1-c003, track 1, cycle 3", "--exclude t1-c003")
+    assert not prior.score_path(run_copy, "t1-c003", "fitness").exists()
+    row.trials = 3
+    row.result = "one line naming the file, the member it holds and the one expected, at resume and eval; fixes work"

@@ -215,7 +215,20 @@ def save_torch(obj, path):
     atomic_write(path, lambda f: torch.save(dict(obj, sha256=digest(obj)), f), nbytes(obj))
 
 
-def write_json(obj, path):
+JSON_DIGEST = "json_sha256"  # the key under which write_json(checked=True) stores a record's sha256
+
+
+def json_digest(obj):
+    """sha256 of an object's JSON text: the same for the object written and the object read back (tuples become
+    lists, int keys strings, floats round-trip exactly)."""
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()
+
+
+def write_json(obj, path, checked=False):
+    """obj as JSON. checked (obj a dict): with the sha256 of the rest as its first key (one line, so a deliberate
+    edit can drop it), which read_json verifies: the small records get the check the large files have."""
+    if checked:
+        obj = {JSON_DIGEST: json_digest(obj), **obj}
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
@@ -250,9 +263,27 @@ def safe_load(path, what, fix="delete it and re-run with --resume=True to recomp
     return obj
 
 
+class Changed(ValueError):
+    """A JSON record that does not match the sha256 stored in it."""
+
+
+def load_json(path):
+    """The JSON at path, less the sha256 write_json(checked=True) stored in it; Changed when the rest does not match
+    it. A record without one (written before digests, or by another writer) is returned unchecked."""
+    obj = json.loads(Path(path).read_text())
+    want = obj.pop(JSON_DIGEST, None) if isinstance(obj, dict) else None
+    if want is not None and json_digest(obj) != want:
+        raise Changed(f"it does not match the sha256 stored in it ({JSON_DIGEST}): its contents changed since it was "
+                      f"written (an edit, a bad copy)")
+    return obj
+
+
 def read_json(path, what, fix):
     try:
-        return json.loads(Path(path).read_text())
+        return load_json(path)
+    except Changed as e:
+        raise UserError(f"{what} {path}: {e}: {fix}. To keep a deliberate edit, delete its {JSON_DIGEST} line (it is "
+                        f"then read unchecked)") from None
     except (OSError, ValueError) as e:
         raise UserError(f"{what} {path} is unreadable ({type(e).__name__}: {str(e)[:100]}): {fix}") from None
 
@@ -293,26 +324,32 @@ def save_member(run_dir, row, model, data_meta, state):
     manifest = Path(run_dir) / f"track{row['track']}" / "manifest.json"
     rows = track_manifest(manifest) if manifest.exists() else []
     rows = [r for r in rows if r["name"] != row["name"]] + [dict(row, path=str(path.relative_to(run_dir)))]
-    write_json(rows, manifest)  # the row appears only after its file is complete
+    write_manifest(rows, manifest)  # the row appears only after its file is complete
+
+
+def write_manifest(rows, manifest):
+    write_json(dict(track=int(Path(manifest).parent.name[len("track"):]), rows=rows), manifest, checked=True)
 
 
 def track_manifest(manifest):
-    """The rows of one track's manifest.json. One that is unreadable (cut short by a full disk, say) is rebuilt from
-    the member files, which carry their own rows, and rewritten, with a warning."""
+    """The rows of one track's manifest.json ({track, rows, sha256}; a bare list of rows from before digests). One that
+    is unreadable (cut short by a full disk, say) or does not match its sha256 (edited) is derived again from the
+    member files, which carry their own rows, and rewritten, with a warning."""
     try:
-        return json.loads(Path(manifest).read_text())
-    except ValueError as e:
-        run_dir, track = Path(manifest).parents[1], int(Path(manifest).parent.name[len("track"):])
-        rows = []
-        for path in sorted((run_dir / "members").glob("*.pt")):
-            row = read_member(path, fix=f"move it aside; {manifest} is being rebuilt from the member files")["row"]
-            if row["track"] == track:
-                rows.append(dict(row, path=str(path.relative_to(run_dir))))
-        rows.sort(key=lambda r: r["cycle"])
-        write_json(rows, manifest)
-        print(f"warning: {manifest} was unreadable ({type(e).__name__}); rebuilt it from {len(rows)} member file(s)",
-              file=sys.stderr, flush=True)
-        return rows
+        obj = load_json(manifest)
+        return obj["rows"] if isinstance(obj, dict) else obj
+    except (ValueError, KeyError) as e:
+        why = str(e) if isinstance(e, Changed) else f"it was unreadable ({type(e).__name__})"
+    run_dir, track = Path(manifest).parents[1], int(Path(manifest).parent.name[len("track"):])
+    rows = []
+    for path in sorted((run_dir / "members").glob("*.pt")):
+        row = read_member(path, fix=f"move it aside; {manifest} is being rebuilt from the member files")["row"]
+        if row["track"] == track:
+            rows.append(dict(row, path=str(path.relative_to(run_dir))))
+    rows.sort(key=lambda r: r["cycle"])
+    write_manifest(rows, manifest)
+    print(f"warning: {manifest}: {why}; rebuilt it from {len(rows)} member file(s)", file=sys.stderr, flush=True)
+    return rows
 
 
 def read_member(path, expected=None, what="member file", fix="delete it and re-run with --resume=True to recompute it"):
@@ -499,7 +536,7 @@ def prepare_run_dir(cfg, env, data, resume_safe_keys=()):
             if old["data"] != record["data"]:
                 raise UserError(f"cannot resume {run_dir}: the data in {cfg.data_dir} differs from the data it was trained on "
                                 f"(sha256 in {config_path}). Use the original data or a new --out_dir")
-        write_json(record, config_path)
+        write_json(record, config_path, checked=True)
     if env["world"] > 1:
         dist.barrier()
     if not config_path.is_file():  # rank 0 wrote it: a node that cannot see it would train its tracks apart

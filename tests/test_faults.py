@@ -93,7 +93,7 @@ def resume(argv):
 
 def manifest_is_whole(run_dir):
     """No manifest row names a member whose file is missing or unreadable. -> the member names listed."""
-    rows = [r for f in sorted(Path(run_dir).glob("track*/manifest.json")) for r in json.loads(f.read_text())]
+    rows = [r for f in sorted(Path(run_dir).glob("track*/manifest.json")) for r in common.track_manifest(f)]
     for r in rows:
         common.safe_load(Path(run_dir) / r["path"], "member file")  # raises on a partial file
     return [r["name"] for r in rows]
@@ -135,6 +135,13 @@ def assert_same_run(run_dir, ref_dir):
 
 def tree_digest(d):
     return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(d).rglob("*") if p.is_file()}
+
+
+def set_data_dir(run_dir, data):
+    """config.json as if the run had been trained on the data in `data` (written as prepare_run_dir does)."""
+    record = common.load_json(run_dir / "config.json")
+    record["config"]["data_dir"] = str(data)
+    common.write_json(record, run_dir / "config.json", checked=True)
 
 
 def error_line(err, *needles):
@@ -396,9 +403,7 @@ def test_resume_with_a_changed_config_or_data_is_refused(ref, run_copy, gpt2_dat
     # the same data_dir, re-prepared with another tokenizer: caught by the sha256 recorded in config.json
     data = tmp_path / "data"
     shutil.copytree(gpt2_data, data)
-    record = json.loads((run_copy / "config.json").read_text())
-    record["config"]["data_dir"] = str(data)
-    (run_copy / "config.json").write_text(json.dumps(record))
+    set_data_dir(run_copy, data)
     before["config.json"] = tree_digest(run_copy)["config.json"]
     code, out, err = run_train(argv_for(ref, run_copy, "--resume=True", f"--data_dir={data}"))
     assert code == 1
@@ -450,9 +455,7 @@ def test_bad_token_files_are_caught_before_any_damage(ref, run_copy, tiny_data, 
         shutil.rmtree(data, ignore_errors=True)
         shutil.copytree(tiny_data, data)
         damage(data)
-        record = json.loads((run_copy / "config.json").read_text())
-        record["config"]["data_dir"] = str(data)
-        (run_copy / "config.json").write_text(json.dumps(record))
+        set_data_dir(run_copy, data)
         before = tree_digest(run_copy)
         argv = [a for a in argv_for(ref, run_copy) if not a.startswith("--data_dir")] + [f"--data_dir={data}"]
         for extra, out_dir in ((["--resume=True"], run_copy), ([f"--out_dir={tmp_path / 'fresh'}"], None)):
@@ -474,9 +477,7 @@ def test_meta_vocab_changed_under_a_run_is_one_message(ref, run_copy, tmp_path, 
     shutil.copytree(Path(json.loads((run_copy / "config.json").read_text())["config"]["data_dir"]), data)
     for split in ("train", "fitness", "val"):
         edit_meta(split, vocab_size=50257)(data)
-    record = json.loads((run_copy / "config.json").read_text())
-    record["config"]["data_dir"] = str(data)
-    (run_copy / "config.json").write_text(json.dumps(record))
+    set_data_dir(run_copy, data)
     before = {k: v for k, v in tree_digest(run_copy).items() if k != "config.json"}
     argv = [a for a in argv_for(ref, run_copy) if not a.startswith("--data_dir")] + [f"--data_dir={data}"]
     code, out, err = run_train(argv + ["--resume=True"])
@@ -833,3 +834,44 @@ def test_member_file_under_another_members_name_is_refused(ref, run_copy, fault,
     assert not prior.score_path(run_copy, "t1-c003", "fitness").exists()
     row.trials = 3
     row.result = "one line naming the file, the member it holds and the one expected, at resume and eval; fixes work"
+
+
+@pytest.mark.slow
+def test_edited_config_or_manifest_is_caught_by_its_sha256(ref, scored_ref, tmp_path, fault, capsys):
+    """config.json's seq_len 32 -> 28 (before: eval scored at 28) and a manifest row's path t0-c003 -> t0-c002 (before:
+    the wrong file was scored as t0-c003). Both records now carry the sha256 of their content: the config stops eval
+    and the resume with one line naming it and the fix, which works; the manifest, which the member files determine,
+    is derived from them again with a warning. The numbers are the clean run's."""
+    row = fault("edited config.json (seq_len) / manifest.json (a path)", "eval, resume; eval")
+    run_dir = tmp_path / "run"
+    shutil.copytree(scored_ref, run_dir)
+    summary = json.loads((scored_ref / "eval.json").read_text())["summary"]
+    config = run_dir / "config.json"
+    original = config.read_bytes()
+    assert b'"seq_len": 32,' in original
+    config.write_bytes(original.replace(b'"seq_len": 32,', b'"seq_len": 28,'))
+    with pytest.raises(SystemExit) as e:
+        ev.main([str(run_dir)])
+    assert e.value.code == 1
+    error_line(capsys.readouterr().err, f"run record {config}: it does not match the sha256", "restore it",
+               "delete its json_sha256 line")
+    code, out, err = run_train(argv_for(ref, run_dir, "--resume=True"))
+    assert code == 1
+    error_line(err, f"run record {config}: it does not match the sha256", "restore it")
+    config.write_bytes(original)  # the fix: restore it
+    assert ev.main([str(run_dir)])[0]["summary"] == summary
+
+    manifest = run_dir / "track0" / "manifest.json"
+    rows = common.track_manifest(manifest)
+    edited = json.loads(manifest.read_text())
+    edited["rows"][2]["path"] = "members/t0-c002.pt"
+    manifest.write_text(json.dumps(edited, indent=1))
+    shutil.rmtree(run_dir / "scores")  # scored again, from the files the manifest names
+    capsys.readouterr()
+    reps = ev.main([str(run_dir)])
+    err = capsys.readouterr().err
+    assert f"warning: {manifest}: it does not match the sha256" in err and "rebuilt it from 3 member file(s)" in err
+    assert common.track_manifest(manifest) == rows
+    assert reps[0]["summary"] == summary
+    row.trials = 3
+    row.result = "config: one line naming it (eval, resume), restoring it gives the clean numbers; manifest: rebuilt, same numbers"

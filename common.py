@@ -248,16 +248,17 @@ def array_intact(path):
         return None
 
 
-def safe_load(path, what, fix="delete it and re-run with --resume=True to recompute it"):
+def safe_load(path, what, fix="delete it and re-run with --resume=True to recompute it", check=True):
     """torch.load that never runs code from the file (weights_only), maps it instead of reading it all, and checks
-    the digest save_torch stored (a file from before digests has none: loaded unchecked)."""
+    the digest save_torch stored (a file from before digests has none: loaded unchecked). check=False skips that
+    check, which reads every byte: for a listing that reads no weights."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise UserError(f"{what} {path} is unreadable ({type(e).__name__}: {str(e)[:120]}); it is truncated or "
                         f"corrupt: {fix}") from None
     want = obj.pop("sha256", None) if isinstance(obj, dict) else None
-    if want is not None and digest(obj) != want:
+    if check and want is not None and digest(obj) != want:
         raise UserError(f"{what} {path} does not match the sha256 stored in it: its contents changed on disk since "
                         f"it was written (flipped bits, a bad copy): {fix}")
     return obj
@@ -322,7 +323,8 @@ def save_member(run_dir, row, model, data_meta, state):
     save_torch({"model_config": asdict(model.cfg), "model": state, "row": row,
                 "data": {k: data_meta[k] for k in ("tokenizer", "vocab_size", "bos_id")}}, path)
     manifest = Path(run_dir) / f"track{row['track']}" / "manifest.json"
-    rows = track_manifest(manifest) if manifest.exists() else []
+    # cycles count from 0 (one model) or 1 (q0): a missing manifest at a later cycle lost the rows of earlier ones
+    rows = track_manifest(manifest, before_cycle=row["cycle"]) if manifest.exists() or row["cycle"] > 1 else []
     rows = [r for r in rows if r["name"] != row["name"]] + [dict(row, path=str(path.relative_to(run_dir)))]
     write_manifest(rows, manifest)  # the row appears only after its file is complete
 
@@ -331,32 +333,38 @@ def write_manifest(rows, manifest):
     write_json(dict(track=int(Path(manifest).parent.name[len("track"):]), rows=rows), manifest, checked=True)
 
 
-def track_manifest(manifest):
+def track_manifest(manifest, before_cycle=None):
     """The rows of one track's manifest.json ({track, rows, sha256}; a bare list of rows from before digests). One that
-    is unreadable (cut short by a full disk, say) or does not match its sha256 (edited) is derived again from the
-    member files, which carry their own rows, and rewritten, with a warning."""
+    is missing (deleted), unreadable (cut short by a full disk, say) or does not match its sha256 (edited) is derived
+    again from the member files, which carry their own rows (only the cycles before before_cycle, if given: the
+    later ones are being trained again), and rewritten, with a warning. A missing one no member file names is
+    a track that has written none yet: no rows, no warning."""
+    missing = not Path(manifest).exists()
     try:
         obj = load_json(manifest)
         return obj["rows"] if isinstance(obj, dict) else obj
-    except (ValueError, KeyError) as e:
-        why = str(e) if isinstance(e, Changed) else f"it was unreadable ({type(e).__name__})"
+    except (OSError, ValueError, KeyError) as e:
+        why = "it was missing" if missing else str(e) if isinstance(e, Changed) else f"it was unreadable ({type(e).__name__})"
     run_dir, track = Path(manifest).parents[1], int(Path(manifest).parent.name[len("track"):])
     rows = []
-    for path in sorted((run_dir / "members").glob("*.pt")):
-        row = read_member(path, fix=f"move it aside; {manifest} is being rebuilt from the member files")["row"]
-        if row["track"] == track:
+    for path in sorted((run_dir / "members").glob("*.pt")):  # rows only: each file's weights are checked when used
+        row = read_member(path, fix=f"move it aside; {manifest} is being rebuilt from the member files", check=False)["row"]
+        if row["track"] == track and (before_cycle is None or row["cycle"] < before_cycle):
             rows.append(dict(row, path=str(path.relative_to(run_dir))))
     rows.sort(key=lambda r: r["cycle"])
+    if missing and not rows:
+        return rows
     write_manifest(rows, manifest)
     print(f"warning: {manifest}: {why}; rebuilt it from {len(rows)} member file(s)", file=sys.stderr, flush=True)
     return rows
 
 
-def read_member(path, expected=None, what="member file", fix="delete it and re-run with --resume=True to recompute it"):
+def read_member(path, expected=None, what="member file", fix="delete it and re-run with --resume=True to recompute it",
+                check=True):
     """The contents of member file `path`, which must be the member the caller means: the row stored in it (its
     manifest row, written by save_member) must carry expected's name, track and cycle (expected: a manifest row, or
     a name; default the file's own name). A valid file under another member's name (a copy, a rename) is refused."""
-    ckpt = safe_load(path, what, fix)
+    ckpt = safe_load(path, what, fix, check)
     row, want = ckpt.get("row"), expected if expected is not None else Path(path).stem
     want = want if isinstance(want, dict) else {"name": want}
     if row is not None:  # every member file save_member wrote holds its row
@@ -379,7 +387,8 @@ def load_member(path, device="cpu", fix="delete it and re-run with --resume=True
 
 def read_manifest(run_dir):
     """Every member of a run, in training order (budget spent when it existed, then track, cycle)."""
-    rows = [r for f in sorted(Path(run_dir).glob("track*/manifest.json")) for r in track_manifest(f)]
+    tracks = sorted(d for d in Path(run_dir).glob("track*") if re.fullmatch(r"track\d+", d.name) and d.is_dir())
+    rows = [r for d in tracks for r in track_manifest(d / "manifest.json")]
     if not rows:
         raise UserError(f"no members in {run_dir}: train first (python q0.py <config> --out_dir={run_dir})")
     return sorted(rows, key=lambda r: (r["budget_epochs"], r["track"], r["cycle"]))

@@ -875,3 +875,32 @@ def test_edited_config_or_manifest_is_caught_by_its_sha256(ref, scored_ref, tmp_
     assert reps[0]["summary"] == summary
     row.trials = 3
     row.result = "config: one line naming it (eval, resume), restoring it gives the clean numbers; manifest: rebuilt, same numbers"
+
+
+@pytest.mark.slow
+def test_missing_manifest_is_rebuilt_from_the_member_files(ref, scored_ref, tmp_path, fault, capsys):
+    """track0/manifest.json deleted: from a finished run (before: eval said "no members ... train first" with 6 good
+    member files on disk, and the resume "already finished": no route), and mid-run, between snapshot t0-c002 and its
+    checkpoint (before: the resume wrote a manifest without t0-c001). Each is rebuilt from the member files, with
+    a warning; eval gives the clean run's numbers and the resumed run is bit-identical."""
+    row = fault("deleted manifest (track0/manifest.json)", "eval on a finished run; resume mid-run")
+    run_dir = tmp_path / "run"
+    shutil.copytree(scored_ref, run_dir)
+    manifest = run_dir / "track0" / "manifest.json"
+    rows = common.track_manifest(manifest)
+    manifest.unlink()
+    capsys.readouterr()
+    reps = ev.main([str(run_dir)])
+    assert f"warning: {manifest}: it was missing; rebuilt it from 3 member file(s)" in capsys.readouterr().err
+    assert reps[0]["num_members"] == 6
+    assert reps[0]["summary"] == json.loads((scored_ref / "eval.json").read_text())["summary"]
+    assert common.track_manifest(manifest) == rows
+
+    mid = tmp_path / "mid"
+    argv = argv_for(ref, mid)
+    run_faulty("after_write:*/track0/manifest.json:2", "q0", argv)  # t0-c002 and its row written, then killed
+    (mid / "track0" / "manifest.json").unlink()
+    resume(argv)
+    assert_same_run(mid, ref[0])
+    row.trials = 2
+    row.result = "rebuilt with a one-line warning; eval: 6 members, the clean numbers; resumed run bit-identical"

@@ -96,6 +96,7 @@ def load_config(cls, argv, doc, modes):
             body = ast.parse(path.read_text(), str(path)).body
         except SyntaxError as e:
             raise UserError(f"{path}:{e.lineno}: not a config file of `key = value` lines ({e.msg})", status=2) from None
+        seen = {}  # key -> the line that set it: a second line would silently override (or be overridden)
         for node in body:
             if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
                 continue  # a docstring
@@ -105,7 +106,12 @@ def load_config(cls, argv, doc, modes):
                 value = ast.literal_eval(node.value)
             except ValueError:
                 raise UserError(f"{path}:{node.lineno}: the value of '{node.targets[0].id}' must be a literal", status=2) from None
-            pairs.insert(0, (node.targets[0].id, value, f"{path}:{node.lineno}"))  # file first, flags win
+            key = node.targets[0].id
+            if key in seen:
+                raise UserError(f"{path}: '{key}' is set twice, on lines {seen[key]} and {node.lineno}: keep one "
+                                f"(a --{key}=value flag overrides the file)", status=2)
+            seen[key] = node.lineno
+            pairs.insert(0, (key, value, f"{path}:{node.lineno}"))  # file first, flags win
     mode = next((v for k, v, _ in reversed(pairs) if k == "mode"), cfg.mode)
     if mode not in modes and mode in ("single", "ensemble", "q0", "chain", "student"):  # before the other's keys fail
         script = "train.py" if mode in ("single", "ensemble") else "q0.py"

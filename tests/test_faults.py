@@ -30,7 +30,7 @@ import eval as ev
 import prepare_data
 import prior
 import train
-from conftest import (PYTHON, ROOT, TORCHRUN, child_env, kill_when, last_logged_step, read_log, run_train,
+from conftest import (PYTHON, ROOT, TORCHRUN, child_env, kill_when, last_logged_step, load_config, read_log, run_train,
                       spawn_train, train_argv)
 
 # 127 steps/epoch at 512 tokens/step -> cycles of round(0.0625 * 127) = 8 steps, 24 per trajectory; a checkpoint
@@ -904,3 +904,19 @@ def test_missing_manifest_is_rebuilt_from_the_member_files(ref, scored_ref, tmp_
     assert_same_run(mid, ref[0])
     row.trials = 2
     row.result = "rebuilt with a one-line warning; eval: 6 members, the clean numbers; resumed run bit-identical"
+
+
+def test_config_file_setting_a_key_twice_is_refused(tiny_data, tmp_path, fault):
+    """`num_cycles = 6` then `num_cycles = 7` in one config file: before, the first line silently won (6). Now exit
+    status 2 and one line naming the key and both lines; with one of them removed (the fix) the file loads."""
+    row = fault("config file sets a key twice", "q0.py <config>: load_config, before anything is written")
+    config = tmp_path / "dup.py"
+    config.write_text('"""a recipe"""\nmode = "q0"\nnum_cycles = 6\nseed = 1\nnum_cycles = 7\n')
+    code, out, err = run_train([str(config), f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'run'}"])
+    assert code == 2
+    error_line(err, f"{config}: 'num_cycles' is set twice, on lines 3 and 5", "keep one")
+    assert not (tmp_path / "run").exists()
+    config.write_text('"""a recipe"""\nmode = "q0"\nseed = 1\nnum_cycles = 7\n')  # the fix: one line kept
+    assert load_config([str(config)]).num_cycles == 7
+    row.trials = 1
+    row.result = "exit 2, one line naming the key and lines 3 and 5; with one kept, num_cycles = 7"

@@ -149,11 +149,19 @@ def free_bytes(path):
 
 def check_disk(path, size):
     """Room for size bytes at path (size x 1.1 + 1 MiB), else stop before writing anything."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"cannot write {path}: {not_a_folder(Path(path).parent)} is a file, not a folder") from None
     need, free = int(size * 1.1) + (1 << 20), free_bytes(Path(path).parent)
     if free < need:
         raise UserError(f"not enough disk to write {path}: need about {need >> 20} MiB, {free >> 20} MiB free. "
                         f"Earlier files are intact; free space and re-run with --resume=True")
+
+
+def not_a_folder(path):
+    """The first of path and the folders above it that exists and is not a folder, else None."""
+    return next((p for p in [Path(path), *Path(path).parents] if p.exists() and not p.is_dir()), None)
 
 
 def atomic_write(path, write, size=0):
@@ -531,6 +539,9 @@ def prepare_run_dir(cfg, env, data, resume_safe_keys=()):
     """All ranks use cfg.out_dir (one deterministic name, no timestamps); rank 0 checks and writes config.json. A
     resume may change only resume_safe_keys (the script's keys that do not change what the run computes)."""
     run_dir = Path(cfg.out_dir)
+    if blocker := not_a_folder(run_dir):  # before anything is written
+        raise UserError(f"--out_dir={cfg.out_dir} cannot be a run folder: {blocker} is a file. Point --out_dir at a "
+                        f"folder (a new one, or a run to continue)", status=2)
     config_path = run_dir / "config.json"
     record = dict(config=asdict(cfg), data={s: data[s + "_meta"]["sha256"] for s in ("train", "fitness", "val")})
     if env["rank"] == 0:

@@ -920,3 +920,24 @@ def test_config_file_setting_a_key_twice_is_refused(tiny_data, tmp_path, fault):
     assert load_config([str(config)]).num_cycles == 7
     row.trials = 1
     row.result = "exit 2, one line naming the key and lines 3 and 5; with one kept, num_cycles = 7"
+
+
+@pytest.mark.slow
+def test_out_dir_that_is_a_file_is_refused(ref, tiny_data, tmp_path, fault):
+    """--out_dir=README.md (a file), or a folder below one: before, a FileExistsError (NotADirectoryError) traceback.
+    Now exit status 2 and one line naming the file, nothing written; the fix (a folder) sets the run up."""
+    row = fault("--out_dir is a file", "prepare_run_dir, before anything is written")
+    notes = tmp_path / "README.md"
+    notes.write_text("notes\n")
+    for out_dir in (notes, notes / "run"):
+        code, out, err = run_train(argv_for(ref, out_dir))
+        assert code == 2
+        error_line(err, f"--out_dir={out_dir} cannot be a run folder: {notes} is a file", "Point --out_dir at a folder")
+        assert sorted(os.listdir(tmp_path)) == ["README.md"] and notes.read_text() == "notes\n"
+        row.trials += 1
+    with pytest.raises(common.UserError, match=f"cannot write {notes / 'x.json'}: {notes} is a file"):
+        common.write_json({}, notes / "x.json")  # any writer: one message, not a traceback
+    cfg = load_config(argv_for(ref, tmp_path / "run"))  # the fix
+    common.prepare_run_dir(cfg, dict(rank=0, world=1), common.load_data(cfg))
+    assert common.read_json(tmp_path / "run" / "config.json", "run record", "")["config"]["out_dir"] == str(tmp_path / "run")
+    row.result = "exit 2, one line naming the file, nothing written (direct and below it); a folder: config.json written"

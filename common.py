@@ -535,9 +535,19 @@ def load_data(cfg):
     return data
 
 
+def current_config(record):
+    """The config a run has now: config.json's "config" (as it was first started) with the changes of each resume
+    applied in order ("resumes": [{"keys": {key: [old, new]}, "at": UTC time}])."""
+    config = dict(record["config"])
+    for resumed in record.get("resumes", []):
+        config.update({k: new for k, (_, new) in resumed["keys"].items()})
+    return config
+
+
 def prepare_run_dir(cfg, env, data, resume_safe_keys=()):
     """All ranks use cfg.out_dir (one deterministic name, no timestamps); rank 0 checks and writes config.json. A
-    resume may change only resume_safe_keys (the script's keys that do not change what the run computes)."""
+    resume may change only resume_safe_keys (the script's keys that do not change what the run computes): the
+    first config is kept and each resume that changes one appends {keys: {key: [old, new]}, at} to "resumes"."""
     run_dir = Path(cfg.out_dir)
     if blocker := not_a_folder(run_dir):  # before anything is written
         raise UserError(f"--out_dir={cfg.out_dir} cannot be a run folder: {blocker} is a file. Point --out_dir at a "
@@ -554,7 +564,8 @@ def prepare_run_dir(cfg, env, data, resume_safe_keys=()):
             if not cfg.resume:
                 raise UserError(f"{run_dir} already holds a run: add --resume=True to continue it, or set --out_dir=<new folder>")
             old = read_json(config_path, "run record", "restore it, or start the run again in a new --out_dir")
-            for key, value in old["config"].items():
+            was = current_config(old)
+            for key, value in was.items():
                 now = record["config"].get(key)
                 if key not in resume_safe_keys and json.dumps(now) != json.dumps(value):
                     raise UserError(f"cannot resume {run_dir}: config key '{key}' was {value!r}, now {now!r}, which changes "
@@ -562,7 +573,12 @@ def prepare_run_dir(cfg, env, data, resume_safe_keys=()):
             if old["data"] != record["data"]:
                 raise UserError(f"cannot resume {run_dir}: the data in {cfg.data_dir} differs from the data it was trained on "
                                 f"(sha256 in {config_path}). Use the original data or a new --out_dir")
-        write_json(record, config_path, checked=True)
+            changed = {k: [was[k], v] for k, v in record["config"].items()
+                       if k in was and k != "resume" and json.dumps(was[k]) != json.dumps(v)}
+            at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            record = dict(old, resumes=old.get("resumes", []) + [dict(keys=changed, at=at)]) if changed else None
+        if record:  # a resume that changes nothing leaves config.json as it is
+            write_json(record, config_path, checked=True)
     if env["world"] > 1:
         dist.barrier()
     if not config_path.is_file():  # rank 0 wrote it: a node that cannot see it would train its tracks apart

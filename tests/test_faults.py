@@ -941,3 +941,29 @@ def test_out_dir_that_is_a_file_is_refused(ref, tiny_data, tmp_path, fault):
     common.prepare_run_dir(cfg, dict(rank=0, world=1), common.load_data(cfg))
     assert common.read_json(tmp_path / "run" / "config.json", "run record", "")["config"]["out_dir"] == str(tmp_path / "run")
     row.result = "exit 2, one line naming the file, nothing written (direct and below it); a folder: config.json written"
+
+
+@pytest.mark.slow
+def test_resume_with_a_resume_safe_change_keeps_the_original_config(ref, run_copy, fault):
+    """Resuming a finished run with --log_every=10: before, config.json was rewritten with 10 and the original value
+    was lost. Now the first config is kept and the change is appended under "resumes" with its time; a resume that
+    changes nothing leaves the file byte for byte."""
+    row = fault("resume with a resume-safe key changed (log_every)", "prepare_run_dir on resume of a finished run")
+    config = run_copy / "config.json"
+    first = common.load_json(config)
+    resume(argv_for(ref, run_copy, "--log_every=10"))
+    record = common.load_json(config)
+    assert record["config"] == first["config"] and record["config"]["log_every"] == 1
+    (entry,) = record["resumes"]
+    moved = {"out_dir": [str(ref[0]), str(run_copy)]}  # a copy of the run: where it is resumed is recorded too
+    assert entry["keys"] == dict(moved, log_every=[1, 10]) and entry["at"].endswith("+00:00")
+    assert common.current_config(record)["log_every"] == 10
+    written = config.read_bytes()
+    resume(argv_for(ref, run_copy, "--log_every=10"))  # nothing changes: not rewritten
+    assert config.read_bytes() == written
+    resume(argv_for(ref, run_copy))  # back to the recipe's value: recorded too
+    record = common.load_json(config)
+    assert [r["keys"] for r in record["resumes"]] == [dict(moved, log_every=[1, 10]), {"log_every": [10, 1]}]
+    assert record["config"] == first["config"]
+    row.trials = 3
+    row.result = "original config kept (log_every 1); resumes: [1, 10] then [10, 1]; an unchanged resume writes nothing"

@@ -6,6 +6,7 @@ data and run folder. No training logic.
 """
 import ast
 import datetime
+import errno
 import fcntl
 import hashlib
 import inspect
@@ -306,21 +307,86 @@ def read_json(path, what, fix):
 def lock(folder):
     """An exclusive lock on folder/lock (flock), so two trainers never write one track: the kernel releases it when
     the holder exits or dies, so a dead holder's lock is free at once. The file names the holder for the message.
-    -> the open file: the lock lasts until it is closed."""
+    Where the file system has no flock (some Lustre and NFS mounts: ENOSYS, EOPNOTSUPP, EINVAL, ENOLCK), a lock
+    file created exclusively instead (held_lock). -> an object whose close() releases the lock."""
     f = open(Path(folder) / "lock", "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        holder = f.read().strip() or "another process"
+        holder = f.read().strip()
         f.close()
-        raise UserError(f"{folder} is being trained by {holder}: a second trainer would interleave its log and "
-                        f"checkpoints. Let it finish (or stop it), then continue with --resume=True") from None
+        busy(folder, holder)
+    except OSError as e:
+        f.close()
+        if e.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOLCK):
+            raise
+        return held_lock(folder)
     f.seek(0)
     f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.write(holder_line())
     f.flush()
     return f
+
+
+def holder_line():
+    return f"pid {os.getpid()} on {socket.gethostname()}\n"
+
+
+def busy(folder, holder, fix=""):
+    raise UserError(f"{folder} is being trained by {holder or 'another process'}: a second trainer would interleave its "
+                    f"log and checkpoints. Let it finish (or stop it), then continue with --resume=True{fix}") from None
+
+
+class HeldLock:
+    """The lock file held_lock created: close() removes it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def close(self):
+        self.path.unlink(missing_ok=True)
+
+
+def held_lock(folder):
+    """The lock without flock: folder/lock.held created with O_EXCL (atomic on local disks, NFS v3+ and Lustre),
+    naming its holder, removed when the lock is closed. A holder that died leaves it behind: one on this host whose
+    pid is gone is taken over, with a warning; one on another host cannot be checked from here."""
+    path = Path(folder) / "lock.held"
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = path.read_text() if path.exists() else ""
+            m = re.fullmatch(r"pid (\d+) on (\S+)\n", holder)
+            if not (m and m[2] == socket.gethostname() and int(m[1]) != os.getpid() and not pid_alive(int(m[1]))):
+                busy(folder, holder.strip(), f" (this file system has no flock: if that process is not running, "
+                                             f"delete {path})")
+            aside = path.with_name(f"{path.name}.stale{os.getpid()}")
+            try:
+                os.rename(path, aside)  # one taker wins; a second finds the file gone, or a live holder's, and retries
+            except FileNotFoundError:
+                continue
+            if aside.read_text() != holder:  # another taker's live lock, moved by mistake: put it back
+                os.rename(aside, path)
+                continue
+            aside.unlink()
+            print(f"warning: {path} named {holder.strip()}, which is no longer running: took the lock over",
+                  file=sys.stderr, flush=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(holder_line())
+        return HeldLock(path)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 # -----------------------------------------------------------------------------------------------------

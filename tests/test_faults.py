@@ -8,6 +8,7 @@ every member file, the manifest, both final checkpoints (weights and optimizer s
 bit-identical, and no temporary file is ever read. Each test adds a row to the table printed at the end.
 Beside test_train.py / test_q0.py / test_data.py, which already cover single-mode kill-and-resume, one q0 kill
 mid-cycle, NaN and a full disk in single mode, and damaged token files in load_split."""
+import errno
 import hashlib
 import io
 import json
@@ -16,6 +17,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import zipfile
 from contextlib import redirect_stdout
@@ -967,3 +969,43 @@ def test_resume_with_a_resume_safe_change_keeps_the_original_config(ref, run_cop
     assert record["config"] == first["config"]
     row.trials = 3
     row.result = "original config kept (log_every 1); resumes: [1, 10] then [10, 1]; an unchanged resume writes nothing"
+
+
+@pytest.mark.slow
+def test_lock_without_flock_falls_back_to_a_lock_file(ref, run_copy, tmp_path, monkeypatch, fault, capsys):
+    """flock raising OSError(ENOSYS), as on a Lustre or NFS mount without it: before, every start died in
+    common.lock. Now an exclusively created lock.held names the holder: a second locker is refused by name, close()
+    frees it, a dead holder on this host is taken over with a warning, one on another host is refused with the fix
+    (delete the file), which works; a resume trains (here: finds the run finished) and leaves no lock file."""
+    row = fault("no flock on the file system (ENOSYS)", "common.lock: fallback lock file; resume")
+
+    def flock(f, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+    monkeypatch.setattr(common.fcntl, "flock", flock)
+    host, held = socket.gethostname(), tmp_path / "lock.held"
+    first = common.lock(tmp_path)
+    assert held.read_text() == f"pid {os.getpid()} on {host}\n"
+    with pytest.raises(common.UserError, match=f"being trained by pid {os.getpid()} on {host}"):
+        common.lock(tmp_path)
+    first.close()
+    assert not held.exists()
+    common.lock(tmp_path).close()
+
+    dead = subprocess.run([PYTHON, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    held.write_text(f"pid {dead} on {host}\n")  # left by a holder that died
+    capsys.readouterr()
+    taken = common.lock(tmp_path)
+    assert f"named pid {dead} on {host}, which is no longer running: took the lock over" in capsys.readouterr().err
+    assert held.read_text() == f"pid {os.getpid()} on {host}\n"
+    taken.close()
+
+    held.write_text("pid 1 on another-node\n")
+    with pytest.raises(common.UserError, match=f"if that process is not running, delete {held}"):
+        common.lock(tmp_path)
+    held.unlink()  # the fix it names
+    common.lock(tmp_path).close()
+
+    resume(argv_for(ref, run_copy))
+    assert not list(run_copy.rglob("lock.held*"))
+    row.trials = 5
+    row.result = "lock file naming pid/host; refused while held; freed on close; dead holder taken over; fix works; resume ok"

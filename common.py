@@ -6,6 +6,7 @@ data and run folder. No training logic.
 """
 import ast
 import datetime
+import errno
 import fcntl
 import hashlib
 import inspect
@@ -96,6 +97,7 @@ def load_config(cls, argv, doc, modes):
             body = ast.parse(path.read_text(), str(path)).body
         except SyntaxError as e:
             raise UserError(f"{path}:{e.lineno}: not a config file of `key = value` lines ({e.msg})", status=2) from None
+        seen = {}  # key -> the line that set it: a second line would silently override (or be overridden)
         for node in body:
             if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
                 continue  # a docstring
@@ -105,7 +107,12 @@ def load_config(cls, argv, doc, modes):
                 value = ast.literal_eval(node.value)
             except ValueError:
                 raise UserError(f"{path}:{node.lineno}: the value of '{node.targets[0].id}' must be a literal", status=2) from None
-            pairs.insert(0, (node.targets[0].id, value, f"{path}:{node.lineno}"))  # file first, flags win
+            key = node.targets[0].id
+            if key in seen:
+                raise UserError(f"{path}: '{key}' is set twice, on lines {seen[key]} and {node.lineno}: keep one "
+                                f"(a --{key}=value flag overrides the file)", status=2)
+            seen[key] = node.lineno
+            pairs.insert(0, (key, value, f"{path}:{node.lineno}"))  # file first, flags win
     mode = next((v for k, v, _ in reversed(pairs) if k == "mode"), cfg.mode)
     if mode not in modes and mode in ("single", "ensemble", "q0", "chain", "student"):  # before the other's keys fail
         script = "train.py" if mode in ("single", "ensemble") else "q0.py"
@@ -143,11 +150,19 @@ def free_bytes(path):
 
 def check_disk(path, size):
     """Room for size bytes at path (size x 1.1 + 1 MiB), else stop before writing anything."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"cannot write {path}: {not_a_folder(Path(path).parent)} is a file, not a folder") from None
     need, free = int(size * 1.1) + (1 << 20), free_bytes(Path(path).parent)
     if free < need:
         raise UserError(f"not enough disk to write {path}: need about {need >> 20} MiB, {free >> 20} MiB free. "
                         f"Earlier files are intact; free space and re-run with --resume=True")
+
+
+def not_a_folder(path):
+    """The first of path and the folders above it that exists and is not a folder, else None."""
+    return next((p for p in [Path(path), *Path(path).parents] if p.exists() and not p.is_dir()), None)
 
 
 def atomic_write(path, write, size=0):
@@ -215,7 +230,20 @@ def save_torch(obj, path):
     atomic_write(path, lambda f: torch.save(dict(obj, sha256=digest(obj)), f), nbytes(obj))
 
 
-def write_json(obj, path):
+JSON_DIGEST = "json_sha256"  # the key under which write_json(checked=True) stores a record's sha256
+
+
+def json_digest(obj):
+    """sha256 of an object's JSON text: the same for the object written and the object read back (tuples become
+    lists, int keys strings, floats round-trip exactly)."""
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()
+
+
+def write_json(obj, path, checked=False):
+    """obj as JSON. checked (obj a dict): with the sha256 of the rest as its first key (one line, so a deliberate
+    edit can drop it), which read_json verifies: the small records get the check the large files have."""
+    if checked:
+        obj = {JSON_DIGEST: json_digest(obj), **obj}
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
@@ -235,24 +263,43 @@ def array_intact(path):
         return None
 
 
-def safe_load(path, what, fix="delete it and re-run with --resume=True to recompute it"):
+def safe_load(path, what, fix="delete it and re-run with --resume=True to recompute it", check=True):
     """torch.load that never runs code from the file (weights_only), maps it instead of reading it all, and checks
-    the digest save_torch stored (a file from before digests has none: loaded unchecked)."""
+    the digest save_torch stored (a file from before digests has none: loaded unchecked). check=False skips that
+    check, which reads every byte: for a listing that reads no weights."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise UserError(f"{what} {path} is unreadable ({type(e).__name__}: {str(e)[:120]}); it is truncated or "
                         f"corrupt: {fix}") from None
     want = obj.pop("sha256", None) if isinstance(obj, dict) else None
-    if want is not None and digest(obj) != want:
+    if check and want is not None and digest(obj) != want:
         raise UserError(f"{what} {path} does not match the sha256 stored in it: its contents changed on disk since "
                         f"it was written (flipped bits, a bad copy): {fix}")
     return obj
 
 
+class Changed(ValueError):
+    """A JSON record that does not match the sha256 stored in it."""
+
+
+def load_json(path):
+    """The JSON at path, less the sha256 write_json(checked=True) stored in it; Changed when the rest does not match
+    it. A record without one (written before digests, or by another writer) is returned unchecked."""
+    obj = json.loads(Path(path).read_text())
+    want = obj.pop(JSON_DIGEST, None) if isinstance(obj, dict) else None
+    if want is not None and json_digest(obj) != want:
+        raise Changed(f"it does not match the sha256 stored in it ({JSON_DIGEST}): its contents changed since it was "
+                      f"written (an edit, a bad copy)")
+    return obj
+
+
 def read_json(path, what, fix):
     try:
-        return json.loads(Path(path).read_text())
+        return load_json(path)
+    except Changed as e:
+        raise UserError(f"{what} {path}: {e}: {fix}. To keep a deliberate edit, delete its {JSON_DIGEST} line (it is "
+                        f"then read unchecked)") from None
     except (OSError, ValueError) as e:
         raise UserError(f"{what} {path} is unreadable ({type(e).__name__}: {str(e)[:100]}): {fix}") from None
 
@@ -260,21 +307,86 @@ def read_json(path, what, fix):
 def lock(folder):
     """An exclusive lock on folder/lock (flock), so two trainers never write one track: the kernel releases it when
     the holder exits or dies, so a dead holder's lock is free at once. The file names the holder for the message.
-    -> the open file: the lock lasts until it is closed."""
+    Where the file system has no flock (some Lustre and NFS mounts: ENOSYS, EOPNOTSUPP, EINVAL, ENOLCK), a lock
+    file created exclusively instead (held_lock). -> an object whose close() releases the lock."""
     f = open(Path(folder) / "lock", "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        holder = f.read().strip() or "another process"
+        holder = f.read().strip()
         f.close()
-        raise UserError(f"{folder} is being trained by {holder}: a second trainer would interleave its log and "
-                        f"checkpoints. Let it finish (or stop it), then continue with --resume=True") from None
+        busy(folder, holder)
+    except OSError as e:
+        f.close()
+        if e.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOLCK):
+            raise
+        return held_lock(folder)
     f.seek(0)
     f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.write(holder_line())
     f.flush()
     return f
+
+
+def holder_line():
+    return f"pid {os.getpid()} on {socket.gethostname()}\n"
+
+
+def busy(folder, holder, fix=""):
+    raise UserError(f"{folder} is being trained by {holder or 'another process'}: a second trainer would interleave its "
+                    f"log and checkpoints. Let it finish (or stop it), then continue with --resume=True{fix}") from None
+
+
+class HeldLock:
+    """The lock file held_lock created: close() removes it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def close(self):
+        self.path.unlink(missing_ok=True)
+
+
+def held_lock(folder):
+    """The lock without flock: folder/lock.held created with O_EXCL (atomic on local disks, NFS v3+ and Lustre),
+    naming its holder, removed when the lock is closed. A holder that died leaves it behind: one on this host whose
+    pid is gone is taken over, with a warning; one on another host cannot be checked from here."""
+    path = Path(folder) / "lock.held"
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = path.read_text() if path.exists() else ""
+            m = re.fullmatch(r"pid (\d+) on (\S+)\n", holder)
+            if not (m and m[2] == socket.gethostname() and int(m[1]) != os.getpid() and not pid_alive(int(m[1]))):
+                busy(folder, holder.strip(), f" (this file system has no flock: if that process is not running, "
+                                             f"delete {path})")
+            aside = path.with_name(f"{path.name}.stale{os.getpid()}")
+            try:
+                os.rename(path, aside)  # one taker wins; a second finds the file gone, or a live holder's, and retries
+            except FileNotFoundError:
+                continue
+            if aside.read_text() != holder:  # another taker's live lock, moved by mistake: put it back
+                os.rename(aside, path)
+                continue
+            aside.unlink()
+            print(f"warning: {path} named {holder.strip()}, which is no longer running: took the lock over",
+                  file=sys.stderr, flush=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(holder_line())
+        return HeldLock(path)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -291,32 +403,63 @@ def save_member(run_dir, row, model, data_meta, state):
     save_torch({"model_config": asdict(model.cfg), "model": state, "row": row,
                 "data": {k: data_meta[k] for k in ("tokenizer", "vocab_size", "bos_id")}}, path)
     manifest = Path(run_dir) / f"track{row['track']}" / "manifest.json"
-    rows = track_manifest(manifest) if manifest.exists() else []
+    # cycles count from 0 (one model) or 1 (q0): a missing manifest at a later cycle lost the rows of earlier ones
+    rows = track_manifest(manifest, before_cycle=row["cycle"]) if manifest.exists() or row["cycle"] > 1 else []
     rows = [r for r in rows if r["name"] != row["name"]] + [dict(row, path=str(path.relative_to(run_dir)))]
-    write_json(rows, manifest)  # the row appears only after its file is complete
+    write_manifest(rows, manifest)  # the row appears only after its file is complete
 
 
-def track_manifest(manifest):
-    """The rows of one track's manifest.json. One that is unreadable (cut short by a full disk, say) is rebuilt from
-    the member files, which carry their own rows, and rewritten, with a warning."""
+def write_manifest(rows, manifest):
+    write_json(dict(track=int(Path(manifest).parent.name[len("track"):]), rows=rows), manifest, checked=True)
+
+
+def track_manifest(manifest, before_cycle=None):
+    """The rows of one track's manifest.json ({track, rows, sha256}; a bare list of rows from before digests). One that
+    is missing (deleted), unreadable (cut short by a full disk, say) or does not match its sha256 (edited) is derived
+    again from the member files, which carry their own rows (only the cycles before before_cycle, if given: the
+    later ones are being trained again), and rewritten, with a warning. A missing one no member file names is
+    a track that has written none yet: no rows, no warning."""
+    missing = not Path(manifest).exists()
     try:
-        return json.loads(Path(manifest).read_text())
-    except ValueError as e:
-        run_dir, track = Path(manifest).parents[1], int(Path(manifest).parent.name[len("track"):])
-        rows = []
-        for path in sorted((run_dir / "members").glob("*.pt")):
-            row = safe_load(path, "member file", f"move it aside; {manifest} is being rebuilt from the member files")["row"]
-            if row["track"] == track:
-                rows.append(dict(row, path=str(path.relative_to(run_dir))))
-        rows.sort(key=lambda r: r["cycle"])
-        write_json(rows, manifest)
-        print(f"warning: {manifest} was unreadable ({type(e).__name__}); rebuilt it from {len(rows)} member file(s)",
-              file=sys.stderr, flush=True)
+        obj = load_json(manifest)
+        return obj["rows"] if isinstance(obj, dict) else obj
+    except (OSError, ValueError, KeyError) as e:
+        why = "it was missing" if missing else str(e) if isinstance(e, Changed) else f"it was unreadable ({type(e).__name__})"
+    run_dir, track = Path(manifest).parents[1], int(Path(manifest).parent.name[len("track"):])
+    rows = []
+    for path in sorted((run_dir / "members").glob("*.pt")):  # rows only: each file's weights are checked when used
+        row = read_member(path, fix=f"move it aside; {manifest} is being rebuilt from the member files", check=False)["row"]
+        if row["track"] == track and (before_cycle is None or row["cycle"] < before_cycle):
+            rows.append(dict(row, path=str(path.relative_to(run_dir))))
+    rows.sort(key=lambda r: r["cycle"])
+    if missing and not rows:
         return rows
+    write_manifest(rows, manifest)
+    print(f"warning: {manifest}: {why}; rebuilt it from {len(rows)} member file(s)", file=sys.stderr, flush=True)
+    return rows
 
 
-def load_member(path, device="cpu", fix="delete it and re-run with --resume=True to recompute it"):
-    ckpt = safe_load(path, "member file", fix)
+def read_member(path, expected=None, what="member file", fix="delete it and re-run with --resume=True to recompute it",
+                check=True):
+    """The contents of member file `path`, which must be the member the caller means: the row stored in it (its
+    manifest row, written by save_member) must carry expected's name, track and cycle (expected: a manifest row, or
+    a name; default the file's own name). A valid file under another member's name (a copy, a rename) is refused."""
+    ckpt = safe_load(path, what, fix, check)
+    row, want = ckpt.get("row"), expected if expected is not None else Path(path).stem
+    want = want if isinstance(want, dict) else {"name": want}
+    if row is not None:  # every member file save_member wrote holds its row
+        got = {k: row.get(k) for k in ("name", "track", "cycle") if k in want}
+        if got != {k: want[k] for k in got}:
+            expect = ", ".join(f"{k} {want[k]}" for k in got)
+            raise UserError(f"{what} {path} holds member {row.get('name')} (track {row.get('track')}, cycle "
+                            f"{row.get('cycle')}), not the expected {expect}: a valid file under another member's "
+                            f"name (copied or renamed): {fix}")
+    return ckpt
+
+
+def load_member(path, device="cpu", fix="delete it and re-run with --resume=True to recompute it", expected=None):
+    """(model in eval mode, file contents) of a member file, checked to be `expected` (read_member)."""
+    ckpt = read_member(path, expected, fix=fix)
     model = gpt.build(gpt.GPTConfig(**ckpt["model_config"]), device)
     model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
     return model.eval(), ckpt
@@ -324,7 +467,8 @@ def load_member(path, device="cpu", fix="delete it and re-run with --resume=True
 
 def read_manifest(run_dir):
     """Every member of a run, in training order (budget spent when it existed, then track, cycle)."""
-    rows = [r for f in sorted(Path(run_dir).glob("track*/manifest.json")) for r in track_manifest(f)]
+    tracks = sorted(d for d in Path(run_dir).glob("track*") if re.fullmatch(r"track\d+", d.name) and d.is_dir())
+    rows = [r for d in tracks for r in track_manifest(d / "manifest.json")]
     if not rows:
         raise UserError(f"no members in {run_dir}: train first (python q0.py <config> --out_dir={run_dir})")
     return sorted(rows, key=lambda r: (r["budget_epochs"], r["track"], r["cycle"]))
@@ -457,10 +601,23 @@ def load_data(cfg):
     return data
 
 
+def current_config(record):
+    """The config a run has now: config.json's "config" (as it was first started) with the changes of each resume
+    applied in order ("resumes": [{"keys": {key: [old, new]}, "at": UTC time}])."""
+    config = dict(record["config"])
+    for resumed in record.get("resumes", []):
+        config.update({k: new for k, (_, new) in resumed["keys"].items()})
+    return config
+
+
 def prepare_run_dir(cfg, env, data, resume_safe_keys=()):
     """All ranks use cfg.out_dir (one deterministic name, no timestamps); rank 0 checks and writes config.json. A
-    resume may change only resume_safe_keys (the script's keys that do not change what the run computes)."""
+    resume may change only resume_safe_keys (the script's keys that do not change what the run computes): the
+    first config is kept and each resume that changes one appends {keys: {key: [old, new]}, at} to "resumes"."""
     run_dir = Path(cfg.out_dir)
+    if blocker := not_a_folder(run_dir):  # before anything is written
+        raise UserError(f"--out_dir={cfg.out_dir} cannot be a run folder: {blocker} is a file. Point --out_dir at a "
+                        f"folder (a new one, or a run to continue)", status=2)
     config_path = run_dir / "config.json"
     record = dict(config=asdict(cfg), data={s: data[s + "_meta"]["sha256"] for s in ("train", "fitness", "val")})
     if env["rank"] == 0:
@@ -473,7 +630,8 @@ def prepare_run_dir(cfg, env, data, resume_safe_keys=()):
             if not cfg.resume:
                 raise UserError(f"{run_dir} already holds a run: add --resume=True to continue it, or set --out_dir=<new folder>")
             old = read_json(config_path, "run record", "restore it, or start the run again in a new --out_dir")
-            for key, value in old["config"].items():
+            was = current_config(old)
+            for key, value in was.items():
                 now = record["config"].get(key)
                 if key not in resume_safe_keys and json.dumps(now) != json.dumps(value):
                     raise UserError(f"cannot resume {run_dir}: config key '{key}' was {value!r}, now {now!r}, which changes "
@@ -481,7 +639,12 @@ def prepare_run_dir(cfg, env, data, resume_safe_keys=()):
             if old["data"] != record["data"]:
                 raise UserError(f"cannot resume {run_dir}: the data in {cfg.data_dir} differs from the data it was trained on "
                                 f"(sha256 in {config_path}). Use the original data or a new --out_dir")
-        write_json(record, config_path)
+            changed = {k: [was[k], v] for k, v in record["config"].items()
+                       if k in was and k != "resume" and json.dumps(was[k]) != json.dumps(v)}
+            at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            record = dict(old, resumes=old.get("resumes", []) + [dict(keys=changed, at=at)]) if changed else None
+        if record:  # a resume that changes nothing leaves config.json as it is
+            write_json(record, config_path, checked=True)
     if env["world"] > 1:
         dist.barrier()
     if not config_path.is_file():  # rank 0 wrote it: a node that cannot see it would train its tracks apart

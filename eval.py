@@ -155,7 +155,7 @@ def load(run, name, dev):
     path, fix = member_path(run, name), member_fix(run, name)
     if not path.is_file():
         raise UserError(f"member file {path} (manifest of {run['dir']}) is missing: {fix}")
-    model, ckpt = load_member(path, dev, fix)
+    model, ckpt = load_member(path, dev, fix, expected=next(r for r in run["rows"] if r["name"] == name))
     bad = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:  # saved that way (its sha256 matches): every score of it would be NaN
         raise UserError(f"member file {path} holds non-finite weights ({len(bad)} of {len(ckpt['model'])} tensors, "

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 import prior
 import runtime
 import train
-from common import (eval_rows as eval_windows, load_config, load_data, prepare_run_dir, safe_load, score_windows,
+from common import (eval_rows as eval_windows, load_config, load_data, prepare_run_dir, read_member, score_windows,
                     setup_distributed)
 
 
@@ -298,9 +298,9 @@ def frozen_copy(model, compile):
 
 def member_weights(cfg, track, name):
     path = Path(cfg.out_dir) / "members" / f"{name}.pt"
-    return safe_load(path, "teacher snapshot",
-                     fix=f"the run cannot continue distilling from it: restore the file from a backup, or "
-                         f"delete {Path(cfg.out_dir) / f'track{track}'} to retrain this trajectory")["model"]
+    return read_member(path, name, "teacher snapshot",
+                       fix=f"the run cannot continue distilling from it: restore the file from a backup, or "
+                           f"delete {Path(cfg.out_dir) / f'track{track}'} to retrain this trajectory")["model"]
 
 
 TEACHERS = {"previous": PreviousSnapshot, "mixture": MixtureTeacher}

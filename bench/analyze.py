@@ -149,7 +149,7 @@ def score_members(run_dir, names, data_dir, split, max_tokens, device="cpu"):
         if ev.scored(path, n):  # same data (sha in the name), same length: the same windows
             out.append(np.load(path))
             continue
-        model, _ = load_member(run_dir / rows[name]["path"], device)
+        model, _ = load_member(run_dir / rows[name]["path"], device, expected=rows[name])
         out.append(ev.score_split(model, windows, torch.device(device)))
         save_array(out[-1], path)
         del model

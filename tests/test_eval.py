@@ -269,11 +269,11 @@ def test_bad_input_is_one_clear_message(run_copy, tmp_path, capsys):
     fails([str(tmp_path / "empty")], "config.json", "missing")
     shutil.copy(run_copy / "config.json", tmp_path / "empty" / "config.json")
     fails([str(tmp_path / "empty")], "no members", "train")
-    cfg = json.loads((run_copy / "config.json").read_text())
+    cfg = common.load_json(run_copy / "config.json")
     moved = dict(cfg, config=dict(cfg["config"], data_dir=str(tmp_path / "gone")))
-    (run_copy / "config.json").write_text(json.dumps(moved))
+    common.write_json(moved, run_copy / "config.json", checked=True)  # as if it had been trained on data now gone
     fails([str(run_copy)], str(tmp_path / "gone" / "fitness.json"), "prepare_data.py")
-    (run_copy / "config.json").write_text(json.dumps(cfg))
+    common.write_json(cfg, run_copy / "config.json", checked=True)
     member = run_copy / "members" / f"{common.read_manifest(run_copy)[0]['name']}.pt"
     member.write_bytes(member.read_bytes()[:1000])
     fails([str(run_copy), "--score"], str(member), "truncated")

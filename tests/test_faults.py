@@ -8,6 +8,7 @@ every member file, the manifest, both final checkpoints (weights and optimizer s
 bit-identical, and no temporary file is ever read. Each test adds a row to the table printed at the end.
 Beside test_train.py / test_q0.py / test_data.py, which already cover single-mode kill-and-resume, one q0 kill
 mid-cycle, NaN and a full disk in single mode, and damaged token files in load_split."""
+import errno
 import hashlib
 import io
 import json
@@ -16,6 +17,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import zipfile
 from contextlib import redirect_stdout
@@ -30,7 +32,7 @@ import eval as ev
 import prepare_data
 import prior
 import runtime
-from conftest import (PYTHON, ROOT, TORCHRUN, child_env, kill_when, last_logged_step, read_log, run_train,
+from conftest import (PYTHON, ROOT, TORCHRUN, child_env, kill_when, last_logged_step, load_config, read_log, run_train,
                       spawn_train, train_argv)
 
 # 127 steps/epoch at 512 tokens/step -> cycles of round(0.0625 * 127) = 8 steps, 24 per trajectory; a checkpoint
@@ -93,7 +95,7 @@ def resume(argv):
 
 def manifest_is_whole(run_dir):
     """No manifest row names a member whose file is missing or unreadable. -> the member names listed."""
-    rows = [r for f in sorted(Path(run_dir).glob("track*/manifest.json")) for r in json.loads(f.read_text())]
+    rows = [r for f in sorted(Path(run_dir).glob("track*/manifest.json")) for r in common.track_manifest(f)]
     for r in rows:
         common.safe_load(Path(run_dir) / r["path"], "member file")  # raises on a partial file
     return [r["name"] for r in rows]
@@ -135,6 +137,13 @@ def assert_same_run(run_dir, ref_dir):
 
 def tree_digest(d):
     return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(d).rglob("*") if p.is_file()}
+
+
+def set_data_dir(run_dir, data):
+    """config.json as if the run had been trained on the data in `data` (written as prepare_run_dir does)."""
+    record = common.load_json(run_dir / "config.json")
+    record["config"]["data_dir"] = str(data)
+    common.write_json(record, run_dir / "config.json", checked=True)
 
 
 def error_line(err, *needles):
@@ -424,9 +433,7 @@ def test_resume_with_a_changed_config_or_data_is_refused(ref, run_copy, gpt2_dat
     # the same data_dir, re-prepared with another tokenizer: caught by the sha256 recorded in config.json
     data = tmp_path / "data"
     shutil.copytree(gpt2_data, data)
-    record = json.loads((run_copy / "config.json").read_text())
-    record["config"]["data_dir"] = str(data)
-    (run_copy / "config.json").write_text(json.dumps(record))
+    set_data_dir(run_copy, data)
     before["config.json"] = tree_digest(run_copy)["config.json"]
     code, out, err = run_train(argv_for(ref, run_copy, "--resume=True", f"--data_dir={data}"))
     assert code == 1
@@ -478,9 +485,7 @@ def test_bad_token_files_are_caught_before_any_damage(ref, run_copy, tiny_data, 
         shutil.rmtree(data, ignore_errors=True)
         shutil.copytree(tiny_data, data)
         damage(data)
-        record = json.loads((run_copy / "config.json").read_text())
-        record["config"]["data_dir"] = str(data)
-        (run_copy / "config.json").write_text(json.dumps(record))
+        set_data_dir(run_copy, data)
         before = tree_digest(run_copy)
         argv = [a for a in argv_for(ref, run_copy) if not a.startswith("--data_dir")] + [f"--data_dir={data}"]
         for extra, out_dir in ((["--resume=True"], run_copy), ([f"--out_dir={tmp_path / 'fresh'}"], None)):
@@ -502,9 +507,7 @@ def test_meta_vocab_changed_under_a_run_is_one_message(ref, run_copy, tmp_path, 
     shutil.copytree(Path(json.loads((run_copy / "config.json").read_text())["config"]["data_dir"]), data)
     for split in ("train", "fitness", "val"):
         edit_meta(split, vocab_size=50257)(data)
-    record = json.loads((run_copy / "config.json").read_text())
-    record["config"]["data_dir"] = str(data)
-    (run_copy / "config.json").write_text(json.dumps(record))
+    set_data_dir(run_copy, data)
     before = {k: v for k, v in tree_digest(run_copy).items() if k != "config.json"}
     argv = [a for a in argv_for(ref, run_copy) if not a.startswith("--data_dir")] + [f"--data_dir={data}"]
     code, out, err = run_train(argv + ["--resume=True"])
@@ -815,3 +818,222 @@ def test_malicious_pickle_is_never_executed(ref, run_copy, tmp_path, fault, caps
     row.trials += 3
     assert not marker.exists()
     row.result = "UserError (unreadable, weights_only) at each of 5 entry points; the payload never ran"
+
+
+# -----------------------------------------------------------------------------------------------------
+# issue 29: reliability, third pass
+
+@pytest.mark.slow
+def test_member_file_under_another_members_name_is_refused(ref, run_copy, fault, capsys):
+    """A valid member file under the wrong name: `cp t1-c001.pt t1-c002.pt` (the teacher of track 1's last
+    checkpoint), `cp t0-c001.pt t0-c003.pt`, and a manifest row (of a manifest without a digest) whose path names
+    another member's file. Before: the resume distilled from t1-c001 as if it were t1-c002, and eval reported
+    t0-c003 with t0-c001's numbers. Now every read checks the row stored in the file (common.read_member)."""
+    row = fault("member file under another member's name", "resume (teacher), eval --score (copy; manifest path)")
+    members = run_copy / "members"
+    shutil.copy(members / "t1-c001.pt", members / "t1-c002.pt")
+    code, out, err = run_train(argv_for(ref, run_copy, "--resume=True"))
+    assert code == 1
+    error_line(err, f"teacher snapshot {members / 't1-c002.pt'} holds member t1-c001", "expected name t1-c002",
+               f"delete {run_copy / 'track1'}")
+    shutil.rmtree(run_copy / "track1")  # the fix it names: retrain the trajectory, which rewrites t1-c002
+    resume(argv_for(ref, run_copy))
+    assert_same_run(run_copy, ref[0])
+
+    shutil.copy(members / "t0-c001.pt", members / "t0-c003.pt")
+    with pytest.raises(SystemExit) as e:
+        ev.main([str(run_copy), "--score"])
+    assert e.value.code == 1
+    error_line(capsys.readouterr().err, f"member file {members / 't0-c003.pt'} holds member t0-c001 (track 0, cycle 1)",
+               "expected name t0-c003, track 0, cycle 3", "--exclude t0-c003")
+    assert not prior.score_path(run_copy, "t0-c003", "fitness").exists()
+    reps = ev.main([str(run_copy), "--exclude", "t0-c003"])  # the fix it names
+    assert reps[0]["num_members"] == 5 and "t0-c003" not in reps[0]["weights"]
+    shutil.copy(ref[0] / "members" / "t0-c003.pt", members / "t0-c003.pt")
+
+    manifest = run_copy / "track1" / "manifest.json"
+    rows = common.track_manifest(manifest)
+    rows[2]["path"] = "members/t1-c002.pt"  # t1-c003's row points at t1-c002's file
+    manifest.write_text(json.dumps(rows))  # as the code before digests wrote it: read unchecked
+    shutil.rmtree(run_copy / "scores")  # scored by the run above: they would be skipped
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        ev.main([str(run_copy), "--score"])
+    error_line(capsys.readouterr().err, f"member file {members / 't1-c002.pt'} holds member t1-c002 (track 1, cycle 2)",
+               "expected name t1-c003, track 1, cycle 3", "--exclude t1-c003")
+    assert not prior.score_path(run_copy, "t1-c003", "fitness").exists()
+    row.trials = 3
+    row.result = "one line naming the file, the member it holds and the one expected, at resume and eval; fixes work"
+
+
+@pytest.mark.slow
+def test_edited_config_or_manifest_is_caught_by_its_sha256(ref, scored_ref, tmp_path, fault, capsys):
+    """config.json's seq_len 32 -> 28 (before: eval scored at 28) and a manifest row's path t0-c003 -> t0-c002 (before:
+    the wrong file was scored as t0-c003). Both records now carry the sha256 of their content: the config stops eval
+    and the resume with one line naming it and the fix, which works; the manifest, which the member files determine,
+    is derived from them again with a warning. The numbers are the clean run's."""
+    row = fault("edited config.json (seq_len) / manifest.json (a path)", "eval, resume; eval")
+    run_dir = tmp_path / "run"
+    shutil.copytree(scored_ref, run_dir)
+    summary = json.loads((scored_ref / "eval.json").read_text())["summary"]
+    config = run_dir / "config.json"
+    original = config.read_bytes()
+    assert b'"seq_len": 32,' in original
+    config.write_bytes(original.replace(b'"seq_len": 32,', b'"seq_len": 28,'))
+    with pytest.raises(SystemExit) as e:
+        ev.main([str(run_dir)])
+    assert e.value.code == 1
+    error_line(capsys.readouterr().err, f"run record {config}: it does not match the sha256", "restore it",
+               "delete its json_sha256 line")
+    code, out, err = run_train(argv_for(ref, run_dir, "--resume=True"))
+    assert code == 1
+    error_line(err, f"run record {config}: it does not match the sha256", "restore it")
+    config.write_bytes(original)  # the fix: restore it
+    assert ev.main([str(run_dir)])[0]["summary"] == summary
+
+    manifest = run_dir / "track0" / "manifest.json"
+    rows = common.track_manifest(manifest)
+    edited = json.loads(manifest.read_text())
+    edited["rows"][2]["path"] = "members/t0-c002.pt"
+    manifest.write_text(json.dumps(edited, indent=1))
+    shutil.rmtree(run_dir / "scores")  # scored again, from the files the manifest names
+    capsys.readouterr()
+    reps = ev.main([str(run_dir)])
+    err = capsys.readouterr().err
+    assert f"warning: {manifest}: it does not match the sha256" in err and "rebuilt it from 3 member file(s)" in err
+    assert common.track_manifest(manifest) == rows
+    assert reps[0]["summary"] == summary
+    row.trials = 3
+    row.result = "config: one line naming it (eval, resume), restoring it gives the clean numbers; manifest: rebuilt, same numbers"
+
+
+@pytest.mark.slow
+def test_missing_manifest_is_rebuilt_from_the_member_files(ref, scored_ref, tmp_path, fault, capsys):
+    """track0/manifest.json deleted: from a finished run (before: eval said "no members ... train first" with 6 good
+    member files on disk, and the resume "already finished": no route), and mid-run, between snapshot t0-c002 and its
+    checkpoint (before: the resume wrote a manifest without t0-c001). Each is rebuilt from the member files, with
+    a warning; eval gives the clean run's numbers and the resumed run is bit-identical."""
+    row = fault("deleted manifest (track0/manifest.json)", "eval on a finished run; resume mid-run")
+    run_dir = tmp_path / "run"
+    shutil.copytree(scored_ref, run_dir)
+    manifest = run_dir / "track0" / "manifest.json"
+    rows = common.track_manifest(manifest)
+    manifest.unlink()
+    capsys.readouterr()
+    reps = ev.main([str(run_dir)])
+    assert f"warning: {manifest}: it was missing; rebuilt it from 3 member file(s)" in capsys.readouterr().err
+    assert reps[0]["num_members"] == 6
+    assert reps[0]["summary"] == json.loads((scored_ref / "eval.json").read_text())["summary"]
+    assert common.track_manifest(manifest) == rows
+
+    mid = tmp_path / "mid"
+    argv = argv_for(ref, mid)
+    run_faulty("after_write:*/track0/manifest.json:2", "q0", argv)  # t0-c002 and its row written, then killed
+    (mid / "track0" / "manifest.json").unlink()
+    resume(argv)
+    assert_same_run(mid, ref[0])
+    row.trials = 2
+    row.result = "rebuilt with a one-line warning; eval: 6 members, the clean numbers; resumed run bit-identical"
+
+
+def test_config_file_setting_a_key_twice_is_refused(tiny_data, tmp_path, fault):
+    """`num_cycles = 6` then `num_cycles = 7` in one config file: before, the first line silently won (6). Now exit
+    status 2 and one line naming the key and both lines; with one of them removed (the fix) the file loads."""
+    row = fault("config file sets a key twice", "q0.py <config>: load_config, before anything is written")
+    config = tmp_path / "dup.py"
+    config.write_text('"""a recipe"""\nmode = "q0"\nnum_cycles = 6\nseed = 1\nnum_cycles = 7\n')
+    code, out, err = run_train([str(config), f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'run'}"])
+    assert code == 2
+    error_line(err, f"{config}: 'num_cycles' is set twice, on lines 3 and 5", "keep one")
+    assert not (tmp_path / "run").exists()
+    config.write_text('"""a recipe"""\nmode = "q0"\nseed = 1\nnum_cycles = 7\n')  # the fix: one line kept
+    assert load_config([str(config)]).num_cycles == 7
+    row.trials = 1
+    row.result = "exit 2, one line naming the key and lines 3 and 5; with one kept, num_cycles = 7"
+
+
+@pytest.mark.slow
+def test_out_dir_that_is_a_file_is_refused(ref, tiny_data, tmp_path, fault):
+    """--out_dir=README.md (a file), or a folder below one: before, a FileExistsError (NotADirectoryError) traceback.
+    Now exit status 2 and one line naming the file, nothing written; the fix (a folder) sets the run up."""
+    row = fault("--out_dir is a file", "prepare_run_dir, before anything is written")
+    notes = tmp_path / "README.md"
+    notes.write_text("notes\n")
+    for out_dir in (notes, notes / "run"):
+        code, out, err = run_train(argv_for(ref, out_dir))
+        assert code == 2
+        error_line(err, f"--out_dir={out_dir} cannot be a run folder: {notes} is a file", "Point --out_dir at a folder")
+        assert sorted(os.listdir(tmp_path)) == ["README.md"] and notes.read_text() == "notes\n"
+        row.trials += 1
+    with pytest.raises(common.UserError, match=f"cannot write {notes / 'x.json'}: {notes} is a file"):
+        common.write_json({}, notes / "x.json")  # any writer: one message, not a traceback
+    cfg = load_config(argv_for(ref, tmp_path / "run"))  # the fix
+    common.prepare_run_dir(cfg, dict(rank=0, world=1), common.load_data(cfg))
+    assert common.read_json(tmp_path / "run" / "config.json", "run record", "")["config"]["out_dir"] == str(tmp_path / "run")
+    row.result = "exit 2, one line naming the file, nothing written (direct and below it); a folder: config.json written"
+
+
+@pytest.mark.slow
+def test_resume_with_a_resume_safe_change_keeps_the_original_config(ref, run_copy, fault):
+    """Resuming a finished run with --log_every=10: before, config.json was rewritten with 10 and the original value
+    was lost. Now the first config is kept and the change is appended under "resumes" with its time; a resume that
+    changes nothing leaves the file byte for byte."""
+    row = fault("resume with a resume-safe key changed (log_every)", "prepare_run_dir on resume of a finished run")
+    config = run_copy / "config.json"
+    first = common.load_json(config)
+    resume(argv_for(ref, run_copy, "--log_every=10"))
+    record = common.load_json(config)
+    assert record["config"] == first["config"] and record["config"]["log_every"] == 1
+    (entry,) = record["resumes"]
+    moved = {"out_dir": [str(ref[0]), str(run_copy)]}  # a copy of the run: where it is resumed is recorded too
+    assert entry["keys"] == dict(moved, log_every=[1, 10]) and entry["at"].endswith("+00:00")
+    assert common.current_config(record)["log_every"] == 10
+    written = config.read_bytes()
+    resume(argv_for(ref, run_copy, "--log_every=10"))  # nothing changes: not rewritten
+    assert config.read_bytes() == written
+    resume(argv_for(ref, run_copy))  # back to the recipe's value: recorded too
+    record = common.load_json(config)
+    assert [r["keys"] for r in record["resumes"]] == [dict(moved, log_every=[1, 10]), {"log_every": [10, 1]}]
+    assert record["config"] == first["config"]
+    row.trials = 3
+    row.result = "original config kept (log_every 1); resumes: [1, 10] then [10, 1]; an unchanged resume writes nothing"
+
+
+@pytest.mark.slow
+def test_lock_without_flock_falls_back_to_a_lock_file(ref, run_copy, tmp_path, monkeypatch, fault, capsys):
+    """flock raising OSError(ENOSYS), as on a Lustre or NFS mount without it: before, every start died in
+    common.lock. Now an exclusively created lock.held names the holder: a second locker is refused by name, close()
+    frees it, a dead holder on this host is taken over with a warning, one on another host is refused with the fix
+    (delete the file), which works; a resume trains (here: finds the run finished) and leaves no lock file."""
+    row = fault("no flock on the file system (ENOSYS)", "common.lock: fallback lock file; resume")
+
+    def flock(f, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+    monkeypatch.setattr(common.fcntl, "flock", flock)
+    host, held = socket.gethostname(), tmp_path / "lock.held"
+    first = common.lock(tmp_path)
+    assert held.read_text() == f"pid {os.getpid()} on {host}\n"
+    with pytest.raises(common.UserError, match=f"being trained by pid {os.getpid()} on {host}"):
+        common.lock(tmp_path)
+    first.close()
+    assert not held.exists()
+    common.lock(tmp_path).close()
+
+    dead = subprocess.run([PYTHON, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    held.write_text(f"pid {dead} on {host}\n")  # left by a holder that died
+    capsys.readouterr()
+    taken = common.lock(tmp_path)
+    assert f"named pid {dead} on {host}, which is no longer running: took the lock over" in capsys.readouterr().err
+    assert held.read_text() == f"pid {os.getpid()} on {host}\n"
+    taken.close()
+
+    held.write_text("pid 1 on another-node\n")
+    with pytest.raises(common.UserError, match=f"if that process is not running, delete {held}"):
+        common.lock(tmp_path)
+    held.unlink()  # the fix it names
+    common.lock(tmp_path).close()
+
+    resume(argv_for(ref, run_copy))
+    assert not list(run_copy.rglob("lock.held*"))
+    row.trials = 5
+    row.result = "lock file naming pid/host; refused while held; freed on close; dead holder taken over; fix works; resume ok"

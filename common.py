@@ -476,7 +476,7 @@ def read_manifest(run_dir):
 
 # -----------------------------------------------------------------------------------------------------
 # scoring: every token of a split once, in windows of T+1 tokens, batched
-def eval_rows(tokens, seq_len, max_tokens=0):
+def eval_windows(tokens, seq_len, max_tokens=0):
     """Non-overlapping windows of T+1 tokens over a split (stride T): every token after the first is scored once."""
     n = len(tokens) if not max_tokens else min(len(tokens), max_tokens + 1)
     return [(s, min(s + seq_len + 1, n)) for s in range(0, n - 1, seq_len)]
@@ -495,7 +495,7 @@ def window_batches(tokens, windows, batch_size, device):
 
 @torch.no_grad()
 def score_windows(model, tokens, windows, device, batch_size=16):
-    """log p(y_t | y_<t) of every scored token of `windows` (eval_rows), in window order: (N,) float32 on the CPU."""
+    """log p(y_t | y_<t) of every scored token of `windows` (eval_windows), in window order: (N,) float32 on the CPU."""
     was_training, out = model.training, []
     model.eval()
     for x in window_batches(tokens, windows, batch_size, device):

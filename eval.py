@@ -14,7 +14,7 @@ eval.py: score every member of a q0 population once, fit the learned prior, and 
     python eval.py runs/RUN                               # then, on one process: prior and reports
 
 Scoring writes RUN/scores/{name}.{split}.npy = log p_i(y_t | y_<t) of the true token at every scored position
-of fitness and val (common.eval_rows windows), with its sha256 beside it (a file that no longer matches is scored
+of fitness and val (common.eval_windows windows), with its sha256 beside it (a file that no longer matches is scored
 again) and, in RUN/scores/{name}.json, the sha256 of the member file it came from (a member retrained since is
 scored again): member i on rank i % world, one model in memory at a time.
 Everything after that is arithmetic on the cached (M, N) arrays L (prior.py), with p_i(t) = exp(L[i, t]):
@@ -25,7 +25,6 @@ K and every selection come from the fitness split only; val is the test set and 
 The extras that need the members' full distributions (K models at once) live in tools/, imported only for their flags.
 """
 import argparse
-import hashlib
 import json
 import resource
 import sys
@@ -37,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 import prior
-from common import (UserError, array_intact, eval_rows, init_distributed, load_member, pick_device, read_json,
+from common import (UserError, array_intact, eval_windows, init_distributed, load_member, pick_device, read_json,
                     read_manifest, save_array, score_windows, write_json)
 from prepare_data import load_split
 
@@ -99,7 +98,7 @@ def open_run(run_dir, max_tokens=0, exclude=()):
         if record.get("data", {}).get(split, meta["sha256"]) != meta["sha256"]:
             raise UserError(f"{cfg['data_dir']}/{split}.bin differs from the data {run} was trained on (sha256 in "
                             f"{config_path}): restore that data, or re-run prepare_data.py with the flags that made it")
-        windows = eval_rows(tokens, cfg["seq_len"], max_tokens)
+        windows = eval_windows(tokens, cfg["seq_len"], max_tokens)
         out[split] = dict(tokens=tokens, meta=meta, windows=windows, n=sum(e - s - 1 for s, e in windows))
     return out
 
@@ -268,12 +267,6 @@ def run_scores(run, split):
         raise UserError(str(e)) from None
 
 
-def prior_digest(pj):
-    """sha256 of a prior.json's content but its own "sha256" key, as JSON text with sorted keys (what is on disk)."""
-    text = json.dumps({k: v for k, v in pj.items() if k != "sha256"}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def write_prior(path, names, L_fitness, method=prior.method, member_sha256=None):
     """Fit the prior for these members (rows of L_fitness, in training order) and write it: the one writer of
     prior.json. member_sha256 ({name: sha256 of the member file scored}) is recorded in it when given, and the
@@ -281,7 +274,7 @@ def write_prior(path, names, L_fitness, method=prior.method, member_sha256=None)
     pj = prior.fit_prior(names, L_fitness, method)
     if member_sha256 is not None:
         pj["member_sha256"] = {n: member_sha256[n] for n in names}
-    pj["sha256"] = prior_digest(pj)
+    pj["sha256"] = prior.digest_of(pj)
     eval_write(write_json, pj, path)
     return pj
 
@@ -300,7 +293,7 @@ def current_prior(run_dir, names, L_fitness, method=None, member_sha256=None):
         why = "there was no readable prior.json"
     elif "sha256" not in old:
         why = "prior.json holds no sha256 of its content (written before eval.py kept one)"
-    elif old["sha256"] != prior_digest(old):
+    elif old["sha256"] != prior.digest_of(old):
         why = "prior.json changed on disk since eval.py wrote it (its content no longer matches its sha256)"
     elif old.get("members") != list(names):
         why = "prior.json was fit on other members"

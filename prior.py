@@ -17,6 +17,8 @@ for the run's members), so there is one writer of it:
     python eval.py runs/RUN                               # score, fit the prior (EM) -> RUN/prior.json, report
     python eval.py runs/RUN --method adamw                # the reference's fit instead
 """
+import hashlib
+import json
 import mmap
 import time
 from pathlib import Path
@@ -246,7 +248,10 @@ def mixture(w, k):
     return idx, w[idx] / w[idx].sum()
 
 
-top_k = mixture  # the old name, still called by q0.py; to go once q0.py calls mixture
+def digest_of(prior_json):
+    """sha256 of a prior.json's content but its own "sha256" key, as JSON text with sorted keys (what is on disk)."""
+    text = json.dumps({k: v for k, v in prior_json.items() if k != "sha256"}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def members_at(prior_json, k):

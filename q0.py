@@ -64,7 +64,7 @@ import torch.nn.functional as F
 import prior
 import runtime
 import train
-from common import (eval_rows as eval_windows, load_config, load_data, prepare_run_dir, read_member, score_windows,
+from common import (eval_windows, load_config, load_data, prepare_run_dir, read_member, score_windows,
                     setup_distributed)
 
 
@@ -268,7 +268,7 @@ class MixtureTeacher(PreviousSnapshot):
     def choose(self):
         names = list(self.fitness_scores)
         w, _ = prior.fit_em(np.stack([self.fitness_scores[n].double().numpy() for n in names]))
-        idx, wk = prior.top_k(w, self.cfg.distill_teacher_k)
+        idx, wk = prior.mixture(w, self.cfg.distill_teacher_k)
         keep = wk > 1e-3  # a member the prior gives (almost) nothing would cost a forward pass for nothing
         return [(names[i], float(x)) for i, x in zip(idx[keep], wk[keep] / wk[keep].sum())]
 
@@ -382,7 +382,7 @@ def main(argv):
         need, spe = train.validate(cfg, int(os.environ.get("WORLD_SIZE", 1)), len(data["train"]))
         validate(cfg, need, spe)
         env = setup_distributed(cfg)
-        prepare_run_dir(cfg, env, data, train.RESUME_SAFE_KEYS)
+        prepare_run_dir(cfg, env, data, train.RESUME_SAFE_KEYS | set(train.RESUME_TUNABLE_KEYS))
         if env["rank"] == 0:
             print(train.describe_setup(cfg, env, data))
             print(describe_budget(cfg))

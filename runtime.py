@@ -160,7 +160,8 @@ class TrackRun:
         last = (f"{self.ckpt_path} (step {safe_load(self.ckpt_path, 'checkpoint')['step']})"
                 if self.ckpt_path.exists() else "none yet (the track would start over)")
         raise UserError(f"track {self.track}: {problem}; nothing was saved from this state. Last good "
-                        f"checkpoint: {last}. Lower the learning rates (or grad_clip) and re-run with --resume=True")
+                        f"checkpoint: {last}. Re-run with --resume=True and lower learning rates or a tighter clip "
+                        f"(--muon_lr, --embed_lr, --head_lr, --grad_clip may change on resume; the step is logged)")
 
     def stop_if_asked(self, step, model, state, asked):
         """asked: whether any rank of the group had a signal pending at this step's all-reduce (the loop reduces it

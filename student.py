@@ -10,6 +10,7 @@ computed once and its top k per token read from a file (TeacherFile, topk_distil
     python eval.py runs/quickstart && python q0.py configs/quickstart.py --mode=student \\
         --teacher_run=runs/quickstart --epochs=32 --distill_alpha=0.9 --distill_temperature=1.0 --out_dir=runs/student
 """
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import prior
 import train
 from common import UserError, array_intact, autocast, load_member, read_json, save_array, window_batches, write_json
 from q0 import distill_loss, mixture_log_probs
@@ -79,7 +81,11 @@ class TeacherFile:
         self.parts = meta["parts"]
         path, teachers = (lambda kind, i: self.dir / f"{kind}.{i}.npy"), None
         for i in range(env["group_rank"], self.parts, env["group_size"]):
-            if not (array_intact(path("ids", i)) and array_intact(path("probs", i))):
+            intact = [array_intact(path(kind, i)) for kind in ("ids", "probs")]
+            if not all(intact):
+                if False in intact:  # there, but not what was written: say so before computing it again
+                    print(f"warning: teacher file part {i} in {self.dir} does not match its sha256 (changed on disk); "
+                          f"computing it again", file=sys.stderr, flush=True)
                 teachers = teachers or load_teachers()
                 self.compute_part(i, teachers, env["device"], c.micro_batch_size, path)
         env["barrier"]()
@@ -126,12 +132,14 @@ class StudentPlan(train.SinglePlan):
 
     def __init__(self, cfg, track, model, data, env):
         c, run = cfg, Path(cfg.teacher_run)
-        entry = read_json(run / "prior.json", "teacher prior", f"rewrite it with python eval.py {run}")["per_k"]
-        entry = entry.get(str(c.teacher_k)) or entry[max(entry, key=int)]  # K past the population: all of it
-        pairs, meta = list(zip(entry["members"], entry["weights"])), data["meta"]
+        pj = read_json(run / "prior.json", "teacher prior", f"rewrite it with python eval.py {run}")
+        if pj.get("sha256") != prior.digest_of(pj):
+            raise UserError(f"{run / 'prior.json'} does not match the sha256 eval.py stored in it (changed on disk, or "
+                            f"written before it kept one): re-run python eval.py {run}, which refits it, then this command")
+        pairs, meta = prior.members_at(pj, c.teacher_k), data["meta"]  # K past the population: all of it
 
         def load_teacher(name):
-            teacher, ckpt = load_member(run / "members" / f"{name}.pt", env["device"])
+            teacher, ckpt = load_member(run / "members" / f"{name}.pt", env["device"], expected=name)
             if (ckpt["data"]["tokenizer"], ckpt["data"]["vocab_size"]) != (meta["tokenizer"], meta["vocab_size"]):
                 raise UserError(f"teacher {name} of {run} was trained on {ckpt['data']['tokenizer']} tokens (vocab "
                                 f"{ckpt['data']['vocab_size']}), the student's data_dir holds {meta['tokenizer']} (vocab "

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as gpt
 import runtime
-from common import (UserError, autocast, eval_rows as eval_windows, load_config, load_data, prepare_run_dir,
+from common import (UserError, autocast, eval_windows, load_config, load_data, prepare_run_dir,
                     score_windows, setup_distributed)
 
 
@@ -85,6 +85,9 @@ class Config:
 # keys that do not change what a run computes: they may differ on --resume
 RESUME_SAFE_KEYS = {"resume", "out_dir", "device", "compile", "dist_timeout_minutes", "micro_batch_size", "log_every",
                     "eval_every_epochs", "eval_tokens", "ckpt_every_epochs", "async_checkpoints"}
+# keys a NaN stop's advice names: they change what the run computes from the resumed step on, so the step each change
+# took effect is logged (log.jsonl, kind "resume") and config.json records it under "resumes"
+RESUME_TUNABLE_KEYS = ("muon_lr", "embed_lr", "head_lr", "grad_clip")
 
 
 def validate(cfg, world_size, train_tokens):
@@ -93,6 +96,7 @@ def validate(cfg, world_size, train_tokens):
         if not ok:
             raise UserError(f"config key '{key}' = {getattr(cfg, key)!r}: {allowed}", status=2)
     need(cfg.device in ("auto", "cuda", "mps", "cpu"), "device", "must be auto, cuda, mps or cpu")
+    need(0 <= cfg.seed < 10**8, "seed", "must be in [0, 10^8): the data order and the dropout masks are seeded from it")
     need(cfg.dist_timeout_minutes >= 1, "dist_timeout_minutes", "must be >= 1")
     need(cfg.model_size in gpt.SIZES, "model_size", f"must be one of {', '.join(gpt.SIZES)}")
     need(cfg.seq_len >= 2, "seq_len", "must be >= 2")
@@ -308,6 +312,10 @@ def train_track(cfg, track, env, data, make_plan):
             set_base(cfg, muon, adam)
             plan.load_state_dict(state["plan"])
             step, last_loss = state["step"], state["last_loss"]
+            tuned = {k: [state["config"][k], getattr(cfg, k)] for k in RESUME_TUNABLE_KEYS if state["config"][k] != getattr(cfg, k)}
+            if tuned:
+                run.log(f"track {track}: from step {step} on, " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in tuned.items()))
+                run.log_row(dict(kind="resume", step=step, changed=tuned))
         if step >= total:
             return run.log(f"track {track}: already finished ({total} steps)")
         # DDP first, then compile the DDP module: dynamo splits the graph at DDP's buckets so the gradient all-reduce
@@ -416,7 +424,7 @@ def main(argv):
         data = load_data(cfg)
         validate(cfg, int(os.environ.get("WORLD_SIZE", 1)), len(data["train"]))
         env = setup_distributed(cfg)
-        prepare_run_dir(cfg, env, data, RESUME_SAFE_KEYS)
+        prepare_run_dir(cfg, env, data, RESUME_SAFE_KEYS | set(RESUME_TUNABLE_KEYS))
         if env["rank"] == 0:
             print(describe_setup(cfg, env, data))
         for track in env["my_tracks"]:  # one model in memory at a time

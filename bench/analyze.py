@@ -18,7 +18,7 @@ token t), NLL_i = mean_t -L[i, t] and weights w on the simplex (uniform unless s
   better, or because they disagree more. The gain is 0 iff every member gives every true token the same prob.
     consecutive corr(i) = Pearson_t( L[i, t], L[prev(i), t] ),  prev(i) = i's track's snapshot at cycle(i) - 1
   (for a distilled member that is its teacher), averaged over distilled and over undistilled members apart.
-    train gap(i)        = val NLL_i - train NLL_i,  train NLL on the first N tokens of the train split (eval_rows)
+    train gap(i)        = val NLL_i - train NLL_i,  train NLL on the first N tokens of the train split (eval_windows)
   A member that has memorised its training text scores it far better than val; its soft targets on training
   windows are then close to the one-hot label, so its student learns little from it beyond the label.
 
@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import prior  # noqa: E402
-from common import UserError, eval_rows, load_member, read_manifest, save_array  # noqa: E402
+from common import UserError, eval_windows, load_member, read_manifest, save_array  # noqa: E402
 from prepare_data import load_split  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------
@@ -133,13 +133,13 @@ def last_of_each_track(rows):
 
 
 def score_members(run_dir, names, data_dir, split, max_tokens, device="cpu"):
-    """Per-token log-probs of members `names` on the first max_tokens of `split` in `data_dir` (eval_rows windows,
+    """Per-token log-probs of members `names` on the first max_tokens of `split` in `data_dir` (eval_windows windows,
     one model in memory at a time), cached in RUN/analysis/{name}.{split}-{sha8}.npy -> (M, N) float64."""
     import eval as ev  # lazy: importing it pulls in torch.distributed, and the maths above needs none of it
     run_dir = Path(run_dir)
     seq_len = json.loads((run_dir / "config.json").read_text())["config"]["seq_len"]
     tokens, meta = load_split(data_dir, split)
-    windows = dict(tokens=tokens, windows=eval_rows(tokens, seq_len, max_tokens))
+    windows = dict(tokens=tokens, windows=eval_windows(tokens, seq_len, max_tokens))
     n = sum(e - s - 1 for s, e in windows["windows"])
     rows = {r["name"]: r for r in read_manifest(run_dir)}
     (run_dir / "analysis").mkdir(exist_ok=True)

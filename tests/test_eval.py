@@ -95,7 +95,7 @@ def test_cached_mixture_equals_direct_forward(evaluated):
     models = [common.load_member(run_dir / "members" / f"{n}.pt")[0] for n in names]
     tokens, total, n = run["val"]["tokens"], 0.0, 0
     with torch.no_grad():
-        for s, e in common.eval_rows(tokens, run["seq_len"]):
+        for s, e in common.eval_windows(tokens, run["seq_len"]):
             x = torch.from_numpy(tokens[s:e].astype(np.int64))[None]  # (1, T+1)
             p = sum(wi * torch.softmax(m(x[:, :-1]).double(), -1) for wi, m in zip(w, models))  # (1, T, V)
             total -= p.gather(-1, x[:, 1:, None]).log().sum().item()

@@ -196,7 +196,6 @@ def test_members_at_agrees_with_per_k():
         for k, entry in pj["per_k"].items():
             assert prior.members_at(pj, int(k)) == list(zip(entry["members"], entry["weights"]))
         assert [n for n, _ in prior.members_at(pj, 4)].index("b") < [n for n, _ in prior.members_at(pj, 4)].index("d")
-    assert prior.top_k is prior.mixture  # the old name q0.py still calls: the same function
 
 
 # --- files and the command line ----------------------------------------------

@@ -448,6 +448,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, 
     state = torch.load(ckpt, weights_only=True)
     assert state["step"] == 6 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert not (run_dir / "members").exists()
+    monkeypatch.undo()
+    # the advice, followed: resume with lower learning rates and a tighter clip; the change is recorded with its step
+    code, out, err = run_train(train_argv(tiny_data, run_dir, **SINGLE) + ["--resume=True", "--muon_lr=0.01",
+                                                                         "--grad_clip=0.5"])
+    assert code == 0, err
+    assert "track 0: from step 6 on, muon_lr 0.02 -> 0.01, grad_clip 1.0 -> 0.5" in out
+    rows = [json.loads(x) for x in (run_dir / "track0" / "log.jsonl").read_text().splitlines()]
+    assert dict(kind="resume", step=6, changed=dict(muon_lr=[0.02, 0.01], grad_clip=[1.0, 0.5])) in rows
+    resumes = json.loads((run_dir / "config.json").read_text())["resumes"]
+    assert resumes[-1]["keys"]["muon_lr"] == [0.02, 0.01] and resumes[-1]["keys"]["grad_clip"] == [1.0, 0.5]
+    assert (run_dir / "members" / "single.pt").exists()
 
 
 def test_full_disk_stops_before_writing(tiny_data, tmp_path, monkeypatch):

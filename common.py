@@ -460,6 +460,10 @@ def read_member(path, expected=None, what="member file", fix="delete it and re-r
 def load_member(path, device="cpu", fix="delete it and re-run with --resume=True to recompute it", expected=None):
     """(model in eval mode, file contents) of a member file, checked to be `expected` (read_member)."""
     ckpt = read_member(path, expected, fix=fix)
+    if any(k.endswith((".qkv.weight", ".gate_up.weight")) for k in ckpt["model"]):
+        raise UserError(f"{path} was written by model v1 (fused qkv and gate_up, logits over the padded vocab), which "
+                        f"this model.py (v2) cannot read: retrain the run with this code, or read it from a checkout "
+                        f"before model v2")
     model = gpt.build(gpt.GPTConfig(**ckpt["model_config"]), device)
     model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
     return model.eval(), ckpt

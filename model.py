@@ -1,9 +1,11 @@
 """
 The GPT of q0: a decoder-only transformer from a tiny CPU model up to the paper's 1.8B.
 
-    RoPE, RMSNorm pre-norm (no learned gain), QK-norm, SwiGLU MLP, untied embedding and head,
-    logit soft-cap 15 * tanh(z / 15), dropout on the residual branches, attention through one
-    F.scaled_dot_product_attention(is_causal=True) call (FlashAttention on GPU, math kernel on CPU).
+    RoPE, RMSNorm pre-norm (no learned gain) and on the embedding, QK-norm, SwiGLU MLP, untied embedding and head,
+    logit soft-cap 15 * tanh(z / 15) over the real vocabulary (the padded head rows are cut off first), dropout on the
+    residual branches, attention through one F.scaled_dot_product_attention(is_causal=True) call (FlashAttention on
+    GPU, a flash kernel on CPU). q, k, v and gate, up are separate matrices, so Muon orthogonalises and LR-scales
+    each on its own, as the reference (model v2; v1 fused them, normed no embedding and gave padded ids mass).
 
 Quick checks:
     python model.py                 # parameter counts and FLOPs/token of every named size (meta device)
@@ -27,11 +29,16 @@ class GPTConfig:
     n_embd: int = 64
     n_head: int = 4
     mlp_hidden: int = 176        # SwiGLU hidden width (about 8/3 n_embd, rounded)
-    vocab_size: int = 320        # padded up to a multiple of 64 (matmul-friendly)
+    vocab_size: int = 257        # the tokenizer's real vocabulary (257 bytes, 50257 GPT-2): logits cover these ids only
+    vocab_multiple: int = 64     # embedding and head rows padded up to a multiple of this (matmul-friendly)
     seq_len: int = 128
     dropout: float = 0.0         # on the residual branches (attention and MLP outputs) only, as the reference; q0 uses 0.1
     softcap: float = 15.0        # logits = softcap * tanh(z / softcap); 0 turns it off
     rope_base: float = 10000.0
+
+    @property
+    def padded_vocab_size(self):  # rows of the embedding and the head: 320 for 257, 50304 for 50257
+        return padded_vocab(self.vocab_size, self.vocab_multiple)
 
 
 # Named sizes: (n_layer, n_embd, n_head, mlp_hidden). vocab_size and seq_len come from the data/config.
@@ -69,12 +76,13 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        # three matrices, not one fused qkv: Muon orthogonalises (and LR-scales) each on its own, as the reference
+        self.q, self.k, self.v = (nn.Linear(cfg.n_embd, cfg.n_embd, bias=False) for _ in range(3))
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
     def forward(self, x, cos, sin):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
+        q, k, v = (f(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))  # (B, H, T, D)
         q, k = rms_norm(q), rms_norm(k)  # QK-norm: bounded attention logits at high LR
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # no dropout on the attention probabilities
@@ -84,12 +92,12 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.gate_up = nn.Linear(cfg.n_embd, 2 * cfg.mlp_hidden, bias=False)
+        self.gate = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)  # two matrices, not one fused gate_up (Muon)
+        self.up = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
         self.down = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 class Block(nn.Module):
@@ -108,9 +116,9 @@ class GPT(nn.Module):
         super().__init__()
         assert cfg.n_embd % cfg.n_head == 0 and (cfg.n_embd // cfg.n_head) % 2 == 0, "head dim must be even for RoPE"
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.embed = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)  # untied from the embedding
+        self.head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)  # untied from the embedding
         # RoPE tables are buffers (not parameters, not in the state dict): rebuilt by init_weights()
         self.register_buffer("rope_cos", torch.empty(cfg.seq_len, cfg.n_embd // cfg.n_head // 2), persistent=False)
         self.register_buffer("rope_sin", torch.empty(cfg.seq_len, cfg.n_embd // cfg.n_head // 2), persistent=False)
@@ -119,20 +127,25 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, generator=None):
-        """Every init, in one place (call after `to_empty()` when the model was built on the meta device):
+        """Every init, in one place (call after `to_empty()` when the model was built on the meta device). As the
+        reference, whose learning rates and weight decay (1.3, cautious) were tuned from this start:
         - embedding: N(0, 1) (RMSNorm follows, so the scale is free)
-        - qkv, gate_up: N(0, 1/sqrt(fan_in))
-        - proj, down (the residual-stream writers): zeros, so each block starts as the identity
-        - head: zeros, so the first loss is exactly log(vocab_size)
+        - q, k, v, gate, up: uniform on [-s, s], s = sqrt(3 / n_embd): std 1/sqrt(n_embd), no outliers
+        - proj, down (the residual-stream writers): N(0, 1/sqrt(n_embd)), both (down too, not 1/sqrt(mlp_hidden));
+          with zeros instead (model v1) every block is the identity at step 0 and the first update reaches only the
+          writers and the head: their gradients are the only non-zero ones
+        - head: N(0, 0.001): logits near 0, so the first loss is log(vocab_size) to within about 1e-4, while every
+          matrix gets a gradient at the first step
         - RoPE tables: cos/sin of t * base^(-2i/d)
         """
+        C = self.cfg.n_embd
         nn.init.normal_(self.embed.weight, std=1.0, generator=generator)
         for block in self.blocks:
-            nn.init.normal_(block.attn.qkv.weight, std=self.cfg.n_embd ** -0.5, generator=generator)
-            nn.init.normal_(block.mlp.gate_up.weight, std=self.cfg.n_embd ** -0.5, generator=generator)
-            nn.init.zeros_(block.attn.proj.weight)
-            nn.init.zeros_(block.mlp.down.weight)
-        nn.init.zeros_(self.head.weight)
+            for lin in (block.attn.q, block.attn.k, block.attn.v, block.mlp.gate, block.mlp.up):
+                nn.init.uniform_(lin.weight, -(3 / C) ** 0.5, (3 / C) ** 0.5, generator=generator)
+            for lin in (block.attn.proj, block.mlp.down):
+                nn.init.normal_(lin.weight, std=C ** -0.5, generator=generator)
+        nn.init.normal_(self.head.weight, std=0.001, generator=generator)
         d = self.cfg.n_embd // self.cfg.n_head
         inv_freq = self.cfg.rope_base ** (-torch.arange(0, d, 2, dtype=torch.float32, device=self.rope_cos.device) / d)
         angles = torch.outer(torch.arange(self.cfg.seq_len, dtype=torch.float32, device=inv_freq.device), inv_freq)
@@ -140,14 +153,15 @@ class GPT(nn.Module):
         self.rope_sin.copy_(angles.sin())
 
     def logits(self, idx):
-        """idx (B, T) int64 -> soft-capped logits (B, T, V) in fp32."""
+        """idx (B, T) int64 -> soft-capped logits (B, T, V) in fp32, V = cfg.vocab_size: the padded head rows are cut
+        off before the soft-cap, so softmax, loss, KL and sampling never give mass to an id no token has."""
         T = idx.size(1)
         assert T <= self.cfg.seq_len, f"sequence of {T} tokens exceeds seq_len={self.cfg.seq_len}"
         cos, sin = self.rope_cos[:T].to(self.embed.weight.dtype), self.rope_sin[:T].to(self.embed.weight.dtype)
-        x = self.embed(idx)  # (B, T, C); no dropout here: only the residual branches drop (as the reference)
+        x = rms_norm(self.embed(idx))  # (B, T, C), normed as the reference; no dropout: only the residual branches drop
         for block in self.blocks:
             x = block(x, cos, sin)
-        z = self.head(rms_norm(x)).float()  # (B, T, V)
+        z = self.head(rms_norm(x))[..., :self.cfg.vocab_size].float()  # (B, T, V)
         if self.cfg.softcap:
             z = self.cfg.softcap * torch.tanh(z / self.cfg.softcap)
         return z
@@ -173,6 +187,11 @@ class GPT(nn.Module):
 def token_logprobs(logits, targets):
     """log softmax(logits)[targets] without materialising a second (B, T, V) tensor."""
     return -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+
+
+def muon_lr_factor(shape):
+    """torch.optim.Muon's (and the reference's) LR scale for one (rows, cols) matrix: sqrt(max(1, rows / cols))."""
+    return max(1.0, shape[-2] / shape[-1]) ** 0.5
 
 
 # bf16 dense peak FLOP/s by device name (no sparsity). An unknown device or the CPU shows no MFU.
@@ -201,8 +220,8 @@ def build(cfg, device):
 if __name__ == "__main__":
     sizes = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--size=")] or list(SIZES)
     for size in sizes:
-        cfg = config_for(size, vocab_size=50304, seq_len=2048)
+        cfg = config_for(size, vocab_size=50257, seq_len=2048)
         with torch.device("meta"):
             m = GPT(cfg)
         print(f"{size:>7}: {m.num_params() / 1e6:9.1f}M params ({m.num_params(False) / 1e6:9.1f}M non-embedding), "
-              f"{m.flops_per_token() / 1e9:6.2f} GFLOPs/token (vocab 50304, seq 2048)")
+              f"{m.flops_per_token() / 1e9:6.2f} GFLOPs/token (vocab 50257 padded to 50304, seq 2048)")

@@ -296,8 +296,8 @@ def evaluate(model, tokens, cfg, env):
 def train_track(cfg, track, env, data, make_plan):
     dev, seed = env["device"], cfg.seed + track
     torch.manual_seed(seed)
-    model = gpt.build(gpt.config_for(cfg.model_size, vocab_size=gpt.padded_vocab(data["meta"]["vocab_size"]),
-                                     seq_len=cfg.seq_len, dropout=cfg.dropout), dev)
+    model = gpt.build(gpt.config_for(cfg.model_size, vocab_size=data["meta"]["vocab_size"], seq_len=cfg.seq_len,
+                                     dropout=cfg.dropout), dev)
     muon, adam = make_optimizers(cfg, model, dev)
     run = runtime.TrackRun(cfg, track, env, data["meta"])
     plan = make_plan(cfg, track, model, data, env)
@@ -405,7 +405,7 @@ def grad_accum(cfg, env):
 def describe_setup(cfg, env, data):
     """The batch arithmetic, once (most nanoGPT questions are about exactly this)."""
     with torch.device("meta"):  # sizes only: no memory, no init
-        m = gpt.GPT(gpt.config_for(cfg.model_size, vocab_size=gpt.padded_vocab(data["meta"]["vocab_size"]), seq_len=cfg.seq_len))
+        m = gpt.GPT(gpt.config_for(cfg.model_size, vocab_size=data["meta"]["vocab_size"], seq_len=cfg.seq_len))
     accum = grad_accum(cfg, env)
     spe = EpochLoader.num_windows(len(data["train"]), cfg.seq_len) // (cfg.batch_tokens // cfg.seq_len)
     return "\n".join([

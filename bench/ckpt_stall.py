@@ -36,7 +36,7 @@ def track_for(size, data_dir, out_dir):
                log=lambda msg: None, barrier=lambda: None, all_reduce=lambda t: None)
     data = load_data(cfg)
     data["meta"] = dict(data["meta"], vocab_size=50257)  # GPT-2's vocab: embedding and head as at scale
-    model = gpt.build(gpt.config_for(size, vocab_size=gpt.padded_vocab(50257), seq_len=128), env["device"])
+    model = gpt.build(gpt.config_for(size, vocab_size=50257, seq_len=128), env["device"])
     muon, adam = train.make_optimizers(cfg, model, env["device"])
     plan = train.SinglePlan(cfg, 0, model, data, env)
     plan.loss(model, plan.loader.micro_batch(0, 0, 8, env["device"])).backward()

@@ -51,7 +51,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="1.8B")
     ap.add_argument("--layers", type=int, default=8, help="at most this many of --size's layers (0 = all)")
-    ap.add_argument("--vocab", type=int, default=50304)
+    ap.add_argument("--vocab", type=int, default=50257)
     ap.add_argument("--seq_len", type=int, default=2048)
     ap.add_argument("--micro_batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)

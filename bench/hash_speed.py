@@ -35,7 +35,7 @@ def sizes_1p8b():
     """Bytes of the 1.8B files: a member is bf16 weights (2 B/param); a checkpoint is fp32 weights, Muon's momentum
     on the hidden matrices (4 B each) and AdamW's two moments on the rest (8 B each)."""
     with torch.device("meta"):
-        m = gpt.GPT(gpt.config_for("1.8B", vocab_size=50304, seq_len=2048))
+        m = gpt.GPT(gpt.config_for("1.8B", vocab_size=50257, seq_len=2048))
     params = sum(p.numel() for p in m.parameters())
     hidden = sum(p.numel() for n, p in m.named_parameters() if n.startswith("blocks."))  # Muon's, as train.py
     return dict(member=2 * params, checkpoint=4 * params + 4 * hidden + 8 * (params - hidden))

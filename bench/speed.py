@@ -2,7 +2,7 @@
 bench/speed.py: training and scoring speed, side by side in one process (CPU or one GPU).
 
     python bench/speed.py                          # CPU: the CPU benchmark model (mini, seq 128, byte vocab)
-    python bench/speed.py --size=1.8B --vocab=50304 --seq_len=2048 --micro_batch=2 --compile   # one GPU
+    python bench/speed.py --size=1.8B --vocab=50257 --seq_len=2048 --micro_batch=2 --compile   # one GPU
 
 1. Training tokens/s of our GPT (Muon + AdamW, the train.py step) against a straightforward nanoGPT-style
    GPT of about the same size written below (LayerNorm, GELU MLP 4x, learned positions, AdamW), timed in
@@ -94,7 +94,7 @@ def time_rounds(steps, x, y, rounds, iters, dev):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="mini")
-    ap.add_argument("--vocab", type=int, default=320)
+    ap.add_argument("--vocab", type=int, default=257)
     ap.add_argument("--seq_len", type=int, default=128)
     ap.add_argument("--micro_batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=7)

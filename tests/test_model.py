@@ -1,15 +1,18 @@
-"""model.py: the 1.8B shape on the meta device, forward(idx, targets) against log_softmax, the zero-init first loss,
-causality, the soft-cap, FLOPs per token by hand, meta build + init, and no MFU on CPU."""
+"""model.py: the 1.8B shape on the meta device (and Muon's per-matrix LR there), forward(idx, targets) against
+log_softmax, no mass on padded ids, the embedding norm, the first loss, causality, the soft-cap, FLOPs per token by
+hand, meta build + init, no MFU on CPU, cautious weight decay against a hand computation, the memory estimate."""
 import math
 
+import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import model as gpt
 
 
 def tiny(**overrides):
-    return gpt.config_for("tiny", **dict(dict(vocab_size=320, seq_len=16), **overrides))
+    return gpt.config_for("tiny", **dict(dict(vocab_size=257, seq_len=16), **overrides))  # 257 bytes: 320 rows
 
 
 def random_model(cfg, seed=0):
@@ -24,7 +27,7 @@ def random_model(cfg, seed=0):
 
 
 def test_1p8b_config_on_meta():
-    cfg = gpt.config_for("1.8B", vocab_size=50304, seq_len=2048)
+    cfg = gpt.config_for("1.8B", vocab_size=50257, seq_len=2048)
     with torch.device("meta"):
         m = gpt.GPT(cfg)
     assert all(p.is_meta for p in m.parameters())  # no memory spent
@@ -32,13 +35,26 @@ def test_1p8b_config_on_meta():
     assert 1.70e9 <= n <= 1.95e9, n
     assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.mlp_hidden) == (30, 2048, 16, 5632)
     assert len(m.blocks) == 30 and m.blocks[0].attn.n_head == 16 and m.blocks[0].attn.head_dim == 128
-    assert m.blocks[0].mlp.gate_up.weight.shape == (2 * 5632, 2048)  # SwiGLU: gate and up
+    assert m.blocks[0].attn.q.weight.shape == m.blocks[0].attn.v.weight.shape == (2048, 2048)
+    assert m.blocks[0].mlp.gate.weight.shape == m.blocks[0].mlp.up.weight.shape == (5632, 2048)  # SwiGLU
     assert m.blocks[0].mlp.down.weight.shape == (2048, 5632)
     # untied: the head is its own (V, C) matrix, counted once next to the embedding
-    assert m.head.weight is not m.embed.weight and m.head.weight.shape == m.embed.weight.shape == (50304, 2048)
+    assert m.head.weight is not m.embed.weight and m.head.weight.shape == m.embed.weight.shape == (50304, 2048)  # padded
     per_layer = 4 * 2048 * 2048 + 3 * 2048 * 5632
     assert n == 30 * per_layer + 2 * 50304 * 2048
     assert m.num_params(embedding=False) == n - 50304 * 2048
+
+
+def test_muon_lr_factor_per_matrix_at_1p8b():
+    """torch.optim.Muon scales each parameter's LR by sqrt(max(1, rows/cols)): as separate matrices (the reference) q, k,
+    v and both writers get 1 and gate, up sqrt(5632/2048) = 1.66; fused, qkv got 1.73 and gate_up 2.35."""
+    with torch.device("meta"):
+        m = gpt.GPT(gpt.config_for("1.8B", vocab_size=50257, seq_len=2048))
+    factors = {n.split(".", 2)[2]: gpt.muon_lr_factor(p.shape) for n, p in m.named_parameters() if n.startswith("blocks.0.")}
+    assert factors == {"attn.q.weight": 1.0, "attn.k.weight": 1.0, "attn.v.weight": 1.0, "attn.proj.weight": 1.0,
+                       "mlp.gate.weight": (5632 / 2048) ** 0.5, "mlp.up.weight": (5632 / 2048) ** 0.5, "mlp.down.weight": 1.0}
+    assert abs(factors["mlp.gate.weight"] - 1.658) < 1e-3
+    assert torch.optim._muon._adjust_lr(1.0, None, m.blocks[0].mlp.up.weight.shape) == factors["mlp.up.weight"]  # torch's own
 
 
 def test_forward_targets_is_log_softmax_of_forward():
@@ -49,7 +65,7 @@ def test_forward_targets_is_log_softmax_of_forward():
     with torch.no_grad():
         logits = m(idx)
         lp = m(idx, targets)
-    assert logits.shape == (3, 16, cfg.vocab_size) and logits.dtype == torch.float32
+    assert logits.shape == (3, 16, 257) and logits.dtype == torch.float32
     assert lp.shape == (3, 16)
     by_hand = torch.stack([torch.stack([logits[b, t] - torch.logsumexp(logits[b, t], 0) for t in range(16)])
                            for b in range(3)])  # (B, T, V)
@@ -58,14 +74,38 @@ def test_forward_targets_is_log_softmax_of_forward():
     assert lp.std() > 0.1  # not a degenerate (uniform) model
 
 
+def test_no_probability_mass_on_padded_ids():
+    """The head has 320 rows for 257 byte ids: logits, softmax and loss run over the 257 real ids only."""
+    cfg = tiny()
+    m = random_model(cfg)
+    assert cfg.padded_vocab_size == 320 and m.head.weight.shape[0] == 320
+    idx = torch.randint(0, 257, (2, 16))
+    with torch.no_grad():
+        z = m(idx)
+        lp = m(idx, idx)
+        m.head.weight[257:] = 0  # padded rows that would hold mass if the softmax saw them: the result must not move
+        torch.testing.assert_close(m(idx, idx), lp)
+    assert z.shape[-1] == 257
+    torch.testing.assert_close(torch.softmax(z, -1).sum(-1), torch.ones(2, 16))
+
+
+def test_embedding_is_rms_normed_before_the_first_block():
+    """x = rms_norm(wte(idx)) as the reference: scaling the embedding leaves every logit unchanged."""
+    m = random_model(tiny())
+    idx = torch.randint(0, 257, (2, 16))
+    with torch.no_grad():
+        z = m(idx)
+        m.embed.weight.mul_(7.0)
+        torch.testing.assert_close(m(idx), z, rtol=1e-5, atol=1e-5)
+
+
 def test_fresh_model_first_loss_is_log_vocab():
     cfg = tiny()
     m = gpt.build(cfg, "cpu")
-    assert torch.count_nonzero(m.head.weight) == 0
     idx = torch.randint(0, cfg.vocab_size, (2, 16))
     with torch.no_grad():
         loss = -m(idx, torch.roll(idx, -1, 1)).mean()
-    assert abs(loss.item() - math.log(cfg.vocab_size)) < 1e-5
+    assert abs(loss.item() - math.log(257)) < 1e-3  # head N(0, 0.001): logits near 0, over the 257 real ids
 
 
 def test_causal_future_tokens_do_not_change_the_past():
@@ -98,8 +138,8 @@ def test_softcap_bounds_logits():
 def test_flops_per_token_by_hand():
     cfg = tiny(seq_len=128)  # L=2, C=64, mlp 176, V=320, T=128
     m = gpt.GPT(cfg)
-    per_layer = 64 * 192 + 64 * 64 + 64 * 352 + 176 * 64  # qkv, proj, gate_up, down = 50176
-    n = 2 * per_layer + 320 * 64  # + head; the embedding lookup is left out: 120832
+    per_layer = 3 * 64 * 64 + 64 * 64 + 2 * 64 * 176 + 176 * 64  # q, k, v, proj, gate, up, down = 50176
+    n = 2 * per_layer + 320 * 64  # + head (its padded rows are computed too); the embedding lookup is left out: 120832
     assert m.num_params(embedding=False) == n == 120832
     assert m.flops_per_token() == 6 * n + 12 * 2 * 128 * 64 == 921600
 
@@ -109,9 +149,13 @@ def test_build_on_meta_then_init_gives_finite_weights():
     m = gpt.build(cfg, "cpu")
     for name, t in list(m.named_parameters()) + list(m.named_buffers()):
         assert t.device.type == "cpu" and torch.isfinite(t).all(), name
-    assert m.embed.weight.std() > 0.5 and m.blocks[0].attn.qkv.weight.std() > 0.05
-    for block in m.blocks:  # residual writers start at zero: every block is the identity
-        assert torch.count_nonzero(block.attn.proj.weight) == 0 and torch.count_nonzero(block.mlp.down.weight) == 0
+    s = 64 ** -0.5  # the reference's init (init_weights)
+    assert abs(m.embed.weight.std() - 1) < 0.05 and abs(m.head.weight.std() - 0.001) < 1e-4
+    for block in m.blocks:
+        for lin in (block.attn.q, block.attn.k, block.attn.v, block.mlp.gate, block.mlp.up):  # uniform, std s
+            assert lin.weight.abs().max() <= 3 ** 0.5 * s and abs(lin.weight.std() / s - 1) < 0.1
+        for lin in (block.attn.proj, block.mlp.down):  # N(0, s)
+            assert lin.weight.abs().max() > 3 ** 0.5 * s and abs(lin.weight.std() / s - 1) < 0.1
     torch.testing.assert_close(m.rope_cos[0], torch.ones_like(m.rope_cos[0]))
     torch.testing.assert_close(m.rope_sin[3, 0], torch.tensor(math.sin(3.0)))
 
@@ -123,10 +167,14 @@ def test_peak_flops_none_on_cpu():
 
 def test_dropout_only_on_the_residual_branches(monkeypatch):
     """As the reference: dropout on the attention and MLP outputs, not on the embedding or the attention
-    probabilities. At init the residual writers (proj, down) are zero, so a train-mode forward with dropout must
-    equal the eval-mode one; embedding dropout would change it."""
+    probabilities. With the residual writers (proj, down) zeroed, a train-mode forward with dropout must equal the
+    eval-mode one; embedding dropout would change it."""
     model = gpt.GPT(tiny(dropout=0.5))
-    idx = torch.randint(0, 320, (2, 16))
+    with torch.no_grad():
+        for b in model.blocks:
+            b.attn.proj.weight.zero_()
+            b.mlp.down.weight.zero_()
+    idx = torch.randint(0, 257, (2, 16))
     model.eval()
     ref = model(idx)
     model.train()
@@ -145,3 +193,15 @@ def test_dropout_only_on_the_residual_branches(monkeypatch):
     ref = model(idx)
     model.train()
     assert not torch.equal(model(idx), ref)
+
+
+def test_a_v1_member_file_fails_with_a_message(tmp_path):
+    """A member saved by model v1 (fused qkv and gate_up) stops with one line that names the version, no traceback."""
+    import common
+    cfg = tiny()
+    state = {k.replace("attn.q.", "attn.qkv.").replace("mlp.gate.", "mlp.gate_up."): v
+             for k, v in gpt.GPT(cfg).state_dict().items() if ".attn.k." not in k and ".attn.v." not in k and ".mlp.up." not in k}
+    torch.save({"model_config": dict(vars(cfg), vocab_size=320), "model": state, "row": {"name": "m"}, "data": {}},
+               tmp_path / "m.pt")
+    with pytest.raises(common.UserError, match="written by model v1"):
+        common.load_member(tmp_path / "m.pt")

@@ -299,7 +299,7 @@ def test_single_run_learns_and_writes_its_member(single_run):
     run_dir = single_run[0]
     evals = read_log(run_dir, kind="eval")
     assert sorted(evals) == [0, 32]
-    assert evals[0]["val"] == pytest.approx(math.log(320), abs=1e-4)  # zero-init head: log(padded vocab)
+    assert evals[0]["val"] == pytest.approx(math.log(257), abs=1e-4)  # head N(0, 0.001): log(real vocab), 257 bytes
     assert evals[32]["val"] < evals[0]["val"] - 1.0
     losses = read_log(run_dir)
     assert sorted(losses) == list(range(1, 33))  # log_every=1

@@ -189,9 +189,47 @@ def token_logprobs(logits, targets):
     return -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
 
 
+# ---- optimizer: Muon's per-matrix LR, and the reference's cautious weight decay on top of torch.optim.Muon ----------
 def muon_lr_factor(shape):
     """torch.optim.Muon's (and the reference's) LR scale for one (rows, cols) matrix: sqrt(max(1, rows / cols))."""
     return max(1.0, shape[-2] / shape[-1]) ** 0.5
+
+
+def cautious_weight_decay(muon):
+    """Make a torch.optim.Muon decay cautiously, as the reference: per matrix, with X its orthogonalised update and
+    lr' = lr * muon_lr_factor (Muon's own per-matrix LR, which the reference's decay uses too),
+        p <- p - lr' X - lr' wd p [X p >= 0]          (p, X before the step; decay where they agree in sign)
+    Muon runs its own step at weight_decay 0: a pre-step hook sets each group's weight_decay aside (to 0) and copies
+    the weights; the post-step hook puts it back and decays the entries where (p_before - p_after) p_before >= 0
+    (p_before - p_after = lr' X, its sign exact). set_multipliers, logs and state_dict see weight_decay as before.
+    Costs one fp32 copy of the Muon matrices during step() only, when the activations are already freed.
+    Returns the two hook handles (.remove() undoes it)."""
+    kept = []  # per group: (weight_decay, {param: its copy before the step})
+
+    def restore(opt):  # puts weight_decay back; at a pre-step, too, in case the last step raised half-way
+        for g, (wd, _) in zip(opt.param_groups, kept):
+            g["weight_decay"] = wd
+
+    def pre(opt, args, kwargs):
+        restore(opt)
+        kept.clear()
+        for g in opt.param_groups:
+            if g.get("adjust_lr_fn") not in (None, "original"):
+                raise ValueError(f"cautious_weight_decay assumes Muon's original LR adjustment, not {g['adjust_lr_fn']}")
+            wd = g["weight_decay"]
+            kept.append((wd, {p: p.detach().clone() for p in g["params"] if p.grad is not None} if wd else {}))
+            g["weight_decay"] = 0.0
+
+    def post(opt, args, kwargs):
+        restore(opt)
+        for g, (wd, before) in zip(opt.param_groups, kept):
+            with torch.no_grad():
+                for p, p0 in before.items():
+                    agree = (p0 - p).mul_(p0).ge_(0)  # 1.0 where X p >= 0
+                    p.addcmul_(p0, agree, value=-float(g["lr"]) * muon_lr_factor(p.shape) * wd)
+        kept.clear()
+
+    return muon.register_step_pre_hook(pre), muon.register_step_post_hook(post)
 
 
 # bf16 dense peak FLOP/s by device name (no sparsity). An unknown device or the CPU shows no MFU.

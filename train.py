@@ -252,6 +252,7 @@ def make_optimizers(cfg, model, device):
     hidden = [p for n, p in model.named_parameters() if n.startswith("blocks.")]
     assert all(p.ndim == 2 for p in hidden), "Muon takes 2-D matrices only"
     muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=0.95)
+    gpt.cautious_weight_decay(muon)  # the reference's decay: only where update and weight agree in sign
     fused = {"fused": True} if device.type == "cuda" else {}
     adam = torch.optim.AdamW([dict(params=[model.embed.weight], lr=cfg.embed_lr), dict(params=[model.head.weight], lr=cfg.head_lr)],
                              betas=cfg.adam_betas, eps=1e-10, weight_decay=cfg.weight_decay if cfg.embed_head_wd else 0.0, **fused)

@@ -195,6 +195,53 @@ def test_dropout_only_on_the_residual_branches(monkeypatch):
     assert not torch.equal(model(idx), ref)
 
 
+def muon_pair(shapes, wd, seed=0):
+    """Two copies of the same random matrices with the same grads: one under torch.optim.Muon at weight_decay 0,
+    one under Muon(weight_decay=wd) made cautious."""
+    g = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(s, generator=g) for s in shapes]
+    grads = [torch.randn(s, generator=g) for s in shapes]
+    plain, cautious = [nn.Parameter(w.clone()) for w in ws], [nn.Parameter(w.clone()) for w in ws]
+    opt_plain = torch.optim.Muon(plain, lr=0.1, weight_decay=0.0, momentum=0.95)
+    opt_cautious = torch.optim.Muon(cautious, lr=0.1, weight_decay=wd, momentum=0.95)
+    gpt.cautious_weight_decay(opt_cautious)
+    return plain, cautious, grads, opt_plain, opt_cautious
+
+
+def test_cautious_weight_decay_against_a_hand_computation():
+    """p <- p - lr' X - lr' wd p [X p >= 0], lr' = lr sqrt(max(1, rows/cols)): X from Muon at wd 0, the decay by hand,
+    over two steps (momentum in play); a tall matrix gets lr' = lr sqrt(2), a wide one lr."""
+    wd = 1.3
+    plain, cautious, grads, opt_plain, opt_cautious = muon_pair([(6, 3), (3, 5)], wd)
+    decayed = []
+    for step in range(2):
+        before = [p.detach().clone() for p in cautious]
+        with torch.no_grad():
+            for p, p0 in zip(plain, before):  # Muon at wd 0 from the cautious run's weights (same momentum): lr' X
+                p.copy_(p0)
+        for p, q, gr in zip(plain, cautious, grads):
+            p.grad, q.grad = gr * (step + 1), gr * (step + 1)
+        opt_plain.step()
+        opt_cautious.step()
+        assert opt_cautious.param_groups[0]["weight_decay"] == wd  # put back after the step
+        for p0, pa, pc, lr in zip(before, plain, cautious, (0.1 * 2 ** 0.5, 0.1)):
+            X = (p0 - pa.detach()) / lr
+            mask = (X * p0 >= 0).float()
+            expected = p0 - lr * X - lr * wd * p0 * mask
+            torch.testing.assert_close(pc.detach(), expected, rtol=1e-6, atol=1e-6)
+            decayed.append(mask.mean().item())
+    assert 0.2 < sum(decayed) / len(decayed) < 0.8  # about half the entries decay, as the reference notes
+
+
+def test_cautious_weight_decay_is_plain_muon_at_zero_wd():
+    plain, cautious, grads, opt_plain, opt_cautious = muon_pair([(4, 4)], 0.0)
+    for ps in (plain, cautious):
+        ps[0].grad = grads[0].clone()
+    opt_plain.step()
+    opt_cautious.step()
+    assert torch.equal(plain[0], cautious[0])  # wd 0: exactly Muon
+
+
 def test_a_v1_member_file_fails_with_a_message(tmp_path):
     """A member saved by model v1 (fused qkv and gate_up) stops with one line that names the version, no traceback."""
     import common

@@ -242,6 +242,45 @@ def test_cautious_weight_decay_is_plain_muon_at_zero_wd():
     assert torch.equal(plain[0], cautious[0])  # wd 0: exactly Muon
 
 
+def test_memory_estimate_arithmetic_by_hand():
+    cfg = tiny(seq_len=16)  # L=2, C=64, M=176, H=4, V=257 (320 rows); micro-batch 2: n = 32 tokens
+    est = gpt.memory_estimate(cfg, 2, teacher="bf16", eval_batch=3)
+    n_muon, n_embed = 2 * (4 * 64 * 64 + 3 * 64 * 176), 320 * 64  # 100352, 20480
+    N = n_muon + 2 * n_embed
+    assert N == gpt.GPT(cfg).num_params()
+    assert (est["weights"], est["grads"], est["muon_momentum"], est["adam_moments"]) == (4 * N, 4 * N, 4 * n_muon, 16 * n_embed)
+    assert est["teacher"] == 2 * N and est["weight_casts"] == 2 * (N - n_embed)
+    per_block = 36 * 64 + 8 * 176 + 12 * 4 + 8  # 3768 bytes a token
+    assert est["activations"] == 32 * 2 * per_block + 32 * (10 * 64 + 24)
+    assert est["logits_train"] == 8 * 32 * 257 * 4 and est["logits_eval"] == 3 * 16 * (8 * 257 + 2 * 320)
+    held = 4 * N + 4 * n_muon + 16 * n_embed + 2 * N
+    assert est["peak_train"] == held + 4 * N + 2 * (N - n_embed) + est["activations"] + est["logits_train"]
+    assert est["peak_eval"] == held + est["logits_eval"]
+    assert gpt.memory_estimate(cfg, 2, teacher=None)["teacher"] == 0
+    assert gpt.memory_estimate(cfg, 2, teacher="fp32", teachers=4)["teacher"] == 16 * N
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_memory_estimate_activations_are_what_autograd_keeps(dropout):
+    """Under bf16 autocast (CPU's here), the bytes of every distinct tensor saved for the backward: the matrices' bf16
+    casts plus the activations plus the two kept logits tensors (tanh's and log-softmax's outputs), as estimated."""
+    cfg = tiny(seq_len=32, dropout=dropout)
+    m = gpt.GPT(cfg).train()
+    storages = {}
+
+    def pack(t):
+        storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    idx, targets = torch.randint(0, 257, (2, 32)), torch.randint(0, 257, (2, 32))
+    fixed = {t.untyped_storage().data_ptr() for t in list(m.parameters()) + list(m.buffers())}  # RoPE tables too
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        m(idx, targets)
+    saved = sum(b for ptr, b in storages.items() if ptr not in fixed and b > 8)  # and a 0-d scalar
+    est = gpt.memory_estimate(cfg, 2)
+    assert saved == est["weight_casts"] + est["activations"] + 2 * 2 * 32 * 257 * 4
+
+
 def test_a_v1_member_file_fails_with_a_message(tmp_path):
     """A member saved by model v1 (fused qkv and gate_up) stops with one line that names the version, no traceback."""
     import common

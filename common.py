@@ -519,6 +519,8 @@ def pick_device(kind="auto"):
     if not available.get(kind):
         raise UserError(f"device {kind!r} is not available here (torch {torch.__version__}, cuda "
                         f"{'yes' if torch.cuda.is_available() else 'no'}): use --device=auto or --device=cpu", status=2)
+    if kind == "cuda":  # before the first allocation: segments that grow, so eval's and training's peaks do not fragment
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if kind == "cuda" else kind)
     if kind == "cuda":
         torch.cuda.set_device(device)

@@ -260,7 +260,8 @@ class MixtureTeacher(PreviousSnapshot):
     def at_snapshot(self, name, weights, model, active):
         # log p(y | prefix) at every scored position of the fitness split, on every rank of the group alike (a few
         # windows: cheaper than gathering)
-        self.fitness_scores[name] = score_windows(model, self.fitness, eval_windows(self.fitness, self.cfg.seq_len), self.device)
+        self.fitness_scores[name] = score_windows(model, self.fitness, eval_windows(self.fitness, self.cfg.seq_len), self.device,
+                                                  self.cfg.eval_batch_size)
         if active:
             here = {name: weights}
             self.set_members(self.choose(), lambda n: here[n] if n in here else member_weights(self.cfg, self.track, n), model)
@@ -368,6 +369,15 @@ class Q0Plan:
         self.teacher.load_state_dict(state, self.model)
 
 
+def teachers_in_memory(cfg):
+    """Frozen model copies a rank holds beside the one it trains (for the memory estimate)."""
+    if cfg.mode == "student":
+        return 0 if cfg.teacher_topk else cfg.teacher_k
+    if max(1, cfg.distill_after_cycles) >= cfg.num_cycles:
+        return 0
+    return cfg.distill_teacher_k if cfg.distill_teacher == "mixture" else 1
+
+
 def make_plan(cfg, track, model, data, env):
     if cfg.mode == "student":
         import student  # it imports this file (the losses); only a student run needs it
@@ -384,7 +394,7 @@ def main(argv):
         env = setup_distributed(cfg)
         prepare_run_dir(cfg, env, data, train.RESUME_SAFE_KEYS | set(train.RESUME_TUNABLE_KEYS))
         if env["rank"] == 0:
-            print(train.describe_setup(cfg, env, data))
+            print(train.describe_setup(cfg, env, data, teachers_in_memory(cfg)))
             print(describe_budget(cfg))
         for track in env["my_tracks"]:  # one model in memory at a time
             train.train_track(cfg, track, env, data, make_plan)

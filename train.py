@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -75,6 +75,7 @@ class Config:
     log_every: int = 10              # steps between log lines
     eval_every_epochs: float = 1.0   # val (and fitness) loss; also at the end of every track; 0 = only then
     eval_tokens: int = 0             # tokens per eval split (0 = the whole split)
+    eval_batch_size: int = 16        # windows per eval forward (its fp32 logits: B x seq_len x vocab x 4 bytes; 1.8B: 2)
     ckpt_every_epochs: float = 0.5   # plus at every snapshot and at the end; 0 = only then
     async_checkpoints: bool = True   # write checkpoints on a background thread from a host-memory copy
 
@@ -105,6 +106,7 @@ def validate(cfg, world_size, train_tokens):
     need(cfg.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
     need(cfg.epochs > 0, "epochs", "must be > 0")
     need(cfg.ensemble_size >= 1, "ensemble_size", "must be >= 1")
+    need(cfg.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
     for key in ("muon_lr", "embed_lr", "head_lr", "weight_decay", "grad_clip", "warmup_steps", "eval_every_epochs",
                 "eval_tokens", "ckpt_every_epochs"):
         need(getattr(cfg, key) >= 0, key, "must be >= 0")
@@ -286,7 +288,7 @@ def broadcast_weights(model, env):
 def evaluate(model, tokens, cfg, env):
     """Mean loss over the split's windows (eval_windows), the group's ranks sharing them."""
     windows = eval_windows(tokens, cfg.seq_len, cfg.eval_tokens)[env["group_rank"]::env["group_size"]]
-    lp = score_windows(model, tokens, windows, env["device"])
+    lp = score_windows(model, tokens, windows, env["device"], cfg.eval_batch_size)
     total = torch.tensor([-lp.double().sum().item(), lp.numel()], dtype=torch.float64, device=env["device"])
     env["all_reduce"](total)
     return (total[0] / total[1]).item()
@@ -403,8 +405,9 @@ def grad_accum(cfg, env):
     return cfg.batch_tokens // (cfg.seq_len * cfg.micro_batch_size * env["group_size"])
 
 
-def describe_setup(cfg, env, data):
-    """The batch arithmetic, once (most nanoGPT questions are about exactly this)."""
+def describe_setup(cfg, env, data, teachers=0):
+    """The batch arithmetic, once (most nanoGPT questions are about exactly this), and the memory one GPU needs for
+    it (model.memory_estimate; `teachers` frozen fp32 copies beside the model)."""
     with torch.device("meta"):  # sizes only: no memory, no init
         m = gpt.GPT(gpt.config_for(cfg.model_size, vocab_size=data["meta"]["vocab_size"], seq_len=cfg.seq_len))
     accum = grad_accum(cfg, env)
@@ -416,7 +419,16 @@ def describe_setup(cfg, env, data):
         f"val, {len(data['fitness']):,} fitness",
         f"batch: {cfg.micro_batch_size} seqs x {cfg.seq_len} tokens x {accum} accum x {env['group_size']} ranks/track = "
         f"{cfg.batch_tokens:,} tokens/step | {spe} steps/epoch | {cfg.num_tracks()} track(s) on {env['world']} rank(s) "
-        f"in {env['world'] // env['group_size']} group(s) | device {env['device']}"])
+        f"in {env['world'] // env['group_size']} group(s) | device {env['device']}",
+        "memory per process (estimate, model.memory_estimate): " + memory_line(m.cfg, cfg, teachers)])
+
+
+def memory_line(model_cfg, cfg, teachers):
+    est = gpt.memory_estimate(replace(model_cfg, dropout=cfg.dropout), cfg.micro_batch_size, "fp32" if teachers else None,
+                              max(1, teachers), cfg.eval_batch_size)
+    parts = ("weights", "grads", "muon_momentum", "adam_moments", "teacher", "activations", "logits_train")
+    return (f"peak {est['peak_train'] / 2**30:.2f} GiB in training ({', '.join(f'{k} {est[k] / 2**30:.2f}' for k in parts)}), "
+            f"{est['peak_eval'] / 2**30:.2f} GiB at eval (batch {cfg.eval_batch_size})")
 
 
 def main(argv):

@@ -17,4 +17,5 @@ warmup_steps = 50
 decay = "cosine"
 eval_every_epochs = 1.0
 eval_tokens = 1048576
-ckpt_every_epochs = 0.25
+eval_batch_size = 2            # fp32 logits 2 x 2048 x 50257 x 4 B = 0.8 GB per eval forward
+ckpt_every_epochs = 0.5        # ~12 min of work at most lost to a crash (see fineweb_1p8b_q0.py)

@@ -1,0 +1,101 @@
+"""tools/export.py (safetensors export and its round trip) on hand-made member files: no training, milliseconds."""
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+import eval as ev  # noqa: E402
+import model as gpt  # noqa: E402
+from tools import export as ex  # noqa: E402
+
+META = dict(tokenizer="byte", vocab_size=257, bos_id=256)
+
+
+def fake_run(run_dir, n=3, dtype=torch.float32):
+    """A run folder of n members of random weights (members/*.pt, manifests through common.save_member) and a
+    prior.json fit by eval.write_prior on random fitness scores."""
+    cfg = gpt.config_for("tiny", vocab_size=320, seq_len=32)
+    names = []
+    for i in range(n):
+        model = gpt.build(cfg, "cpu")
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        name = f"t0-c{i + 1:03d}"
+        row = dict(name=name, mode="q0", track=0, cycle=i + 1, budget_epochs=2 * (i + 1))
+        state = {k: v.detach().to(dtype).clone() for k, v in model.state_dict().items()}
+        common.save_member(run_dir, row, model, META, state)
+        names.append(name)
+    L = np.log(np.random.default_rng(0).dirichlet(np.ones(n), size=64).T)  # (n, 64) log-probs
+    shas = {name: ev.member_sha256(Path(run_dir) / "members" / f"{name}.pt") for name in names}
+    pj = ev.write_prior(Path(run_dir) / "prior.json", names, L, member_sha256=shas)
+    return names, pj
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_export_round_trip_is_bit_for_bit(tmp_path, dtype):
+    run = tmp_path / "run"
+    names, pj = fake_run(run, dtype=dtype)
+    x = torch.randint(0, 257, (2, 32))
+    for kwargs, want in [(dict(member=names[1]), [(names[1], 1.0)]), (dict(k=2), ex.prior.members_at(pj, 2))]:
+        out = tmp_path / "out" / str(kwargs)
+        config = ex.export(run, out, **kwargs)
+        models, read = ex.load_export(out)
+        assert read == json.loads((out / "config.json").read_text()) == config
+        assert [(m["name"], m["weight"]) for m in config["members"]] == want
+        assert config["safetensors_sha256"] == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+        assert config["tokenizer"] == dict(name="byte", vocab_size=257, bos_id=256)
+        assert config["dtype"] == str(dtype).removeprefix("torch.")
+        from safetensors import safe_open  # the standard reader, no q0 code: the stored tensors are the member's
+        with safe_open(out / "model.safetensors", "pt") as f:
+            for m in config["members"]:
+                stored = torch.load(run / "members" / f"{m['name']}.pt", weights_only=True)["model"]
+                for key, v in stored.items():
+                    assert torch.equal(f.get_tensor(m["prefix"] + key), v) and f.get_tensor(m["prefix"] + key).dtype == dtype
+        for (model, w), (name, want_w) in zip(models, want):
+            ref, _ = common.load_member(run / "members" / f"{name}.pt", expected=name)
+            assert w == want_w
+            for (k, a), (k2, b) in zip(model.state_dict().items(), ref.state_dict().items()):
+                assert k == k2 and torch.equal(a, b), k
+            with torch.no_grad():
+                assert torch.equal(model(x), ref(x))
+
+
+def test_export_refuses_what_it_cannot_vouch_for(tmp_path):
+    run = tmp_path / "run"
+    names, pj = fake_run(run)
+    out = tmp_path / "out"
+    ex.export(run, out, k=1)
+    (out / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes()[:-1] + b"\0")
+    with pytest.raises(common.UserError, match="does not match the sha256"):
+        ex.load_export(out)
+    with pytest.raises(common.UserError, match="not found"):
+        ex.export(run, out, member="t9-c001")
+    pj["weights"][names[0]] = 0.99  # an edit on disk
+    (run / "prior.json").write_text(json.dumps(pj))
+    with pytest.raises(common.UserError, match="re-run python eval.py"):
+        ex.export(run, out, k=2)
+
+
+def test_export_cli_and_standard_tools(tmp_path):
+    """The CLI, then the checks the docstring gives: sha256sum against config.json, safe_open's listing."""
+    run = tmp_path / "run"
+    _, pj = fake_run(run, n=2)
+    config = ex.main([str(run), "--k", "2"])
+    out = run / "export" / "top2"
+    assert [(m["name"], m["weight"]) for m in config["members"]] == ex.prior.members_at(pj, 2)
+    sha = subprocess.run(["sha256sum", str(out / "model.safetensors")], capture_output=True, text=True).stdout.split()[0]
+    assert sha == json.loads((out / "config.json").read_text())["safetensors_sha256"]
+    from safetensors import safe_open
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.metadata()["format"] == "pt"
+        assert {k.split(".")[1] for k in f.keys()} == {"0", "1"}

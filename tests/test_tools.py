@@ -1,4 +1,5 @@
-"""tools/export.py (safetensors export and its round trip) on hand-made member files: no training, milliseconds."""
+"""What researchers look at and load elsewhere: tools/export.py (safetensors export and its round trip) on hand-made
+member files, and eval.py's comparison plot on hand-made reports. No training, milliseconds."""
 import hashlib
 import json
 import subprocess
@@ -99,3 +100,14 @@ def test_export_cli_and_standard_tools(tmp_path):
     with safe_open(out / "model.safetensors", "pt") as f:
         assert f.metadata()["format"] == "pt"
         assert {k.split(".")[1] for k in f.keys()} == {"0", "1"}
+
+
+def test_comparison_plot(tmp_path):
+    """compare.png: the population's budget curve and each baseline's own number at its budget."""
+    pytest.importorskip("matplotlib")
+    curve = [dict(budget_epochs=b, prior_val=3.0 - 0.01 * b) for b in (2, 4, 8)]
+    reps = [dict(run="runs/q", mode="q0", num_members=4, budget_epochs=8, budget_curve=curve, summary=dict(prior_val=2.92)),
+            dict(run="runs/s", mode="single", num_members=1, budget_epochs=8, summary=dict(best_member_val=2.99)),
+            dict(run="runs/e", mode="ensemble", num_members=2, budget_epochs=8, summary=dict(uniform_val=2.95))]
+    assert ev.plot_comparison(reps, tmp_path / "compare.png")
+    assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -111,3 +111,62 @@ def test_comparison_plot(tmp_path):
             dict(run="runs/e", mode="ensemble", num_members=2, budget_epochs=8, summary=dict(uniform_val=2.95))]
     assert ev.plot_comparison(reps, tmp_path / "compare.png")
     assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+MC_TASK = """task: q0_mc_tiny
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+@pytest.mark.slow  # lm-eval's import and its task machinery take seconds
+@pytest.mark.parametrize("k", [1, 2])
+def test_lm_eval_adapter_equals_the_projects_multiple_choice_scorer(tmp_path, monkeypatch, k):
+    """tools/lm_eval_q0.py's q0-mixture through lm-eval's own evaluator on a local YAML task over tests/fixtures/
+    mc_tiny.jsonl: every choice's log-likelihood equals tools/downstream.py's mixture score of the same choice up to
+    fp32 rounding (other batches, sums in another order), so acc is the same; acc_norm follows each one's own
+    convention (module docstrings)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+    from tools import downstream as ds, lm_eval_q0  # noqa: F401 (registers q0-mixture)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run_dir = tmp_path / "run"
+    names, pj = fake_run(run_dir)
+    fixture = ROOT / "tests" / "fixtures" / "mc_tiny.jsonl"
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "q0_mc_tiny.yaml").write_text(MC_TASK.format(path=fixture))
+    out = lm_eval.simple_evaluate(model="q0-mixture", model_args=f"run={run_dir},k={k}", tasks=["q0_mc_tiny"],
+                                  task_manager=TaskManager(include_path=str(tmp_path / "tasks")), device="cpu",
+                                  batch_size=4, log_samples=True)
+    samples = sorted(out["samples"]["q0_mc_tiny"], key=lambda s: s["doc_id"])
+    lls = [[r[0] for r in s["filtered_resps"]] for s in samples]  # (question, choice) log-likelihoods
+
+    rows = common.read_manifest(run_dir)
+    run = dict(dir=run_dir, rows=rows, names=names, seq_len=32, cfg=dict(data_dir="none"),
+               val=dict(meta=dict(META, split="val")))  # what downstream needs of an open run (eval.open_run)
+    qs = ds.read_questions(str(fixture))
+    seqs, n_cont, _, first = ds.choice_sequences(qs, ds.tokenizer_for_meta(run["val"]["meta"]), 32)
+    mix = ex.prior.members_at(pj, k)
+    lp = torch.logsumexp(torch.stack([torch.from_numpy(ds.continuation_logprobs(ev.load(run, n, "cpu"), seqs, n_cont,
+                                                                                  torch.device("cpu"))) + np.log(w)
+                                      for n, w in mix]), 0).numpy()  # downstream's per-token mixture
+    ends = np.cumsum(n_cont)
+    want = [[float(lp[e - n:e].sum()) for e, n in zip(ends[f:f + len(q["choices"])], n_cont[f:f + len(q["choices"])])]
+            for f, q in zip(first, qs)]
+    np.testing.assert_allclose(np.concatenate(lls), np.concatenate(want), rtol=0, atol=1e-4)  # measured: 4e-6
+    result = out["results"]["q0_mc_tiny"]
+    got = ds.downstream(run, pj, names[0], str(fixture), torch.device("cpu"))["results"][f"prior K={k}"]
+    assert result["acc,none"] == pytest.approx(got["acc"])
+    norm = [int(np.argmax(np.array(w) / [len(c) for c in q["choices"]])) == q["label"] for w, q in zip(want, qs)]
+    assert result["acc_norm,none"] == pytest.approx(np.mean(norm))  # lm-eval divides by len(choice)

@@ -12,9 +12,11 @@ import hashlib
 import inspect
 import json
 import os
+import platform
 import re
 import shutil
 import socket
+import subprocess
 import sys
 from contextlib import nullcontext
 from dataclasses import asdict, fields
@@ -26,6 +28,8 @@ import torch.distributed as dist
 
 import model as gpt
 from prepare_data import UserError, load_split  # the one error type: below us, so data prep needs no torch
+
+ROOT = Path(__file__).resolve().parent  # the project's folder: provenance() asks git about it
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -616,10 +620,34 @@ def current_config(record):
     return config
 
 
+def provenance(env, data):
+    """What this start ran with, for config.json's "provenance" (recorded, never compared on resume): the git commit
+    and whether the checkout had changes (None outside a git checkout of this folder), Python, torch, CUDA, the GPUs
+    rank 0 sees, world size, torch's thread count (float sums, so the numbers, change with it), rank 0's host, and the
+    data's source, tokenizer and dataset revision from its meta."""
+    def git(*args):
+        try:
+            r = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=60)
+            return r.stdout if r.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            return None
+    top_head = (git("rev-parse", "--show-toplevel", "HEAD") or "").split()
+    ours = len(top_head) == 2 and Path(top_head[0]).resolve() == ROOT  # not the commit of a repository around us
+    status = git("status", "--porcelain") if ours else None
+    meta = data["train_meta"]
+    return dict(git_commit=top_head[1] if ours else None, git_dirty=None if status is None else bool(status.strip()),
+                python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
+                gpus=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [],
+                world_size=env["world"], threads=torch.get_num_threads(), host=socket.gethostname(),
+                data={k: meta.get(k) for k in ("source", "source_detail", "tokenizer", "dataset_revision")})
+
+
 def prepare_run_dir(cfg, env, data, resume_safe_keys=()):
     """All ranks use cfg.out_dir (one deterministic name, no timestamps); rank 0 checks and writes config.json. A
     resume may change only resume_safe_keys (the script's keys that do not change what the run computes): the
-    first config is kept and each resume that changes one appends {keys: {key: [old, new]}, at} to "resumes"."""
+    first config is kept and each resume that changes one appends {keys: {key: [old, new]}, at} to "resumes". Every
+    start appends its provenance() to "provenance" with its time, unless it equals the last one there (a resume on
+    the same code and machine writes nothing)."""
     run_dir = Path(cfg.out_dir)
     if blocker := not_a_folder(run_dir):  # before anything is written
         raise UserError(f"--out_dir={cfg.out_dir} cannot be a run folder: {blocker} is a file. Point --out_dir at a "
@@ -627,6 +655,9 @@ def prepare_run_dir(cfg, env, data, resume_safe_keys=()):
     config_path = run_dir / "config.json"
     record = dict(config=asdict(cfg), data={s: data[s + "_meta"]["sha256"] for s in ("train", "fitness", "val")})
     if env["rank"] == 0:
+        at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        start = dict(provenance(env, data), at=at)
+        record["provenance"] = [start]
         # torchrun --max-restarts passes --resume=True to its first attempt too: there, nothing to resume is fine
         first_attempt = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"
         if cfg.resume and not config_path.exists() and not first_attempt:
@@ -647,8 +678,11 @@ def prepare_run_dir(cfg, env, data, resume_safe_keys=()):
                                 f"(sha256 in {config_path}). Use the original data or a new --out_dir")
             changed = {k: [was[k], v] for k, v in record["config"].items()
                        if k in was and k != "resume" and json.dumps(was[k]) != json.dumps(v)}
-            at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            record = dict(old, resumes=old.get("resumes", []) + [dict(keys=changed, at=at)]) if changed else None
+            starts = old.get("provenance", [])
+            moved = not starts or dict(starts[-1], at=at) != start  # another commit, machine, thread count, ...
+            record = dict(old, provenance=starts + [start] if moved else starts) if changed or moved else None
+            if changed:
+                record["resumes"] = old.get("resumes", []) + [dict(keys=changed, at=at)]
         if record:  # a resume that changes nothing leaves config.json as it is
             write_json(record, config_path, checked=True)
     if env["world"] > 1:

@@ -406,13 +406,21 @@ def print_report(rep):
         print(f"sample (prior top {rep['sample']['k']}):\n{rep['sample']['prompt']}{rep['sample']['text']}")
 
 
-def plot(rep, path):
-    """RUN/eval.png when matplotlib is installed (optional): val loss against K and against the budget."""
+def pyplot():
+    """matplotlib.pyplot drawing to files (Agg), or None without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot(rep, path):
+    """RUN/eval.png when matplotlib is installed: val loss against K and against the budget."""
+    plt = pyplot()
+    if plt is None:
         return False
     e, c = rep["ensemble"], rep["budget_curve"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
@@ -430,10 +438,42 @@ def plot(rep, path):
     return True
 
 
+def own(rep):
+    """A run's own number: the single model's val, the naive ensemble's uniform average, the population's prior."""
+    return rep["summary"][{"single": "best_member_val", "ensemble": "uniform_val"}.get(rep["mode"], "prior_val")]
+
+
+def plot_comparison(reps, path):
+    """compare.png when matplotlib is installed: each population's prior val against the epoch budget (its budget
+    curve, log x), each baseline's own val (own) as a point at its budget."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in reps:
+        if r["mode"] in ("q0", "chain"):
+            c = r["budget_curve"]
+            ax.plot([x["budget_epochs"] for x in c], [x["prior_val"] for x in c], marker="o", ms=3,
+                    label=f"{r['run']} ({r['mode']}: learned prior over the members so far; {own(r):.4f})")
+        else:
+            ax.plot([r["budget_epochs"]], [own(r)], marker="s", ms=8, ls="none",
+                    label=f"{r['run']} ({r['mode']}, {r['num_members']} member{'s' * (r['num_members'] > 1)}; {own(r):.4f})")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+    ax.set(xlabel="budget (epochs of the training data)", ylabel="val loss (nats/token)",
+           title="val loss against the epoch budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def print_comparison(reps, out=None):
     """One row per run; the last column is each method's own number: the single model, the naive ensemble's uniform
-    average, the q0 population's prior (all K). Runs of equal budget compare directly."""
-    own = lambda r: r["summary"][{"single": "best_member_val", "ensemble": "uniform_val"}.get(r["mode"], "prior_val")]
+    average, the q0 population's prior (all K). Runs of equal budget compare directly; compare.png (plot_comparison)
+    goes to `out`, or to the first run's folder."""
     print("\nrun                          | mode     | members | budget | best member val | uniform val | prior val | "
           "its method's val")
     for r in reps:
@@ -452,6 +492,9 @@ def print_comparison(reps, out=None):
         Path(out).mkdir(parents=True, exist_ok=True)
         keys = ("run", "mode", "num_members", "budget_epochs", "best_member", "summary")
         eval_write(write_json, [{k: r[k] for k in keys} for r in reps], Path(out) / "compare.json")
+    png = Path(out or reps[0]["run"]) / "compare.png"
+    if plot_comparison(reps, png):
+        print(f"wrote {png}")
 
 
 # -----------------------------------------------------------------------------

@@ -59,6 +59,7 @@ heldout_piece_tokens = 0          # files, fineweb: 0 = val and fitness take who
 fineweb_val_tokens = 10_000_000   # Slowrun val split
 fineweb_fitness_tokens = 131_072  # q0 (ref): ~131K held-out tokens to fit the ensemble weights
 fineweb_train_budget_tokens = 100_000_000  # Slowrun: 100M tokens of training data, train + fitness (carved from it)
+fineweb_revision = "main"         # hub branch or commit streamed (in the meta); "main" moves, a commit sha pins it
 log_interval_s = 10.0             # seconds between progress lines
 # -----------------------------------------------------------------------------
 
@@ -226,11 +227,11 @@ class FileDocuments:
             raise UserError(f"{path}: cannot read as UTF-8 text ({one_line(e)})") from e
 
 
-def fineweb_texts():
-    """FineWeb's sample-10BT in stream order; only as much of it is downloaded as the splits take."""
+def fineweb_texts(revision):
+    """FineWeb's sample-10BT at `revision` in stream order; only as much of it is downloaded as the splits take."""
     try:
         from datasets import load_dataset
-        for row in load_dataset(FINEWEB_ID, name=FINEWEB_CONFIG, split="train", streaming=True):
+        for row in load_dataset(FINEWEB_ID, name=FINEWEB_CONFIG, split="train", streaming=True, revision=revision):
             yield row["text"]
     except Exception as e:  # hub unreachable, or the stream broke part way
         raise UserError(f"cannot stream {FINEWEB_ID} ({one_line(e)}); offline cluster? copy its parquet files "
@@ -337,7 +338,7 @@ def prepare(args):
     tok = get_tokenizer(args.tokenizer, args.gpt2_vocab_dir)
     dtype = np.dtype("<u2" if tok.vocab_size <= 2**16 else "<u4")  # little-endian whatever the machine
     targets = {"val": args.val_tokens, "fitness": args.fitness_tokens, "train": args.train_tokens}
-    budget = None  # pydoc/files: --train_tokens is the train split alone
+    budget, revision = None, None  # pydoc/files: --train_tokens is the train split alone; no hub revision
     if args.source == "fineweb":
         defaults = {"val": fineweb_val_tokens, "fitness": fineweb_fitness_tokens, "train": fineweb_train_budget_tokens}
         targets = {s: defaults[s] if t is None else t for s, t in targets.items()}
@@ -346,7 +347,8 @@ def prepare(args):
         if targets["train"] <= 0:
             raise UserError(f"the fineweb training budget (--train_tokens) of {budget:,} tokens holds train + fitness, "
                             f"so it must exceed the {targets['fitness']:,} fitness tokens")
-        texts, detail, seed = fineweb_texts(), f"{FINEWEB_ID}/{FINEWEB_CONFIG}", None
+        revision = args.fineweb_revision
+        texts, detail, seed = fineweb_texts(revision), f"{FINEWEB_ID}/{FINEWEB_CONFIG}", None
     else:
         docs, detail = pydoc_documents() if args.source == "pydoc" else (FileDocuments(args.files), args.files)
         if len(docs) == 0:
@@ -377,7 +379,8 @@ def prepare(args):
         for split, w in writers.items():
             w.file.close()
             meta = {"format_version": FORMAT_VERSION, "split": split, "source": args.source, "source_detail": detail,
-                    "split_seed": seed, "tokenizer": tok.name, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
+                    "split_seed": seed, "dataset_revision": revision, "tokenizer": tok.name,
+                    "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
                     "dtype": dtype.name, "num_tokens": w.num_tokens, "num_docs": len(w.doc_starts),
                     "sha256": w.sha256.hexdigest(), "train_budget_tokens": budget,
                     "heldout_piece_tokens": args.heldout_piece_tokens}
@@ -416,6 +419,7 @@ def parse_args(argv=None):
     p.add_argument("--heldout_piece_tokens", type=int, help="0: val and fitness take whole documents; N: both take "
                    f"interleaved N-token pieces of one held-out pool (docstring); default {heldout_piece_tokens} "
                    f"({pydoc_piece_tokens} for pydoc)")
+    p.add_argument("--fineweb_revision", default=fineweb_revision, help="fineweb: hub branch or commit sha streamed")
     p.add_argument("--gpt2_vocab_dir", help="offline GPT-2 BPE files (default: env Q0_GPT2_VOCAB_DIR)")
     args = p.parse_args(argv)
     if args.source == "pydoc":  # the quick start's split, unless asked otherwise

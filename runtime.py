@@ -17,7 +17,8 @@ continues the run, and exits 130 or 143. Inside a track's loop a signal is acted
 arrives in (all ranks of the track at the same step): the checkpoint being written finishes, a checkpoint of that
 step is written (at 1.8B ~15 GB: a device-to-host copy, the sha256 at ~1.8 GB/s and the write, about half a minute
 on a fast file system; not measured on a GPU node), then the run stops; elsewhere, or at a second signal, it stops
-at once. Nothing is written from a state that failed the finiteness check.
+at once (a second SIGTERM excepted: under SLURM each worker gets one from SLURM and one from torchrun). Nothing is
+written from a state that failed the finiteness check.
 
 Files of a track: ckpt.pt (model, optimizers, step, plan state, config, log row count; sha256 inside),
 started.json (written with the first checkpoint: from then on a start without ckpt.pt is refused instead of
@@ -58,6 +59,8 @@ def _on_signal(signum, frame):
     if _signals["deferring"] and _signals["pending"] is None:
         _signals["pending"] = signum  # acted on at the end of the step (TrackRun.stop_if_asked)
         return
+    if _signals["deferring"] and _signals["pending"] == signum == signal.SIGTERM:
+        return  # the same request again: SLURM signals every process of a step, and torchrun forwards it too
     raise Stop(signum)
 
 

@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import prepare_data  # noqa: E402
 import q0  # noqa: E402
+import runtime  # noqa: E402
 import train  # noqa: E402
 
 PYTHON = sys.executable
@@ -28,8 +29,52 @@ TINY = dict(model_size="tiny", seq_len=32, batch_tokens=1024, micro_batch_size=8
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: spawns train.py (python or torchrun) or trains a run of its own: "
-                                       "seconds, not milliseconds; still part of the default run")
+    config.addinivalue_line("markers", "slow: trains a model (a TrackRun) or spawns Python or torchrun: seconds, not "
+                                       "milliseconds; still part of the default run, left out by -m 'not slow'")
+
+
+# the module fixtures that train a run (test_eval, test_train, test_q0, test_faults): a test that needs one, directly or
+# through another fixture, is slow without a marker of its own
+TRAINED_RUN_FIXTURES = {"tiny_run", "single_run", "q0_run", "ref"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TRAINED_RUN_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+class FastLaneError(AssertionError):
+    pass
+
+
+def refuse_in_fast_lane(what, nodeid):
+    raise FastLaneError(f"{nodeid} {what} but is not marked @pytest.mark.slow: mark it, so that `pytest -m 'not slow'` "
+                        f"stays under a minute")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A test without the slow marker (its fixtures included) that trains or spawns Python or torchrun fails, naming
+    itself: the fast lane cannot grow slow by accident. Other small programs (bash -n, git, sha256sum) are fine."""
+    if item.get_closest_marker("slow"):
+        return (yield)
+    popen, track_init = subprocess.Popen, runtime.TrackRun.__init__
+
+    class GuardedPopen(popen):
+        def __init__(self, args, *a, **k):
+            first = Path(str(args[0] if isinstance(args, (list, tuple)) else str(args).split()[0])).name
+            if first.startswith("python") or first == "torchrun" or first == Path(PYTHON).name:
+                refuse_in_fast_lane(f"spawns {first}", item.nodeid)
+            super().__init__(args, *a, **k)
+
+    def guarded_track_init(self, *a, **k):
+        refuse_in_fast_lane("trains a model (runtime.TrackRun)", item.nodeid)
+    subprocess.Popen, runtime.TrackRun.__init__ = GuardedPopen, guarded_track_init
+    try:
+        return (yield)
+    finally:
+        subprocess.Popen, runtime.TrackRun.__init__ = popen, track_init
 
 
 # -----------------------------------------------------------------------------------------------------

@@ -90,6 +90,7 @@ def test_population_curve_uses_one_prior_fit_per_budget(monkeypatch):
     assert free[1][2] == pytest.approx(-math.log((0.5 + 0.25 + 0.125) / 3))
 
 
+@pytest.mark.slow
 def test_claim_keeps_a_live_trainer_and_takes_over_a_dead_ones(tmp_path):
     run_dir = tmp_path / "runs" / "q0-s1"
     assert reproduce.claim(run_dir) and (run_dir / "TRAINING").read_text() == str(os.getpid())
@@ -102,6 +103,7 @@ def test_claim_keeps_a_live_trainer_and_takes_over_a_dead_ones(tmp_path):
     assert reproduce.claim(run_dir) and (run_dir / "TRAINING").read_text() == str(os.getpid())
 
 
+@pytest.mark.slow
 def test_gpu_check_script_runs_end_to_end_on_cpu():
     """bench/gpu_check.py is meant for the first CUDA machine; its dry run on CPU exercises every part but the
     flash check and the CUDA numbers, and prints the JSON a GPU run fills in."""

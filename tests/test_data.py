@@ -353,6 +353,7 @@ def test_get_tokenizer_unknown_name():
         pd.get_tokenizer("sentencepiece")
 
 
+@pytest.mark.slow
 def test_cli_exit_code_and_message(tmp_path):
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--source", "files", "--files",
@@ -422,6 +423,7 @@ def test_load_split_verify_false_skips_hash_only(tmp_path, pydoc_data):
         pd.load_split(d, "val_oops")  # no such split: its meta is missing
 
 
+@pytest.mark.slow
 def test_loading_needs_only_numpy(pydoc_data):
     code = ("import sys, prepare_data as pd; t, m = pd.load_split(sys.argv[1], 'val'); "
             "print(len(t), m['num_tokens'], sorted({'datasets', 'tiktoken', 'torch'} & set(sys.modules)))")

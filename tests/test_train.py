@@ -429,6 +429,7 @@ def record_saves(monkeypatch):
     return saves
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
     """A loss that turns NaN at step 8 (injected: the soft-cap and the norms keep even a huge LR finite here)."""
     real_loss, calls = train.SinglePlan.loss, [0]
@@ -461,6 +462,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, 
     assert (run_dir / "members" / "single.pt").exists()
 
 
+@pytest.mark.slow
 def test_full_disk_stops_before_writing(tiny_data, tmp_path, monkeypatch):
     run_dir = tmp_path / "full"
 
@@ -496,6 +498,7 @@ def test_bad_values_are_refused_by_name_before_anything_is_written(tiny_data, tm
     assert not run_dir.exists()  # nothing written: the same command with the value fixed starts cleanly
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, keys", [("train.py", ["--epochs", "--muon_lr"]),
                                           ("q0.py", ["--epochs_per_cycle", "--distill_alpha", "--muon_lr"])])
 def test_help_lists_every_key_with_its_default_and_meaning(script, keys):
@@ -584,6 +587,7 @@ def test_a_restart_on_one_node_scopes_the_store_keys_by_attempt(monkeypatch, cap
     assert common.restart_store(2, 0, datetime.timedelta(minutes=5)) == {} and len(made) == 1
 
 
+@pytest.mark.slow
 def test_nan_gradient_with_a_finite_loss_takes_no_step(tiny_data, tmp_path, monkeypatch, fault):
     """An overflow in the backward pass leaves the loss finite and the gradients NaN (injected at step 8): the step
     must not be taken, nothing written from it, and the message must name the last good checkpoint truly."""

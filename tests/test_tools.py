@@ -1,0 +1,172 @@
+"""What researchers look at and load elsewhere: tools/export.py (safetensors export and its round trip) on hand-made
+member files, and eval.py's comparison plot on hand-made reports. No training, milliseconds."""
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+import eval as ev  # noqa: E402
+import model as gpt  # noqa: E402
+from tools import export as ex  # noqa: E402
+
+META = dict(tokenizer="byte", vocab_size=257, bos_id=256)
+
+
+def fake_run(run_dir, n=3, dtype=torch.float32):
+    """A run folder of n members of random weights (members/*.pt, manifests through common.save_member) and a
+    prior.json fit by eval.write_prior on random fitness scores."""
+    cfg = gpt.config_for("tiny", vocab_size=320, seq_len=32)
+    names = []
+    for i in range(n):
+        model = gpt.build(cfg, "cpu")
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        name = f"t0-c{i + 1:03d}"
+        row = dict(name=name, mode="q0", track=0, cycle=i + 1, budget_epochs=2 * (i + 1))
+        state = {k: v.detach().to(dtype).clone() for k, v in model.state_dict().items()}
+        common.save_member(run_dir, row, model, META, state)
+        names.append(name)
+    L = np.log(np.random.default_rng(0).dirichlet(np.ones(n), size=64).T)  # (n, 64) log-probs
+    shas = {name: ev.member_sha256(Path(run_dir) / "members" / f"{name}.pt") for name in names}
+    pj = ev.write_prior(Path(run_dir) / "prior.json", names, L, member_sha256=shas)
+    return names, pj
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_export_round_trip_is_bit_for_bit(tmp_path, dtype):
+    run = tmp_path / "run"
+    names, pj = fake_run(run, dtype=dtype)
+    x = torch.randint(0, 257, (2, 32))
+    for kwargs, want in [(dict(member=names[1]), [(names[1], 1.0)]), (dict(k=2), ex.prior.members_at(pj, 2))]:
+        out = tmp_path / "out" / str(kwargs)
+        config = ex.export(run, out, **kwargs)
+        models, read = ex.load_export(out)
+        assert read == json.loads((out / "config.json").read_text()) == config
+        assert [(m["name"], m["weight"]) for m in config["members"]] == want
+        assert config["safetensors_sha256"] == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+        assert config["tokenizer"] == dict(name="byte", vocab_size=257, bos_id=256)
+        assert config["dtype"] == str(dtype).removeprefix("torch.")
+        from safetensors import safe_open  # the standard reader, no q0 code: the stored tensors are the member's
+        with safe_open(out / "model.safetensors", "pt") as f:
+            for m in config["members"]:
+                stored = torch.load(run / "members" / f"{m['name']}.pt", weights_only=True)["model"]
+                for key, v in stored.items():
+                    assert torch.equal(f.get_tensor(m["prefix"] + key), v) and f.get_tensor(m["prefix"] + key).dtype == dtype
+        for (model, w), (name, want_w) in zip(models, want):
+            ref, _ = common.load_member(run / "members" / f"{name}.pt", expected=name)
+            assert w == want_w
+            for (k, a), (k2, b) in zip(model.state_dict().items(), ref.state_dict().items()):
+                assert k == k2 and torch.equal(a, b), k
+            with torch.no_grad():
+                assert torch.equal(model(x), ref(x))
+
+
+def test_export_refuses_what_it_cannot_vouch_for(tmp_path):
+    run = tmp_path / "run"
+    names, pj = fake_run(run)
+    out = tmp_path / "out"
+    ex.export(run, out, k=1)
+    (out / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes()[:-1] + b"\0")
+    with pytest.raises(common.UserError, match="does not match the sha256"):
+        ex.load_export(out)
+    with pytest.raises(common.UserError, match="not found"):
+        ex.export(run, out, member="t9-c001")
+    pj["weights"][names[0]] = 0.99  # an edit on disk
+    (run / "prior.json").write_text(json.dumps(pj))
+    with pytest.raises(common.UserError, match="re-run python eval.py"):
+        ex.export(run, out, k=2)
+
+
+def test_export_cli_and_standard_tools(tmp_path):
+    """The CLI, then the checks the docstring gives: sha256sum against config.json, safe_open's listing."""
+    run = tmp_path / "run"
+    _, pj = fake_run(run, n=2)
+    config = ex.main([str(run), "--k", "2"])
+    out = run / "export" / "top2"
+    assert [(m["name"], m["weight"]) for m in config["members"]] == ex.prior.members_at(pj, 2)
+    sha = subprocess.run(["sha256sum", str(out / "model.safetensors")], capture_output=True, text=True).stdout.split()[0]
+    assert sha == json.loads((out / "config.json").read_text())["safetensors_sha256"]
+    from safetensors import safe_open
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.metadata()["format"] == "pt"
+        assert {k.split(".")[1] for k in f.keys()} == {"0", "1"}
+
+
+def test_comparison_plot(tmp_path):
+    """compare.png: the population's budget curve and each baseline's own number at its budget."""
+    pytest.importorskip("matplotlib")
+    curve = [dict(budget_epochs=b, prior_val=3.0 - 0.01 * b) for b in (2, 4, 8)]
+    reps = [dict(run="runs/q", mode="q0", num_members=4, budget_epochs=8, budget_curve=curve, summary=dict(prior_val=2.92)),
+            dict(run="runs/s", mode="single", num_members=1, budget_epochs=8, summary=dict(best_member_val=2.99)),
+            dict(run="runs/e", mode="ensemble", num_members=2, budget_epochs=8, summary=dict(uniform_val=2.95))]
+    assert ev.plot_comparison(reps, tmp_path / "compare.png")
+    assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+MC_TASK = """task: q0_mc_tiny
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+@pytest.mark.slow  # lm-eval's import and its task machinery take seconds
+@pytest.mark.parametrize("k", [1, 2])
+def test_lm_eval_adapter_equals_the_projects_multiple_choice_scorer(tmp_path, monkeypatch, k):
+    """tools/lm_eval_q0.py's q0-mixture through lm-eval's own evaluator on a local YAML task over tests/fixtures/
+    mc_tiny.jsonl: every choice's log-likelihood equals tools/downstream.py's mixture score of the same choice up to
+    fp32 rounding (other batches, sums in another order), so acc is the same; acc_norm follows each one's own
+    convention (module docstrings)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+    from tools import downstream as ds, lm_eval_q0  # noqa: F401 (registers q0-mixture)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run_dir = tmp_path / "run"
+    names, pj = fake_run(run_dir)
+    fixture = ROOT / "tests" / "fixtures" / "mc_tiny.jsonl"
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "q0_mc_tiny.yaml").write_text(MC_TASK.format(path=fixture))
+    out = lm_eval.simple_evaluate(model="q0-mixture", model_args=f"run={run_dir},k={k}", tasks=["q0_mc_tiny"],
+                                  task_manager=TaskManager(include_path=str(tmp_path / "tasks")), device="cpu",
+                                  batch_size=4, log_samples=True)
+    samples = sorted(out["samples"]["q0_mc_tiny"], key=lambda s: s["doc_id"])
+    lls = [[r[0] for r in s["filtered_resps"]] for s in samples]  # (question, choice) log-likelihoods
+
+    rows = common.read_manifest(run_dir)
+    run = dict(dir=run_dir, rows=rows, names=names, seq_len=32, cfg=dict(data_dir="none"),
+               val=dict(meta=dict(META, split="val")))  # what downstream needs of an open run (eval.open_run)
+    qs = ds.read_questions(str(fixture))
+    seqs, n_cont, _, first = ds.choice_sequences(qs, ds.tokenizer_for_meta(run["val"]["meta"]), 32)
+    mix = ex.prior.members_at(pj, k)
+    lp = torch.logsumexp(torch.stack([torch.from_numpy(ds.continuation_logprobs(ev.load(run, n, "cpu"), seqs, n_cont,
+                                                                                  torch.device("cpu"))) + np.log(w)
+                                      for n, w in mix]), 0).numpy()  # downstream's per-token mixture
+    ends = np.cumsum(n_cont)
+    want = [[float(lp[e - n:e].sum()) for e, n in zip(ends[f:f + len(q["choices"])], n_cont[f:f + len(q["choices"])])]
+            for f, q in zip(first, qs)]
+    np.testing.assert_allclose(np.concatenate(lls), np.concatenate(want), rtol=0, atol=1e-4)  # measured: 4e-6
+    result = out["results"]["q0_mc_tiny"]
+    got = ds.downstream(run, pj, names[0], str(fixture), torch.device("cpu"))["results"][f"prior K={k}"]
+    assert result["acc,none"] == pytest.approx(got["acc"])
+    norm = [int(np.argmax(np.array(w) / [len(c) for c in q["choices"]])) == q["label"] for w, q in zip(want, qs)]
+    assert result["acc_norm,none"] == pytest.approx(np.mean(norm))  # lm-eval divides by len(choice)

@@ -1,0 +1,135 @@
+"""
+tools/export.py: a member, or the learned prior's top-K mixture, as model.safetensors + config.json: the format the
+tools researchers already use read without pickle (safetensors: a JSON header and raw little-endian tensors).
+
+    python tools/export.py runs/quickstart --member t0-c016        # one member  -> runs/quickstart/export/t0-c016/
+    python tools/export.py runs/quickstart --k 4                   # prior's top 4 -> runs/quickstart/export/top4/
+    python tools/export.py runs/quickstart --k 4 --out /tmp/q0-top4
+
+model.safetensors holds the tensors exactly as the member file stores them (fp32 from CPU runs, bf16 from GPU runs):
+one member under its state_dict names (embed.weight, blocks.0.attn.qkv.weight, ...), K members as
+members.{i}.{name} in the mixture's order (heaviest first). config.json holds the model config, the tokenizer (name,
+vocab_size, bos_id; "byte": UTF-8 bytes 0-255 and BOS 256, "gpt2": tiktoken's gpt2 encoding, BOS <|endoftext|>
+50256), each member's name, prior weight and member-file sha256, and the sha256 of model.safetensors. Check an
+export with standard tools, no q0 code:
+
+    sha256sum OUT/model.safetensors                               # == "safetensors_sha256" in OUT/config.json
+    python -c "from safetensors import safe_open; f = safe_open('OUT/model.safetensors', 'pt'); \\
+               print(f.metadata(), {k: f.get_slice(k).get_shape() for k in f.keys()})"
+
+load_export(OUT) rebuilds the models with model.py: every tensor and every logit equal to common.load_member's.
+The mixture's next-token distribution is sum_i w_i softmax(z_i) (probability averaging, as eval.py scores it).
+"""
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load, save as st_save
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script too: the project's modules are one up
+import model as gpt  # noqa: E402
+import prior  # noqa: E402
+from common import UserError, atomic_write, read_json, read_member, write_json  # noqa: E402
+
+FORMAT = "q0-safetensors/1"
+
+
+def prior_mixture(run, k):
+    """[(name, weight), ...]: the top K of RUN/prior.json (prior.members_at), refused when the file was changed on
+    disk or is stale for a member file retrained since it was fit."""
+    pj = read_json(run / "prior.json", "prior", f"write it with python eval.py {run}")
+    if pj.get("sha256") != prior.digest_of(pj):
+        raise UserError(f"{run / 'prior.json'} does not match the sha256 eval.py stored in it (changed on disk, or "
+                        f"written before it kept one): re-run python eval.py {run}, then this command")
+    return prior.members_at(pj, k), pj
+
+
+def read_members(run, mix, pj=None):
+    """The member files of a mixture, checked: their sha256 (safe_load), their name, finite weights, one model config,
+    and, for a prior's mixture, the member files the prior was fit on. -> [ckpt, ...] with ckpt["sha256"] added."""
+    ckpts = []
+    for name, _ in mix:
+        path = run / "members" / f"{name}.pt"
+        if not path.is_file():
+            raise UserError(f"member file {path} not found (members of {run}: {', '.join(sorted(p.stem for p in (run / 'members').glob('*.pt'))) or 'none'})")
+        sha = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("sha256")
+        ckpt = dict(read_member(path, name, fix="retrain it, or export another member"), sha256=sha)
+        bad = [key for key, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise UserError(f"member {name} ({path}) holds non-finite weights (the first {bad[0]}): export another member")
+        fit_on = (pj or {}).get("member_sha256", {}).get(name, sha)
+        if fit_on != sha:
+            raise UserError(f"member {name} changed since {run / 'prior.json'} was fit: re-run python eval.py {run}")
+        if ckpts and ckpt["model_config"] != ckpts[0]["model_config"]:
+            raise UserError(f"members {mix[0][0]} and {name} have different model configs: export them one at a time")
+        ckpts.append(ckpt)
+    return ckpts
+
+
+def export(run, out, member=None, k=None):
+    """Write OUT/model.safetensors and OUT/config.json for one member or the prior's top K. -> the config dict."""
+    run, out = Path(run), Path(out)
+    mix, pj = ([(member, 1.0)], None) if member is not None else prior_mixture(run, k)
+    ckpts = read_members(run, mix, pj)
+    one = member is not None
+    tensors = {(key if one else f"members.{i}.{key}"): v.contiguous()
+               for i, ckpt in enumerate(ckpts) for key, v in ckpt["model"].items()}
+    blob = st_save(tensors, metadata={"format": "pt", "q0_format": FORMAT})
+    atomic_write(out / "model.safetensors", lambda f: f.write(blob), len(blob))
+    data = ckpts[0]["data"]
+    config = dict(format=FORMAT, source_run=str(run), model_config=ckpts[0]["model_config"],
+                  dtype=str(next(iter(ckpts[0]["model"].values())).dtype).removeprefix("torch."),
+                  tokenizer=dict(name=data["tokenizer"], vocab_size=data["vocab_size"], bos_id=data["bos_id"]),
+                  prior=None if one else dict(k=len(mix), method=pj["method"], prior_sha256=pj["sha256"]),
+                  members=[dict(name=n, weight=w, prefix="" if one else f"members.{i}.", member_sha256=c["sha256"],
+                                row=c["row"]) for i, ((n, w), c) in enumerate(zip(mix, ckpts))],
+                  safetensors_sha256=hashlib.sha256(blob).hexdigest())
+    write_json(config, out / "config.json")
+    return config
+
+
+def load_export(folder, device="cpu"):
+    """An export folder -> ([(model in eval mode, weight), ...], config): model.safetensors checked against the sha256
+    in config.json, read without pickle, each member rebuilt with model.py as common.load_member does."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    blob = (folder / "model.safetensors").read_bytes()
+    if hashlib.sha256(blob).hexdigest() != config["safetensors_sha256"]:
+        raise UserError(f"{folder / 'model.safetensors'} does not match the sha256 in its config.json: changed since "
+                        f"it was exported; export it again")
+    tensors, out = st_load(blob), []
+    for m in config["members"]:
+        model = gpt.build(gpt.GPTConfig(**config["model_config"]), device)
+        n = len(m["prefix"])
+        model.load_state_dict({key[n:]: v.float() for key, v in tensors.items() if key.startswith(m["prefix"])})
+        out.append((model.eval(), m["weight"]))
+    return out, config
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="a run folder (for --k: evaluated, with prior.json from eval.py)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--member", help="one member by name (members/NAME.pt)")
+    which.add_argument("--k", type=int, help="the prior's top K members and their renormalised weights")
+    p.add_argument("--out", default=None, help="output folder (default RUN/export/NAME or RUN/export/topK)")
+    args = p.parse_args(argv)
+    try:
+        if args.k is not None and args.k < 1:
+            raise UserError(f"--k {args.k}: must be >= 1", status=2)
+        out = args.out or Path(args.run) / "export" / (args.member or f"top{args.k}")
+        config = export(args.run, out, args.member, args.k)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.status)
+    names = ", ".join(f"{m['name']} {m['weight']:.4f}" for m in config["members"])
+    print(f"wrote {out}/model.safetensors ({config['dtype']}; {names}) and config.json | sha256 "
+          f"{config['safetensors_sha256']}")
+    return config
+
+
+if __name__ == "__main__":
+    main()

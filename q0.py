@@ -93,7 +93,6 @@ class Q0Config(train.Config):
     teacher_k: int = 4               # student: the prior's top K members of teacher_run, weights renormalised
     student_init: str = "scratch"    # student: scratch | best (start from the prior's top member; same model_size)
     teacher_topk: int = 0            # student: 0 = K teacher forwards per step; k = the mixture's top k per token, computed once into out_dir/teacher_topk/
-    teacher_topk_renormalise: bool = False  # student, ablation: rescale the top k to sum 1 instead of a bucket for the rest
 
     def num_tracks(self):
         return 1 if self.mode == "student" else self.num_trajectories
@@ -268,7 +267,7 @@ class MixtureTeacher(PreviousSnapshot):
 
     def choose(self):
         names = list(self.fitness_scores)
-        w, _ = prior.fit_em(np.stack([self.fitness_scores[n].double().numpy() for n in names]))
+        w, _ = prior.FITS[prior.method](np.stack([self.fitness_scores[n].double().numpy() for n in names]))
         idx, wk = prior.mixture(w, self.cfg.distill_teacher_k)
         keep = wk > 1e-3  # a member the prior gives (almost) nothing would cost a forward pass for nothing
         return [(names[i], float(x)) for i, x in zip(idx[keep], wk[keep] / wk[keep].sum())]

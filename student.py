@@ -24,25 +24,21 @@ from common import UserError, array_intact, autocast, load_member, read_json, sa
 from q0 import distill_loss, mixture_log_probs
 
 
-def topk_distill_loss(student_logits, teacher_ids, teacher_probs, targets, alpha, temperature, renormalise=False):
+def topk_distill_loss(student_logits, teacher_ids, teacher_probs, targets, alpha, temperature):
     """distill_loss with the teacher stored as its k likeliest tokens per position (ids j, probabilities p_j): the KL
     over the k tokens plus one bucket for all the others, r = 1 - sum_j p_j, which the student gives
     q_r = 1 - sum_j q_j (q = softmax(z_s / T)):
         KL = sum_j p_j (log p_j - log q_j) + r (log r - log q_r)
-    the exact KL between the two distributions seen at that grain; with k = V it is distill_loss. renormalise=True
-    (an ablation) drops the bucket and rescales p to sum 1 instead, which makes the teacher over-confident."""
+    the exact KL between the two distributions seen at that grain; with k = V it is distill_loss. (Rescaling the top k
+    to sum 1 instead, with no bucket, makes the teacher over-confident and lost: BENCHMARKS.md 3b.1.)"""
     ce = F.cross_entropy(student_logits.flatten(0, 1), targets.flatten())
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
     p = teacher_probs.float()
-    if renormalise:
-        p = p / p.sum(-1, keepdim=True)
     kl = (torch.xlogy(p, p) - p * log_q.gather(-1, teacher_ids)).sum(-1)
-    if not renormalise:
-        log_q_rest = torch.logsumexp(log_q.scatter(-1, teacher_ids, float("-inf")), dim=-1)
-        r = torch.where(torch.isfinite(log_q_rest), (1 - p.sum(-1)).clamp_min(0), 0.0)  # k = V: no bucket
-        kl = kl + torch.xlogy(r, r) - torch.where(r > 0, r * log_q_rest, 0.0)
+    log_q_rest = torch.logsumexp(log_q.scatter(-1, teacher_ids, float("-inf")), dim=-1)
+    r = torch.where(torch.isfinite(log_q_rest), (1 - p.sum(-1)).clamp_min(0), 0.0)  # k = V: no bucket
+    kl = kl + torch.xlogy(r, r) - torch.where(r > 0, r * log_q_rest, 0.0)
     return (1 - alpha) * ce + alpha * temperature ** 2 * kl.mean()
-
 
 
 class TeacherFile:
@@ -167,8 +163,7 @@ class StudentPlan(train.SinglePlan):
         c = self.cfg
         if self.file:
             x, y, ids, probs = batch
-            return topk_distill_loss(model(x), ids, probs, y, c.distill_alpha, c.distill_temperature,
-                                     c.teacher_topk_renormalise)
+            return topk_distill_loss(model(x), ids, probs, y, c.distill_alpha, c.distill_temperature)
         x, y = batch
         z_s = model(x)
         with torch.no_grad():

@@ -267,11 +267,16 @@ def run_scores(run, split):
         raise UserError(str(e)) from None
 
 
+def log(line):
+    """A progress line of the report's arithmetic (prior fits, greedy, the budget curve, the val pass), as it happens."""
+    print(line, flush=True)
+
+
 def write_prior(path, names, L_fitness, method=prior.method, member_sha256=None):
     """Fit the prior for these members (rows of L_fitness, in training order) and write it: the one writer of
     prior.json. member_sha256 ({name: sha256 of the member file scored}) is recorded in it when given, and the
     file's own sha256 always (current_prior refits a prior.json changed on disk)."""
-    pj = prior.fit_prior(names, L_fitness, method)
+    pj = prior.fit_prior(names, L_fitness, method, log=log)
     if member_sha256 is not None:
         pj["member_sha256"] = {n: member_sha256[n] for n in names}
     pj["sha256"] = prior.digest_of(pj)
@@ -284,7 +289,7 @@ def current_prior(run_dir, names, L_fitness, method=None, member_sha256=None):
     members (same names in training order, same member files when member_sha256 is given, same fitness tokens: its
     K=1 loss still matches the scores) and, if `method` is given, holds that method's weights; otherwise fit it (with
     `method`, default em) and write it. -> (prior, None when kept, else why it was refit)."""
-    path, L = Path(run_dir) / "prior.json", prior.as_scores(L_fitness)
+    path, L = Path(run_dir) / "prior.json", prior.as_probs(L_fitness)
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -312,30 +317,48 @@ def current_prior(run_dir, names, L_fitness, method=None, member_sha256=None):
     return write_prior(path, names, L, method or prior.method, member_sha256), why
 
 
+def budget_curve(P_fit, sizes, method, warm=False, log=None):
+    """The prior refit on the population as it existed at each budget: the first n members for n in `sizes` (rows
+    are in budget order), on the fitness split (P_fit: prior.Probs of all members) -> one weight vector (n,) each."""
+    ws = []
+    for n in prior.progress(sizes, len(sizes), "budget curve | prior refit at budget", log):
+        ws.append(prior.FITS[method](P_fit[:n])[0])
+    return ws
+
+
 def evaluate_run(run, method=prior_method):
     """The prior (RUN/prior.json when current for these members, else fit on fitness and written by
     current_prior), then every val-loss report of the module docstring -> (report dict, the prior.json dict). The score
-    files stay memory-mapped: every loss below is read in chunks of tokens (prior.chunk_tokens), never stacked in RAM."""
+    files stay memory-mapped: every loss below is read in chunks of tokens (prior.chunk_tokens), never stacked in RAM,
+    and every val loss of the report (the K table, its baselines, the budget curve) comes from one pass over val."""
     names, rows, d = run["names"], run["rows"], run["dir"]
     L_fit, L_val = run_scores(run, "fitness"), run_scores(run, "val")
     fit_loss, val_loss = -L_fit.mean(1), -L_val.mean(1)  # (M,) per-member losses
-    pj, refit_why = current_prior(d, names, L_fit, method, {n: scored_from(d, n) for n in names})
+    P_fit = prior.as_probs(L_fit, hold=True)  # exp(L) of fitness, held for every fit below when it fits
+    pj, refit_why = current_prior(d, names, P_fit, method, {n: scored_from(d, n) for n in names})
     method = pj["method"]  # the budget curve refits with the method of the weights in use
-    val = lambda mix: prior.mixture_nll(L_val, weights_of(names, mix))
     baseline = lambda kind, k: zip(*(pj["baselines"][kind][str(k)][key] for key in ("members", "weights")))
     ks = [int(k) for k in pj["per_k"]]
-    ensemble = dict(ks=ks, prior={k: val(prior.members_at(pj, k)) for k in ks},
-                    uniform_last={k: val(baseline("uniform_last", k)) for k in ks},
-                    greedy={k: val(baseline("greedy", k)) for k in ks},
-                    uniform_all=prior.mixture_nll(L_val, np.full(len(names), 1 / len(names))))
+    mixes = {}  # (table, key) -> weights over all members; their val losses all in one pass over L_val below
+    for k in ks:
+        mixes["prior", k] = weights_of(names, prior.members_at(pj, k))
+        for kind in ("uniform_last", "greedy"):
+            mixes[kind, k] = weights_of(names, baseline(kind, k))
+    mixes["uniform_all", None] = np.full(len(names), 1 / len(names))
+    budgets = sorted({r["budget_epochs"] for r in rows})
+    sizes = [sum(r["budget_epochs"] <= b for r in rows) for b in budgets]
+    for b, n, w in zip(budgets, sizes, budget_curve(P_fit, sizes, method, log=log)):
+        mixes["curve_prior", b] = np.pad(w, (0, len(names) - n))
+        mixes["curve_uniform", b] = np.pad(np.full(n, 1 / n), (0, len(names) - n))
+    val = dict(zip(mixes, prior.mixture_nlls(L_val, list(mixes.values()), log=log, what="val mixtures")))
+    ensemble = dict(ks=ks, **{kind: {k: float(val[kind, k]) for k in ks} for kind in ("prior", "uniform_last", "greedy")},
+                    uniform_all=float(val["uniform_all", None]))
     curve = []  # the population as it existed at each budget; the prior refit on its fitness scores
-    for b in sorted({r["budget_epochs"] for r in rows}):
-        sub = [i for i, r in enumerate(rows) if r["budget_epochs"] <= b]
-        w, _ = prior.FITS[method](L_fit[sub])
-        best = sub[int(np.argmin(fit_loss[sub]))]
-        curve.append(dict(budget_epochs=b, members=len(sub), prior_val=prior.mixture_nll(L_val[sub], w),
-                          uniform_val=prior.mixture_nll(L_val[sub], np.full(len(sub), 1 / len(sub))),
-                          best_member=names[best], best_member_val=float(val_loss[best])))
+    for b, n in zip(budgets, sizes):
+        best = int(np.argmin(fit_loss[:n]))
+        curve.append(dict(budget_epochs=b, members=n, prior_val=float(val["curve_prior", b]),
+                          uniform_val=float(val["curve_uniform", b]), best_member=names[best],
+                          best_member_val=float(val_loss[best])))
     best = int(np.argmin(fit_loss))
     members = [dict(name=n, track=r["track"], cycle=r["cycle"], budget_epochs=r["budget_epochs"], fitness=float(fit_loss[i]),
                     val=float(val_loss[i]), weight=pj["weights"][n]) for i, (n, r) in enumerate(zip(names, rows))]

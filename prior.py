@@ -5,7 +5,7 @@ held-out fitness split, reused for every inference budget K (keep the top K, ren
     min_w  f(w) = mean_t -log sum_i w_i p_i(y_t),   w on the simplex,   p_i(y_t) = exp(L[i, t])
 
 f is convex in w, so the exact EM update finds the optimum with no learning rate; the reference's
-AdamW-on-softmax-logits fit is run beside it for comparison. It needs only each member's
+AdamW-on-softmax-logits fit runs beside it when asked (eval.py --compare_adamw). It needs only each member's
 log-probability of the true token, which eval.py writes to RUN/scores/{name}.{split}.npy.
 Nothing here ever reads the val split: that is the test set. Arrays in, weights out: this file imports
 nothing of the project. The score files are memory-mapped and every sum over tokens runs over blocks of
@@ -19,6 +19,7 @@ A library, not a script: eval.py owns RUN/prior.json (fit_prior's dict, written 
 for the run's members), so there is one writer of it:
     python eval.py runs/RUN                               # score, fit the prior (EM) -> RUN/prior.json, report
     python eval.py runs/RUN --method adamw                # the reference's fit instead
+    python eval.py runs/RUN --compare_adamw               # EM's weights, AdamW's fit beside them in prior.json
 """
 import hashlib
 import json
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 # -----------------------------------------------------------------------------
-method = "em"            # em | adamw: whose weights go into prior.json (both always run and compared)
+method = "em"            # em | adamw: whose weights go into prior.json (fit_prior(compare=True) runs both)
 split = "fitness"        # the only split a prior is fit on; val is the test set
 em_iters = 5000          # cap on EM's passes over L after the first; each: an exp and two matrix-vector products
 em_tol = 1e-9            # EM stops once a step lowers the objective by less (nats/token)
@@ -394,7 +395,7 @@ def fit_line(what, L, info):
             f"objective {info['objective']:.6f}{gap} | {info['seconds']:7.1f} s")
 
 
-def fit_prior(names, L_fitness, method=method, compare=True, log=None):
+def fit_prior(names, L_fitness, method=method, compare=False, log=None):
     """Everything prior.json holds: the fitted weights, the top-K mixtures for each K in ks_for(M),
     the uniform-over-last-K and greedy baselines at the same K (same layout, so eval.py can score all
     of them on val alike), and under "compare" each fit run: `method`'s, or with compare=True every fit in FITS

@@ -46,6 +46,11 @@ dtype = "float32"        # new score files: float32 | float16 (half the disk, ~1
 eval_tokens = 0          # tokens scored per split (0 = the whole split); a file of another length is rescored
 batch_size = 16          # windows (or choices) per forward pass
 prior_method = None      # em | adamw: prior.json refit if it holds the other; None: a current prior.json as is, else em
+compare_adamw = False    # also fit the prior by AdamW (300 passes) and report it beside EM (prior.json "compare")
+curve_every = 32         # budget curve: every budget up to this many, else ~curve_points log-spaced ones and the last
+curve_points = 24
+curve_gap = 1e-9         # the curve's EM fits run to this certificate (tol 0): warm and cold agree to ~1e-7 nats on val
+curve_floor = 1e-4       # warm start: mass spread over every member (EM never revives a zero weight)
 sample_k = 4             # --sample: members mixed (the prior's top K)
 max_new_tokens = 200     # --sample: tokens generated
 temperature = 1.0        # --sample: each member's softmax(z / temperature), then mixed
@@ -267,11 +272,16 @@ def run_scores(run, split):
         raise UserError(str(e)) from None
 
 
-def write_prior(path, names, L_fitness, method=prior.method, member_sha256=None):
+def log(line):
+    """A progress line of the report's arithmetic (prior fits, greedy, the budget curve, the val pass), as it happens."""
+    print(line, flush=True)
+
+
+def write_prior(path, names, L_fitness, method=prior.method, member_sha256=None, compare=False):
     """Fit the prior for these members (rows of L_fitness, in training order) and write it: the one writer of
     prior.json. member_sha256 ({name: sha256 of the member file scored}) is recorded in it when given, and the
     file's own sha256 always (current_prior refits a prior.json changed on disk)."""
-    pj = prior.fit_prior(names, L_fitness, method)
+    pj = prior.fit_prior(names, L_fitness, method, compare, log=log)
     if member_sha256 is not None:
         pj["member_sha256"] = {n: member_sha256[n] for n in names}
     pj["sha256"] = prior.digest_of(pj)
@@ -279,12 +289,13 @@ def write_prior(path, names, L_fitness, method=prior.method, member_sha256=None)
     return pj
 
 
-def current_prior(run_dir, names, L_fitness, method=None, member_sha256=None):
+def current_prior(run_dir, names, L_fitness, method=None, member_sha256=None, compare=False):
     """RUN/prior.json as it is when it is intact (its content matches the sha256 in it) and the prior of exactly these
     members (same names in training order, same member files when member_sha256 is given, same fitness tokens: its
-    K=1 loss still matches the scores) and, if `method` is given, holds that method's weights; otherwise fit it (with
+    K=1 loss still matches the scores) and, if `method` is given, holds that method's weights (with `compare`, every
+    fit of prior.FITS under "compare"); otherwise fit it (with
     `method`, default em) and write it. -> (prior, None when kept, else why it was refit)."""
-    path, L = Path(run_dir) / "prior.json", prior.as_scores(L_fitness)
+    path, L = Path(run_dir) / "prior.json", prior.as_probs(L_fitness)
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -307,35 +318,78 @@ def current_prior(run_dir, names, L_fitness, method=None, member_sha256=None):
         why = "the fitness scores changed since prior.json was fit"
     elif method not in (None, old.get("method")):
         why = f"prior.json holds {old.get('method')} weights, {method} asked for"
+    elif compare and set(old.get("compare", {})) != set(prior.FITS):
+        why = f"prior.json compares {', '.join(old.get('compare', {}))} only, --compare_adamw asked for every fit"
     else:
         return old, None
-    return write_prior(path, names, L, method or prior.method, member_sha256), why
+    return write_prior(path, names, L, method or prior.method, member_sha256,
+                       compare), why
 
 
-def evaluate_run(run, method=prior_method):
+def curve_budgets(budgets, every=curve_every, points=curve_points):
+    """The budgets the curve reports: all of them up to `every`, else ~`points` log-spaced ones, the first and the last
+    among them (96 budgets: 20), so a 480-member run costs ~20 fits, not 96."""
+    if len(budgets) <= every:
+        return list(budgets)
+    return [budgets[i - 1] for i in np.unique(np.geomspace(1, len(budgets), points).round().astype(int))]
+
+
+def budget_curve(P_fit, sizes, method, warm=True, last=None, log=None):
+    """The prior refit on the population as it existed at each budget: the first n members for n in `sizes` (rows
+    are in budget order), on the fitness split (P_fit: prior.Probs of all members) -> one weight vector (n,) each.
+    `last`: the weights of all members (prior.json's), used as they are. EM runs to the certificate curve_gap and,
+    with `warm`, starts from the previous budget's weights (a population only grows): old weights x n_old / n, each
+    new member 1/n, then curve_floor of the mass spread evenly; cold, from uniform. AdamW (--method adamw) is the
+    reference's 300 steps from alpha = 0 at every budget: its answer depends on its start, so it is never warm."""
+    ws, w = [], None
+    for n in prior.progress(sizes, len(sizes), "budget curve | prior refit at budget", log):
+        if last is not None and n == len(P_fit):
+            w = np.asarray(last, dtype=np.float64)
+        elif method == "em":
+            w0 = None if w is None or not warm else np.append(w * len(w) / n, np.full(n - len(w), 1 / n))
+            w0 = None if w0 is None else (1 - curve_floor) * w0 + curve_floor / n
+            w, _ = prior.fit_em(P_fit[:n], tol=0.0, gap=curve_gap, w0=w0)
+        else:
+            w, _ = prior.FITS[method](P_fit[:n])
+        ws.append(w)
+    return ws
+
+
+def evaluate_run(run, method=prior_method, compare=compare_adamw):
     """The prior (RUN/prior.json when current for these members, else fit on fitness and written by
     current_prior), then every val-loss report of the module docstring -> (report dict, the prior.json dict). The score
-    files stay memory-mapped: every loss below is read in chunks of tokens (prior.chunk_tokens), never stacked in RAM."""
+    files stay memory-mapped: every loss below is read in chunks of tokens (prior.chunk_tokens), never stacked in RAM,
+    and every val loss of the report (the K table, its baselines, the budget curve) comes from one pass over val."""
     names, rows, d = run["names"], run["rows"], run["dir"]
     L_fit, L_val = run_scores(run, "fitness"), run_scores(run, "val")
     fit_loss, val_loss = -L_fit.mean(1), -L_val.mean(1)  # (M,) per-member losses
-    pj, refit_why = current_prior(d, names, L_fit, method, {n: scored_from(d, n) for n in names})
+    P_fit = prior.as_probs(L_fit, hold=True)  # exp(L) of fitness, held for every fit below when it fits
+    pj, refit_why = current_prior(d, names, P_fit, method, {n: scored_from(d, n) for n in names}, compare)
     method = pj["method"]  # the budget curve refits with the method of the weights in use
-    val = lambda mix: prior.mixture_nll(L_val, weights_of(names, mix))
     baseline = lambda kind, k: zip(*(pj["baselines"][kind][str(k)][key] for key in ("members", "weights")))
     ks = [int(k) for k in pj["per_k"]]
-    ensemble = dict(ks=ks, prior={k: val(prior.members_at(pj, k)) for k in ks},
-                    uniform_last={k: val(baseline("uniform_last", k)) for k in ks},
-                    greedy={k: val(baseline("greedy", k)) for k in ks},
-                    uniform_all=prior.mixture_nll(L_val, np.full(len(names), 1 / len(names))))
+    mixes = {}  # (table, key) -> weights over all members; their val losses all in one pass over L_val below
+    for k in ks:
+        mixes["prior", k] = weights_of(names, prior.members_at(pj, k))
+        for kind in ("uniform_last", "greedy"):
+            mixes[kind, k] = weights_of(names, baseline(kind, k))
+    mixes["uniform_all", None] = np.full(len(names), 1 / len(names))
+    every_budget = sorted({r["budget_epochs"] for r in rows})
+    budgets = curve_budgets(every_budget)
+    sizes = [sum(r["budget_epochs"] <= b for r in rows) for b in budgets]
+    last = [pj["weights"][n] for n in names]
+    for b, n, w in zip(budgets, sizes, budget_curve(P_fit, sizes, method, last=last, log=log)):
+        mixes["curve_prior", b] = np.pad(w, (0, len(names) - n))
+        mixes["curve_uniform", b] = np.pad(np.full(n, 1 / n), (0, len(names) - n))
+    val = dict(zip(mixes, prior.mixture_nlls(L_val, list(mixes.values()), log=log, what="val mixtures")))
+    ensemble = dict(ks=ks, **{kind: {k: float(val[kind, k]) for k in ks} for kind in ("prior", "uniform_last", "greedy")},
+                    uniform_all=float(val["uniform_all", None]))
     curve = []  # the population as it existed at each budget; the prior refit on its fitness scores
-    for b in sorted({r["budget_epochs"] for r in rows}):
-        sub = [i for i, r in enumerate(rows) if r["budget_epochs"] <= b]
-        w, _ = prior.FITS[method](L_fit[sub])
-        best = sub[int(np.argmin(fit_loss[sub]))]
-        curve.append(dict(budget_epochs=b, members=len(sub), prior_val=prior.mixture_nll(L_val[sub], w),
-                          uniform_val=prior.mixture_nll(L_val[sub], np.full(len(sub), 1 / len(sub))),
-                          best_member=names[best], best_member_val=float(val_loss[best])))
+    for b, n in zip(budgets, sizes):
+        best = int(np.argmin(fit_loss[:n]))
+        curve.append(dict(budget_epochs=b, members=n, prior_val=float(val["curve_prior", b]),
+                          uniform_val=float(val["curve_uniform", b]), best_member=names[best],
+                          best_member_val=float(val_loss[best])))
     best = int(np.argmin(fit_loss))
     members = [dict(name=n, track=r["track"], cycle=r["cycle"], budget_epochs=r["budget_epochs"], fitness=float(fit_loss[i]),
                     val=float(val_loss[i]), weight=pj["weights"][n]) for i, (n, r) in enumerate(zip(names, rows))]
@@ -343,8 +397,10 @@ def evaluate_run(run, method=prior_method):
                members_planned=run["planned"], members_found=run["found"], scored_now=run.get("scored_now"),
                eval_tokens=run["eval_tokens"], num_tokens={s: run[s]["n"] for s in ("fitness", "val")},
                score_dtype=str(np.load(prior.score_path(d, names[0], "val"), mmap_mode="r").dtype), selection="fitness",
-               prior_method=method, prior_refit=refit_why, weights=pj["weights"], members=members,
+               prior_method=method, prior_refit=refit_why, prior_compare=pj["compare"], weights=pj["weights"], members=members,
                best_member=dict(name=names[best], val=float(val_loss[best])), ensemble=ensemble, budget_curve=curve,
+               budget_curve_budgets=f"{len(budgets)} of {len(every_budget)} budgets" + (
+                   " (log-spaced and the last)" if len(budgets) < len(every_budget) else ""),
                summary=dict(best_member_val=float(val_loss[best]), uniform_val=ensemble["uniform_all"],
                             prior_val=ensemble["prior"][ks[-1]]))
     if is_slowrun(run["val"]["meta"]):  # the Slowrun convention is defined for FineWeb + GPT-2 tokens only
@@ -384,7 +440,11 @@ def print_report(rep):
         print(f"{k:5d} | {e['prior'][k]:11.4f} | {e['uniform_last'][k]:14.4f} | {e['greedy'][k]:8.4f}")
     print(f"uniform over all {rep['num_members']}: {e['uniform_all']:.4f} | best member on fitness "
           f"{rep['best_member']['name']}: {rep['best_member']['val']:.4f}")
-    print("val loss against epoch budget (population with budget_epochs <= b; prior refit on fitness)")
+    if len(rep["prior_compare"]) > 1:
+        print("prior fits compared on fitness: " + " | ".join(f"{m} objective {c['objective']:.6f} ({c['iterations']} "
+                                                               f"passes, {c['seconds']:.1f} s)" for m, c in rep["prior_compare"].items()))
+    print(f"val loss against epoch budget (population with budget_epochs <= b; prior refit on fitness; "
+          f"{rep['budget_curve_budgets']})")
     print("budget | members | prior (K=all) |  uniform | best member (on fitness)")
     for c in rep["budget_curve"]:
         print(f"{c['budget_epochs']:6g} | {c['members']:7d} | {c['prior_val']:13.4f} | {c['uniform_val']:8.4f} | "
@@ -509,6 +569,8 @@ def parse_args(argv=None):
     p.add_argument("--eval_tokens", type=int, default=eval_tokens, help="tokens per split (0 = all)")
     p.add_argument("--batch_size", type=int, default=batch_size)
     p.add_argument("--method", default=prior_method, choices=("em", "adamw"))
+    p.add_argument("--compare_adamw", action="store_true", default=compare_adamw,
+                   help="also fit the prior by AdamW (300 passes) and report it beside EM")
     p.add_argument("--downstream", nargs="+", default=[], help="hellaswag arc_easy arc_challenge piqa or JSONL files")
     p.add_argument("--logit_avg", type=int, default=0, metavar="K", help="also logit-average the prior's top K")
     p.add_argument("--sample", default=None, metavar="PROMPT")
@@ -539,7 +601,7 @@ def main(argv=None):
         for run in runs:  # every rank scores every run first, so no rank waits at a barrier through the reports
             run["scored_now"] = score_run(run, env, args.dtype, args.batch_size)["scored"]
         for run in runs if not args.score and env["rank"] == 0 else []:  # only rank 0 reports
-            rep, pj = evaluate_run(run, args.method)
+            rep, pj = evaluate_run(run, args.method, args.compare_adamw)
             dev = env["device"]
             if args.logit_avg:
                 from tools.sample import logit_average  # the extras load only for their flags

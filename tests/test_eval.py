@@ -182,6 +182,35 @@ def test_eval_keeps_a_current_prior_json(run_copy, capsys):
     assert "other members" in rep["prior_refit"] and set(rep["weights"]) == {m["name"] for m in rep["members"]}
     capsys.readouterr()
 
+def test_warm_started_budget_curve_equals_cold(evaluated):
+    """On a real run's scores: the budget curve warm-started from the previous budget's weights gives the cold
+    (uniform-start) curve's val losses within 1e-6 nats, at every population size (3 of the 4 points warm)."""
+    run = ev.open_run(evaluated[0])
+    P, L_val = prior.as_probs(ev.run_scores(run, "fitness"), hold=True), ev.run_scores(run, "val")
+    sizes = list(range(1, len(P) + 1))
+    val = lambda ws: prior.mixture_nlls(L_val, [np.pad(w, (0, len(P) - len(w))) for w in ws])
+    warm, cold = ev.budget_curve(P, sizes, "em", warm=True), ev.budget_curve(P, sizes, "em", warm=False)
+    assert not np.array_equal(warm[-1], cold[-1])  # different starts, so different points near the optimum
+    np.testing.assert_allclose(val(warm), val(cold), rtol=0, atol=1e-6)
+
+
+def test_curve_budgets_every_one_small_log_spaced_large():
+    assert ev.curve_budgets([2.0, 4.0]) == [2.0, 4.0] and ev.curve_budgets(list(range(32))) == list(range(32))
+    picked = ev.curve_budgets([2.0 * (i + 1) for i in range(96)])  # the target: 96 cycles
+    assert 16 <= len(picked) <= 25 and picked[0] == 2.0 and picked[-1] == 192.0 and picked == sorted(set(picked))
+
+
+def test_compare_adamw_only_when_asked(run_copy):
+    rep, out = run_cli([str(run_copy)])
+    assert set(prior_json(run_copy)["compare"]) == {"em"} and "prior fits compared" not in out
+    assert "prior fit | em |" in out and "val mixtures |" in out and "budget curve |" in out  # the progress lines
+    rep, out = run_cli([str(run_copy), "--compare_adamw"])  # a current prior.json without AdamW: refit with it
+    assert "--compare_adamw" in rep["prior_refit"] and set(prior_json(run_copy)["compare"]) == {"em", "adamw"}
+    assert "prior fits compared on fitness: em objective" in out and rep["prior_method"] == "em"
+    rep, _ = run_cli([str(run_copy)])  # a prior.json with more than asked is current
+    assert rep["prior_refit"] is None
+
+
 def test_slowrun_efficiency_matches_the_method_file():
     assert ev.slowrun_efficiency(3.048) == pytest.approx(9.95, abs=0.05)  # "about 10x"
     assert ev.slowrun_efficiency(3.003) == pytest.approx(12.8, abs=0.05)

@@ -383,11 +383,11 @@ def prior_without_timings(path):
 
 @pytest.mark.slow
 def test_kill_prior_fit_then_rerun(scored_ref, tmp_path, fault, capsys):
-    row = fault("SIGKILL eval.py mid-prior, rerun", "mid-fit (before AdamW); mid-write over an older prior.json")
+    row = fault("SIGKILL eval.py mid-prior, rerun", "mid-fit (before greedy); mid-write over an older prior.json")
     run_dir = tmp_path / "run"
     shutil.copytree(scored_ref, run_dir)
     (run_dir / "prior.json").unlink()
-    run_faulty("call:prior.FITS.adamw:1", "eval", [str(run_dir)])  # EM done, AdamW not started
+    run_faulty("call:prior.greedy_select:1", "eval", [str(run_dir)])  # EM done, greedy not started
     assert not (run_dir / "prior.json").exists()
     sub = ["t0-c001", "t1-c001"]  # an older prior.json (of a sub-population: stale), then a killed rewrite
     ev.write_prior(run_dir / "prior.json", sub, prior.open_scores(run_dir, sub, "fitness"))

@@ -80,19 +80,32 @@ def gpt2_vocab_flags():
 
 def kill_job(proc, key):
     """torchrun's agent starts each worker in a session of its own (tests/test_faults.py kill_job): SIGKILL the
-    agent's group, then every process whose command line holds this job's arguments (they name its run folder)."""
+    agent's group, then every process whose command line holds this job's arguments (they name its run folder), and
+    wait until they are gone: a worker not yet dead still holds its track's lock and may still rename a checkpoint."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    key = "\0".join(key).encode()
+    key, killed = "\0".join(key).encode(), []
     for d in Path("/proc").glob("[0-9]*"):
         try:
             if key in (d / "cmdline").read_bytes() and int(d.name) != os.getpid():
                 os.kill(int(d.name), signal.SIGKILL)
+                killed.append(d)
         except (OSError, ValueError):
             pass
     proc.wait()
+    t0 = time.time()
+    while any(map(alive, killed)) and time.time() - t0 < 60:
+        time.sleep(0.01)
+
+
+def alive(proc_dir):
+    """Whether /proc/PID is a process that has not exited (a zombie has: its files, locks included, are closed)."""
+    try:
+        return "\nState:\tZ" not in (proc_dir / "status").read_text()
+    except OSError:
+        return False
 
 
 def log_rows(run, track, kind="train"):

@@ -384,7 +384,8 @@ def train_track(cfg, track, env, data, make_plan):
                         f"loss {loss_value:.4f} | lr {g['lr']:.2e} | wd {g['weight_decay']:.3f} | {dt * 1000:7.1f} ms | "
                         f"{tok_s:9,.0f} tok/s | mfu {mfu} | eta {(total - step) * dt / 60:6.1f} min")
                 run.log_row(dict(kind="train", step=step, epoch=step / spe, loss=loss_value, lr=g["lr"],
-                                 wd=g["weight_decay"], ms=dt * 1000, tok_s=tok_s))
+                                 wd=g["weight_decay"], ms=dt * 1000, tok_s=tok_s,  # peak: since this process started
+                                 peak_mem_gb=torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None))
                 step_time = 0.0
             # eval before the save step: q0 perturbs the weights right after its snapshot
             if (eval_steps and step % eval_steps == 0) or step == total:

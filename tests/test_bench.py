@@ -115,3 +115,20 @@ def test_gpu_check_script_runs_end_to_end_on_cpu():
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["layers"] == 2 and out["sdpa_flash"] == "n/a" and out["checkpoint"]["equal"] is True
     assert out["ms_per_step"] > 0 and out["distill_ratio"] > 0 and out["mfu"] is None  # timings: noisy on CPU
+
+
+@pytest.mark.slow
+def test_smoke_dry_run_kills_resumes_and_scores_on_two_gloo_processes(tmp_path):
+    """bench/smoke.py --dry_run: the 1.8B smoke's stages on CPU (data, preflight, train, a SIGKILL of the torchrun job
+    in cycle 2, the resume, eval.py --score under torchrun, the report), through the code path the GPU run takes."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "bench/smoke.py", "--dry_run", "--out_dir", str(tmp_path / "run"),
+                           "--data_dir", str(tmp_path / "data")], cwd=root, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0 and out["ok"], proc.stderr[-2000:]
+    assert out["stages"] == dict.fromkeys(("data", "preflight", "train", "kill", "resume", "score", "report"), "pass")
+    assert out["world_size"] == 2 and out["devices"] == ["cpu"] and out["eval_summary"]["members"] == "6 of 6"
+    cycle = out["steps_per_track"] // 3  # killed inside cycle 2, after its first eval with a teacher
+    assert all(cycle < s < 2 * cycle for s in out["killed"]["checkpoint_steps"].values())
+    assert out["peak_mem_gb_max"] == {"t0": None, "t1": None} and out["memory_estimate_gb"]["peak_train"] > 0

@@ -69,7 +69,8 @@ def session(argv):
     """Around a launch: one clear line for a UserError; a signal ends with the checkpoints and the resume command.
     -> a dict the launch fills with its config (`s["cfg"] = cfg`), so the message can name its run folder."""
     s = dict(cfg=None)
-    old = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    main_thread = threading.current_thread() is threading.main_thread()  # only there can a handler be installed
+    old = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
         yield s
         if _signals["pending"] is not None:  # a signal that came after the last step's check

@@ -33,7 +33,7 @@ import prepare_data
 import prior
 import runtime
 from conftest import (PYTHON, ROOT, TORCHRUN, child_env, kill_when, last_logged_step, load_config, read_log, run_train,
-                      spawn_train, train_argv)
+                      spawn_train, train_argv, validate)
 
 # 127 steps/epoch at 512 tokens/step -> cycles of round(0.0625 * 127) = 8 steps, 24 per trajectory; a checkpoint
 # every round(0.03 * 127) = 4 steps. Per trajectory, in order: ckpt 4, [member c001, manifest, ckpt 8], ckpt 12, ...
@@ -971,6 +971,26 @@ def test_out_dir_that_is_a_file_is_refused(ref, tiny_data, tmp_path, fault):
     common.prepare_run_dir(cfg, dict(rank=0, world=1), common.load_data(cfg))
     assert common.read_json(tmp_path / "run" / "config.json", "run record", "")["config"]["out_dir"] == str(tmp_path / "run")
     row.result = "exit 2, one line naming the file, nothing written (direct and below it); a folder: config.json written"
+
+
+def test_a_bad_seed_is_refused_before_anything_is_written(ref, tmp_path, fault):
+    """--seed=-1: before, config.json and track0/ were written, then a bare numpy ValueError traceback, and afterwards
+    both a fresh start and --resume --seed=1 were refused. Now exit 2 with one line naming the key, nothing written;
+    the fixed command starts the run (checked up to the folder it sets up: validate + prepare_run_dir)."""
+    row = fault("--seed=-1 (also 10^8)", "train.validate, before anything is written")
+    run_dir = tmp_path / "run"
+    for seed in (-1, 10**8):
+        code, out, err = run_train(argv_for(ref, run_dir, f"--seed={seed}"))
+        assert code == 2
+        error_line(err, f"config key 'seed' = {seed}: must be in [0, 10^8)")
+        assert not run_dir.exists()
+        row.trials += 1
+    cfg = load_config(argv_for(ref, run_dir, "--seed=1"))  # the fix
+    data = common.load_data(cfg)
+    validate(cfg, 1, len(data["train"]))
+    common.prepare_run_dir(cfg, dict(rank=0, world=1), data)
+    assert common.read_json(run_dir / "config.json", "run record", "")["config"]["seed"] == 1
+    row.result = "exit 2, one line naming the key and its range, no folder; --seed=1 then sets the run up"
 
 
 @pytest.mark.slow

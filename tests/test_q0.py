@@ -501,6 +501,7 @@ def test_student_from_a_topk_teacher_file(q0_run, tiny_data, tmp_path, capsys):
     part.write_bytes(part.read_bytes()[:-8] + bytes(8))
     code, out, err = run_train(train_argv(tiny_data, run_dir, **cfg) + ["--resume=True"])
     assert code == 0 and "teacher file part 0 of 1" in out, out + err
+    assert "teacher file part 0 in" in err and "does not match its sha256 (changed on disk); computing it again" in err
     assert np.array_equal(np.load(part), probs)
     two = tmp_path / "two_ranks" / "teacher_topk"  # the record a 2-rank group leaves; one process computes both parts
     two.mkdir(parents=True)

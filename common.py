@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 import model as gpt
+import prior
 from prepare_data import UserError, load_split  # the one error type: below us, so data prep needs no torch
 
 ROOT = Path(__file__).resolve().parent  # the project's folder: provenance() asks git about it
@@ -459,6 +460,26 @@ def read_member(path, expected=None, what="member file", fix="delete it and re-r
                             f"{row.get('cycle')}), not the expected {expect}: a valid file under another member's "
                             f"name (copied or renamed): {fix}")
     return ckpt
+
+
+def read_prior(run_dir, what="prior"):
+    """RUN/prior.json as eval.py wrote it, refused when its content no longer matches the sha256 stored in it (for the
+    readers that use it as it is: the student's teachers, the export; eval.py refits a stale one instead)."""
+    run, path = Path(run_dir), Path(run_dir) / "prior.json"
+    pj = read_json(path, what, f"write it with python eval.py {run}")
+    if pj.get("sha256") != prior.digest_of(pj):
+        raise UserError(f"{path} does not match the sha256 eval.py stored in it (changed on disk, or written before it "
+                        f"kept one): re-run python eval.py {run}, which refits it, then this command")
+    return pj
+
+
+def member_sha256(path):
+    """The sha256 common.save_torch stored in a member file, read without rehashing (the file is mapped and only its
+    small pickle read): a retrained member has another. None when the file is missing or unreadable."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("sha256")
+    except Exception:
+        return None
 
 
 def load_member(path, device="cpu", fix="delete it and re-run with --resume=True to recompute it", expected=None):

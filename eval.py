@@ -36,8 +36,8 @@ import torch
 import torch.distributed as dist
 
 import prior
-from common import (UserError, array_intact, eval_windows, init_distributed, load_member, pick_device, read_json,
-                    read_manifest, save_array, score_windows, write_json)
+from common import (UserError, array_intact, eval_windows, init_distributed, load_member, member_sha256, pick_device,
+                    read_json, read_manifest, save_array, score_windows, write_json)
 from prepare_data import load_split
 
 # -----------------------------------------------------------------------------
@@ -121,15 +121,6 @@ def eval_write(write, *args):
 
 def member_path(run, name):
     return run["dir"] / next(r for r in run["rows"] if r["name"] == name)["path"]
-
-
-def member_sha256(path):
-    """The sha256 common.save_torch stored in a member file, read without rehashing (the file is mapped and only its
-    small pickle read): a retrained member has another. None when the file is missing or unreadable."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("sha256")
-    except Exception:
-        return None
 
 
 def record_path(run_dir, name):

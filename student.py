@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 import prior
 import train
-from common import UserError, array_intact, autocast, load_member, read_json, save_array, window_batches, write_json
+from common import (UserError, array_intact, autocast, load_member, read_json, read_prior, save_array, window_batches,
+                    write_json)
 from q0 import distill_loss, mixture_log_probs
 
 
@@ -128,10 +129,7 @@ class StudentPlan(train.SinglePlan):
 
     def __init__(self, cfg, track, model, data, env):
         c, run = cfg, Path(cfg.teacher_run)
-        pj = read_json(run / "prior.json", "teacher prior", f"rewrite it with python eval.py {run}")
-        if pj.get("sha256") != prior.digest_of(pj):
-            raise UserError(f"{run / 'prior.json'} does not match the sha256 eval.py stored in it (changed on disk, or "
-                            f"written before it kept one): re-run python eval.py {run}, which refits it, then this command")
+        pj = read_prior(run, "teacher prior")
         pairs, meta = prior.members_at(pj, c.teacher_k), data["meta"]  # K past the population: all of it
 
         def load_teacher(name):

@@ -37,7 +37,7 @@ def fake_run(run_dir, n=3, dtype=torch.float32):
         common.save_member(run_dir, row, model, META, state)
         names.append(name)
     L = np.log(np.random.default_rng(0).dirichlet(np.ones(n), size=64).T)  # (n, 64) log-probs
-    shas = {name: ev.member_sha256(Path(run_dir) / "members" / f"{name}.pt") for name in names}
+    shas = {name: common.member_sha256(Path(run_dir) / "members" / f"{name}.pt") for name in names}
     pj = ev.write_prior(Path(run_dir) / "prior.json", names, L, member_sha256=shas)
     return names, pj
 

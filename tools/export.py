@@ -32,7 +32,7 @@ from safetensors.torch import load as st_load, save as st_save
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script too: the project's modules are one up
 import model as gpt  # noqa: E402
 import prior  # noqa: E402
-from common import UserError, atomic_write, read_json, read_member, write_json  # noqa: E402
+from common import UserError, atomic_write, member_sha256, read_member, read_prior, write_json  # noqa: E402
 
 FORMAT = "q0-safetensors/1"
 
@@ -40,10 +40,7 @@ FORMAT = "q0-safetensors/1"
 def prior_mixture(run, k):
     """[(name, weight), ...]: the top K of RUN/prior.json (prior.members_at), refused when the file was changed on
     disk or is stale for a member file retrained since it was fit."""
-    pj = read_json(run / "prior.json", "prior", f"write it with python eval.py {run}")
-    if pj.get("sha256") != prior.digest_of(pj):
-        raise UserError(f"{run / 'prior.json'} does not match the sha256 eval.py stored in it (changed on disk, or "
-                        f"written before it kept one): re-run python eval.py {run}, then this command")
+    pj = read_prior(run)
     return prior.members_at(pj, k), pj
 
 
@@ -55,7 +52,7 @@ def read_members(run, mix, pj=None):
         path = run / "members" / f"{name}.pt"
         if not path.is_file():
             raise UserError(f"member file {path} not found (members of {run}: {', '.join(sorted(p.stem for p in (run / 'members').glob('*.pt'))) or 'none'})")
-        sha = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("sha256")
+        sha = member_sha256(path)
         ckpt = dict(read_member(path, name, fix="retrain it, or export another member"), sha256=sha)
         bad = [key for key, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:

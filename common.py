@@ -663,10 +663,12 @@ def provenance(env, data):
                 data={k: meta.get(k) for k in ("source", "source_detail", "tokenizer", "dataset_revision")})
 
 
-def prepare_run_dir(cfg, env, data, resume_safe_keys=()):
+def prepare_run_dir(cfg, env, data, resume_safe_keys=(), grow_keys=None):
     """All ranks use cfg.out_dir (one deterministic name, no timestamps); rank 0 checks and writes config.json. A
-    resume may change only resume_safe_keys (the script's keys that do not change what the run computes): the
-    first config is kept and each resume that changes one appends {keys: {key: [old, new]}, at} to "resumes". Every
+    resume may change only resume_safe_keys (the script's keys that do not change what the run computes) and raise
+    grow_keys ({key: refuse(old config) -> None, or why growing it would change what was computed}: a longer run
+    whose first part is the finished one, bit for bit): the first config is kept and each resume that changes one
+    appends {keys: {key: [old, new]}, at} to "resumes". Every
     start appends its provenance() to "provenance" with its time, unless it equals the last one there (a resume on
     the same code and machine writes nothing)."""
     run_dir = Path(cfg.out_dir)
@@ -691,6 +693,11 @@ def prepare_run_dir(cfg, env, data, resume_safe_keys=()):
             was = current_config(old)
             for key, value in was.items():
                 now = record["config"].get(key)
+                if key in (grow_keys or {}) and now > value:
+                    if why := grow_keys[key](was):
+                        raise UserError(f"cannot resume {run_dir} with {key} {value} -> {now}: {why}. Use {key}={value}, "
+                                        f"or train the longer run in a new --out_dir")
+                    continue
                 if key not in resume_safe_keys and json.dumps(now) != json.dumps(value):
                     raise UserError(f"cannot resume {run_dir}: config key '{key}' was {value!r}, now {now!r}, which changes "
                                     f"what the run computes. Use the original value or a new --out_dir")

@@ -36,8 +36,8 @@ import torch
 import torch.distributed as dist
 
 import prior
-from common import (UserError, array_intact, eval_windows, init_distributed, load_member, member_sha256, pick_device,
-                    read_json, read_manifest, save_array, score_windows, write_json)
+from common import (UserError, array_intact, current_config, eval_windows, init_distributed, load_member, member_sha256,
+                    pick_device, read_json, read_manifest, save_array, score_windows, write_json)
 from prepare_data import load_split
 
 # -----------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def open_run(run_dir, max_tokens=0, exclude=()):
     if not config_path.is_file():
         raise UserError(f"{config_path} missing: {run} is not a run folder of train.py or q0.py (train into it with --out_dir={run})")
     record = read_json(config_path, "run record", "restore it from the run, or train again into a new folder")
-    cfg, rows = record["config"], read_manifest(run)
+    cfg, rows = current_config(record), read_manifest(run)  # with its resumes: a run extended on resume plans more members
     excluded = [r["name"] for r in rows if r["name"] in exclude]
     rows = [r for r in rows if r["name"] not in exclude]
     if not rows:

@@ -12,7 +12,8 @@ Launch:
     torchrun --standalone --nproc_per_node=8 q0.py configs/fineweb_1p8b_q0.py --num_trajectories=1  # one 8-GPU node
     torchrun --nnodes=5 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d \\
         --rdzv_endpoint=$MASTER_HOST:29500 q0.py configs/fineweb_1p8b_q0.py     # 5 nodes: one trajectory each
-    ... add --resume=True to continue a killed run exactly where its checkpoints left it.
+    ... add --resume=True to continue a killed run exactly where its checkpoints left it, and with a larger
+    --num_cycles to extend a run (bit for bit the longer run, where refuse_more_cycles allows it).
 
 Primitive 1, cyclic schedule. A trajectory runs `num_cycles` cycles; `cycle_ends` lists the step each one ends at
 (cycle c ends at c x L, L = epochs_per_cycle x steps_per_epoch). At step s of a cycle of L steps (s = 0 ... L-1),
@@ -377,6 +378,22 @@ def teachers_in_memory(cfg):
     return cfg.distill_teacher_k if cfg.distill_teacher == "mixture" else 1
 
 
+def refuse_more_cycles(was, cfg):
+    """A finished (or unfinished) run may be extended on resume, --num_cycles larger, when its first cycles are then
+    exactly those of the longer run: its last cycle end skipped the teacher and the noise (Q0Plan.at_save), so no
+    noise schedule (it spans num_cycles), no chain re-init, and no teacher due at that cycle end. -> None, or why not."""
+    if was["mode"] != "q0":
+        return "mode=chain re-initialises at every cycle end but the last"
+    if was["perturb_scale_start"] or was["perturb_scale_end"]:
+        return "the perturbation noise's schedule spans num_cycles, so every cycle end's noise would change"
+    first_teacher = max(1, was["distill_after_cycles"])  # the first cycle end whose snapshot teaches
+    if was["distill_teacher"] == "previous" and first_teacher <= was["num_cycles"]:
+        return f"the run's last snapshot (cycle {was['num_cycles']}) was never made a teacher"
+    if was["distill_teacher"] == "mixture" and first_teacher < cfg.num_cycles:
+        return "the mixture teacher scores every snapshot on fitness, and the run's last one was not"
+    return None
+
+
 def make_plan(cfg, track, model, data, env):
     if cfg.mode == "student":
         import student  # it imports this file (the losses); only a student run needs it
@@ -391,7 +408,8 @@ def main(argv):
         need, spe = train.validate(cfg, int(os.environ.get("WORLD_SIZE", 1)), len(data["train"]))
         validate(cfg, need, spe)
         env = setup_distributed(cfg)
-        prepare_run_dir(cfg, env, data, train.RESUME_SAFE_KEYS | set(train.RESUME_TUNABLE_KEYS))
+        prepare_run_dir(cfg, env, data, train.RESUME_SAFE_KEYS | set(train.RESUME_TUNABLE_KEYS),
+                        grow_keys={"num_cycles": lambda was: refuse_more_cycles(was, cfg)})
         if env["rank"] == 0:
             print(train.describe_setup(cfg, env, data, teachers_in_memory(cfg)))
             print(describe_budget(cfg))

@@ -10,7 +10,8 @@ Launch:
     torchrun --standalone --nproc_per_node=8 train.py configs/fineweb_1p8b_single.py     # one 8-GPU node
     torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d \\
         --rdzv_endpoint=$MASTER_HOST:29500 train.py configs/fineweb_1p8b_ensemble.py    # members in parallel
-    ... add --resume=True to continue a killed run exactly where its checkpoints left it.
+    ... add --resume=True to continue a killed run exactly where its checkpoints left it (and a larger
+    --ensemble_size to add members to an ensemble).
 
 Budgets are in epochs of the train split. The world is split into min(world, tracks) process groups; each
 group trains its tracks (ensemble members, or q0's trajectories) one after another with DDP inside the group,
@@ -438,7 +439,8 @@ def main(argv):
         data = load_data(cfg)
         validate(cfg, int(os.environ.get("WORLD_SIZE", 1)), len(data["train"]))
         env = setup_distributed(cfg)
-        prepare_run_dir(cfg, env, data, RESUME_SAFE_KEYS | set(RESUME_TUNABLE_KEYS))
+        # an ensemble may grow on resume: member i depends only on (seed + i, i), so its first members stay as they are
+        prepare_run_dir(cfg, env, data, RESUME_SAFE_KEYS | set(RESUME_TUNABLE_KEYS), grow_keys={"ensemble_size": lambda was: None})
         if env["rank"] == 0:
             print(describe_setup(cfg, env, data))
         for track in env["my_tracks"]:  # one model in memory at a time

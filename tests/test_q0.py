@@ -374,6 +374,32 @@ def test_q0_kill_and_resume_matches_uninterrupted(q0_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_q0_run_extended_on_resume_is_the_longer_run(tiny_data, tmp_path):
+    """--resume=True --num_cycles larger on a finished run without noise or a teacher at its last cycle end: the
+    longer run, bit for bit (members, manifest, the last checkpoint); where that cannot hold, one message says why."""
+    flags = dict(Q0, num_trajectories=1, perturb_scale_start=0.0, perturb_scale_end=0.0, distill_after_cycles=3,
+                 ckpt_every_epochs=0)
+    grown, fresh = tmp_path / "grown", tmp_path / "fresh"
+    assert run_train(train_argv(tiny_data, grown, **dict(flags, num_cycles=2)))[0] == 0
+    code, out, err = run_train(train_argv(tiny_data, grown, **dict(flags, num_cycles=4), resume=True))
+    assert code == 0, err
+    assert f"resumed from {grown / 'track0' / 'ckpt.pt'} at step {2 * L}" in out
+    assert run_train(train_argv(tiny_data, fresh, **dict(flags, num_cycles=4)))[0] == 0
+    assert common.read_manifest(grown) == common.read_manifest(fresh)  # cycle 4's teacher is cycle 3's, in both
+    for name in ("t0-c001", "t0-c002", "t0-c003", "t0-c004"):
+        assert_same_weights(member_weights(grown, name), member_weights(fresh, name))
+    assert_same_weights(torch.load(grown / "track0" / "ckpt.pt", weights_only=True)["model"],
+                        torch.load(fresh / "track0" / "ckpt.pt", weights_only=True)["model"])
+    # 4 cycles, the teacher due at cycle 3's end (distill_after_cycles=3): that end was skipped in this run
+    code, out, err = run_train(train_argv(tiny_data, fresh, **dict(flags, num_cycles=5), resume=True))
+    assert code == 1 and "num_cycles 4 -> 5: the run's last snapshot (cycle 4) was never made a teacher" in err
+    noisy = tmp_path / "noisy"
+    assert run_train(train_argv(tiny_data, noisy, **dict(flags, num_cycles=1, perturb_scale_end=0.1)))[0] == 0
+    code, out, err = run_train(train_argv(tiny_data, noisy, **dict(flags, num_cycles=2, perturb_scale_end=0.1), resume=True))
+    assert code == 1 and "noise's schedule spans num_cycles" in err and "train the longer run in a new --out_dir" in err
+
+
+@pytest.mark.slow
 def test_chain_reinitialises_at_each_cycle(tiny_data, tmp_path, monkeypatch):
     after = []
     real = q0.Q0Plan.at_save

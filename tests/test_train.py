@@ -333,6 +333,26 @@ def test_ensemble_members_have_their_own_seeds_and_budgets(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
+def test_ensemble_grown_on_resume_is_the_larger_ensemble(tiny_data, tmp_path):
+    """--resume=True with a larger ensemble_size trains only the new members, bit for bit those of a fresh run."""
+    flags = dict(mode="ensemble", epochs=0.125, log_every=100, ckpt_every_epochs=0)
+    grown, fresh = tmp_path / "grown", tmp_path / "fresh"
+    assert run_train(train_argv(tiny_data, grown, ensemble_size=1, **flags))[0] == 0
+    first = (grown / "members" / "member0.pt").read_bytes()
+    code, out, err = run_train(train_argv(tiny_data, grown, ensemble_size=2, resume=True, **flags))
+    assert code == 0, err
+    assert "track 0: already finished" in out and (grown / "members" / "member0.pt").read_bytes() == first
+    assert run_train(train_argv(tiny_data, fresh, ensemble_size=2, **flags))[0] == 0
+    assert common.read_manifest(grown) == common.read_manifest(fresh)
+    for name in ("member0", "member1"):
+        assert_same_weights(member_weights(grown, name), member_weights(fresh, name))
+    record = json.loads((grown / "config.json").read_text())
+    assert record["resumes"][-1]["keys"] == {"ensemble_size": [1, 2]}
+    code, out, err = run_train(train_argv(tiny_data, grown, ensemble_size=1, resume=True, **flags))
+    assert code == 1 and "config key 'ensemble_size' was 2, now 1" in err  # it may grow, never shrink
+
+
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(single_run, tmp_path):
     """torchrun, 2 ranks on gloo, 4 -> 2 accumulation steps each: the same global batch, so the same losses up to
     floating-point reduction order (measured: at most rel 2e-5 over the 32 steps; bound: rel 1e-4). The weights

@@ -6,6 +6,7 @@ best and last fitness loss (what a choice is made on) and its val loss (reported
     python prepare_data.py --source files --files CORPUS --out_dir data/shakespeare-100k --train_tokens 100000 \\
         --val_tokens 100000 --fitness_tokens 50000 --heldout_piece_tokens 2048
     OMP_NUM_THREADS=1 python bench/lr_sweep.py --seed 1          # CORPUS: BENCHMARKS.md section 1's Shakespeare texts
+    OMP_NUM_THREADS=1 python bench/lr_sweep.py --seed 2 --muon_lrs 0.01 0.02 0.04 0.06 0.08   # the Muon LRs only
 """
 import argparse
 import json
@@ -40,9 +41,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "lr_sweep")
+    ap.add_argument("--muon_lrs", type=float, nargs="+", help="only these muon_lr settings at embed_lr 0.2")
     args = ap.parse_args()
+    settings = [s for s in SETTINGS if not args.muon_lrs or (s["muon_lr"] in args.muon_lrs and s["embed_lr"] == 0.2)]
     with ThreadPoolExecutor(2) as pool:
-        rows = list(pool.map(lambda s: run(s, args.seed, args.out), SETTINGS))
+        rows = list(pool.map(lambda s: run(s, args.seed, args.out), settings))
     print("| muon_lr | embed_lr | fitness at 16 epochs | best fitness (epoch) | val at 16 epochs | val at the best |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -48,7 +48,8 @@ fitness_tokens = 50_000
 heldout_piece_tokens = 2048  # val and fitness: 2K-byte pieces of the same held-out plays, dealt at random
 model = dict(model_size="mini", seq_len=128, dropout=0.1)  # 4 layers, width 128: 0.88M params, 8.8x the tokens
 batch = dict(batch_tokens=4096, micro_batch_size=32)        # 24 steps per epoch
-optim = dict(muon_lr=0.02, embed_lr=0.2, head_lr=0.004, weight_decay=1.3)  # heavy WD, as the method file
+# heavy WD, as the method file; muon_lr 0.04 on model v2 (bench/lr_sweep.py, best mean fitness over 2 seeds; v1 used 0.02)
+optim = dict(muon_lr=0.04, embed_lr=0.2, head_lr=0.004, weight_decay=1.3)
 single_lengths = (1, 2, 4, 8, 16, 32)  # epochs of the single-model baselines (cosine decay each)
 ensemble_budget = 64                # naive ensemble: 64 / E members of the best single length E (chosen on fitness)
 # the headline q0 recipe, pre-registered 2026-11-29 23:41 UTC from the distill suite on fitness, before any headline

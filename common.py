@@ -695,8 +695,8 @@ def prepare_run_dir(cfg, env, data, resume_safe_keys=(), grow_keys=None):
                 now = record["config"].get(key)
                 if key in (grow_keys or {}) and now > value:
                     if why := grow_keys[key](was):
-                        raise UserError(f"cannot resume {run_dir} with {key} {value} -> {now}: {why}. Use {key}={value}, "
-                                        f"or train the longer run in a new --out_dir")
+                        raise UserError(f"cannot resume {run_dir}: config key '{key}' grows {value} -> {now}, but {why}. "
+                                        f"Use {key}={value}, or train the longer run in a new --out_dir")
                     continue
                 if key not in resume_safe_keys and json.dumps(now) != json.dumps(value):
                     raise UserError(f"cannot resume {run_dir}: config key '{key}' was {value!r}, now {now!r}, which changes "

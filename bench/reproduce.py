@@ -355,11 +355,17 @@ def crossfit_nll(F, block=128):
     """A population's loss on fitness with its prior fit on other fitness tokens: fit EM on the even blocks of
     `block` tokens and score the odd ones, then the other way round; the token-weighted mean. Fitting and scoring on
     the same tokens favours larger populations; this does not, so runs of any size compare fairly."""
-    n = F.shape[1] // block * block
-    blocks = np.arange(n).reshape(-1, block)
-    halves = (blocks[0::2].ravel(), blocks[1::2].ravel())
-    total = sum(prior.mixture_nll(F[:, b], prior.fit_em(F[:, a])[0]) * len(b) for a, b in (halves, halves[::-1]))
-    return total / n
+    halves = fold_halves(F.shape[1], block)
+    total = sum(prior.mixture_nll(F[:, b], prior.fit_em(F[:, a])[0]) * len(b) for a, b in halves)
+    return total / sum(len(b) for _, b in halves)
+
+
+def fold_halves(n, block):
+    """Two-fold cross-fitting of n tokens in blocks of `block` (a trailing partial block is dropped): the (fit,
+    score) token indices (even blocks, odd blocks) and the other way round."""
+    blocks = np.arange(n // block * block).reshape(-1, block)
+    even, odd = blocks[0::2].ravel(), blocks[1::2].ravel()
+    return [(even, odd), (odd, even)]
 
 
 def distill_grid():

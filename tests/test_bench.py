@@ -70,6 +70,22 @@ def test_best_k_is_chosen_on_fitness_and_val_only_reported():
     assert (k, fit, val) == (1, pytest.approx(1.0), pytest.approx(2.0))
 
 
+def test_k_selection_is_cross_fitted_on_alternate_blocks_of_fitness():
+    """fold_halves: even blocks fit, odd ones score, and back (a partial block dropped). Member 0 has p 0.5 on every
+    token; member 1 p 0.25 on the even blocks and 1 on the odd ones. At K=1 each rule fit on the even blocks keeps
+    member 0 (scores log 2 on the odd ones), fit on the odd blocks member 1 (scores log 4 on the even ones): the
+    cross-fitted loss is their token-weighted mean, 1.5 log 2, where fitting on all tokens would score log 2."""
+    even, odd = reproduce.fold_halves(9, 2)[0]
+    assert even.tolist() == [0, 1, 4, 5] and odd.tolist() == [2, 3, 6, 7]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import k_select
+    p1 = np.array([0.25, 0.25, 1.0, 1.0] * 2)
+    F = np.log(np.stack([np.full(8, 0.5), p1]))
+    for name, rule in k_select.RULES.items():
+        assert k_select.crossfit(F, rule, 1, block=2) == pytest.approx(1.5 * math.log(2), abs=1e-6), name
+    assert reproduce.prior.mixture_nll(F, [1.0, 0.0]) == pytest.approx(math.log(2))
+
+
 def test_population_curve_uses_one_prior_fit_per_budget(monkeypatch):
     """Budget 2 holds members 0-1 (one 2 epochs in), budget 4 all three. Member 2 is perfect on fitness, so the
     prior at 4 is all on it; the matched curve (K <= 1) and the free one read the same fit, done once per budget."""

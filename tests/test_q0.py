@@ -392,7 +392,7 @@ def test_q0_run_extended_on_resume_is_the_longer_run(tiny_data, tmp_path):
                         torch.load(fresh / "track0" / "ckpt.pt", weights_only=True)["model"])
     # 4 cycles, the teacher due at cycle 3's end (distill_after_cycles=3): that end was skipped in this run
     code, out, err = run_train(train_argv(tiny_data, fresh, **dict(flags, num_cycles=5), resume=True))
-    assert code == 1 and "num_cycles 4 -> 5: the run's last snapshot (cycle 4) was never made a teacher" in err
+    assert code == 1 and "config key 'num_cycles' grows 4 -> 5, but the run's last snapshot (cycle 4) was never made a teacher" in err
     noisy = tmp_path / "noisy"
     assert run_train(train_argv(tiny_data, noisy, **dict(flags, num_cycles=1, perturb_scale_end=0.1)))[0] == 0
     code, out, err = run_train(train_argv(tiny_data, noisy, **dict(flags, num_cycles=2, perturb_scale_end=0.1), resume=True))

@@ -51,6 +51,7 @@ class Config:
     device: str = "auto"             # auto (cuda > mps > cpu) | cuda | mps | cpu
     compile: bool = False            # torch.compile the model (the GPU configs turn it on)
     dist_timeout_minutes: int = 180  # process-group timeout: ranks wait through checkpoints and unequal work
+    ddp_bucket_cap_mb: int = 25      # DDP's gradient buckets (torch's default); compiled, one subgraph per bucket
     # data and model
     data_dir: str = "data/pydoc-byte"  # written by prepare_data.py
     model_size: str = "tiny"         # a key of model.SIZES: tiny ... 1.8B
@@ -85,7 +86,8 @@ class Config:
 
 
 # keys that do not change what a run computes: they may differ on --resume
-RESUME_SAFE_KEYS = {"resume", "out_dir", "device", "compile", "dist_timeout_minutes", "micro_batch_size", "log_every",
+RESUME_SAFE_KEYS = {"resume", "out_dir", "device", "compile", "dist_timeout_minutes", "ddp_bucket_cap_mb",
+                    "micro_batch_size", "log_every",
                     "eval_every_epochs", "eval_tokens", "ckpt_every_epochs", "async_checkpoints"}
 # keys a NaN stop's advice names: they change what the run computes from the resumed step on, so the step each change
 # took effect is logged (log.jsonl, kind "resume") and config.json records it under "resumes"
@@ -100,6 +102,7 @@ def validate(cfg, world_size, train_tokens):
     need(cfg.device in ("auto", "cuda", "mps", "cpu"), "device", "must be auto, cuda, mps or cpu")
     need(0 <= cfg.seed < 10**8, "seed", "must be in [0, 10^8): the data order and the dropout masks are seeded from it")
     need(cfg.dist_timeout_minutes >= 1, "dist_timeout_minutes", "must be >= 1")
+    need(cfg.ddp_bucket_cap_mb >= 1, "ddp_bucket_cap_mb", "must be >= 1 (MB)")
     need(cfg.model_size in gpt.SIZES, "model_size", f"must be one of {', '.join(gpt.SIZES)}")
     need(cfg.seq_len >= 2, "seq_len", "must be >= 2")
     need(0 <= cfg.dropout < 1, "dropout", "must be in [0, 1)")
@@ -324,7 +327,8 @@ def train_track(cfg, track, env, data, make_plan):
             return run.log(f"track {track}: already finished ({total} steps)")
         # DDP first, then compile the DDP module: dynamo splits the graph at DDP's buckets so the gradient all-reduce
         # overlaps the backward (PyTorch's DDP + torch.compile notes); gradients live in the buckets (no copy)
-        ddp = DDP(model, process_group=env["group"], gradient_as_bucket_view=True) if env["group_size"] > 1 else None
+        ddp = DDP(model, process_group=env["group"], gradient_as_bucket_view=True,
+                  bucket_cap_mb=cfg.ddp_bucket_cap_mb) if env["group_size"] > 1 else None
         fwd = torch.compile(ddp or model) if cfg.compile else (ddp or model)
         every = lambda epochs: max(1, round(epochs * spe)) if epochs > 0 else None
         eval_steps, ckpt_steps = every(cfg.eval_every_epochs), every(cfg.ckpt_every_epochs)

@@ -21,6 +21,8 @@ model_size = "1.8B"
 seq_len = 2048
 dropout = 0.1
 compile = True
+ddp_bucket_cap_mb = 200        # ~one block's fp32 gradients (196 MiB) a bucket: ~35 compiled subgraphs, not ~270 at
+                               # torch's 25; each block's all-reduce still overlaps the next one's backward (not timed)
 batch_tokens = 32768           # 2 seqs x 2048 x 8 GPUs x 1 accum (2 trajectories: 4 ranks each x 2 accum)
 micro_batch_size = 2           # as fineweb_1p8b_q0.py: what must fit an 80 GB H100
 muon_lr = 0.01

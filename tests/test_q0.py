@@ -172,6 +172,24 @@ def test_distill_loss_mixture_teacher_by_hand():
 
 
 @pytest.mark.slow
+def test_compiled_distill_loss_matches_eager_with_its_gradient():
+    """compile=True (the GPU configs) runs distill_loss through torch.compile, so the softmaxes and the KL over
+    (B, T, V) fuse: the same loss and student gradient as eager (fp32, 1e-5), one teacher and a mixture of two."""
+    torch.manual_seed(0)
+    z_s, z_t, z_u = torch.randn(2, 8, 40), torch.randn(2, 8, 40), torch.randn(2, 8, 40)
+    y = torch.randint(0, 40, (2, 8))
+    compiled = torch.compile(q0.distill_loss)
+    for teachers, w in ((z_t, None), ([z_t, z_u], [0.7, 0.3])):
+        got = {}
+        for name, fn in (("eager", q0.distill_loss), ("compiled", compiled)):
+            s = z_s.clone().requires_grad_()
+            loss = fn(s, teachers, y, 0.45, 1.2, w)
+            loss.backward()
+            got[name] = loss.detach(), s.grad
+        torch.testing.assert_close(got["compiled"], got["eager"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_mixture_teacher_run_and_bit_exact_resume(tiny_data, tmp_path):
     """distill_teacher=mixture: from cycle 3 the teacher is the prior's top-2 of the earlier snapshots (EM on their
     fitness log-probs); a run killed while distilling from it resumes to the same members bit for bit."""

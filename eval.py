@@ -19,7 +19,8 @@ again) and, in RUN/scores/{name}.json, the sha256 of the member file it came fro
 scored again): member i on rank i % world, one model in memory at a time.
 Everything after that is arithmetic on the cached (M, N) arrays L (prior.py), with p_i(t) = exp(L[i, t]):
     ensemble loss(w) = mean_t -log sum_i w_i p_i(t)      (probability averaging, prior.mixture_nll)
-for the prior's top-K (prior.members_at), uniform over all, uniform over the last K and greedy selection. Weights,
+for the prior's K members (prior.members_at: greedy's K, weights refit), uniform over all, uniform over the last K
+and greedy's K averaged uniformly. Weights,
 K and every selection come from the fitness split only; val is the test set and is only ever reported. RUN/prior.json
 (the prior's weights and per-K selections) is written here only, and kept while it is current for the run's members.
 The extras that need the members' full distributions (K models at once) live in tools/, imported only for their flags.
@@ -51,7 +52,7 @@ curve_every = 32         # budget curve: every budget up to this many, else ~cur
 curve_points = 24
 curve_gap = 1e-9         # the curve's EM fits run to this certificate (tol 0): warm and cold agree to ~1e-7 nats on val
 curve_floor = 1e-4       # warm start: mass spread over every member (EM never revives a zero weight)
-sample_k = 4             # --sample: members mixed (the prior's top K)
+sample_k = 4             # --sample: members mixed (the prior's mixture at K)
 max_new_tokens = 200     # --sample: tokens generated
 temperature = 1.0        # --sample: each member's softmax(z / temperature), then mixed
 seed = 1337              # --sample: multinomial generator
@@ -307,6 +308,9 @@ def current_prior(run_dir, names, L_fitness, method=None, member_sha256=None, co
     elif old.get("num_tokens") != L.shape[1] or abs(old["per_k"]["1"]["fitness_nll"] - prior.mixture_nll(
             L, [float(n == old["per_k"]["1"]["members"][0]) for n in names])) > 1e-9:
         why = "the fitness scores changed since prior.json was fit"
+    elif old.get("selection") != prior.selection:
+        why = (f"prior.json picks its K members by {old.get('selection', 'the top K of the full fit')!r}, this code by "
+               f"{prior.selection!r} (prior.select)")
     elif method not in (None, old.get("method")):
         why = f"prior.json holds {old.get('method')} weights, {method} asked for"
     elif compare and set(old.get("compare", {})) != set(prior.FITS):
@@ -426,9 +430,9 @@ def print_report(rep):
                                                          "read from prior.json (current for these members)"))
     e = rep["ensemble"]
     print(f"ensemble val loss (probability average; weights, K and selection from fitness; {rep['prior_method']} prior)")
-    print("    K | prior top-K | uniform last-K |   greedy")
+    print("    K |       prior | uniform last-K | greedy, uniform")
     for k in e["ks"]:
-        print(f"{k:5d} | {e['prior'][k]:11.4f} | {e['uniform_last'][k]:14.4f} | {e['greedy'][k]:8.4f}")
+        print(f"{k:5d} | {e['prior'][k]:11.4f} | {e['uniform_last'][k]:14.4f} | {e['greedy'][k]:15.4f}")
     print(f"uniform over all {rep['num_members']}: {e['uniform_all']:.4f} | best member on fitness "
           f"{rep['best_member']['name']}: {rep['best_member']['val']:.4f}")
     if len(rep["prior_compare"]) > 1:
@@ -563,7 +567,7 @@ def parse_args(argv=None):
     p.add_argument("--compare_adamw", action="store_true", default=compare_adamw,
                    help="also fit the prior by AdamW (300 passes) and report it beside EM")
     p.add_argument("--downstream", nargs="+", default=[], help="hellaswag arc_easy arc_challenge piqa or JSONL files")
-    p.add_argument("--logit_avg", type=int, default=0, metavar="K", help="also logit-average the prior's top K")
+    p.add_argument("--logit_avg", type=int, default=0, metavar="K", help="also logit-average the prior's mixture at K")
     p.add_argument("--sample", default=None, metavar="PROMPT")
     p.add_argument("--k", type=int, default=sample_k, help="--sample: members mixed")
     p.add_argument("--max_new_tokens", type=int, default=max_new_tokens)

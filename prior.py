@@ -1,6 +1,7 @@
 """
-Learned prior over a q0 population (Primitive 3): one weighting of all members, fit on the
-held-out fitness split, reused for every inference budget K (keep the top K, renormalise).
+Learned prior over a q0 population (Primitive 3): a weighting of the members, fit on the held-out
+fitness split; at an inference budget of K members, the K that greedy forward selection picks, weighted by the
+same fit on those K alone (select).
 
     min_w  f(w) = mean_t -log sum_i w_i p_i(y_t),   w on the simplex,   p_i(y_t) = exp(L[i, t])
 
@@ -32,6 +33,8 @@ import torch
 
 # -----------------------------------------------------------------------------
 method = "em"            # em | adamw: whose weights go into prior.json (fit_prior(compare=True) runs both)
+selection = "greedy"     # K members (select): greedy: greedy's K, weights refit on them (chosen on fitness, BENCHMARKS
+                         # 1f) | top: the full fit's K heaviest, renormalised (the paper's); recorded in prior.json
 split = "fitness"        # the only split a prior is fit on; val is the test set
 em_iters = 5000          # cap on EM's passes over L after the first; each: an exp and two matrix-vector products
 em_tol = 1e-9            # EM stops once a step lowers the objective by less (nats/token)
@@ -327,8 +330,8 @@ FITS = {"em": fit_em, "adamw": fit_adamw}  # every fit by the name prior.json re
 # --- using the weights, and the baselines ------------------------------------
 
 def mixture(w, k):
-    """The prior's mixture at inference budget k: the k heaviest members (ties go to the earlier index) and their
-    weights renormalised to sum 1, w_i / sum_{j in top k} w_j. Every consumer of the prior picks members with it."""
+    """The k heaviest members of one weighting (ties go to the earlier index), weights renormalised to sum 1,
+    w_i / sum_{j in top k} w_j: the top K of the full fit, the rule before select (a baseline, bench/k_select.py)."""
     w = np.asarray(w, dtype=np.float64)
     idx = np.argsort(-w, kind="stable")[:k]
     return idx, w[idx] / w[idx].sum()
@@ -340,12 +343,38 @@ def digest_of(prior_json):
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def members_at(prior_json, k):
-    """The mixture at budget k of a prior.json dict, as [(name, weight), ...] heaviest first: mixture() of its
-    "weights" taken in the order of its "members". Its per_k entries were written by the same mixture() from the
-    same weights, so both agree; this is the one reader of a mixture from prior.json."""
-    names = prior_json["members"]
-    idx, w = mixture([prior_json["weights"][n] for n in names], k)
+def select(L, k, order=None, method=method, chunk=None, log=None):
+    """The mixture at inference budget k, as every consumer of the prior uses it (eval.py's K table, the student, the
+    mixture teacher, tools/): the first k members of greedy forward selection (greedy_select, or `order` when it was
+    run already: its every prefix is the greedy one), their weights fit by `method` on those k alone; k >= M: every
+    member, the full fit. -> (member indices in the order picked, weights). selection = "top": mixture() of the full
+    fit, the paper's rule.
+    Why not the full fit's top k (mixture): the full fit weights a member by what it adds to all the others, so its
+    top k are not the k that work best alone together, and a near-tie between two weights swaps a member. On fitness,
+    cross-fitted (bench/k_select.py, BENCHMARKS 1f), greedy's k with their weights refit were 0.005-0.011 nats better
+    at K = 2-8 on both seeds (K = 1: as good or better), and at K = M/2 within 0.002 of the best rule."""
+    L = as_probs(L, chunk, hold=True)
+    if k >= len(L):
+        return np.arange(len(L)), FITS[method](L)[0]
+    if selection == "top":  # the paper's rule, one switch away
+        return mixture(FITS[method](L)[0], k)
+    idx = np.asarray(order[:k] if order is not None and len(order) >= k else greedy_select(L, k, log=log))
+    return idx, FITS[method](L[idx])[0]
+
+
+def members_at(prior_json, k, run_dir=None):
+    """The mixture at budget k of a prior.json dict, as [(name, weight), ...] in the order picked: its per_k entry
+    (select's, written by fit_prior), K past the population all of it. A K that prior.json does not hold is select()
+    on the run's fitness scores (run_dir, eval.py's score files): the same rule, so the same answer it would store.
+    This is the one reader of a mixture from prior.json."""
+    names, per_k = prior_json["members"], prior_json["per_k"]
+    k = min(k, len(names))
+    if str(k) in per_k:
+        return list(zip(per_k[str(k)]["members"], per_k[str(k)]["weights"]))
+    if run_dir is None:
+        raise ValueError(f"prior.json holds the mixtures at K = {', '.join(per_k)}; K = {k} is chosen from the run's "
+                         f"fitness scores: pass its run folder")
+    idx, w = select(open_scores(run_dir, names, split), k, method=prior_json["method"])
     return [(names[i], float(x)) for i, x in zip(idx, w)]
 
 
@@ -396,8 +425,8 @@ def fit_line(what, L, info):
 
 
 def fit_prior(names, L_fitness, method=method, compare=False, log=None):
-    """Everything prior.json holds: the fitted weights, the top-K mixtures for each K in ks_for(M),
-    the uniform-over-last-K and greedy baselines at the same K (same layout, so eval.py can score all
+    """Everything prior.json holds: the fitted weights, select's mixture for each K in ks_for(M) (per_k), the
+    uniform-over-last-K and greedy (its members, uniform) baselines at the same K (same layout, so eval.py can score all
     of them on val alike), and under "compare" each fit run: `method`'s, or with compare=True every fit in FITS
     (EM vs AdamW: 300 more passes). Fit on the fitness split only; log() gets a line per fit and greedy's progress."""
     names, L = list(names), as_probs(L_fitness, hold=True)
@@ -414,7 +443,11 @@ def fit_prior(names, L_fitness, method=method, compare=False, log=None):
     ks = ks_for(M)
     greedy = greedy_select(L, ks[-2] if len(ks) > 1 else 1, log=log)  # at K = M greedy is every member
     uniform = lambda idx: (idx, np.full(len(idx), 1.0 / len(idx)))
-    tables = {"per_k": [mixture(w, k) for k in ks], "uniform_last": [uniform(uniform_last(M, k)) for k in ks],
+    per_k = [(np.arange(M), w) if k == M else mixture(w, k) if selection == "top" else select(L, k, greedy, method)
+             for k in ks]
+    if log and selection == "greedy":
+        log(f"prior | {method} refit on greedy's first K members, K = {', '.join(map(str, ks[:-1]))}")
+    tables = {"per_k": per_k, "uniform_last": [uniform(uniform_last(M, k)) for k in ks],
               "greedy": [uniform(greedy[:k] if k < M else np.arange(k)) for k in ks]}
     W = np.zeros((3 * len(ks), M))  # every entry's weights over all members, one row each: one pass for their losses
     for q, (idx, wk) in enumerate(x for t in tables.values() for x in t):
@@ -425,6 +458,7 @@ def fit_prior(names, L_fitness, method=method, compare=False, log=None):
     entries = {t: {str(k): entry(*x) for k, x in zip(ks, rows)} for t, rows in tables.items()}
     return {
         "method": method,
+        "selection": selection,
         "split": split,
         "num_tokens": int(L.shape[1]),
         "members": names,

@@ -36,8 +36,8 @@ noise): frozen, eval mode, no grad, run online on the same micro-batch. Per toke
 teacher logits z_t, target y:
     loss = (1 - a) * CE(z_s, y) + a * T^2 * KL( p_t || softmax(z_s / T) ),   p_t = softmax(z_t / T)
 distill_teacher="mixture" (not in the reference) makes the teacher the population's own ensemble instead: the
-learned prior (EM on the fitness split, prior.py) over all earlier snapshots of the trajectory, its top
-distill_teacher_k members renormalised, p_t = sum_k w_k softmax(z_k / T). Each snapshot's fitness log-probs are
+learned prior over all earlier snapshots of the trajectory at distill_teacher_k members (prior.select on the
+fitness split: greedy's K, EM weights on them), p_t = sum_k w_k softmax(z_k / T). Each snapshot's fitness log-probs are
 scored once when it is saved; the teacher costs K forward passes per step. Teachers are small objects
 (PreviousSnapshot, MixtureTeacher) with one interface; their state goes into the checkpoint.
 
@@ -46,7 +46,7 @@ model is re-initialised (fresh optimizer state, warmup again) instead of perturb
 full model trained from scratch against its predecessor.
 
 mode=student (student.py) turns a finished population back into one model: it trains for `epochs` (warmup +
-cosine) against the learned-prior mixture of `teacher_run`'s top `teacher_k` members with the same distill_loss:
+cosine) against the learned-prior mixture of `teacher_run` at `teacher_k` members with the same distill_loss:
     python eval.py runs/quickstart && python q0.py configs/quickstart.py --mode=student \\
         --teacher_run=runs/quickstart --epochs=32 --distill_alpha=0.9 --distill_temperature=1.0 --out_dir=runs/student
 """
@@ -87,11 +87,11 @@ class Q0Config(train.Config):
     distill_after_cycles: int = 8    # distil from cycle max(1, this) + 1 on: the snapshot of cycle k teaches k+1
     distill_alpha: float = 0.45      # loss = (1-a) CE + a T^2 KL(teacher || student)
     distill_temperature: float = 1.2  # T
-    distill_teacher: str = "previous"  # previous snapshot (reference) | mixture: the prior's top-K of earlier snapshots
+    distill_teacher: str = "previous"  # previous snapshot (reference) | mixture: the prior's K of earlier snapshots
     distill_teacher_k: int = 4       # mixture teacher: members (K teacher forwards per step)
     # mode=student: one model distilled from a finished run's learned-prior mixture, for `epochs` (warmup + cosine)
     teacher_run: str = ""            # student: the run folder (scored, with prior.json from eval.py) whose mixture teaches
-    teacher_k: int = 4               # student: the prior's top K members of teacher_run, weights renormalised
+    teacher_k: int = 4               # student: the prior's mixture of teacher_run at K members (prior.members_at)
     student_init: str = "scratch"    # student: scratch | best (start from the prior's top member; same model_size)
     teacher_topk: int = 0            # student: 0 = K teacher forwards per step; k = the mixture's top k per token, computed once into out_dir/teacher_topk/
 
@@ -241,8 +241,8 @@ class PreviousSnapshot:
 
 
 class MixtureTeacher(PreviousSnapshot):
-    """distill_teacher=mixture: the learned prior over every earlier snapshot of the trajectory (EM on their fitness
-    log-probs, scored once per snapshot), its top distill_teacher_k renormalised. Frozen copies are reused."""
+    """distill_teacher=mixture: the learned prior over every earlier snapshot of the trajectory at distill_teacher_k
+    members (prior.select on their fitness log-probs, scored once per snapshot). Frozen copies are reused."""
 
     def __init__(self, cfg, track, data, env):
         super().__init__(cfg, track, data, env)
@@ -268,8 +268,8 @@ class MixtureTeacher(PreviousSnapshot):
 
     def choose(self):
         names = list(self.fitness_scores)
-        w, _ = prior.FITS[prior.method](np.stack([self.fitness_scores[n].double().numpy() for n in names]))
-        idx, wk = prior.mixture(w, self.cfg.distill_teacher_k)
+        scores = np.stack([self.fitness_scores[n].double().numpy() for n in names])
+        idx, wk = prior.select(scores, self.cfg.distill_teacher_k)
         keep = wk > 1e-3  # a member the prior gives (almost) nothing would cost a forward pass for nothing
         return [(names[i], float(x)) for i, x in zip(idx[keep], wk[keep] / wk[keep].sum())]
 

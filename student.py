@@ -1,9 +1,9 @@
 """
 student.py: mode=student of q0.py (`python q0.py <config> --mode=student --teacher_run=RUN`): a finished population
 distilled back into one model. The student trains for `epochs` (the single model's warmup + cosine) against the
-learned-prior mixture of RUN's top teacher_k members, with q0's distill_loss:
+learned-prior mixture of RUN at teacher_k members (prior.members_at), with q0's distill_loss:
     loss = (1 - a) CE(z_s, y) + a T^2 KL(p_mix || softmax(z_s / T)),   p_mix = sum_k w_k softmax(z_k / T)
-from scratch or from the prior's top member (student_init=best), and is saved as the member "student", which eval.py
+from scratch or from the mixture's first member (student_init=best: greedy's first pick, the best on fitness), and is saved as the member "student", which eval.py
 scores like any other. The teachers run online (K forwards per step), or, with teacher_topk = k > 0, the mixture is
 computed once and its top k per token read from a file (TeacherFile, topk_distill_loss: one forward per step).
 
@@ -130,7 +130,7 @@ class StudentPlan(train.SinglePlan):
     def __init__(self, cfg, track, model, data, env):
         c, run = cfg, Path(cfg.teacher_run)
         pj = read_prior(run, "teacher prior")
-        pairs, meta = prior.members_at(pj, c.teacher_k), data["meta"]  # K past the population: all of it
+        pairs, meta = prior.members_at(pj, c.teacher_k, run), data["meta"]  # K past the population: all of it
 
         def load_teacher(name):
             teacher, ckpt = load_member(run / "members" / f"{name}.pt", env["device"], expected=name)
@@ -149,7 +149,7 @@ class StudentPlan(train.SinglePlan):
             self.loader = self.file
             self.total_steps = max(1, round(cfg.epochs * self.loader.steps_per_epoch))
             self.save_steps = [self.total_steps]
-        if c.student_init == "best":  # the prior's heaviest member; on resume the checkpoint's weights replace these
+        if c.student_init == "best":  # the mixture's first pick; on resume the checkpoint's weights replace these
             best = self.teachers[0][2] if self.teachers[0][2] is not None else load_teacher(pairs[0][0])
             try:
                 model.load_state_dict(best.state_dict())

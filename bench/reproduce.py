@@ -146,12 +146,18 @@ def existing_at(rows, budget):
     return [i for i, r in enumerate(rows) if r["budget_epochs"] <= budget]
 
 
+def prior_at(F, k, w):
+    """The prior's mixture at K = k members (prior.select, as eval.py reports it) -> (indices, weights); w, the full
+    fit on F, done already, is the mixture at k >= M."""
+    return (np.arange(len(F)), w) if k >= len(F) else prior.select(F, k)
+
+
 def best_k_on_fitness(F, V, w=None):
-    """Prior fit on fitness (or w, that fit done already); the K (1, 2, 4, ... all) whose top-K mixture is best on
-    fitness -> (fitness, K, val)."""
+    """Prior fit on fitness (or w, that fit done already); the K (1, 2, 4, ... all) whose mixture (prior_at) is best
+    on fitness -> (fitness, K, val)."""
     w = prior.fit_em(F)[0] if w is None else w
     return min((prior.mixture_nll(F[top], wk), k, prior.mixture_nll(V[top], wk))
-               for k in prior.ks_for(len(F)) for top, wk in [prior.mixture(w, k)])
+               for k in prior.ks_for(len(F)) for top, wk in [prior_at(F, k, w)])
 
 
 def single_curve(out, seed, lengths=single_lengths):
@@ -193,13 +199,13 @@ def budget_priors(run_members):
 
 
 def population_curve(run_members, priors, max_k=None):
-    """Val loss of the population as it existed at each budget: its prior (budget_priors), top-K (K = all or max_k).
-    run_members: members() of a run, read once by the caller."""
+    """Val loss of the population as it existed at each budget: its prior (budget_priors) at K = all members, or at
+    K = max_k (prior_at). run_members: members() of a run, read once by the caller."""
     rows, F, V = run_members
     curve = []
     for b, idx, w in priors:
         k = len(idx) if max_k is None else min(max_k, len(idx))
-        top, wk = prior.mixture(w, k)
+        top, wk = prior_at(F[idx], k, w)
         curve.append((b, prior.mixture_nll(V[idx][top], wk), prior.mixture_nll(V[idx], np.full(len(idx), 1 / len(idx)))))
     return curve
 
@@ -295,7 +301,7 @@ def ablations(out, seed):
 
 
 def ablation_table(out, seed):
-    """Val of each finished ablation run's whole population (prior) and of the prior's top K=1 and K=4."""
+    """Val of each finished ablation run's whole population (prior) and of the prior at K=1 and K=4 (prior_at)."""
     table = {}
     for label, (run_name, _) in ablation_runs(seed).items():
         if not (m := finished(out, run_name, budget=ensemble_budget)):
@@ -303,7 +309,7 @@ def ablation_table(out, seed):
         rows, F, V = m
         w, _ = prior.fit_em(F)
         table[label] = {"all": prior.mixture_nll(V, w), **{f"K={k}": prior.mixture_nll(V[top], wk)
-                                                           for k in (1, 4) for top, wk in [prior.mixture(w, k)]}}
+                                                           for k in (1, 4) for top, wk in [prior_at(F, k, w)]}}
         if label == "q0":
             table["uniform weights instead of the prior"] = {"all": prior.mixture_nll(V, np.full(len(rows), 1 / len(rows)))}
     return table
@@ -388,7 +394,7 @@ def distill_grid():
 
 def population_summary(run_members, ks=(1, 2, 4, 8, 16)):
     """The whole population of a finished run: val (prior, uniform), fitness cross-fit, member quality, and by_k:
-    (K, fitness, val) of the prior's top K (weights fit on all of fitness) for each K up to the population size."""
+    (K, fitness, val) of the prior at K (prior_at, fit on all of fitness) for each K up to the population size."""
     rows, F, V = run_members
     w, _ = prior.fit_em(F)
     u = np.full(len(rows), 1 / len(rows))
@@ -402,7 +408,7 @@ def population_summary(run_members, ks=(1, 2, 4, 8, 16)):
                 late_member_val=float(member_val[late].mean()),
                 diversity_gain=float(member_val.mean()) - prior.mixture_nll(V, u),
                 by_k=[(k, prior.mixture_nll(F[top], wk), prior.mixture_nll(V[top], wk))
-                      for k in ks if k <= len(rows) for top, wk in [prior.mixture(w, k)]])
+                      for k in ks if k <= len(rows) for top, wk in [prior_at(F, k, w)]])
 
 
 def distill_suite(out, seed, shard=(0, 1)):
@@ -571,7 +577,7 @@ def report(results, out):
                 print(f"  budget {float(b):5g}: {r['winner']:45s} fitness {r['fitness']:.4f}  val {r['val']:.4f}")
     for seed in sorted(int(h["seed"]) for h in hs):
         print(f"\nablations, seed {seed} (val loss at the headline budget: the whole population with the prior, and its "
-              f"top K=1 and K=4):")
+              f"mixture at K=1 and K=4):")
         for label, loss in ablation_table(out, seed).items():
             print(f"  {label:40s} " + "  ".join(f"{k}: {v:.4f}" for k, v in loss.items()))
     for seed in sorted({int(p.name.rsplit("-s", 1)[1]) for p in (out / "runs").glob("distill-*-s*")} if (out / "runs").exists() else []):
@@ -585,7 +591,7 @@ def report(results, out):
             print(f"| {name} | {r['members']} | {r['fitness_crossfit']:.4f} | {r['val_prior']:.4f} | {r['val_uniform']:.4f} | "
                   f"{r['mean_member_val']:.4f} | {r['best_member_val']:.4f} | {r['last_member_val']:.4f} | "
                   f"{r['late_member_val']:.4f} | {r['diversity_gain']:.4f} |")
-        print("\nby inference budget K (the prior's top K), fitness / val:\n| run | " +
+        print("\nby inference budget K (the prior at K), fitness / val:\n| run | " +
               " | ".join(f"K={k}" for k in (1, 2, 4, 8, 16)) + " |\n|---|---|---|---|---|---|")
         for name, r in table.items():
             cells = {k: f"{f:.4f} / {v:.4f}" for k, f, v in r["by_k"]}

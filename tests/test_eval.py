@@ -134,7 +134,7 @@ def test_scoring_resumes(run_copy):
 
 def test_end_to_end_reports(evaluated):
     run_dir, rep, out = evaluated
-    for heading in ("member       track cycle budget  fitness      val   weight", "prior top-K | uniform last-K |   greedy",
+    for heading in ("member       track cycle budget  fitness      val   weight", "      prior | uniform last-K | greedy, uniform",
                     "uniform over all 4", "val loss against epoch budget"):
         assert heading in out
     assert "Slowrun" not in out  # byte-tokenized pydoc: not the Slowrun setting
@@ -411,7 +411,7 @@ def test_a_retrained_member_is_rescored_and_the_prior_refit(evaluated, tmp_path,
 @pytest.mark.parametrize("where", ["per_k", "weights"])
 def test_a_prior_json_changed_on_disk_is_refit_not_reported(evaluated, tmp_path, fault, where):
     """One digit changed in prior.json: the first decimal of the K=2 entry's first weight (what q0.py's student
-    reads) or of the heaviest member's weight (what every reported mixture is read from, prior.members_at)."""
+    reads) or of the heaviest member's weight (the K = all mixture and the budget curve's last point)."""
     row = fault("one digit of prior.json changed on disk", f"prior.json {where}")
     run_dir = tmp_path / "run"
     shutil.copytree(evaluated[0], run_dir)

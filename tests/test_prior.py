@@ -1,6 +1,7 @@
 """Tests for prior.py: the mixture objective against hand computations, EM and AdamW against a
 synthetic population whose best mixture is known, the baselines, and the prior.json writer."""
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -161,7 +162,8 @@ def test_fit_prior_layout():
             assert len(e["members"]) == len(e["weights"]) == int(k)
             assert sum(e["weights"]) == pytest.approx(1.0)
     assert p["per_k"]["3"]["fitness_nll"] == pytest.approx(p["objective_fitness"], abs=1e-12)
-    assert p["per_k"]["1"]["members"] == [max(p["weights"], key=p["weights"].get)]
+    best = min(range(3), key=lambda i: -L[i].mean())  # K=1: the best member on fitness (greedy's first pick)
+    assert p["per_k"]["1"]["members"] == [names[best]] and p["per_k"]["1"]["weights"] == [1.0]
     assert p["baselines"]["uniform_last"]["2"]["members"] == ["b", "c"]
     # the fitted prior beats or matches both baselines on what it was fit on, at K = M
     for base in ("uniform_last", "greedy"):
@@ -186,10 +188,31 @@ def test_a_fit_added_to_the_registry_is_run_and_selectable(monkeypatch):
     assert set(p["compare"]) == {"em", "adamw", "uniform"} and p["weights"] == {n: 1 / 3 for n in "abc"}
 
 
-def test_members_at_agrees_with_per_k():
-    """The mixture at every K read back from prior.json (members_at, from the weights) is the per_k entry written
-    beside them, member for member and weight for weight, exactly; ties included (member d duplicates b, so EM gives
-    them the same weight: the earlier one is picked first in both)."""
+def test_select_keeps_greedys_k_with_their_weights_refit_by_hand(monkeypatch):
+    """Members a and b are the same (p 0.9 on token 1, 0.1 on token 2), c the mirror image (0.1, 0.9). The full fit
+    puts 1/2 on c and 1/4 on each of a, b (their sum 1/2 is the optimum, the split by symmetry), so its top 2 are c and
+    a at 2/3 and 1/3: loss -(log(0.3 + 1/15) + log(1/30 + 0.6)) / 2 = 0.7300. select(L, 2): greedy picks a (a tie of
+    equal members: the first), then c over b; EM on {a, c} gives 1/2 each, p = 0.5 on both tokens: loss log 2 = 0.6931."""
+    L = np.log(np.array([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9]]))
+    w, _ = prior.fit_em(L, tol=0.0, gap=1e-14)
+    np.testing.assert_allclose(w, [0.25, 0.25, 0.5], atol=1e-6)
+    top, wk = prior.mixture(w, 2)
+    assert top.tolist() == [2, 0] and prior.mixture_nll(L[top], wk) == pytest.approx(
+        -(math.log(0.9 / 3 + 0.2 / 3) + math.log(0.1 / 3 + 1.8 / 3)) / 2, abs=1e-5)
+    idx, wk = prior.select(L, 2)
+    assert idx.tolist() == [0, 2] and wk == pytest.approx([0.5, 0.5], abs=1e-6)
+    assert prior.mixture_nll(L[idx], wk) == pytest.approx(math.log(2), abs=1e-9)
+    idx, wk = prior.select(L, 5)  # K past the population: every member, the full fit
+    assert idx.tolist() == [0, 1, 2] and wk == pytest.approx(w, abs=1e-6)
+    monkeypatch.setattr(prior, "selection", "top")  # the paper's rule: the full fit's top 2, everywhere
+    assert prior.select(L, 2)[0].tolist() == [2, 0]
+    assert prior.fit_prior(list("abc"), L)["per_k"]["2"]["members"] == ["c", "a"]
+
+
+def test_members_at_agrees_with_per_k(tmp_path):
+    """The mixture at every K read back from prior.json (members_at) is the per_k entry written, member for member and
+    weight for weight, exactly; ties included (member d duplicates b, so EM gives them the same weight: the earlier
+    one comes first). A K it does not hold is select() on the run's fitness score files, or refused without them."""
     L, _ = synthetic_population(3_000, seed=6)
     L = np.vstack([L, L[1:2]])
     names = ["a", "b", "c", "d"]
@@ -199,6 +222,14 @@ def test_members_at_agrees_with_per_k():
         for k, entry in pj["per_k"].items():
             assert prior.members_at(pj, int(k)) == list(zip(entry["members"], entry["weights"]))
         assert [n for n, _ in prior.members_at(pj, 4)].index("b") < [n for n, _ in prior.members_at(pj, 4)].index("d")
+        with pytest.raises(ValueError, match="K = 1, 2, 4; K = 3 is chosen from the run's fitness scores"):
+            prior.members_at(pj, 3)
+        (tmp_path / "scores").mkdir(exist_ok=True)
+        for name, row in zip(names, L):
+            np.save(prior.score_path(tmp_path, name, "fitness"), row)
+        idx, w = prior.select(L, 3, method=method)
+        assert prior.members_at(pj, 3, tmp_path) == [(names[i], float(x)) for i, x in zip(idx, w)]
+        assert prior.members_at(pj, 9) == prior.members_at(pj, 4)  # K past the population: all of it
 
 
 # --- files and the command line ----------------------------------------------

@@ -1,6 +1,6 @@
 """
 tools/downstream.py: zero-shot multiple choice (hellaswag, arc_easy, arc_challenge, piqa from the hub, or a local
-JSONL file of {context, choices, label}) for the best member and the prior's top-K mixtures. Run through eval.py
+JSONL file of {context, choices, label}) for the best member and the prior's mixtures at each K. Run through eval.py
 (it scores the run and fits the prior first; this file is imported only when --downstream is given):
 
     python eval.py runs/RUN --downstream hellaswag arc_easy tests/fixtures/mc_tiny.jsonl
@@ -102,7 +102,7 @@ def continuation_logprobs(model, seqs, n_cont, dev, size=ev.batch_size):
 
 
 def downstream(run, pj, best, spec, dev):
-    """Multiple choice for member `best` alone and the prior's top K (prior.json `pj`) at each of its K: a choice's
+    """Multiple choice for member `best` alone and the prior's mixture (prior.json `pj`) at each of its K: a choice's
     score = sum over its tokens of log sum_i w_i p_i(token), after the context (choice_sequences). acc = argmax score;
     acc_norm = argmax score / len(continuation in characters) (lm-eval)."""
     qs = read_questions(spec)

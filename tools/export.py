@@ -1,5 +1,5 @@
 """
-tools/export.py: a member, or the learned prior's top-K mixture, as model.safetensors + config.json: the format the
+tools/export.py: a member, or the learned prior's mixture at K, as model.safetensors + config.json: the format the
 tools researchers already use read without pickle (safetensors: a JSON header and raw little-endian tensors).
 
     python tools/export.py runs/quickstart --member t0-c016        # one member  -> runs/quickstart/export/t0-c016/
@@ -8,7 +8,7 @@ tools researchers already use read without pickle (safetensors: a JSON header an
 
 model.safetensors holds the tensors exactly as the member file stores them (fp32 from CPU runs, bf16 from GPU runs):
 one member under its state_dict names (embed.weight, blocks.0.attn.qkv.weight, ...), K members as
-members.{i}.{name} in the mixture's order (heaviest first). config.json holds the model config, the tokenizer (name,
+members.{i}.{name} in the mixture's order (the order picked). config.json holds the model config, the tokenizer (name,
 vocab_size, bos_id; "byte": UTF-8 bytes 0-255 and BOS 256, "gpt2": tiktoken's gpt2 encoding, BOS <|endoftext|>
 50256), each member's name, prior weight and member-file sha256, and the sha256 of model.safetensors. Check an
 export with standard tools, no q0 code:
@@ -38,10 +38,10 @@ FORMAT = "q0-safetensors/1"
 
 
 def prior_mixture(run, k):
-    """[(name, weight), ...]: the top K of RUN/prior.json (prior.members_at), refused when the file was changed on
+    """[(name, weight), ...]: RUN/prior.json's mixture at K (prior.members_at), refused when the file was changed on
     disk or is stale for a member file retrained since it was fit."""
     pj = read_prior(run)
-    return prior.members_at(pj, k), pj
+    return prior.members_at(pj, k, run), pj
 
 
 def read_members(run, mix, pj=None):
@@ -67,7 +67,7 @@ def read_members(run, mix, pj=None):
 
 
 def export(run, out, member=None, k=None):
-    """Write OUT/model.safetensors and OUT/config.json for one member or the prior's top K. -> the config dict."""
+    """Write OUT/model.safetensors and OUT/config.json for one member or the prior's mixture at K. -> the config dict."""
     run, out = Path(run), Path(out)
     mix, pj = ([(member, 1.0)], None) if member is not None else prior_mixture(run, k)
     ckpts = read_members(run, mix, pj)
@@ -111,7 +111,7 @@ def main(argv=None):
     p.add_argument("run", help="a run folder (for --k: evaluated, with prior.json from eval.py)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--member", help="one member by name (members/NAME.pt)")
-    which.add_argument("--k", type=int, help="the prior's top K members and their renormalised weights")
+    which.add_argument("--k", type=int, help="the prior's mixture at K members (prior.members_at)")
     p.add_argument("--out", default=None, help="output folder (default RUN/export/NAME or RUN/export/topK)")
     args = p.parse_args(argv)
     try:

@@ -1,5 +1,5 @@
 """
-tools/lm_eval_q0.py: the learned prior's top-K mixture as an lm-evaluation-harness model, "q0-mixture". A continuation's
+tools/lm_eval_q0.py: the learned prior's mixture at K as an lm-evaluation-harness model, "q0-mixture". A continuation's
 log-likelihood is sum over its tokens of log sum_i w_i p_i(token | prefix): the probability average eval.py scores,
 summed as tools/downstream.py sums a choice (the same numbers, up to fp32 rounding). lm-eval is optional
 (`pip install -r requirements-lm-eval.txt`) and imported only here.

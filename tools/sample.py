@@ -1,6 +1,6 @@
 """
 tools/sample.py: what needs the mixture's full next-token distribution, K models in memory at once: text sampled from
-the prior's top-K mixture, and logit averaging measured against probability averaging. Run through eval.py's flags
+the prior's mixture at K, and logit averaging measured against probability averaging. Run through eval.py's flags
 (eval.py scores the run and fits the prior first; this file is imported only when a flag asks for it):
 
     python eval.py runs/RUN --sample "def main(" --k 4    # text from the prior's 4-member mixture
@@ -29,10 +29,10 @@ logits_floats = 2**26    # --logit_avg: cap on the B x T x V logits held at once
 
 @torch.no_grad()
 def logit_average(run, pj, k, dev):
-    """Val loss of the prior's top K (prior.json `pj`) combined two ways, same members and weights:
+    """Val loss of the prior's mixture at K (prior.json `pj`) combined two ways, same members and weights:
         logit average   -log softmax(sum_i w_i z_i)[y]   (on the fly; holds K models, B x T x V logits)
         prob average    -log sum_i w_i p_i(y)            (from the cached arrays)"""
-    mix = prior.members_at(pj, k)
+    mix = prior.members_at(pj, k, run["dir"])
     models = [ev.load(run, name, dev) for name, _ in mix]
     total, rows = 0.0, max(1, min(ev.batch_size, logits_floats // (run["seq_len"] * models[0].cfg.vocab_size)))
     for x in window_batches(run["val"]["tokens"], run["val"]["windows"], rows, dev):
@@ -46,9 +46,9 @@ def logit_average(run, pj, k, dev):
 
 @torch.no_grad()
 def sample(run, pj, prompt, k, dev, new_tokens=ev.max_new_tokens, temp=ev.temperature, seed=ev.seed):
-    """Sample from the prior's top-K mixture: p = sum_i w_i softmax(z_i / temp), then a seeded multinomial draw.
+    """Sample from the prior's mixture at K: p = sum_i w_i softmax(z_i / temp), then a seeded multinomial draw.
     Holds K models; no KV cache (each step reruns the last seq_len tokens). -> (text, new token ids)."""
-    mix = prior.members_at(pj, k)
+    mix = prior.members_at(pj, k, run["dir"])
     models = [ev.load(run, name, dev) for name, _ in mix]
     tok = tokenizer_for_meta(run["val"]["meta"])
     ids, gen = [tok.bos_id] + tok.encode(prompt), torch.Generator().manual_seed(seed)

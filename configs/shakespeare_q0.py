@@ -27,7 +27,8 @@ lr_floor = 0.08
 wd_floor = 0.7
 perturb_scale_start = 0.0            # no noise: it lost on fitness at this scale (the method's default is 0.25 -> 0.05)
 perturb_scale_end = 0.0
-distill_after_cycles = 32            # = num_cycles: no chain distillation (no variant helped the population on fitness)
+distill_after_cycles = 10000         # never: no chain distillation (no variant helped the population on fitness); a run
+                                     # extended with --num_cycles=64 (--resume=True) stays undistilled
 distill_alpha = 0.1
 distill_temperature = 1.2
 eval_every_epochs = 2.0

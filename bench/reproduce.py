@@ -76,6 +76,7 @@ def run(name, out, flags):
                 continue
             return run(name, out, flags)  # its trainer died: take it over (resumes its checkpoint)
         return run_dir
+    (run_dir / "DONE").unlink(missing_ok=True)  # an extension: until it is scored, the run is not finished for anyone
     script = "q0.py" if flags.get("mode") in ("q0", "chain") else "train.py"
     cmd = [sys.executable, str(ROOT / script), f"--data_dir={out / 'data'}", f"--out_dir={run_dir}",
            "--log_every=1000", "--eval_every_epochs=0", "--ckpt_every_epochs=1"]

@@ -120,6 +120,20 @@ def test_a_finished_run_is_extended_for_more_cycles_or_members_and_read_by_prefi
 
 
 @pytest.mark.slow
+def test_a_run_being_extended_is_not_finished_until_it_is_scored(tmp_path, monkeypatch):
+    """run() on a finished run that the flags extend drops its DONE before training: another process (the other half
+    of a split budget) then waits for it instead of reading a manifest whose new members have no scores yet."""
+    import common
+    out, seen = tmp_path, []
+    run_dir = out / "runs" / "q0-s1"
+    common.write_json(dict(config=dict(mode="q0", num_cycles=2, ensemble_size=4)), run_dir / "config.json", checked=True)
+    (run_dir / "DONE").write_text("1 s\n")
+    monkeypatch.setattr(reproduce.subprocess, "run", lambda cmd, **kw: seen.append((cmd[1], (run_dir / "DONE").exists())))
+    assert reproduce.run("q0-s1", out, dict(mode="q0", num_cycles=4)) == run_dir
+    assert [done for _, done in seen] == [False, False]  # neither the training nor the scoring saw a DONE
+    assert (run_dir / "DONE").exists() and not (run_dir / "TRAINING").exists()
+
+
 def test_claim_keeps_a_live_trainer_and_takes_over_a_dead_ones(tmp_path):
     run_dir = tmp_path / "runs" / "q0-s1"
     assert reproduce.claim(run_dir) and (run_dir / "TRAINING").read_text() == str(os.getpid())

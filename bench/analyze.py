@@ -6,6 +6,7 @@ memorised text? Arithmetic on the score arrays eval.py caches, plus (if asked) a
     python bench/analyze.py runs/RUN [runs/RUN2 ...]                # member tables + one comparison table
     python bench/analyze.py runs/A runs/B --train_tokens 20000      # + train vs val NLL, last snapshot of each track
     python bench/analyze.py runs/A --last_k 4                       # + diversity gain of the last 4 members
+    python bench/analyze.py runs/A --budgets 64 128 256             # only: where the curve bends, by budget
     python bench/analyze.py runs/A --fitness_vs_val data/other      # + does fitness predict val across members
                                                                     #   (and data/other's fitness split: another text)
 
@@ -120,6 +121,23 @@ def run_summary(run_dir, k=last_k):
                prior_val=prior.mixture_nll(L_val, w_prior))
     if k:
         out["gain_last_k"] = diversity_gain(L_val, k=min(k, M))
+    return out
+
+
+def by_budget(run_dir, budgets):
+    """Where a population's curve bends: for the members that existed at each budget (manifest budget_epochs <= b),
+    the prior (EM on their fitness) split as  mixture NLL(w) = sum_i w_i NLL_i - diversity gain(w)  on val, beside the
+    member best on fitness and the mean of the newest quarter -> one dict per budget."""
+    rows, names, L_fit, L_val = load_run(run_dir)
+    out = []
+    for b in budgets:
+        idx = [i for i, r in enumerate(rows) if r["budget_epochs"] <= b]
+        F, V = np.asarray(L_fit[idx]), np.asarray(L_val[idx], dtype=np.float64)
+        w, _ = prior.fit_em(F)
+        nll = -V.mean(axis=1)
+        out.append(dict(budget=b, members=len(idx), prior_val=prior.mixture_nll(V, w), weighted_member=float(w @ nll),
+                        gain=diversity_gain(V, w), best_on_fitness=float(nll[np.argmax(F.mean(axis=1))]),
+                        newest_quarter=float(nll[-max(1, len(idx) // 4):].mean())))
     return out
 
 
@@ -260,8 +278,17 @@ def main(argv=None):
     p.add_argument("--last_k", type=int, default=last_k, help="also the diversity gain of the last K members")
     p.add_argument("--fitness_vs_val", nargs="?", const="", default=None, metavar="DATA_DIR",
                    help="also: does fitness predict val across members (and DATA_DIR's fitness split, if given)")
+    p.add_argument("--budgets", type=float, nargs="+", help="only: each run's population at these epoch budgets, "
+                   "the prior's val split into weighted member NLL and diversity gain (where the curve bends)")
     args = p.parse_args(argv)
     try:
+        if args.budgets:
+            for d in args.runs:
+                body = [[fmt(r["budget"], 0), r["members"], *(fmt(r[k]) for k in ("prior_val", "weighted_member", "gain",
+                         "best_on_fitness", "newest_quarter"))] for r in by_budget(d, args.budgets)]
+                print(f"### {d}\n\n" + markdown(["budget", "members", "val, prior", "prior-weighted member val",
+                                                   "diversity gain", "member best on fitness", "newest quarter"], body))
+            return
         for d in args.runs:
             print(f"### {d}\n\n{member_markdown(d)}\n")
         print(compare(args.runs, args.train_tokens, args.last_k, args.fitness_vs_val))

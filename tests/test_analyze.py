@@ -102,6 +102,15 @@ def test_tables_on_a_tiny_distilled_run(tiny_data, tmp_path):
     assert s["uniform_val"] == pytest.approx(s["mean_val"] - s["gain"], abs=1e-9)  # the decomposition
     assert all(math.isfinite(s[k]) for k in ("mean_val", "best_val", "distilled_val", "corr_distilled", "prior_val"))
 
+    # --budgets: the population at each budget (cycle c ends at 0.125 c epochs); one member: no gain, its own val
+    first, whole = analyze.by_budget(run, [0.125, 0.375])
+    assert (first["members"], whole["members"]) == (1, 3)
+    assert first["prior_val"] == pytest.approx(members[0]["val"], abs=1e-9) and first["gain"] == pytest.approx(0, abs=1e-12)
+    assert whole["prior_val"] == pytest.approx(s["prior_val"], abs=1e-9)  # the same EM fit as run_summary's
+    for r in (first, whole):
+        assert r["prior_val"] == pytest.approx(r["weighted_member"] - r["gain"], abs=1e-9) and r["gain"] >= 0
+    assert whole["best_on_fitness"] == pytest.approx(min(members, key=lambda m: m["fitness"])["val"], abs=1e-9)
+
     buf = io.StringIO()
     with redirect_stdout(buf):
         analyze.main([str(run), str(run), "--train_tokens", "256"])

@@ -119,7 +119,6 @@ def test_a_finished_run_is_extended_for_more_cycles_or_members_and_read_by_prefi
     assert reproduce.members(tmp_path, first=3)[0] == rows[:3] and reproduce.members(tmp_path)[0] == rows
 
 
-@pytest.mark.slow
 def test_a_run_being_extended_is_not_finished_until_it_is_scored(tmp_path, monkeypatch):
     """run() on a finished run that the flags extend drops its DONE before training: another process (the other half
     of a split budget) then waits for it instead of reading a manifest whose new members have no scores yet."""
@@ -134,6 +133,7 @@ def test_a_run_being_extended_is_not_finished_until_it_is_scored(tmp_path, monke
     assert (run_dir / "DONE").exists() and not (run_dir / "TRAINING").exists()
 
 
+@pytest.mark.slow
 def test_claim_keeps_a_live_trainer_and_takes_over_a_dead_ones(tmp_path):
     run_dir = tmp_path / "runs" / "q0-s1"
     assert reproduce.claim(run_dir) and (run_dir / "TRAINING").read_text() == str(os.getpid())

@@ -343,21 +343,20 @@ def digest_of(prior_json):
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def select(L, k, order=None, method=method, chunk=None, log=None):
+def select(L, k, order=None, method=method, w=None, chunk=None, log=None):
     """The mixture at inference budget k, as every consumer of the prior uses it (eval.py's K table, the student, the
     mixture teacher, tools/): the first k members of greedy forward selection (greedy_select, or `order` when it was
     run already: its every prefix is the greedy one), their weights fit by `method` on those k alone; k >= M: every
-    member, the full fit. -> (member indices in the order picked, weights). selection = "top": mixture() of the full
-    fit, the paper's rule.
+    member, the full fit (w, when the caller has it already). -> (member indices in the order picked, weights).
+    selection = "top": mixture() of the full fit, the paper's rule.
     Why not the full fit's top k (mixture): the full fit weights a member by what it adds to all the others, so its
     top k are not the k that work best alone together, and a near-tie between two weights swaps a member. On fitness,
     cross-fitted (bench/k_select.py, BENCHMARKS 1f), greedy's k with their weights refit were 0.005-0.011 nats better
     at K = 2-8 on both seeds (K = 1: as good or better), and at K = M/2 within 0.002 of the best rule."""
+    if selection == "top" or k >= len(L):  # the full fit's: reads L only when w is not given
+        w = FITS[method](as_probs(L, chunk, hold=True))[0] if w is None else w
+        return (np.arange(len(L)), w) if k >= len(L) else mixture(w, k)  # "top": the paper's rule, one switch away
     L = as_probs(L, chunk, hold=True)
-    if k >= len(L):
-        return np.arange(len(L)), FITS[method](L)[0]
-    if selection == "top":  # the paper's rule, one switch away
-        return mixture(FITS[method](L)[0], k)
     idx = np.asarray(order[:k] if order is not None and len(order) >= k else greedy_select(L, k, log=log))
     return idx, FITS[method](L[idx])[0]
 
@@ -443,8 +442,7 @@ def fit_prior(names, L_fitness, method=method, compare=False, log=None):
     ks = ks_for(M)
     greedy = greedy_select(L, ks[-2] if len(ks) > 1 else 1, log=log)  # at K = M greedy is every member
     uniform = lambda idx: (idx, np.full(len(idx), 1.0 / len(idx)))
-    per_k = [(np.arange(M), w) if k == M else mixture(w, k) if selection == "top" else select(L, k, greedy, method)
-             for k in ks]
+    per_k = [select(L, k, greedy, method, w) for k in ks]
     if log and selection == "greedy":
         log(f"prior | {method} refit on greedy's first K members, K = {', '.join(map(str, ks[:-1]))}")
     tables = {"per_k": per_k, "uniform_last": [uniform(uniform_last(M, k)) for k in ks],

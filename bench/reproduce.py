@@ -147,18 +147,12 @@ def existing_at(rows, budget):
     return [i for i, r in enumerate(rows) if r["budget_epochs"] <= budget]
 
 
-def prior_at(F, k, w):
-    """The prior's mixture at K = k members (prior.select, as eval.py reports it) -> (indices, weights); w, the full
-    fit on F, done already, is the mixture at k >= M."""
-    return (np.arange(len(F)), w) if k >= len(F) else prior.select(F, k)
-
-
 def best_k_on_fitness(F, V, w=None):
-    """Prior fit on fitness (or w, that fit done already); the K (1, 2, 4, ... all) whose mixture (prior_at) is best
+    """Prior fit on fitness (or w, that fit done already); the K (1, 2, 4, ... all) whose mixture (prior.select) is best
     on fitness -> (fitness, K, val)."""
     w = prior.fit_em(F)[0] if w is None else w
     return min((prior.mixture_nll(F[top], wk), k, prior.mixture_nll(V[top], wk))
-               for k in prior.ks_for(len(F)) for top, wk in [prior_at(F, k, w)])
+               for k in prior.ks_for(len(F)) for top, wk in [prior.select(F, k, w=w)])
 
 
 def single_curve(out, seed, lengths=single_lengths):
@@ -201,12 +195,12 @@ def budget_priors(run_members):
 
 def population_curve(run_members, priors, max_k=None):
     """Val loss of the population as it existed at each budget: its prior (budget_priors) at K = all members, or at
-    K = max_k (prior_at). run_members: members() of a run, read once by the caller."""
+    K = max_k (prior.select). run_members: members() of a run, read once by the caller."""
     rows, F, V = run_members
     curve = []
     for b, idx, w in priors:
         k = len(idx) if max_k is None else min(max_k, len(idx))
-        top, wk = prior_at(F[idx], k, w)
+        top, wk = prior.select(F[idx], k, w=w)
         curve.append((b, prior.mixture_nll(V[idx][top], wk), prior.mixture_nll(V[idx], np.full(len(idx), 1 / len(idx)))))
     return curve
 
@@ -302,7 +296,7 @@ def ablations(out, seed):
 
 
 def ablation_table(out, seed):
-    """Val of each finished ablation run's whole population (prior) and of the prior at K=1 and K=4 (prior_at)."""
+    """Val of each finished ablation run's whole population (prior) and of the prior at K=1 and K=4 (prior.select)."""
     table = {}
     for label, (run_name, _) in ablation_runs(seed).items():
         if not (m := finished(out, run_name, budget=ensemble_budget)):
@@ -310,7 +304,7 @@ def ablation_table(out, seed):
         rows, F, V = m
         w, _ = prior.fit_em(F)
         table[label] = {"all": prior.mixture_nll(V, w), **{f"K={k}": prior.mixture_nll(V[top], wk)
-                                                           for k in (1, 4) for top, wk in [prior_at(F, k, w)]}}
+                                                           for k in (1, 4) for top, wk in [prior.select(F, k, w=w)]}}
         if label == "q0":
             table["uniform weights instead of the prior"] = {"all": prior.mixture_nll(V, np.full(len(rows), 1 / len(rows)))}
     return table
@@ -395,7 +389,7 @@ def distill_grid():
 
 def population_summary(run_members, ks=(1, 2, 4, 8, 16)):
     """The whole population of a finished run: val (prior, uniform), fitness cross-fit, member quality, and by_k:
-    (K, fitness, val) of the prior at K (prior_at, fit on all of fitness) for each K up to the population size."""
+    (K, fitness, val) of the prior at K (prior.select, fit on all of fitness) for each K up to the population size."""
     rows, F, V = run_members
     w, _ = prior.fit_em(F)
     u = np.full(len(rows), 1 / len(rows))
@@ -409,7 +403,7 @@ def population_summary(run_members, ks=(1, 2, 4, 8, 16)):
                 late_member_val=float(member_val[late].mean()),
                 diversity_gain=float(member_val.mean()) - prior.mixture_nll(V, u),
                 by_k=[(k, prior.mixture_nll(F[top], wk), prior.mixture_nll(V[top], wk))
-                      for k in ks if k <= len(rows) for top, wk in [prior_at(F, k, w)]])
+                      for k in ks if k <= len(rows) for top, wk in [prior.select(F, k, w=w)]])
 
 
 def distill_suite(out, seed, shard=(0, 1)):

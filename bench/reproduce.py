@@ -80,8 +80,11 @@ def run(name, out, flags):
     script = "q0.py" if flags.get("mode") in ("q0", "chain") else "train.py"
     cmd = [sys.executable, str(ROOT / script), f"--data_dir={out / 'data'}", f"--out_dir={run_dir}",
            "--log_every=1000", "--eval_every_epochs=0", "--ckpt_every_epochs=1"]
+    if resume := (run_dir / "config.json").exists():  # an extension killed half-way resumes to its own, larger size
+        was = recorded(run_dir)
+        flags = {**flags, **{k: max(flags[k], was[k]) for k in GROW_KEYS if k in flags}}
     cmd += [f"--{k}={v}" for k, v in {**model, **batch, **optim, **flags}.items()]
-    if (run_dir / "config.json").exists():
+    if resume:
         cmd.append("--resume=True")
     print(f"[{time.strftime('%H:%M:%S')}] train {name}: {' '.join(cmd[2:])}", flush=True)
     t0 = time.time()
@@ -94,11 +97,19 @@ def run(name, out, flags):
     return run_dir
 
 
+GROW_KEYS = ("num_cycles", "ensemble_size")  # what a finished run may be extended in (common.prepare_run_dir)
+
+
+def recorded(run_dir):
+    """The run's config as its resumes left it (config.json)."""
+    from common import current_config, read_json
+    return current_config(read_json(run_dir / "config.json", "run record", "delete the run folder to retrain it"))
+
+
 def grows(run_dir, flags):
     """Whether flags ask a finished run for more cycles or ensemble members than it has: it is then extended."""
-    from common import current_config, read_json
-    cfg = current_config(read_json(run_dir / "config.json", "run record", "delete the run folder to retrain it"))
-    return any(k in flags and flags[k] > cfg[k] for k in ("num_cycles", "ensemble_size"))
+    cfg = recorded(run_dir)
+    return any(k in flags and flags[k] > cfg[k] for k in GROW_KEYS)
 
 
 def claim(run_dir):

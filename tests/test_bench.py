@@ -131,6 +131,13 @@ def test_a_run_being_extended_is_not_finished_until_it_is_scored(tmp_path, monke
     assert reproduce.run("q0-s1", out, dict(mode="q0", num_cycles=4)) == run_dir
     assert [done for _, done in seen] == [False, False]  # neither the training nor the scoring saw a DONE
     assert (run_dir / "DONE").exists() and not (run_dir / "TRAINING").exists()
+    # that extension killed half-way (no DONE), then a smaller budget asks for the run: it resumes to its own size
+    seen.clear()
+    common.write_json(dict(config=dict(mode="q0", num_cycles=8, ensemble_size=4)), run_dir / "config.json", checked=True)
+    (run_dir / "DONE").unlink()
+    monkeypatch.setattr(reproduce.subprocess, "run", lambda cmd, **kw: seen.append(cmd))
+    reproduce.run("q0-s1", out, dict(mode="q0", num_cycles=4))
+    assert "--num_cycles=8" in seen[0] and "--resume=True" in seen[0] and "--num_cycles=4" not in seen[0]
 
 
 @pytest.mark.slow

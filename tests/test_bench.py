@@ -50,15 +50,18 @@ def test_distill_start_is_the_saturation_length_capped_at_half_the_trajectory():
 
 def test_recipe_grid_spends_the_budget_and_contains_the_headline_run():
     grid = reproduce.recipe_grid(16)
-    assert len(grid) == len(set(grid)) == 10
+    assert [(P, epc) for P, epc, *_ in grid] == [(1, 2.0), (2, 2.0), (1, 1.0)]
     for P, epc, cycles, d in grid:
         assert P * epc * cycles == 64
         assert d is None or 1 <= d <= cycles // 2
-    if reproduce.q0_distill is None and reproduce.q0_noise:  # the headline recipe is one of the allocations, run once for both suites
-        assert (reproduce.q0_trajectories, reproduce.q0_epochs_per_cycle, reproduce.q0_cycles, None) in grid
-        assert reproduce.recipe_run(1, 16, (reproduce.q0_trajectories, reproduce.q0_epochs_per_cycle,
-                                            reproduce.q0_cycles, None))[0] == "q0-s1"
-    assert sum(d is None for *_, d in grid) == 5  # every (P, cycle length) also runs without distillation
+    headline = (reproduce.q0_trajectories, reproduce.q0_epochs_per_cycle, reproduce.q0_cycles)
+    assert [e[:3] for e in grid].count(headline) == 1  # the headline's allocation, run once for both suites
+    name, flags = reproduce.recipe_run(1, 16, next(e for e in grid if e[:3] == headline))
+    assert name == "q0-s1" and flags == reproduce.q0_flags(1, **reproduce.headline_flags())
+    name, flags = reproduce.recipe_run(1, 16, grid[1])  # another allocation: the headline's recipe otherwise
+    assert name.startswith("recipe-P2-c2-") and flags["num_cycles"] == 16
+    assert {k: flags[k] for k in reproduce.headline_flags()} == {**reproduce.headline_flags(), **(
+        {} if reproduce.q0_distill is None else {"distill_after_cycles": grid[1][3]})}
 
 
 def test_best_k_is_chosen_on_fitness_and_val_only_reported():

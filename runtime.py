@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import (UserError, atomic_write, check_disk, lock, member_state, nbytes, read_json, safe_load, save_member,
-                    save_torch, to_host, write_json)
+from common import (UserError, atomic_write, check_disk, lock, member_state, nbytes, not_a_folder, read_json, safe_load,
+                    save_member, save_torch, to_host, write_json)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -105,6 +105,9 @@ class TrackRun:
         self.cfg, self.track, self.env, self.meta = cfg, track, env, data_meta
         self.first = env["group_rank"] == 0  # the group's first rank writes; every rank computes
         self.dir = Path(cfg.out_dir) / f"track{track}"
+        if blocker := not_a_folder(self.dir):  # (prepare_run_dir checked out_dir; this is a file inside the run)
+            raise UserError(f"{blocker} is a file where track {track}'s folder goes: move it away, or use a new "
+                            f"--out_dir", status=2)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_path, self.started_path, self.log_path = self.dir / "ckpt.pt", self.dir / "started.json", self.dir / "log.jsonl"
         self.writer, self.write_error = None, None  # the background checkpoint write, and its failure if any

@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import types
 import zipfile
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -971,6 +972,17 @@ def test_out_dir_that_is_a_file_is_refused(ref, tiny_data, tmp_path, fault):
     common.prepare_run_dir(cfg, dict(rank=0, world=1), common.load_data(cfg))
     assert common.read_json(tmp_path / "run" / "config.json", "run record", "")["config"]["out_dir"] == str(tmp_path / "run")
     row.result = "exit 2, one line naming the file, nothing written (direct and below it); a folder: config.json written"
+
+
+@pytest.mark.slow  # (the fast-lane guard counts every TrackRun as training)
+def test_a_file_where_a_track_folder_goes_is_one_line(tmp_path):
+    """out_dir/track0 a file (out_dir itself a folder, which prepare_run_dir checks): before, mkdir's FileExistsError
+    traceback. Now one UserError naming the file and the fix."""
+    (tmp_path / "track0").write_text("notes\n")
+    cfg = types.SimpleNamespace(out_dir=str(tmp_path))
+    with pytest.raises(common.UserError, match=f"{tmp_path / 'track0'} is a file where track 0's folder goes: move it away"):
+        runtime.TrackRun(cfg, 0, dict(group_rank=0), {})
+    assert (tmp_path / "track0").read_text() == "notes\n"
 
 
 def test_a_bad_seed_is_refused_before_anything_is_written(ref, tmp_path, fault):

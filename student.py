@@ -130,7 +130,10 @@ class StudentPlan(train.SinglePlan):
     def __init__(self, cfg, track, model, data, env):
         c, run = cfg, Path(cfg.teacher_run)
         pj = read_prior(run, "teacher prior")
-        pairs, meta = prior.members_at(pj, c.teacher_k, run), data["meta"]  # K past the population: all of it
+        try:  # K past the population: all of it; a K prior.json lacks is chosen from the run's fitness scores
+            pairs, meta = prior.members_at(pj, c.teacher_k, run), data["meta"]
+        except (FileNotFoundError, ValueError) as e:  # those scores missing or damaged: one line, with its fix
+            raise UserError(f"teacher_k={c.teacher_k}: {e}") from None
 
         def load_teacher(name):
             teacher, ckpt = load_member(run / "members" / f"{name}.pt", env["device"], expected=name)

@@ -492,6 +492,26 @@ def test_student_learns_the_mixture_and_is_a_member_eval_scores(q0_run, tiny_dat
     assert "student" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_student_at_a_k_prior_json_lacks_without_its_scores_is_one_line(q0_run, tiny_data, tmp_path):
+    """teacher_k = 3: not among prior.json's K, so the mixture is chosen from the teacher run's fitness scores. With
+    those deleted: before, prior.open_scores' FileNotFoundError traceback; now exit 1, one line naming the file and
+    `eval.py --score`, nothing trained."""
+    import eval as ev
+    teacher_run = tmp_path / "teachers"
+    shutil.copytree(q0_run[0], teacher_run)
+    ev.main([str(teacher_run)])
+    assert "3" not in json.loads((teacher_run / "prior.json").read_text())["per_k"]
+    shutil.rmtree(teacher_run / "scores")
+    run_dir = tmp_path / "student"
+    code, out, err = run_train(train_argv(tiny_data, run_dir, **dict(Q0, mode="student", teacher_run=str(teacher_run),
+                                                                     teacher_k=3, epochs=0.25)))
+    assert code == 1
+    line, = err.strip().splitlines()
+    assert line.startswith("error: teacher_k=3: ") and "score file(s) missing" in line and "--score" in line, err
+    assert not (run_dir / "members").exists()
+
+
 def test_topk_distill_loss_is_distill_loss_at_k_equal_vocab_and_by_hand_below():
     """The teacher file's loss: with all V tokens stored it is distill_loss of the mixture; with k < V the KL runs
     over the k tokens plus one bucket for the rest (hand computation)."""

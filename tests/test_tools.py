@@ -134,8 +134,8 @@ metric_list:
 def test_lm_eval_adapter_equals_the_projects_multiple_choice_scorer(tmp_path, monkeypatch, k):
     """tools/lm_eval_q0.py's q0-mixture through lm-eval's own evaluator on a local YAML task over tests/fixtures/
     mc_tiny.jsonl: every choice's log-likelihood equals tools/downstream.py's mixture score of the same choice up to
-    fp32 rounding (other batches, sums in another order), so acc is the same; acc_norm follows each one's own
-    convention (module docstrings)."""
+    fp32 rounding (other batches, sums in another order), so acc is the same, and acc_norm (both divide by len(choice)).
+    """
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
     from tools import downstream as ds, lm_eval_q0  # noqa: F401 (registers q0-mixture)
@@ -170,3 +170,4 @@ def test_lm_eval_adapter_equals_the_projects_multiple_choice_scorer(tmp_path, mo
     assert result["acc,none"] == pytest.approx(got["acc"])
     norm = [int(np.argmax(np.array(w) / [len(c) for c in q["choices"]])) == q["label"] for w, q in zip(want, qs)]
     assert result["acc_norm,none"] == pytest.approx(np.mean(norm))  # lm-eval divides by len(choice)
+    assert got["acc_norm"] == pytest.approx(result["acc_norm,none"])  # and so does downstream

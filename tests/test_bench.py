@@ -79,6 +79,9 @@ def test_steps_grid_is_the_headline_recipe_at_the_small_batch_with_one_distillat
     assert changed("steps-b1024-a0.1-s2") == {**start, "distill_alpha": 0.1}
     assert changed("steps-b1024-a0.45-s2") == start  # q0_flags's alpha is the reference's 0.45 already
     assert changed("steps-b1024-mix-a0.45-s2") == {**start, "distill_teacher": "mixture", "distill_teacher_k": 4}
+    longer = reproduce.steps_grid(2, 16, budget=64)  # the same runs extended: only the number of cycles grows
+    assert list(longer) == list(grid)
+    assert all(longer[n] == {**grid[n], "num_cycles": 32} for n in grid)
 
 
 def test_best_k_is_chosen_on_fitness_and_val_only_reported():

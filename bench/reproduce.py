@@ -460,9 +460,6 @@ def steps(out, seed, best_E, shard=(0, 1), budget=steps_budget):
     """Train this shard's entries of steps_grid (entries i, i+n, ...); -> {run: population_summary} of the finished
     ones, fitness_crossfit on the held-out pieces as the recipes suite, beside the headline's own run at the same
     budget (its first snapshots: the batch of 4,096 tokens, 48 steps per cycle). A larger budget extends the runs."""
-    if steps_muon_lr is None:
-        sys.exit("steps_muon_lr is not set: choose it first with bench/lr_sweep.py --batch_tokens "
-                 f"{steps_batch['batch_tokens']} (BENCHMARKS.md 1i)")
     grid = steps_grid(seed, best_E, budget)
     for j, (name, flags) in enumerate(grid.items()):
         if j % shard[1] == shard[0]:

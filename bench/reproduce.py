@@ -193,10 +193,10 @@ def saturation_epochs(singles):
     return min(singles, key=lambda p: p[2])[0]
 
 
-def budget_tag(budget):
-    """Results names: the headline's budget has none, another one "-b<budget>". Runs have none: a run is extended
+def budget_tag(budget, default=ensemble_budget):
+    """Results names: a suite's default budget has none, another one "-b<budget>". Runs have none: a run is extended
     for a larger budget, and a smaller one reads its first members."""
-    return "" if budget == ensemble_budget else f"-b{budget:g}"
+    return "" if budget == default else f"-b{budget:g}"
 
 
 def ensemble_curve(out, seed, member_epochs, budget=ensemble_budget):
@@ -410,7 +410,7 @@ def distill_grid():
     return {name: {**base, **flags} for name, flags in grid.items()}
 
 
-def population_summary(run_members, ks=(1, 2, 4, 8, 16)):
+def population_summary(run_members, ks=(1, 2, 4, 8, 16), crossfit_block=128):
     """The whole population of a finished run: val (prior, uniform), fitness cross-fit, member quality, and by_k:
     (K, fitness, val) of the prior at K (prior.select, fit on all of fitness) for each K up to the population size."""
     rows, F, V = run_members
@@ -420,7 +420,7 @@ def population_summary(run_members, ks=(1, 2, 4, 8, 16)):
     last_cycle = max(r["cycle"] for r in rows)
     late = np.array([2 * r["cycle"] > last_cycle for r in rows])  # the second half of each track
     return dict(members=len(rows), val_prior=prior.mixture_nll(V, w), val_uniform=prior.mixture_nll(V, u),
-                fitness_crossfit=crossfit_nll(F), fitness_uniform=prior.mixture_nll(F, u),
+                fitness_crossfit=crossfit_nll(F, crossfit_block), fitness_uniform=prior.mixture_nll(F, u),
                 best_member_val=float(member_val.min()), last_member_val=float(member_val[-1]),
                 mean_member_val=float(member_val.mean()),
                 late_member_val=float(member_val[late].mean()),
@@ -467,7 +467,7 @@ def steps(out, seed, best_E, shard=(0, 1), budget=steps_budget):
     table = {}
     for name in (f"q0-s{seed}", *grid):
         if m := finished(out, name, budget=budget):
-            table[name] = dict(population_summary(m), fitness_crossfit=crossfit_nll(m[1], block=heldout_piece_tokens))
+            table[name] = population_summary(m, crossfit_block=heldout_piece_tokens)
     return table
 
 
@@ -577,8 +577,7 @@ def run_suite(out, suite, seed, shard=(0, 1), budget=None):
     if suite == "steps":
         best_E = saturation_epochs(single_curve(out, seed))
         budget = budget or steps_budget
-        return save(out, "steps" + ("" if budget == steps_budget else f"-b{budget:g}"), seed,
-                    steps(out, seed, best_E, shard, budget))
+        return save(out, f"steps{budget_tag(budget, steps_budget)}", seed, steps(out, seed, best_E, shard, budget))
     if suite == "recipes":  # needs only the single models' saturation length E*, not the whole headline
         best_E = saturation_epochs(single_curve(out, seed))
         return save(out, "recipes", seed, recipes(out, seed, best_E, shard))
@@ -604,6 +603,16 @@ def load_results(out):
 
 def fmt(x, spec=".4f"):
     return "-" if x is None else format(x, spec)
+
+
+def print_summaries(table):
+    """One markdown row per run of {run: population_summary}."""
+    print("| run | members | fitness, cross-fit prior | val, prior | val, uniform | mean member val | best member | "
+          "last member | mean member of the 2nd half | diversity gain |\n|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in table.items():
+        print(f"| {name} | {r['members']} | {r['fitness_crossfit']:.4f} | {r['val_prior']:.4f} | {r['val_uniform']:.4f} | "
+              f"{r['mean_member_val']:.4f} | {r['best_member_val']:.4f} | {r['last_member_val']:.4f} | "
+              f"{r['late_member_val']:.4f} | {r['diversity_gain']:.4f} |")
 
 
 def report(results, out):
@@ -651,14 +660,8 @@ def report(results, out):
     for seed in sorted({int(p.name.rsplit("-s", 1)[1]) for p in (out / "runs").glob("distill-*-s*")} if (out / "runs").exists() else []):
         print(f"\nchain distillation experiments, seed {seed} (P=1 x 16 cycles x 2 epochs = 32 epochs unless the name says; "
               f"val, and fitness with the prior cross-fit):")
-        print("| run | members | fitness, cross-fit prior | val, prior | val, uniform | mean member val | best member | "
-              "last member | mean member of the 2nd half | diversity gain |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
         table = distill_table(out, seed)
-        for name, r in table.items():
-            print(f"| {name} | {r['members']} | {r['fitness_crossfit']:.4f} | {r['val_prior']:.4f} | {r['val_uniform']:.4f} | "
-                  f"{r['mean_member_val']:.4f} | {r['best_member_val']:.4f} | {r['last_member_val']:.4f} | "
-                  f"{r['late_member_val']:.4f} | {r['diversity_gain']:.4f} |")
+        print_summaries(table)
         print("\nby inference budget K (the prior at K), fitness / val:\n| run | " +
               " | ".join(f"K={k}" for k in (1, 2, 4, 8, 16)) + " |\n|---|---|---|---|---|---|")
         for name, r in table.items():
@@ -668,12 +671,7 @@ def report(results, out):
         print(f"\n{suite}, seed {seed}: the headline recipe, 2-epoch cycles, at a batch of {steps_batch['batch_tokens']} "
               f"tokens (muon_lr {steps_muon_lr}), against q0-s{seed} at the same budget (4,096 tokens); fitness cross-fit "
               "on the held-out pieces:")
-        print("| run | members | fitness, cross-fit prior | val, prior | val, uniform | mean member val | best member | "
-              "last member | diversity gain |\n|---|---|---|---|---|---|---|---|---|")
-        for name, r in table.items():
-            print(f"| {name} | {r['members']} | {r['fitness_crossfit']:.4f} | {r['val_prior']:.4f} | {r['val_uniform']:.4f} | "
-                  f"{r['mean_member_val']:.4f} | {r['best_member_val']:.4f} | {r['last_member_val']:.4f} | "
-                  f"{r['diversity_gain']:.4f} |")
+        print_summaries(table)
     dist = lambda d: "never" if d is None else f"after {d:g} ep"
     for seed, table in results.get("recipes", {}).items():
         print(f"\nrecipes, seed {seed}: best allocation per budget (chosen on fitness)")

@@ -355,9 +355,10 @@ def recipes(out, seed, best_E, shard=(0, 1)):
     """Allocations of one budget: trajectories P, cycle length, distillation start. Each run gives every budget
     up to its last snapshot; per budget the winner (and its best K from the prior) is reported, and each run's val
     curve. With --shard i/n this process trains grid entries i, i+n, ... (run n processes side by side); the report
-    uses every finished entry of the grid. crossfit: each run's whole population at the budget on fitness, its prior
-    fit on the other half of the fitness pieces (crossfit_nll): populations of any size compare fairly."""
-    found, curves, crossfit = {}, {}, {}
+    uses every finished entry of the grid. summary: each run's whole population at the budget (population_summary),
+    its fitness_crossfit with the prior fit on the other half of the fitness pieces: populations of any size compare
+    fairly."""
+    found, curves, summary = {}, {}, {}
     for j, (P, epc, cycles, d) in enumerate(recipe_grid(best_E)):
         name, flags = recipe_run(seed, best_E, (P, epc, cycles, d))
         if j % shard[1] == shard[0]:
@@ -366,13 +367,13 @@ def recipes(out, seed, best_E, shard=(0, 1)):
             rows, F, V = m
             priors = budget_priors(m)
             curves[name] = population_curve(m, priors)
-            crossfit[name] = crossfit_nll(F, block=heldout_piece_tokens)
+            summary[name] = population_summary(m, crossfit_block=heldout_piece_tokens)
             for b, idx, w in priors:
                 best = best_k_on_fitness(F[idx], V[idx], w)
                 found.setdefault(b, []).append(dict(P=P, epochs_per_cycle=epc, K=best[1], fitness=best[0], val=best[2],
                                                     distill_after_epochs=None if d is None else d * epc))
     return dict(best={b: min(c, key=lambda r: r["fitness"]) for b, c in sorted(found.items())}, curves=curves,
-                crossfit=crossfit)
+                summary=summary)
 
 
 def crossfit_nll(F, block=128):
@@ -606,13 +607,18 @@ def fmt(x, spec=".4f"):
 
 
 def print_summaries(table):
-    """One markdown row per run of {run: population_summary}."""
+    """{run: population_summary} as two markdown tables: the whole population, and the prior at each K."""
     print("| run | members | fitness, cross-fit prior | val, prior | val, uniform | mean member val | best member | "
           "last member | mean member of the 2nd half | diversity gain |\n|---|---|---|---|---|---|---|---|---|---|")
     for name, r in table.items():
         print(f"| {name} | {r['members']} | {r['fitness_crossfit']:.4f} | {r['val_prior']:.4f} | {r['val_uniform']:.4f} | "
               f"{r['mean_member_val']:.4f} | {r['best_member_val']:.4f} | {r['last_member_val']:.4f} | "
               f"{r['late_member_val']:.4f} | {r['diversity_gain']:.4f} |")
+    print("\nby inference budget K (the prior at K), fitness / val:\n| run | " +
+          " | ".join(f"K={k}" for k in (1, 2, 4, 8, 16)) + " |\n|---|---|---|---|---|---|")
+    for name, r in table.items():
+        cells = {k: f"{f:.4f} / {v:.4f}" for k, f, v in r["by_k"]}
+        print(f"| {name} | " + " | ".join(cells.get(k, "-") for k in (1, 2, 4, 8, 16)) + " |")
 
 
 def report(results, out):
@@ -660,13 +666,7 @@ def report(results, out):
     for seed in sorted({int(p.name.rsplit("-s", 1)[1]) for p in (out / "runs").glob("distill-*-s*")} if (out / "runs").exists() else []):
         print(f"\nchain distillation experiments, seed {seed} (P=1 x 16 cycles x 2 epochs = 32 epochs unless the name says; "
               f"val, and fitness with the prior cross-fit):")
-        table = distill_table(out, seed)
-        print_summaries(table)
-        print("\nby inference budget K (the prior at K), fitness / val:\n| run | " +
-              " | ".join(f"K={k}" for k in (1, 2, 4, 8, 16)) + " |\n|---|---|---|---|---|---|")
-        for name, r in table.items():
-            cells = {k: f"{f:.4f} / {v:.4f}" for k, f, v in r["by_k"]}
-            print(f"| {name} | " + " | ".join(cells.get(k, "-") for k in (1, 2, 4, 8, 16)) + " |")
+        print_summaries(distill_table(out, seed))
     for suite, seed, table in [(k, seed, t) for k in sorted(results) if k.startswith("steps") for seed, t in results[k].items()]:
         print(f"\n{suite}, seed {seed}: the headline recipe, 2-epoch cycles, at a batch of {steps_batch['batch_tokens']} "
               f"tokens (muon_lr {steps_muon_lr}), against q0-s{seed} at the same budget (4,096 tokens); fitness cross-fit "
@@ -682,10 +682,15 @@ def report(results, out):
                                                                            if b in (1, 2, 4, 8, 16, 24, 32, 48, 64)) +
                   (f"  reaches the naive ensemble's {target:.4f} at {reach:.1f} epochs ({ensemble_budget / reach:.2f}x)"
                    if reach else "") +
-                  (f"  fitness, cross-fit prior: {table['crossfit'][name]:.4f}" if name in table.get("crossfit", {}) else ""))
+                  (f"  fitness, cross-fit prior: {table['summary'][name]['fitness_crossfit']:.4f}"
+                   if name in table.get("summary", {}) else ""))
         for b, r in table["best"].items():
             print(f"  budget {float(b):5g}: P={r['P']} cycle={r['epochs_per_cycle']:g} ep distill {dist(r['distill_after_epochs'])} "
                   f"K={r['K']}  val {r['val']:.4f}")
+        if table.get("summary"):
+            print(f"\nrecipes, seed {seed}: each allocation's whole population at {ensemble_budget:g} epochs (fitness cross-fit "
+                  "on the held-out pieces):")
+            print_summaries(table["summary"])
 
 
 if __name__ == "__main__":

@@ -176,7 +176,8 @@ def test_a_relative_out_means_the_folder_under_the_callers_working_directory(tmp
     # the training subprocesses run in the repository root: --out relative to another directory must still be
     # that directory's folder, for them and for the report
     row = dict(members=16, fitness_crossfit=1.7001, val_prior=1.8, val_uniform=1.9, mean_member_val=2.0,
-               best_member_val=1.95, last_member_val=1.96, late_member_val=1.97, diversity_gain=0.1)
+               best_member_val=1.95, last_member_val=1.96, late_member_val=1.97, diversity_gain=0.1,
+               by_k=[[1, 1.9, 1.95]])
     (tmp_path / "mine" / "results").mkdir(parents=True)
     (tmp_path / "mine" / "results" / "steps-s1.json").write_text(json.dumps({"run-a": row}))
     r = subprocess.run([sys.executable, str(reproduce.ROOT / "bench" / "reproduce.py"), "--report", "--out", "mine"],

@@ -1,35 +1,33 @@
 """
-eval.py: score every member of a q0 population once, fit the learned prior, and report.
+eval.py: score every member of a run once, fit the learned prior, and report.
 
     python eval.py runs/quickstart                        # CPU or 1 GPU (auto): score, fit the prior, report
-    python eval.py runs/RUN --method adamw                # the prior by the reference's AdamW fit instead of EM
+    python eval.py runs/RUN --method=adamw                # the prior by the reference's AdamW fit instead of EM
     python eval.py runs/RUN --score                       # score only (resumes: scored members are skipped)
-    python eval.py runs/A runs/B runs/C --out runs/cmp    # one comparison table (+ runs/cmp/compare.json)
-    python eval.py runs/RUN --logit_avg 4                 # logit vs probability averaging, top 4 (tools/sample.py)
-    python eval.py runs/RUN --downstream hellaswag arc_easy tests/fixtures/mc_tiny.jsonl   # tools/downstream.py
-    python eval.py runs/RUN --sample "def main(" --k 4    # text from the top-4 mixture (tools/sample.py)
+    python eval.py runs/A runs/B runs/C --out=runs/cmp    # one comparison table (+ runs/cmp/compare.json)
     torchrun --standalone --nproc_per_node=8 eval.py runs/RUN --score            # members split over 8 GPUs
     torchrun --nnodes=5 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d \\
         --rdzv_endpoint=$MASTER_HOST:29500 eval.py runs/RUN --score              # 40 GPUs
     python eval.py runs/RUN                               # then, on one process: prior and reports
 
 Scoring writes RUN/scores/{name}.{split}.npy = log p_i(y_t | y_<t) of the true token at every scored position
-of fitness and val (common.eval_windows windows), with its sha256 beside it (a file that no longer matches is scored
+of fitness and val (scores.eval_windows windows), with its sha256 beside it (a file that no longer matches is scored
 again) and, in RUN/scores/{name}.json, the sha256 of the member file it came from (a member retrained since is
 scored again): member i on rank i % world, one model in memory at a time.
-Everything after that is arithmetic on the cached (M, N) arrays L (prior.py), with p_i(t) = exp(L[i, t]):
+Everything after that is arithmetic on the cached (M, N) arrays L (scores.py, prior.py), p_i(t) = exp(L[i, t]):
     ensemble loss(w) = mean_t -log sum_i w_i p_i(t)      (probability averaging, prior.mixture_nll)
-for the prior's K members (prior.members_at: greedy's K, weights refit), uniform over all, uniform over the last K
-and greedy's K averaged uniformly. Weights,
-K and every selection come from the fitness split only; val is the test set and is only ever reported. RUN/prior.json
-(the prior's weights and per-K selections) is written here only, and kept while it is current for the run's members.
-The extras that need the members' full distributions (K models at once) live in tools/, imported only for their flags.
+for the prior's K members (members_at: greedy's K, weights refit), uniform over all, uniform over the last K
+and greedy's K averaged uniformly. Weights, K and every selection come from the fitness split only; val is the test
+set and is only ever reported. RUN/prior.json (the prior's weights and per-K selections) is written and read here
+only (write_prior, read_prior, members_at), and kept while it is current for the run's members. What needs the
+members' full distributions (K models at once) is in tools/, which call this file: downstream.py, sample.py.
 """
-import argparse
+import hashlib
 import json
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,37 +35,37 @@ import torch
 import torch.distributed as dist
 
 import prior
-from common import (UserError, array_intact, current_config, eval_windows, init_distributed, load_member, member_sha256,
-                    pick_device, read_json, read_manifest, save_array, score_windows, write_json)
-from prepare_data import load_split
+import runtime
+import scores
+import store
+from config import UserError, current_config
+
 
 # -----------------------------------------------------------------------------
-device = "auto"          # auto (cuda > mps > cpu) | cuda | mps | cpu
-dtype = "float32"        # new score files: float32 | float16 (half the disk, ~1e-3 relative rounding)
-eval_tokens = 0          # tokens scored per split (0 = the whole split); a file of another length is rescored
-batch_size = 16          # windows (or choices) per forward pass
-prior_method = None      # em | adamw: prior.json refit if it holds the other; None: a current prior.json as is, else em
-compare_adamw = False    # also fit the prior by AdamW (300 passes) and report it beside EM (prior.json "compare")
+@dataclass
+class EvalConfig:
+    runs: tuple = ()                 # run folders written by train.py, q0.py, student.py or variants.py
+    score: bool = False              # score the members only (no prior, no reports)
+    exclude: str = ""                # comma-separated members to leave out (an unreadable one, say)
+    device: str = "auto"             # auto (cuda > mps > cpu) | cuda | mps | cpu
+    dtype: str = "float32"           # new score files: float32 | float16 (half the disk, ~1e-3 relative rounding)
+    eval_tokens: int = 0             # tokens scored per split (0 = the whole split); a file of another length is rescored
+    batch_size: int = 16             # windows (or choices) per forward pass
+    method: str = "auto"             # em | adamw: prior.json refit if it holds the other; auto: a current one as is, else em
+    compare_adamw: bool = False      # also fit the prior by AdamW (300 passes) and report it beside EM (prior.json "compare")
+    backend: str = "auto"            # the prior's maths: auto (torch on the device when it is CUDA, else numpy) | numpy | cuda | cpu
+    out: str = ""                    # folder for compare.json and compare.png when several runs are given ("": the first run's)
+    ARGS = "runs"                    # not a key: the plain arguments are the run folders
+
+
 curve_every = 32         # budget curve: every budget up to this many, else ~curve_points log-spaced ones and the last
 curve_points = 24
 curve_gap = 1e-9         # the curve's EM fits run to this certificate (tol 0): warm and cold agree to ~1e-7 nats on val
 curve_floor = 1e-4       # warm start: mass spread over every member (EM never revives a zero weight)
-sample_k = 4             # --sample: members mixed (the prior's mixture at K)
-max_new_tokens = 200     # --sample: tokens generated
-temperature = 1.0        # --sample: each member's softmax(z / temperature), then mixed
-seed = 1337              # --sample: multinomial generator
 # -----------------------------------------------------------------------------
 
 # Slowrun convention (FineWeb, GPT-2 tokenizer): best nanochat val loss by training tokens
 SLOWRUN_TABLE = [(200e6, 3.703), (400e6, 3.370), (600e6, 3.200), (800e6, 3.123), (1e9, 3.046), (2e9, 2.892)]
-
-
-def eval_env(kind):
-    """Device, world size and rank for scoring. Process group only under torchrun (WORLD_SIZE > 1): nccl on CUDA,
-    gloo on CPU."""
-    dev = pick_device(kind)
-    world, rank = init_distributed(dev)
-    return dict(world=world, rank=rank, device=dev)
 
 
 def planned_members(cfg):
@@ -79,45 +77,35 @@ def planned_members(cfg):
     return cfg["ensemble_size"] if cfg["mode"] == "ensemble" else 1
 
 
-def open_run(run_dir, max_tokens=0, exclude=()):
+def open_run(run_dir, max_tokens=0, exclude=(), device=None):
     """Config, manifest (training order; minus the members named in `exclude`), the fitness and val tokens and their
-    windows, checked against the run; the members planned and found (planned_members)."""
+    windows, checked against the run; the members planned and found (planned_members); `device`, where the prior's
+    maths runs (scores.backend_device)."""
     run = Path(run_dir)
     if not run.is_dir():
         raise UserError(f"run folder {run} not found: train one first (python q0.py <config> --out_dir={run})")
     config_path = run / "config.json"
     if not config_path.is_file():
         raise UserError(f"{config_path} missing: {run} is not a run folder of train.py or q0.py (train into it with --out_dir={run})")
-    record = read_json(config_path, "run record", "restore it from the run, or train again into a new folder")
-    cfg, rows = current_config(record), read_manifest(run)  # with its resumes: a run extended on resume plans more members
+    record = store.read_json(config_path, "run record", "restore it from the run, or train again into a new folder")
+    cfg, rows = current_config(record), store.read_manifest(run)  # with its resumes: a run extended on resume plans more members
     excluded = [r["name"] for r in rows if r["name"] in exclude]
     rows = [r for r in rows if r["name"] not in exclude]
     if not rows:
         raise UserError(f"--exclude leaves no member of {run}", status=2)
     out = dict(dir=run, cfg=cfg, rows=rows, names=[r["name"] for r in rows], excluded=excluded, seq_len=cfg["seq_len"],
-               eval_tokens=max_tokens, planned=planned_members(cfg), found=len(rows) + len(excluded))
+               eval_tokens=max_tokens, planned=planned_members(cfg), found=len(rows) + len(excluded), device=device)
     for split in ("fitness", "val"):
         try:
-            tokens, meta = load_split(cfg["data_dir"], split)
+            tokens, meta = store.load_split(cfg["data_dir"], split)
         except UserError as e:
             raise UserError(f"{run} was trained on {cfg['data_dir']}: {e}") from None
         if record.get("data", {}).get(split, meta["sha256"]) != meta["sha256"]:
             raise UserError(f"{cfg['data_dir']}/{split}.bin differs from the data {run} was trained on (sha256 in "
                             f"{config_path}): restore that data, or re-run prepare_data.py with the flags that made it")
-        windows = eval_windows(tokens, cfg["seq_len"], max_tokens)
+        windows = scores.eval_windows(tokens, cfg["seq_len"], max_tokens)
         out[split] = dict(tokens=tokens, meta=meta, windows=windows, n=sum(e - s - 1 for s, e in windows))
     return out
-
-
-def eval_write(write, *args):
-    """common's writer write(*args) (save_array, write_json), with eval.py's advice when the disk is full or a write
-    fails: common's says to re-run with --resume=True, the trainers' flag; eval.py has none, and a rerun of the same
-    command continues by itself (what is scored is kept)."""
-    try:
-        return write(*args)
-    except UserError as e:
-        raise UserError(str(e).replace("re-run with --resume=True", "re-run the same eval.py command (what is already "
-                                       "scored is kept)"), e.status) from None
 
 
 def member_path(run, name):
@@ -151,7 +139,7 @@ def load(run, name, dev):
     path, fix = member_path(run, name), member_fix(run, name)
     if not path.is_file():
         raise UserError(f"member file {path} (manifest of {run['dir']}) is missing: {fix}")
-    model, ckpt = load_member(path, dev, fix, expected=next(r for r in run["rows"] if r["name"] == name))
+    model, ckpt = store.load_member(path, dev, fix, expected=next(r for r in run["rows"] if r["name"] == name))
     bad = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:  # saved that way (its sha256 matches): every score of it would be NaN
         raise UserError(f"member file {path} holds non-finite weights ({len(bad)} of {len(ckpt['model'])} tensors, "
@@ -165,16 +153,16 @@ def load(run, name, dev):
     return model
 
 
-def score_split(model, split, dev, size=batch_size):
+def score_split(model, split, dev, size=EvalConfig.batch_size):
     """One member's score file: log p(y_t | y_<t) at every scored position of a split, in window order: (N,) float32."""
-    return score_windows(model, split["tokens"], split["windows"], dev, size).numpy()
+    return scores.score_windows(model, split["tokens"], split["windows"], dev, size).numpy()
 
 
 def scored(path, n):
     """True when a score file is complete: a readable 1-D array of n entries that matches the sha256 written beside
     it (save_array writes that second, so a killed write never counts). One that does not match is named and scored
     again: a score file is a cache, recomputed from its member."""
-    intact = array_intact(path)
+    intact = store.array_intact(path)
     if intact is False:
         print(f"warning: score file {path} does not match its sha256 ({path}.sha256): corrupted on disk; scoring it "
               f"again", file=sys.stderr, flush=True)
@@ -187,15 +175,15 @@ def peak_memory(dev):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def score_run(run, env, out_dtype=dtype, size=batch_size):
+def score_run(run, env, out_dtype=EvalConfig.dtype, size=EvalConfig.batch_size):
     """Score every member not yet scored, or scored from another member file than today's (member i on rank
     i % world); returns the names scored and skipped."""
     dev, world, rank, d = env["device"], env["world"], env["rank"], run["dir"]
     (d / "scores").mkdir(exist_ok=True)
-    shas = {name: member_sha256(member_path(run, name)) for name in run["names"]}
+    shas = {name: store.member_sha256(member_path(run, name)) for name in run["names"]}
     todo = {}
     for name in run["names"]:
-        todo[name] = [s for s in ("fitness", "val") if not scored(prior.score_path(d, name, s), run[s]["n"])]
+        todo[name] = [s for s in ("fitness", "val") if not scored(scores.score_path(d, name, s), run[s]["n"])]
         was = scored_from(d, name)
         if len(todo[name]) < 2 and was != shas[name]:  # cached scores of another member file: both splits again
             if rank == 0:
@@ -213,14 +201,14 @@ def score_run(run, env, out_dtype=dtype, size=batch_size):
         t0 = time.time()
         model = load(run, name, dev)  # one model in memory at a time
         for split in todo[name]:
-            scores = score_split(model, run[split], dev, size).astype(out_dtype)
-            if not np.isfinite(scores).all():  # never a NaN score file: it would poison every mixture with it
-                bad = int((~np.isfinite(scores)).sum())
-                raise UserError(f"member {name} gives non-finite log-probs on {split} ({bad:,} of {len(scores):,} tokens, "
+            lp = score_split(model, run[split], dev, size).astype(out_dtype)
+            if not np.isfinite(lp).all():  # never a NaN score file: it would poison every mixture with it
+                bad = int((~np.isfinite(lp)).sum())
+                raise UserError(f"member {name} gives non-finite log-probs on {split} ({bad:,} of {len(lp):,} tokens, "
                                 f"{out_dtype}): {member_fix(run, name, retrain=False)}")
-            eval_write(save_array, scores, prior.score_path(d, name, split))
-        eval_write(write_json, dict(member=str(member_path(run, name).relative_to(d)), member_sha256=shas[name]),
-                   record_path(d, name))
+            store.save_array(lp, scores.score_path(d, name, split))
+        store.write_json(dict(member=str(member_path(run, name).relative_to(d)), member_sha256=shas[name]),
+                         record_path(d, name))
         del model
         n = sum(run[s]["n"] for s in todo[name])
         dt = time.time() - t0
@@ -235,7 +223,7 @@ def score_run(run, env, out_dtype=dtype, size=batch_size):
 # reports: arithmetic on the cached arrays
 
 def weights_of(names, mix):
-    """A mixture [(name, weight), ...] (prior.members_at, or a prior.json entry's members and weights zipped) as a
+    """A mixture [(name, weight), ...] (members_at, or a prior.json entry's members and weights zipped) as a
     weight vector over all members, zeros elsewhere."""
     w = np.zeros(len(names))
     for n, x in mix:
@@ -256,10 +244,10 @@ def is_slowrun(meta):
 
 
 def run_scores(run, split):
-    """The run's (M, N) scores of `split` (prior.open_scores: memory-mapped, training order); a missing or bad file is
-    a UserError naming the command that rescores it."""
+    """The run's (M, N) scores of `split` (scores.open_scores: memory-mapped, training order, on the run's backend
+    device); a missing or bad file is a UserError naming the command that rescores it."""
     try:
-        return prior.open_scores(run["dir"], run["names"], split)
+        return scores.open_scores(run["dir"], run["names"], split, run.get("device"))
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
 
@@ -269,15 +257,108 @@ def log(line):
     print(line, flush=True)
 
 
+# -----------------------------------------------------------------------------
+# RUN/prior.json: fit and written (write_prior, current_prior), read (read_prior, members_at), here only
+def digest_of(prior_json):
+    """sha256 of a prior.json's content but its own "sha256" key, as JSON text with sorted keys (what is on disk)."""
+    text = json.dumps({k: v for k, v in prior_json.items() if k != "sha256"}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def members_at(prior_json, k, run_dir=None):
+    """The mixture at budget k of a prior.json dict, as [(name, weight), ...] in the order picked: its per_k entry
+    (select's, written by fit_prior), K past the population all of it. A K that prior.json does not hold is select()
+    on the run's fitness scores (run_dir, eval.py's score files): the same rule, so the same answer it would store.
+    This is the one reader of a mixture from prior.json."""
+    names, per_k = prior_json["members"], prior_json["per_k"]
+    k = min(k, len(names))
+    if str(k) in per_k:
+        return list(zip(per_k[str(k)]["members"], per_k[str(k)]["weights"]))
+    if run_dir is None:
+        raise ValueError(f"prior.json holds the mixtures at K = {', '.join(per_k)}; K = {k} is chosen from the run's "
+                         f"fitness scores: pass its run folder")
+    idx, w = prior.select(scores.open_scores(run_dir, names, prior.split), k, method=prior_json["method"])
+    return [(names[i], float(x)) for i, x in zip(idx, w)]
+
+
+def uniform_last(M, k):
+    """The last k members in training order (the newest), to be averaged uniformly."""
+    return np.arange(M - k, M)
+
+
+def fit_line(what, L, info):
+    """One line for a fit: passes, objective, certificate (EM's), seconds."""
+    gap = f" | gap {info['gap']:.1e}" if "gap" in info else ""
+    return (f"{what} | {L.shape[0]} members x {L.shape[1]:,} tokens | {info['iterations']:4d} passes | "
+            f"objective {info['objective']:.6f}{gap} | {info['seconds']:7.1f} s")
+
+
+def fit_prior(names, L_fitness, method=prior.method, compare=False, log=None):
+    """Everything prior.json holds: the fitted weights, select's mixture for each K in ks_for(M) (per_k), the
+    uniform-over-last-K and greedy (its members, uniform) baselines at the same K (same layout, so eval.py can score all
+    of them on val alike), and under "compare" each fit run: `method`'s, or with compare=True every fit in prior.FITS
+    (EM vs AdamW: 300 more passes). Fit on the fitness split only; log() gets a line per fit and greedy's progress."""
+    names, L = list(names), scores.as_probs(L_fitness, hold=True)
+    M = len(names)
+    assert len(L) == M, f"{M} names but L has {len(L)} rows"
+    if method not in prior.FITS:
+        raise ValueError(f"method must be one of {list(prior.FITS)}, got {method!r}")
+    fits = {}
+    for m in prior.FITS if compare else [method]:
+        fits[m] = prior.FITS[m](L)
+        if log:
+            log(fit_line(f"prior fit | {m}", L, fits[m][1]))
+    w = fits[method][0]
+    ks = prior.ks_for(M)
+    greedy = prior.greedy_select(L, ks[-2] if len(ks) > 1 else 1, log=log)  # at K = M greedy is every member
+    uniform = lambda idx: (idx, np.full(len(idx), 1.0 / len(idx)))
+    per_k = [prior.select(L, k, greedy, method, w) for k in ks]
+    if log and prior.selection == "greedy":
+        log(f"prior | {method} refit on greedy's first K members, K = {', '.join(map(str, ks[:-1]))}")
+    tables = {"per_k": per_k, "uniform_last": [uniform(uniform_last(M, k)) for k in ks],
+              "greedy": [uniform(greedy[:k] if k < M else np.arange(k)) for k in ks]}
+    W = np.zeros((3 * len(ks), M))  # every entry's weights over all members, one row each: one pass for their losses
+    for q, (idx, wk) in enumerate(x for t in tables.values() for x in t):
+        W[q, idx] = wk
+    nll = iter(prior.mixture_nlls(L, W))
+    entry = lambda idx, wk: {"members": [names[i] for i in idx], "weights": [float(x) for x in wk],
+                             "fitness_nll": float(next(nll))}
+    entries = {t: {str(k): entry(*x) for k, x in zip(ks, rows)} for t, rows in tables.items()}
+    return {
+        "method": method,
+        "selection": prior.selection,
+        "split": prior.split,
+        "num_tokens": int(L.shape[1]),
+        "members": names,
+        "objective_fitness": fits[method][1]["objective"],
+        "weights": {n: float(x) for n, x in zip(names, w)},
+        "per_k": entries["per_k"],
+        "baselines": {"uniform_last": entries["uniform_last"], "greedy": entries["greedy"]},
+        "compare": {m: {key: info[key] for key in ("objective", "seconds", "iterations")}
+                    for m, (_, info) in fits.items()},
+    }
+
+
+def read_prior(run_dir, what="prior"):
+    """RUN/prior.json as eval.py wrote it, refused when its content no longer matches the sha256 stored in it (for the
+    readers that use it as it is: the student's teachers, the export; eval.py refits a stale one instead)."""
+    run, path = Path(run_dir), Path(run_dir) / "prior.json"
+    pj = store.read_json(path, what, f"write it with python eval.py {run}")
+    if pj.get("sha256") != digest_of(pj):
+        raise UserError(f"{path} does not match the sha256 eval.py stored in it (changed on disk): re-run python "
+                        f"eval.py {run}, which refits it, then this command")
+    return pj
+
+
 def write_prior(path, names, L_fitness, method=prior.method, member_sha256=None, compare=False):
     """Fit the prior for these members (rows of L_fitness, in training order) and write it: the one writer of
     prior.json. member_sha256 ({name: sha256 of the member file scored}) is recorded in it when given, and the
     file's own sha256 always (current_prior refits a prior.json changed on disk)."""
-    pj = prior.fit_prior(names, L_fitness, method, compare, log=log)
+    pj = fit_prior(names, L_fitness, method, compare, log=log)
     if member_sha256 is not None:
         pj["member_sha256"] = {n: member_sha256[n] for n in names}
-    pj["sha256"] = prior.digest_of(pj)
-    eval_write(write_json, pj, path)
+    pj["sha256"] = digest_of(pj)
+    store.write_json(pj, path)
     return pj
 
 
@@ -285,32 +366,27 @@ def current_prior(run_dir, names, L_fitness, method=None, member_sha256=None, co
     """RUN/prior.json as it is when it is intact (its content matches the sha256 in it) and the prior of exactly these
     members (same names in training order, same member files when member_sha256 is given, same fitness tokens: its
     K=1 loss still matches the scores) and, if `method` is given, holds that method's weights (with `compare`, every
-    fit of prior.FITS under "compare"); otherwise fit it (with
-    `method`, default em) and write it. -> (prior, None when kept, else why it was refit)."""
-    path, L = Path(run_dir) / "prior.json", prior.as_probs(L_fitness)
+    fit of prior.FITS under "compare"); otherwise fit it (with `method`, default em) and write it. -> (prior, None
+    when kept, else why it was refit)."""
+    path, L = Path(run_dir) / "prior.json", scores.as_probs(L_fitness)
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         old = None
     if not isinstance(old, dict):
         why = "there was no readable prior.json"
-    elif "sha256" not in old:
-        why = "prior.json holds no sha256 of its content (written before eval.py kept one)"
-    elif old["sha256"] != prior.digest_of(old):
+    elif old.get("sha256") != digest_of(old):
         why = "prior.json changed on disk since eval.py wrote it (its content no longer matches its sha256)"
     elif old.get("members") != list(names):
         why = "prior.json was fit on other members"
-    elif member_sha256 is not None and "member_sha256" not in old:
-        why = "prior.json does not record the member files it was fit on"
-    elif member_sha256 is not None and old["member_sha256"] != {n: member_sha256[n] for n in names}:
-        changed = [n for n in names if old["member_sha256"].get(n) != member_sha256[n]]
+    elif member_sha256 is not None and old.get("member_sha256") != {n: member_sha256[n] for n in names}:
+        changed = [n for n in names if old.get("member_sha256", {}).get(n) != member_sha256[n]]
         why = f"member(s) {', '.join(changed)} changed since prior.json was fit"
     elif old.get("num_tokens") != L.shape[1] or abs(old["per_k"]["1"]["fitness_nll"] - prior.mixture_nll(
             L, [float(n == old["per_k"]["1"]["members"][0]) for n in names])) > 1e-9:
         why = "the fitness scores changed since prior.json was fit"
     elif old.get("selection") != prior.selection:
-        why = (f"prior.json picks its K members by {old.get('selection', 'the top K of the full fit')!r}, this code by "
-               f"{prior.selection!r} (prior.select)")
+        why = f"prior.json picks its K members by {old.get('selection')!r}, this code by {prior.selection!r} (prior.select)"
     elif method not in (None, old.get("method")):
         why = f"prior.json holds {old.get('method')} weights, {method} asked for"
     elif compare and set(old.get("compare", {})) != set(prior.FITS):
@@ -337,7 +413,7 @@ def budget_curve(P_fit, sizes, method, warm=True, last=None, log=None):
     new member 1/n, then curve_floor of the mass spread evenly; cold, from uniform. AdamW (--method adamw) is the
     reference's 300 steps from alpha = 0 at every budget: its answer depends on its start, so it is never warm."""
     ws, w = [], None
-    for n in prior.progress(sizes, len(sizes), "budget curve | prior refit at budget", log):
+    for n in scores.progress(sizes, len(sizes), "budget curve | prior refit at budget", log):
         if last is not None and n == len(P_fit):
             w = np.asarray(last, dtype=np.float64)
         elif method == "em":
@@ -350,7 +426,7 @@ def budget_curve(P_fit, sizes, method, warm=True, last=None, log=None):
     return ws
 
 
-def evaluate_run(run, method=prior_method, compare=compare_adamw):
+def evaluate_run(run, method="auto", compare=False):
     """The prior (RUN/prior.json when current for these members, else fit on fitness and written by
     current_prior), then every val-loss report of the module docstring -> (report dict, the prior.json dict). The score
     files stay memory-mapped: every loss below is read in chunks of tokens (prior.chunk_tokens), never stacked in RAM,
@@ -358,14 +434,15 @@ def evaluate_run(run, method=prior_method, compare=compare_adamw):
     names, rows, d = run["names"], run["rows"], run["dir"]
     L_fit, L_val = run_scores(run, "fitness"), run_scores(run, "val")
     fit_loss, val_loss = -L_fit.mean(1), -L_val.mean(1)  # (M,) per-member losses
-    P_fit = prior.as_probs(L_fit, hold=True)  # exp(L) of fitness, held for every fit below when it fits
-    pj, refit_why = current_prior(d, names, P_fit, method, {n: scored_from(d, n) for n in names}, compare)
+    P_fit = scores.as_probs(L_fit, hold=True)  # exp(L) of fitness, held for every fit below when it fits
+    pj, refit_why = current_prior(d, names, P_fit, None if method == "auto" else method,
+                                  {n: scored_from(d, n) for n in names}, compare)
     method = pj["method"]  # the budget curve refits with the method of the weights in use
     baseline = lambda kind, k: zip(*(pj["baselines"][kind][str(k)][key] for key in ("members", "weights")))
     ks = [int(k) for k in pj["per_k"]]
     mixes = {}  # (table, key) -> weights over all members; their val losses all in one pass over L_val below
     for k in ks:
-        mixes["prior", k] = weights_of(names, prior.members_at(pj, k))
+        mixes["prior", k] = weights_of(names, members_at(pj, k))
         for kind in ("uniform_last", "greedy"):
             mixes[kind, k] = weights_of(names, baseline(kind, k))
     mixes["uniform_all", None] = np.full(len(names), 1 / len(names))
@@ -391,7 +468,7 @@ def evaluate_run(run, method=prior_method, compare=compare_adamw):
     rep = dict(run=str(d), mode=run["cfg"]["mode"], num_members=len(names), budget_epochs=max(r["budget_epochs"] for r in rows),
                members_planned=run["planned"], members_found=run["found"], scored_now=run.get("scored_now"),
                eval_tokens=run["eval_tokens"], num_tokens={s: run[s]["n"] for s in ("fitness", "val")},
-               score_dtype=str(np.load(prior.score_path(d, names[0], "val"), mmap_mode="r").dtype), selection="fitness",
+               score_dtype=str(np.load(scores.score_path(d, names[0], "val"), mmap_mode="r").dtype), selection="fitness",
                prior_method=method, prior_refit=refit_why, prior_compare=pj["compare"], weights=pj["weights"], members=members,
                best_member=dict(name=names[best], val=float(val_loss[best])), ensemble=ensemble, budget_curve=curve,
                budget_curve_budgets=f"{len(budgets)} of {len(every_budget)} budgets" + (
@@ -449,16 +526,6 @@ def print_report(rep):
         for k, v in rep["slowrun_efficiency"].items():
             eff = f"{v['efficiency']:.1f}x" if v["efficiency"] is not None else "off the table"
             print(f"  {k:<14} val {v['val']:.4f} -> {eff}")
-    if "logit_avg" in rep:
-        la = rep["logit_avg"]
-        print(f"logit vs probability averaging, prior top {la['k']} ({', '.join(la['members'])}), same weights: "
-              f"val {la['logit_avg_val']:.4f} (logit avg) vs {la['prob_avg_val']:.4f} (prob avg)")
-    for d in rep.get("downstream", []):
-        print(f"downstream {d['benchmark']} ({d['questions']} questions) |   acc | acc_norm")
-        for who, r in d["results"].items():
-            print(f"  {who:<28} | {r['acc']:.3f} | {r['acc_norm']:.3f}")
-    if "sample" in rep:
-        print(f"sample (prior top {rep['sample']['k']}):\n{rep['sample']['prompt']}{rep['sample']['text']}")
 
 
 def pyplot():
@@ -546,7 +613,7 @@ def print_comparison(reps, out=None):
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         keys = ("run", "mode", "num_members", "budget_epochs", "best_member", "summary")
-        eval_write(write_json, [{k: r[k] for k in keys} for r in reps], Path(out) / "compare.json")
+        store.write_json([{k: r[k] for k in keys} for r in reps], Path(out) / "compare.json")
     png = Path(out or reps[0]["run"]) / "compare.png"
     if plot_comparison(reps, png):
         print(f"wrote {png}")
@@ -554,79 +621,40 @@ def print_comparison(reps, out=None):
 
 # -----------------------------------------------------------------------------
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="run folders written by q0.py or train.py")
-    p.add_argument("--score", action="store_true", help="score the members only (no prior, no reports)")
-    p.add_argument("--exclude", default="", help="comma-separated members to leave out (an unreadable one, say)")
-    p.add_argument("--device", default=device)
-    p.add_argument("--dtype", default=dtype, choices=("float32", "float16"))
-    p.add_argument("--eval_tokens", type=int, default=eval_tokens, help="tokens per split (0 = all)")
-    p.add_argument("--batch_size", type=int, default=batch_size)
-    p.add_argument("--method", default=prior_method, choices=("em", "adamw"))
-    p.add_argument("--compare_adamw", action="store_true", default=compare_adamw,
-                   help="also fit the prior by AdamW (300 passes) and report it beside EM")
-    p.add_argument("--downstream", nargs="+", default=[], help="hellaswag arc_easy arc_challenge piqa or JSONL files")
-    p.add_argument("--logit_avg", type=int, default=0, metavar="K", help="also logit-average the prior's mixture at K")
-    p.add_argument("--sample", default=None, metavar="PROMPT")
-    p.add_argument("--k", type=int, default=sample_k, help="--sample: members mixed")
-    p.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=temperature)
-    p.add_argument("--seed", type=int, default=seed)
-    p.add_argument("--out", default=None, help="folder for compare.json when several runs are given")
-    args = p.parse_args(argv)
-    for key, ok, allowed in [("eval_tokens", args.eval_tokens >= 0, ">= 0"), ("batch_size", args.batch_size >= 1, ">= 1"),
-                             ("logit_avg", args.logit_avg >= 0, ">= 0"), ("k", args.k >= 1, ">= 1"),
-                             ("max_new_tokens", args.max_new_tokens >= 0, ">= 0"), ("temperature", args.temperature > 0, "> 0")]:
-        if not ok:  # before any scoring, so a typo costs nothing
-            raise UserError(f"--{key} {getattr(args, key)}: must be {allowed}", status=2)
-    return args
+def evaluate(cfg):
+    """Score every run (all ranks), then on rank 0 fit or read each prior and print and write each report (eval.json,
+    eval.png) and, for several runs, the comparison -> ([(run, report, prior.json dict), ...] on rank 0, env).
+    tools/ call this, then use what it returns."""
+    dev = runtime.pick_device(cfg.device)
+    world, rank = runtime.init_distributed(dev)
+    env = dict(world=world, rank=rank, device=dev)
+    if not cfg.runs:
+        raise UserError("give one or more run folders: python eval.py RUN [RUN ...]", status=2)
+    exclude = {n.strip() for n in cfg.exclude.split(",") if n.strip()}
+    device = scores.backend_device(cfg.backend, dev)  # where the prior's maths runs: numpy unless on a GPU
+    runs = [open_run(run_dir, cfg.eval_tokens, exclude, device) for run_dir in cfg.runs]
+    unknown = exclude - {name for run in runs for name in run["excluded"]}
+    if unknown:
+        raise UserError(f"--exclude: {', '.join(sorted(unknown))} is not a member of {', '.join(cfg.runs)}", status=2)
+    for run in runs:  # every rank scores every run first, so no rank waits at a barrier through the reports
+        run["scored_now"] = score_run(run, env, cfg.dtype, cfg.batch_size)["scored"]
+    done = []
+    for run in runs if not cfg.score and rank == 0 else []:  # only rank 0 reports
+        rep, pj = evaluate_run(run, cfg.method, cfg.compare_adamw)
+        print_report(rep)
+        store.write_json(rep, run["dir"] / "eval.json")
+        png = plot(rep, run["dir"] / "eval.png")
+        print(f"wrote {run['dir']}/{'prior.json, ' if rep['prior_refit'] else ''}eval.json"
+              f"{', eval.png' if png else ' (no matplotlib: no eval.png)'}")
+        done.append((run, rep, pj))
+    if len(done) > 1:
+        print_comparison([rep for _, rep, _ in done], cfg.out or None)
+    return done, env
 
 
 def main(argv=None):
-    reps = []
-    try:
-        args = parse_args(argv)
-        env = eval_env(args.device)
-        if prior.backend == "auto":  # the prior's maths where eval.py runs: --device=cpu keeps it off a GPU
-            prior.backend = "cuda" if env["device"].type == "cuda" else "numpy"
-        exclude = {n.strip() for n in args.exclude.split(",") if n.strip()}
-        runs = [open_run(run_dir, args.eval_tokens, exclude) for run_dir in args.runs]
-        unknown = exclude - {name for run in runs for name in run["excluded"]}
-        if unknown:
-            raise UserError(f"--exclude: {', '.join(sorted(unknown))} is not a member of {', '.join(args.runs)}", status=2)
-        for run in runs:  # every rank scores every run first, so no rank waits at a barrier through the reports
-            run["scored_now"] = score_run(run, env, args.dtype, args.batch_size)["scored"]
-        for run in runs if not args.score and env["rank"] == 0 else []:  # only rank 0 reports
-            rep, pj = evaluate_run(run, args.method, args.compare_adamw)
-            dev = env["device"]
-            if args.logit_avg:
-                from tools.sample import logit_average  # the extras load only for their flags
-                rep["logit_avg"] = logit_average(run, pj, args.logit_avg, dev)
-            rep["downstream"] = []
-            if args.downstream:
-                from tools.downstream import downstream
-                rep["downstream"] = [downstream(run, pj, rep["best_member"]["name"], spec, dev) for spec in args.downstream]
-            if args.sample is not None:
-                from tools.sample import sample
-                text = sample(run, pj, args.sample, args.k, dev, args.max_new_tokens, args.temperature, args.seed)[0]
-                rep["sample"] = dict(prompt=args.sample, k=min(args.k, rep["num_members"]), temperature=args.temperature,
-                                     seed=args.seed, text=text)
-            print_report(rep)
-            eval_write(write_json, rep, run["dir"] / "eval.json")
-            png = plot(rep, run["dir"] / "eval.png")
-            print(f"wrote {run['dir']}/{'prior.json, ' if rep['prior_refit'] else ''}eval.json"
-                  f"{', eval.png' if png else ' (no matplotlib: no eval.png)'}")
-            reps.append(rep)
-        if len(reps) > 1:
-            print_comparison(reps, args.out)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(e.status)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return reps
+    with runtime.session(sys.argv[1:] if argv is None else argv, EvalConfig, __doc__) as cfg:
+        return [rep for _, rep, _ in evaluate(cfg)[0]]
 
 
 if __name__ == "__main__":

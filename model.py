@@ -7,16 +7,10 @@ The GPT of q0: a decoder-only transformer from a tiny CPU model up to the paper'
     GPU, a flash kernel on CPU). q, k, v and gate, up are separate matrices, so Muon orthogonalises and LR-scales
     each on its own, as the reference (model v2; v1 fused them, normed no embedding and gave padded ids mass).
 
-Quick checks:
-    python model.py                 # parameter counts and FLOPs/token of every named size (meta device)
-    python model.py --size=1.8B     # one size
-    python model.py --size=1.8B --memory=2  # and its training memory at micro-batch 2, with an fp32 teacher
-
 The ensemble and the prior only ever need log p(y_t | y_<t) of the true next token, so
 `GPT.forward(idx, targets)` returns exactly that, per token, shape (B, T). `GPT.forward(idx)` gives
 the full (soft-capped, fp32) logits for distillation, logit averaging and sampling.
 """
-import sys
 from dataclasses import dataclass, replace
 
 import torch
@@ -173,16 +167,9 @@ class GPT(nn.Module):
         logits = self.logits(idx)
         return logits if targets is None else token_logprobs(logits, targets)
 
-    # ---- accounting -------------------------------------------------------------------------------
     def num_params(self, embedding=True):
         n = sum(p.numel() for p in self.parameters())
         return n if embedding else n - self.embed.weight.numel()
-
-    def flops_per_token(self):
-        """Training FLOPs per token (forward + backward): 6 N + 12 L T C  (PaLM appendix B; the input
-        embedding is a lookup, not a matmul, so it is left out of N)."""
-        c = self.cfg
-        return 6 * self.num_params(embedding=False) + 12 * c.n_layer * c.seq_len * c.n_embd
 
 
 def token_logprobs(logits, targets):
@@ -233,60 +220,6 @@ def cautious_weight_decay(muon):
     return muon.register_step_pre_hook(pre), muon.register_step_post_hook(post)
 
 
-# bf16 dense peak FLOP/s by device name (no sparsity). An unknown device or the CPU shows no MFU.
-# dense bf16 peak by the card's name (torch.cuda.get_device_name), most specific first; a card not listed (an H100
-# whose name says neither PCIe, NVL nor SXM's "HBM3") shows no MFU rather than a guessed one
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100 80GB HBM3": 989e12, "H100 SXM": 989e12, "H200": 989e12,
-              "H800": 989e12, "B200": 2250e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
-
-
-def peak_flops(device):
-    if torch.device(device).type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
-def memory_estimate(cfg, micro_batch, teacher="fp32", teachers=1, eval_batch=16):
-    """Bytes one GPU holds to train `cfg` at `micro_batch` sequences in bf16 autocast (fp32 weights), as train.py and
-    q0.py keep them; n = micro_batch * seq_len tokens, N parameters (N_muon in the blocks, N_adam embedding + head):
-        weights, grads        4 N each (fp32)
-        muon_momentum         4 N_muon;  adam_moments  8 N_adam
-        cautious_copy         4 N_muon, only inside step(), when the activations are freed (cautious_weight_decay)
-        teacher               4 N as q0.py's frozen fp32 copy, 2 N in bf16 (the reference's), or None: 0; x teachers
-                              (distill_teacher="mixture" holds distill_teacher_k of them)
-        weight_casts          2 (N - embedding): autocast's bf16 copy of every matrix, kept for the backward
-        activations           n L (36 C + 8 M + 12 H + 8 [+ 4 C dropout]) + n (10 C + 24): what autograd keeps
-                              (tests/test_model.py measures it); L x 36 C counts q, k, v's three bf16 copies of the
-                              input, QK-norm's fp32 q, k and FlashAttention's q, k, v, out; the two dropout masks
-                              are bf16 on CPU (2 C on CUDA, where they are bool)
-        activations_ckpt      n L 4 C + one block's: if each block were recomputed in the backward (not in model.py)
-        logits_train          4 n V x 4 (tanh and log-softmax outputs kept, two gradients), x 8 with a teacher
-                              (its logits, log-softmax and probabilities and the KL's product besides)
-        logits_eval           eval_batch T (4 V x 2 + 2 V_pad): fp32 logits and cross-entropy's log-softmax, the bf16
-                              head output (score_windows, 16 windows a forward)
-    peak_train = weights + grads + optimizer states + teacher + weight_casts + activations + logits_train;
-    peak_step = weights + grads + optimizer states + teacher + cautious_copy (inside step());
-    peak_eval = weights + optimizer states + teacher + logits_eval (grads are None between steps).
-    Left out: the RoPE tables, allocator fragmentation, NCCL and the CUDA context (a few GB)."""
-    C, M, H, L, V, Vp = cfg.n_embd, cfg.mlp_hidden, cfg.n_head, cfg.n_layer, cfg.vocab_size, cfg.padded_vocab_size
-    n = micro_batch * cfg.seq_len
-    n_embed = Vp * C
-    n_muon = L * (4 * C * C + 3 * C * M)
-    N = n_muon + 2 * n_embed
-    per_block = 36 * C + 8 * M + 12 * H + 8 + (4 * C if cfg.dropout else 0)
-    est = dict(weights=4 * N, grads=4 * N, muon_momentum=4 * n_muon, adam_moments=8 * 2 * n_embed,
-               cautious_copy=4 * n_muon, teacher={"fp32": 4 * N, "bf16": 2 * N, None: 0}[teacher] * teachers,
-               weight_casts=2 * (N - n_embed), activations=n * L * per_block + n * (10 * C + 24),
-               activations_ckpt=n * (L * 4 * C + per_block) + n * (10 * C + 24),
-               logits_train=(8 if teacher else 4) * n * V * 4, logits_eval=eval_batch * cfg.seq_len * (8 * V + 2 * Vp))
-    held = est["weights"] + est["muon_momentum"] + est["adam_moments"] + est["teacher"]
-    est["peak_train"] = held + est["grads"] + est["weight_casts"] + est["activations"] + est["logits_train"]
-    est["peak_step"] = held + est["grads"] + est["cautious_copy"]
-    est["peak_eval"] = held + est["logits_eval"]
-    return est
-
-
 def build(cfg, device):
     """Build on the meta device (no memory), materialise on `device`, then init: works for any size."""
     with torch.device("meta"):
@@ -294,17 +227,3 @@ def build(cfg, device):
     model.to_empty(device=device)
     model.init_weights()
     return model
-
-
-if __name__ == "__main__":
-    sizes = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--size=")] or list(SIZES)
-    for size in sizes:
-        cfg = config_for(size, vocab_size=50257, seq_len=2048)
-        with torch.device("meta"):
-            m = GPT(cfg)
-        print(f"{size:>7}: {m.num_params() / 1e6:9.1f}M params ({m.num_params(False) / 1e6:9.1f}M non-embedding), "
-              f"{m.flops_per_token() / 1e9:6.2f} GFLOPs/token (vocab 50257 padded to 50304, seq 2048)")
-        for mb in [int(a.split("=", 1)[1]) for a in sys.argv[1:] if a.startswith("--memory=")]:
-            for teacher in ("fp32", "bf16", None):
-                est = memory_estimate(replace(cfg, dropout=0.1), mb, teacher)
-                print(f"         micro-batch {mb}, teacher {teacher}: " + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in est.items()) + " GB")

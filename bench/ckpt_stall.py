@@ -25,7 +25,8 @@ import model as gpt  # noqa: E402
 import prepare_data  # noqa: E402
 import runtime  # noqa: E402
 import train  # noqa: E402
-from common import load_data, nbytes  # noqa: E402
+from runtime import load_data  # noqa: E402
+from store import nbytes  # noqa: E402
 
 
 def track_for(size, data_dir, out_dir):
@@ -44,7 +45,7 @@ def track_for(size, data_dir, out_dir):
     adam.step()
     state = {"model": model.state_dict(), "muon": muon.state_dict(), "adam": adam.state_dict(), "step": 1,
              "last_loss": 0.0, "plan": {}}
-    return runtime.TrackRun(cfg, 0, env, data["meta"]), model, state
+    return runtime.TrackRun(cfg, 0, env, data["meta"], model, plan), model, state
 
 
 def main():

@@ -47,9 +47,9 @@ def write_scores(folder, m, n, rng):
     import prior
     (folder / "scores").mkdir(parents=True, exist_ok=True)
     for i in range(m):
-        path = prior.score_path(folder, f"m{i:03d}", "fitness")
+        path = scores.score_path(folder, f"m{i:03d}", "fitness")
         np.save(path, -np.abs(rng.standard_normal(n, dtype=np.float32)))
-        prior.score_path(folder, f"m{i:03d}", "val").symlink_to(path.name)
+        scores.score_path(folder, f"m{i:03d}", "val").symlink_to(path.name)
 
 
 def child(folder, m, iters):
@@ -58,7 +58,7 @@ def child(folder, m, iters):
     rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.time()
     names = [f"m{i:03d}" for i in range(m)]
-    L_fit, L_val = prior.open_scores(folder, names, "fitness"), prior.open_scores(folder, names, "val")
+    L_fit, L_val = scores.open_scores(folder, names, "fitness"), scores.open_scores(folder, names, "val")
     fit_loss, val_loss = -L_fit.mean(1), -L_val.mean(1)
     t_em = time.time()
     w, info = prior.fit_em(L_fit, iters=iters, tol=-np.inf)

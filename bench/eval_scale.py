@@ -71,7 +71,8 @@ def child(folder, m, n_fit, n_val, compare):
         return wrapped
 
     ev.run_scores = timed("open", ev.run_scores)
-    prior.fit_prior = timed("prior.json", prior.fit_prior)
+    owner = ev if hasattr(ev, "fit_prior") else prior  # eval.py's since the minimal-q0 layout, prior.py's before
+    owner.fit_prior = timed("prior.json", owner.fit_prior)
     for name in prior.FITS:  # the old code's curve calls prior.FITS[method], the new one prior.fit_em
         prior.FITS[name] = timed("budget curve fits", prior.FITS[name], inner=True)
     prior.fit_em = timed("budget curve fits", prior.fit_em, inner=True)
@@ -95,7 +96,7 @@ def main(argv=None):
     ap.add_argument("--dir", default=None, help="where the temporary score files go (default: the system temp)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    sys.path[:0] = [args.code, str(ROOT)]  # the code under test first; common.py and prepare_data.py from here
+    sys.path[:0] = [args.code, str(ROOT)]  # the code under test first; the rest (store.py, scores.py, ...) from here
     if args.child:
         print(json.dumps(child(Path(args.child), args.members[0], args.fitness_tokens, args.val_tokens,
                                args.compare_adamw)))

@@ -29,7 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as gpt  # noqa: E402
 import q0  # noqa: E402
-from common import autocast, nbytes, safe_load, save_torch  # noqa: E402
+import runtime  # noqa: E402
+from runtime import autocast  # noqa: E402
+from store import nbytes, safe_load, save_torch  # noqa: E402
 
 
 def timed(step, x, y, steps, dev):
@@ -100,9 +102,9 @@ def main():
     plain = timed(step_with(lambda x, y: -fwd(x, y).mean()), x, y, a.steps, dev)
     distil = timed(step_with(lambda x, y: q0.distill_loss(fwd(x), teacher_fwd(x), y, 0.45, 1.2)), x, y, a.steps, dev)
     tokens = a.micro_batch * a.seq_len
-    peak = gpt.peak_flops(dev)
+    peak = runtime.peak_flops(dev)
     out.update(ms_per_step=round(plain * 1e3, 2), tokens_per_s=round(tokens / plain),
-               mfu=round(model.flops_per_token() * tokens / plain / peak, 4) if peak else None,
+               mfu=round(runtime.flops_per_token(model) * tokens / plain / peak, 4) if peak else None,
                distill_ratio=round(distil / plain, 3),
                peak_memory_gib=round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None)
 

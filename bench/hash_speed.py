@@ -1,6 +1,6 @@
 """
 bench/hash_speed.py: what the checksum of every member, checkpoint and score file costs (issue 17). Hashes one
-buffer of --mib MiB with sha256, blake2b and crc32 (hashlib / zlib, the standard library) and runs common.digest (the
+buffer of --mib MiB with sha256, blake2b and crc32 (hashlib / zlib, the standard library) and runs store.digest (the
 sha256 that save_torch stores and safe_load checks) on a state of that size; medians of --rounds, GB/s; then what
 that rate means for the 1.8B model's files (sizes from model.py's parameter counts, not from files on disk).
 
@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as gpt  # noqa: E402
-from common import digest  # noqa: E402
+from store import digest  # noqa: E402
 
 
 def rate(fn, nbytes, rounds):
@@ -52,12 +52,12 @@ def main():
     gbs = {"sha256": rate(lambda: hashlib.sha256(buf).digest(), n, args.rounds),
            "blake2b": rate(lambda: hashlib.blake2b(buf).digest(), n, args.rounds),
            "crc32": rate(lambda: zlib.crc32(buf), n, args.rounds),
-           "common.digest (sha256 of a bf16 state)": rate(lambda: digest(state), n, args.rounds)}
+           "store.digest (sha256 of a bf16 state)": rate(lambda: digest(state), n, args.rounds)}
     print(f"| hash | GB/s ({args.mib} MiB, median of {args.rounds}) |\n|---|---|")
     for k, v in gbs.items():
         print(f"| {k} | {v:.2f} |")
     files = sizes_1p8b()
-    r = gbs["common.digest (sha256 of a bf16 state)"]
+    r = gbs["store.digest (sha256 of a bf16 state)"]
     print("\n| 1.8B file | GB | digest at the rate above (s) |\n|---|---|---|")
     for k, b in files.items():
         print(f"| {k} | {b / 1e9:.1f} | {b / 1e9 / r:.1f} |")

@@ -7,10 +7,10 @@ bench/identical.py: the fingerprint of a fixed set of small runs, to show a rest
 
 Runs, on the quick start's data (python prepare_data.py first): the quick start itself (q0, single, naive ensemble,
 then eval.py on all three), a 16-cycle q0 run with chain distillation and perturbation noise on, one with the mixture
-teacher, a 4-cycle sequential chain, and two students of the quick start's population (online teachers, and the top-k
-teacher file). Prints one JSON object: every member's sha256 (of its weights and its manifest row, train loss
+teacher and a 4-cycle sequential chain (variants.py), and two students of the quick start's population (student.py:
+online teachers, and the top-k teacher file). Prints one JSON object: every member's sha256 (of its weights and its manifest row, train loss
 included, with OUT_DIR written as OUT so that two folders compare), every eval.json's numbers, and the numbers of the
-comparison table eval.py printed.
+comparison table eval.py printed (timings left out).
 """
 import json
 import subprocess
@@ -21,7 +21,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import digest  # noqa: E402
+from store import digest  # noqa: E402
 
 
 def run(*args):
@@ -31,27 +31,33 @@ def run(*args):
     return out.stdout
 
 
+def numbers(obj):
+    """A report less what is not a number it computed: timings ("seconds"), and the tools' sections that eval.py wrote
+    before they moved to tools/ (an empty "downstream" list)."""
+    if isinstance(obj, dict):
+        return {k: numbers(v) for k, v in obj.items() if k != "seconds" and not (k == "downstream" and v == [])}
+    return [numbers(v) for v in obj] if isinstance(obj, list) else obj
+
+
 def main(out_dir, fresh=True):
     out = Path(out_dir).resolve()
     qs = ["configs/quickstart.py"]
-    runs = {
-        "quickstart": [*qs],
-        "quickstart_single": ["configs/quickstart_single.py"],
-        "quickstart_ensemble": ["configs/quickstart_ensemble.py"],
-        "distill": [*qs, "--distill_after_cycles=4", "--perturb_scale_start=0.25", "--perturb_scale_end=0.05"],
-        "mixture": [*qs, "--distill_after_cycles=4", "--distill_teacher=mixture", "--distill_teacher_k=3"],
-        "chain": [*qs, "--mode=chain", "--num_cycles=4", "--distill_after_cycles=1"],
+    runs = {  # name: (script, arguments)
+        "quickstart": ("q0.py", qs),
+        "quickstart_single": ("train.py", ["configs/quickstart_single.py"]),
+        "quickstart_ensemble": ("train.py", ["configs/quickstart_ensemble.py"]),
+        "distill": ("q0.py", [*qs, "--distill_after_cycles=4", "--perturb_scale_start=0.25", "--perturb_scale_end=0.05"]),
+        "mixture": ("variants.py", [*qs, "--distill_after_cycles=4", "--distill_teacher=mixture", "--distill_teacher_k=3"]),
+        "chain": ("variants.py", [*qs, "--mode=chain", "--num_cycles=4", "--distill_after_cycles=1"]),
     }
-    for name, argv in runs.items() if fresh else ():
-        script = "train.py" if "single" in name or "ensemble" in name else "q0.py"
+    for name, (script, argv) in runs.items() if fresh else ():
         run(script, *argv, f"--out_dir={out / name}")
     if fresh:
         (out / "table.txt").write_text(run("eval.py", *(str(out / n) for n in ("quickstart", "quickstart_single",
                                                                             "quickstart_ensemble"))))
-        teacher = ["--mode=student", f"--teacher_run={out / 'quickstart'}", "--epochs=4", "--distill_alpha=0.9",
-                   "--distill_temperature=1.0"]
-        run("q0.py", *qs, *teacher, f"--out_dir={out / 'student'}")
-        run("q0.py", *qs, *teacher, "--teacher_topk=16", f"--out_dir={out / 'student_topk'}")
+        teacher = ["configs/quickstart_student.py", f"--teacher_run={out / 'quickstart'}", "--epochs=4"]
+        run("student.py", *teacher, f"--out_dir={out / 'student'}")
+        run("student.py", *teacher, "--teacher_topk=16", f"--out_dir={out / 'student_topk'}")
         for name in ("distill", "mixture", "chain", "student", "student_topk"):
             run("eval.py", str(out / name))
     members = {}
@@ -59,7 +65,7 @@ def main(out_dir, fresh=True):
         ckpt = torch.load(p, weights_only=True)
         row = json.loads(json.dumps(ckpt["row"]).replace(str(out), "OUT"))
         members[f"{p.parents[1].name}/{p.stem}"] = digest(dict(model=ckpt["model"], row=row))
-    evals = {p.parent.name: json.loads(p.read_text().replace(str(out), "OUT")) for p in sorted(out.glob("*/eval.json"))}
+    evals = {p.parent.name: numbers(json.loads(p.read_text().replace(str(out), "OUT"))) for p in sorted(out.glob("*/eval.json"))}
     lines = (out / "table.txt").read_text().splitlines()
     table = [line.split("|", 1)[1] for line in lines[lines.index(next(x for x in lines if x.startswith("run "))):] if "|" in line]
     print(json.dumps(dict(members=members, evals=evals, table=table), indent=1, sort_keys=True, default=str))

@@ -45,6 +45,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import prior  # noqa: E402
+import scores  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------
 train_tokens = 100_000     # bytes of the train split: the data is the scarce resource
@@ -87,7 +88,8 @@ def run(name, out, flags):
             return run(name, out, flags)  # its trainer died: take it over (resumes its checkpoint)
         return run_dir
     (run_dir / "DONE").unlink(missing_ok=True)  # an extension: until it is scored, the run is not finished for anyone
-    script = "q0.py" if flags.get("mode") in ("q0", "chain") else "train.py"
+    script = ("variants.py" if flags.get("mode") == "chain" or "distill_teacher" in flags else
+              "q0.py" if flags.get("mode") == "q0" else "train.py")
     cmd = [sys.executable, str(ROOT / script), f"--data_dir={out / 'data'}", f"--out_dir={run_dir}",
            "--log_every=1000", "--eval_every_epochs=0", "--ckpt_every_epochs=1"]
     if resume := (run_dir / "config.json").exists():  # an extension killed half-way resumes to its own, larger size
@@ -107,12 +109,13 @@ def run(name, out, flags):
     return run_dir
 
 
-GROW_KEYS = ("num_cycles", "ensemble_size")  # what a finished run may be extended in (common.prepare_run_dir)
+GROW_KEYS = ("num_cycles", "ensemble_size")  # what a finished run may be extended in (runtime.prepare_run_dir)
 
 
 def recorded(run_dir):
     """The run's config as its resumes left it (config.json)."""
-    from common import current_config, read_json
+    from config import current_config
+    from store import read_json
     return current_config(read_json(run_dir / "config.json", "run record", "delete the run folder to retrain it"))
 
 
@@ -149,11 +152,11 @@ def claim(run_dir):
 def members(run_dir, budget=None, first=None):
     """(manifest rows, fitness scores, val scores) of a run; only the members that existed at `budget` epochs, or
     only its `first` members (the prefix of a longer run, which is exactly the shorter run)."""
-    from common import read_manifest
+    from store import read_manifest
     rows = read_manifest(run_dir)
     rows = [r for r in rows if budget is None or r["budget_epochs"] <= budget][:first]
     names = [r["name"] for r in rows]
-    return rows, prior.open_scores(run_dir, names, "fitness"), prior.open_scores(run_dir, names, "val")
+    return rows, scores.open_scores(run_dir, names, "fitness"), scores.open_scores(run_dir, names, "val")
 
 
 def finished(out, name, **prefix):

@@ -25,7 +25,7 @@ Stages, in order; each runs only when the ones before it passed:
 Prints one JSON line: world size, devices, torch; step times per track in ms (step 1 with compilation, the first step
 after the resume, the median); peak GPU memory per track in GB (the train rows' peak_mem_gb, torch.cuda.
 max_memory_allocated on the track's first rank since its process started) on the row after the first eval that
-follows distillation, and the highest of any row; model.memory_estimate for the same config; eval.json's summary;
+follows distillation, and the highest of any row; runtime.memory_estimate for the same config; eval.json's summary;
 each stage's "pass" or what failed, and its seconds. Exits 0 when every stage passed. The children's output is in
 RUN/smoke/*.log; a RUN folder that already holds smoke/ is replaced, any other is refused.
 """
@@ -46,13 +46,17 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import config  # noqa: E402
 import model as gpt  # noqa: E402
 import q0  # noqa: E402
+import runtime  # noqa: E402
 import train  # noqa: E402
-from common import UserError, free_bytes, load_config, load_data, load_json, read_manifest, safe_load  # noqa: E402
+from config import UserError  # noqa: E402
+from runtime import load_data  # noqa: E402
+from store import free_bytes, load_json, read_manifest, safe_load  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------
-config = "configs/fineweb_1p8b_smoke.py"
+smoke_config = "configs/fineweb_1p8b_smoke.py"
 windows = dict(train=40, val=16, fitness=8)   # in windows of seq_len: 16 a step, so 2 steps an epoch
 # the dry run: the same stages on CPU in seconds; 8 epochs a cycle (16 steps) leave the kill ~30 steps of margin
 dry_run_flags = dict(device="cpu", model_size="tiny", seq_len=32, compile=False, batch_tokens=512, epochs_per_cycle=8.0,
@@ -129,7 +133,7 @@ class Smoke:
         self.run, self.data_dir = Path(a.out_dir).resolve(), Path(a.data_dir).resolve()
         self.logs = self.run / "smoke"
         flags = [f"--{k}={v}" for k, v in (dry_run_flags if a.dry_run else {}).items()]
-        self.argv = [config, f"--out_dir={self.run}", f"--data_dir={self.data_dir}", *flags]  # also the job's key
+        self.argv = [smoke_config, f"--out_dir={self.run}", f"--data_dir={self.data_dir}", *flags]  # also the job's key
 
     def stage(self, name, fn):
         if any(v != "pass" for v in self.out["stages"].values()):
@@ -179,13 +183,13 @@ class Smoke:
         return self.finish("data", [sys.executable, *key, *tokenizer, *sizes], key)
 
     def config(self):
-        return load_config(q0.Q0Config, self.argv, "", ("q0",))
+        return config.load(q0.Q0Config, self.argv, "")
 
     def preflight(self):
         cfg = self.config()
         data = load_data(cfg)
-        need, spe = train.validate(cfg, self.a.nproc, len(data["train"]))
-        q0.validate(cfg, need, spe)
+        spe = train.EpochLoader.num_windows(len(data["train"]), cfg.seq_len) // (cfg.batch_tokens // cfg.seq_len)
+        config.check_run(cfg, self.a.nproc, spe)
         L, k = round(cfg.epochs_per_cycle * spe), max(1, cfg.distill_after_cycles)
         every = round(cfg.eval_every_epochs * spe)
         self.cycle, self.kill_row = L, (k * L // every + 1) * every + 1  # the train row after the first distilled eval
@@ -195,10 +199,10 @@ class Smoke:
             return (f"the kill point (train row {self.kill_row}) must fall inside cycle {k + 1} (steps {k * L + 1}-"
                     f"{(k + 1) * L}) with a row and a checkpoint every step: log_every 1, ckpt_every_epochs 1 / {spe}")
         m = gpt.config_for(cfg.model_size, vocab_size=data["meta"]["vocab_size"], seq_len=cfg.seq_len, dropout=cfg.dropout)
-        teachers = q0.teachers_in_memory(cfg)  # the same call as train.memory_line, the estimate q0.py prints
-        est = gpt.memory_estimate(m, cfg.micro_batch_size, "fp32" if teachers else None, max(1, teachers), cfg.eval_batch_size)
+        teachers = runtime.teachers_in_memory(cfg)  # the same call as runtime.memory_line, the estimate q0.py prints
+        est = runtime.memory_estimate(m, cfg.micro_batch_size, "fp32" if teachers else None, max(1, teachers), cfg.eval_batch_size)
         self.out["memory_estimate_gb"] = {key: round(est[key] / 1e9, 3) for key in ("peak_train", "peak_step", "peak_eval")}
-        member = est["weights"] // (1 if self.a.dry_run else 2)  # fp32 on CPU, bf16 on GPU (common.member_state)
+        member = est["weights"] // (1 if self.a.dry_run else 2)  # fp32 on CPU, bf16 on GPU (store.member_state)
         ckpt = est["weights"] + est["muon_momentum"] + est["adam_moments"]
         # a track holds up to three: the one on disk, the one being written, and after the kill a half-written one
         # (atomic_write removes it once the next write is renamed into place)

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as gpt  # noqa: E402
 import q0  # noqa: E402
-from common import autocast  # noqa: E402
+import runtime  # noqa: E402
+from runtime import autocast  # noqa: E402
 
 
 class NanoBlock(nn.Module):
@@ -146,9 +147,9 @@ def main():
     if "nanoGPT" in med:
         print(f"  ours / nanoGPT tokens/s: {med['nanoGPT'] / med['ours']:.2f}x")
     print(f"  distillation step / plain step: {med['ours+distill'] / med['ours']:.2f}x")
-    peak = gpt.peak_flops(dev)
+    peak = runtime.peak_flops(dev)
     if peak:
-        print(f"  MFU (ours): {ours.flops_per_token() * tokens / med['ours'] / peak * 100:.1f}%")
+        print(f"  MFU (ours): {runtime.flops_per_token(ours) * tokens / med['ours'] / peak * 100:.1f}%")
     if dev.type == "cuda":
         print(f"  peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 

@@ -7,12 +7,13 @@
 #
 # NPROC_PER_NODE (8), MASTER_PORT (29500), MAX_RESTARTS (3: a dead worker restarts every worker from the last
 # checkpoint; must be > 0 for the first start, which gets --resume=True too), RDZV_ID (q0) may be set as well.
-# q0.py and train.py get --resume=True, so the same command starts the run and continues it after any stop.
+# The trainers (q0.py, train.py, student.py, variants.py) get --resume=True, so the same command starts the run and
+# continues it after any stop.
 set -euo pipefail
 : "${NNODES:?set NNODES (nodes in the job)}" "${MASTER_HOST:?set MASTER_HOST (the host of the rendezvous, any one node)}"
-[ $# -ge 1 ] || { echo "usage: NNODES=N MASTER_HOST=host $0 q0.py|train.py|eval.py ARGS..." >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: NNODES=N MASTER_HOST=host $0 q0.py|train.py|student.py|variants.py|eval.py ARGS..." >&2; exit 2; }
 cd "$(dirname "$0")/.."
-case "$1" in q0.py|train.py) set -- "$@" --resume=True ;; esac
+case "$1" in q0.py|train.py|student.py|variants.py) set -- "$@" --resume=True ;; esac
 # torchrun keeps one store for every restart attempt and across nodes does not scope its keys by attempt: a fresh
 # store per attempt instead (pytorch/pytorch#135712, docs/OPERATIONS.md)
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1

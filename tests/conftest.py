@@ -15,11 +15,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import common  # noqa: E402
+import config  # noqa: E402
 import prepare_data  # noqa: E402
 import q0  # noqa: E402
 import runtime  # noqa: E402
+import student  # noqa: E402
 import train  # noqa: E402
+import variants  # noqa: E402
 
 PYTHON = sys.executable
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -144,35 +146,40 @@ def train_argv(data_dir, out_dir, **overrides):
     return [f"--{k}={v}" for k, v in args.items()]
 
 
-def is_q0(argv):
-    """Whether these arguments ask for q0.py (mode q0, chain or student); train.py runs the rest."""
+SCRIPTS = {"train.py": train, "q0.py": q0, "variants.py": variants, "student.py": student}
+CONFIGS = {train: train.Config, q0: q0.Q0Config, variants: variants.VariantConfig, student: student.StudentConfig}
+
+
+def script_for(argv):
+    """The entry point these arguments are for: by mode (config.MODE_SCRIPTS), variants.py for its own keys."""
     modes = [a.split("=", 1)[1] for a in argv if a.startswith("--mode=")]
-    return bool(modes) and modes[-1] in ("q0", "chain", "student")
+    if any(a.startswith("--distill_teacher") for a in argv):
+        return "variants.py"
+    return config.MODE_SCRIPTS.get(modes[-1], "train.py") if modes else "train.py"
 
 
 def load_config(argv):
-    """The config train.py or q0.py (by mode) would read from argv."""
+    """The config the script of these arguments (script_for; a config file's mode otherwise) would read."""
+    module = SCRIPTS[script_for(argv)]
     try:
-        return common.load_config(train.Config, argv, "", ("single", "ensemble"))
-    except common.UserError as e:
-        if "is run by q0.py" not in str(e):
+        return config.load(CONFIGS[module], argv, "")
+    except config.UserError as e:  # a config file of another script's mode
+        if "is run by" not in str(e):
             raise
-        return common.load_config(q0.Q0Config, argv, "", ("q0", "chain", "student"))
+        return config.load(CONFIGS[SCRIPTS[str(e).split("is run by ")[1].split(":")[0]]], argv, "")
 
 
 def validate(cfg, world, train_tokens):
-    """train.validate, then q0.validate for a population: the checks the script runs before anything is written."""
-    need, spe = train.validate(cfg, world, train_tokens)
-    if isinstance(cfg, q0.Q0Config):
-        q0.validate(cfg, need, spe)
+    """config.check_run with the data's steps per epoch: the checks a launch runs before anything is written."""
+    config.check_run(cfg, world, train.EpochLoader.num_windows(train_tokens, cfg.seq_len) // (cfg.batch_tokens // cfg.seq_len))
 
 
 def run_train(argv):
-    """q0.main (mode q0 or chain) or train.main in-process -> (exit code, stdout, stderr); 0 when it returned normally."""
+    """The script's main (script_for) in-process -> (exit code, stdout, stderr); 0 when it returned normally."""
     out, err, code = io.StringIO(), io.StringIO(), 0
     with redirect_stdout(out), redirect_stderr(err):
         try:
-            (q0.main if is_q0(argv) else train.main)(argv)
+            SCRIPTS[script_for(argv)].main(argv)
         except SystemExit as e:
             code = e.code
     return code, out.getvalue(), err.getvalue()
@@ -186,8 +193,9 @@ def child_env():
 
 
 def spawn_train(argv, nproc=1):
-    """q0.py or train.py (by mode) as a subprocess (python, or torchrun --standalone with nproc ranks on gloo)."""
-    script = "q0.py" if is_q0(argv) else "train.py"
+    """The script of these arguments (script_for) as a subprocess (python, or torchrun --standalone with nproc ranks
+    on gloo)."""
+    script = script_for(argv)
     cmd = [PYTHON, script] if nproc == 1 else [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", script]
     return subprocess.Popen(cmd + list(argv), cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

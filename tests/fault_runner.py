@@ -1,13 +1,13 @@
-"""Run q0.py, train.py, eval.py or prior.py with one fault armed: SIGKILL at an exact point, after leaving the
+"""Run q0.py, train.py, eval.py (or another entry point) with one fault armed: SIGKILL at an exact point, after leaving the
 partial file a real crash would leave. The production scripts carry no fault code; this wrapper patches one function.
 
-    python tests/fault_runner.py FAULT SCRIPT [args...]        # SCRIPT: q0 | train | eval | prior
+    python tests/fault_runner.py FAULT SCRIPT [args...]        # SCRIPT: q0 | train | eval | variants | student
     torchrun --standalone --nproc_per_node=2 tests/fault_runner.py FAULT q0 [args...]
 
 FAULT is KIND:TARGET:N[:rank=R], armed on the Nth call (1-based) that matches TARGET:
-    write:GLOB:N        common.atomic_write to a path matching GLOB (checkpoints, members, manifests, logs, scores,
+    write:GLOB:N        store.atomic_write to a path matching GLOB (checkpoints, members, manifests, logs, scores,
                         JSON): write half the bytes to its temporary name, then die (no rename)
-    after_write:GLOB:N  common.atomic_write to GLOB: write it completely (renamed), then die
+    after_write:GLOB:N  store.atomic_write to GLOB: write it completely (renamed), then die
     call:MOD.ATTR:N     die on entering the Nth call of MOD.ATTR (e.g. torch.optim.Muon.step: mid-step); an ATTR
                         that is a dict is entered by key (prior.FITS.adamw: the fit registry's AdamW)
     signal:GLOB:N:sig=INT|TERM   send this process SIGINT or SIGTERM in the middle of that write (half written to its
@@ -53,8 +53,8 @@ def counter(pattern, n):
 
 def arm(kind, target, n, opts=None):
     if kind == "signal":
-        import common
-        real, hit, sig = common.atomic_write, counter(target, n), getattr(signal, f"SIG{(opts or {}).get('sig', 'INT')}")
+        import store
+        real, hit, sig = store.atomic_write, counter(target, n), getattr(signal, f"SIG{(opts or {}).get('sig', 'INT')}")
 
         def atomic_write(path, write, size=0):
             if hit(path):
@@ -67,10 +67,10 @@ def arm(kind, target, n, opts=None):
                     f.write(data[len(data) // 2:])
                 return real(path, write_and_signal, size)
             return real(path, write, size)
-        common.atomic_write = atomic_write
+        store.atomic_write = atomic_write
     elif kind in ("write", "after_write"):
-        import common  # patched before the scripts import it, so their `from common import ...` get the patch
-        real, hit = common.atomic_write, counter(target, n)
+        import store  # every writer calls store.atomic_write by that name, so the patch reaches them all
+        real, hit = store.atomic_write, counter(target, n)
 
         def atomic_write(path, write, size=0):
             if hit(path):
@@ -83,7 +83,7 @@ def arm(kind, target, n, opts=None):
                     real(path, write, size)
                 die()
             return real(path, write, size)
-        common.atomic_write = atomic_write
+        store.atomic_write = atomic_write
     elif kind == "call":
         parts = target.split(".")
         for i in range(len(parts) - 1, 0, -1):  # the longest importable prefix is the module

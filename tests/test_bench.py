@@ -130,14 +130,14 @@ def test_population_curve_uses_one_prior_fit_per_budget(monkeypatch):
 
 
 def test_a_finished_run_is_extended_for_more_cycles_or_members_and_read_by_prefix(tmp_path, monkeypatch):
-    import common
-    common.write_json(dict(config=dict(mode="q0", num_cycles=4, ensemble_size=4),
+    import store
+    store.write_json(dict(config=dict(mode="q0", num_cycles=4, ensemble_size=4),
                            resumes=[dict(keys=dict(num_cycles=[2, 4]), at="")]), tmp_path / "config.json", checked=True)
     assert reproduce.grows(tmp_path, dict(num_cycles=8)) and not reproduce.grows(tmp_path, dict(num_cycles=4))
     assert not reproduce.grows(tmp_path, dict(num_cycles=3, epochs=2.0)) and reproduce.grows(tmp_path, dict(ensemble_size=5))
     rows = [dict(name=f"t0-c00{c}", budget_epochs=2.0 * c) for c in (1, 2, 3, 4)]
-    monkeypatch.setattr(common, "read_manifest", lambda run_dir: rows)
-    monkeypatch.setattr(reproduce.prior, "open_scores", lambda run_dir, names, split: names)
+    monkeypatch.setattr(store, "read_manifest", lambda run_dir: rows)
+    monkeypatch.setattr(reproduce.scores, "open_scores", lambda run_dir, names, split: names)
     assert reproduce.members(tmp_path, budget=4.0) == (rows[:2], ["t0-c001", "t0-c002"], ["t0-c001", "t0-c002"])
     assert reproduce.members(tmp_path, first=3)[0] == rows[:3] and reproduce.members(tmp_path)[0] == rows
 
@@ -145,10 +145,10 @@ def test_a_finished_run_is_extended_for_more_cycles_or_members_and_read_by_prefi
 def test_a_run_being_extended_is_not_finished_until_it_is_scored(tmp_path, monkeypatch):
     """run() on a finished run that the flags extend drops its DONE before training: another process (the other half
     of a split budget) then waits for it instead of reading a manifest whose new members have no scores yet."""
-    import common
+    import store
     out, seen = tmp_path, []
     run_dir = out / "runs" / "q0-s1"
-    common.write_json(dict(config=dict(mode="q0", num_cycles=2, ensemble_size=4)), run_dir / "config.json", checked=True)
+    store.write_json(dict(config=dict(mode="q0", num_cycles=2, ensemble_size=4)), run_dir / "config.json", checked=True)
     (run_dir / "DONE").write_text("1 s\n")
     monkeypatch.setattr(reproduce.subprocess, "run", lambda cmd, **kw: seen.append((cmd[1], (run_dir / "DONE").exists())))
     assert reproduce.run("q0-s1", out, dict(mode="q0", num_cycles=4)) == run_dir
@@ -156,7 +156,7 @@ def test_a_run_being_extended_is_not_finished_until_it_is_scored(tmp_path, monke
     assert (run_dir / "DONE").exists() and not (run_dir / "TRAINING").exists()
     # that extension killed half-way (no DONE), then a smaller budget asks for the run: it resumes to its own size
     seen.clear()
-    common.write_json(dict(config=dict(mode="q0", num_cycles=8, ensemble_size=4)), run_dir / "config.json", checked=True)
+    store.write_json(dict(config=dict(mode="q0", num_cycles=8, ensemble_size=4)), run_dir / "config.json", checked=True)
     (run_dir / "DONE").unlink()
     monkeypatch.setattr(reproduce.subprocess, "run", lambda cmd, **kw: seen.append(cmd))
     reproduce.run("q0-s1", out, dict(mode="q0", num_cycles=4))

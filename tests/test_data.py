@@ -13,7 +13,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import common  # noqa: E402
+import config  # noqa: E402
+import runtime  # noqa: E402
+import scores  # noqa: E402
+import store  # noqa: E402
 import prepare_data as pd  # noqa: E402
 
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "shakespeare"
@@ -54,7 +57,7 @@ def no_network(monkeypatch):
 
 
 def load_all(out):
-    return {s: pd.load_split(out, s) for s in pd.SPLITS}
+    return {s: store.load_split(out, s) for s in pd.SPLITS}
 
 
 def docs_of(tokens, meta):
@@ -108,7 +111,7 @@ def test_gpt2_offline_from_tiktoken_file_via_env(gpt2_dir, tmp_path, monkeypatch
     # a tampered file fails the pinned hash
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "gpt2.tiktoken").write_bytes(b"".join(lines[:-1]))
-    with pytest.raises(common.UserError, match="bad"):
+    with pytest.raises(config.UserError, match="bad"):
         pd.get_tokenizer("gpt2", gpt2_vocab_dir=str(tmp_path / "bad"))
 
 
@@ -118,9 +121,9 @@ def test_gpt2_without_network_or_offline_dir_says_how(monkeypatch, tmp_path):
     def offline(name):
         raise ConnectionError("no network")
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    with pytest.raises(common.UserError, match="--gpt2_vocab_dir"):
+    with pytest.raises(config.UserError, match="--gpt2_vocab_dir"):
         pd.get_tokenizer("gpt2")
-    with pytest.raises(common.UserError, match="neither vocab.bpe"):
+    with pytest.raises(config.UserError, match="neither vocab.bpe"):
         pd.get_tokenizer("gpt2", gpt2_vocab_dir=str(tmp_path))
 
 # -----------------------------------------------------------------------------
@@ -175,8 +178,8 @@ def test_pydoc_default_is_deterministic(tmp_path, monkeypatch, pydoc_data):
         for ext in ("bin", "json"):
             assert (again / f"{split}.{ext}").read_bytes() == (pydoc_data / f"{split}.{ext}").read_bytes()
     assert sorted(os.listdir(again)) == sorted(f"{s}.{e}" for s in pd.SPLITS for e in ("bin", "json"))
-    sizes = {s: pd.load_split(again, s)[1]["num_tokens"] for s in pd.SPLITS}
-    assert sizes == pd.pydoc_tokens  # the quick start's data-scarce split
+    sizes = {s: store.load_split(again, s)[1]["num_tokens"] for s in pd.SPLITS}
+    assert sizes == {s: pd.SOURCE_DEFAULTS["pydoc"][f"{s}_tokens"] for s in pd.SPLITS}  # the quick start's small split
 
 
 def test_jsonl_parquet_txt_directory(tmp_path):
@@ -201,25 +204,33 @@ def test_jsonl_parquet_txt_directory(tmp_path):
     assert list(out.iterdir()) and not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
-def test_fineweb_stream_order_and_offline_message(tmp_path, monkeypatch):
+def refused(argv, capsys, status=1):
+    """prepare_data.main(argv) ends in one line on stderr, exit `status` -> that line."""
+    with pytest.raises(SystemExit) as e:
+        pd.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == status and len(err) == 1 and err[0].startswith("error: "), (e.value.code, err)
+    return err[0]
+
+
+def test_fineweb_stream_order_and_offline_message(tmp_path, monkeypatch, capsys):
     datasets = pytest.importorskip("datasets")
     stream = [{"text": f"doc{i:02d} " + "x" * 40} for i in range(30)]  # 47 byte tokens each with BOS
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: iter(stream))
     pd.main(["--source", "fineweb", "--out_dir", str(tmp_path / "fw"), "--val_tokens", "94", "--fitness_tokens", "47",
              "--train_tokens", "147"])  # the budget train + fitness: 100 train tokens
     tok = pd.get_tokenizer("byte")
-    firsts = {s: [tok.decode(d)[:5] for d in docs_of(*pd.load_split(tmp_path / "fw", s))] for s in pd.SPLITS}
+    firsts = {s: [tok.decode(d)[:5] for d in docs_of(*store.load_split(tmp_path / "fw", s))] for s in pd.SPLITS}
     assert firsts == {"val": ["doc00", "doc01"], "fitness": ["doc02"], "train": ["doc03", "doc04", "doc05"]}
 
     def unreachable(*a, **k):
         raise ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb' on the Hub")
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
-    with pytest.raises(SystemExit, match="--source files"):
-        pd.main(["--source", "fineweb", "--out_dir", str(tmp_path / "fw2")])
+    assert "--source files" in refused(["--source", "fineweb", "--out_dir", str(tmp_path / "fw2")], capsys)
     assert not (tmp_path / "fw2").exists()
 
 
-def test_fineweb_fitness_is_carved_from_the_training_budget(tmp_path, monkeypatch):
+def test_fineweb_fitness_is_carved_from_the_training_budget(tmp_path, monkeypatch, capsys):
     """Slowrun allows 100M tokens of training data in all, fitness included: train gets the budget minus fitness,
     for the default budget and for an explicit --train_tokens alike."""
     datasets = pytest.importorskip("datasets")
@@ -233,13 +244,12 @@ def test_fineweb_fitness_is_carved_from_the_training_budget(tmp_path, monkeypatc
     pd.main(["--source", "fineweb", "--out_dir", str(tmp_path / "flags"), "--val_tokens", "94", "--fitness_tokens",
              "30", "--train_tokens", "120"])
     check(tmp_path / "flags", 120, 30)
-    for name, value in (("fineweb_val_tokens", 94), ("fineweb_fitness_tokens", 47),
-                        ("fineweb_train_budget_tokens", 200)):
-        monkeypatch.setattr(pd, name, value)  # the 10M / 131,072 / 100M defaults, made tiny
+    monkeypatch.setitem(pd.SOURCE_DEFAULTS, "fineweb", dict(pd.SOURCE_DEFAULTS["fineweb"], val_tokens=94,
+                                                            fitness_tokens=47, train_tokens=200))  # 10M / 131K / 100M, tiny
     pd.main(["--source", "fineweb", "--out_dir", str(tmp_path / "defaults")])
     check(tmp_path / "defaults", 200, 47)
-    with pytest.raises(SystemExit, match="must exceed the 47 fitness tokens"):
-        pd.main(["--source", "fineweb", "--out_dir", str(tmp_path / "none"), "--train_tokens", "47"])
+    assert "must exceed the 47 fitness tokens" in refused(["--source", "fineweb", "--out_dir", str(tmp_path / "none"),
+                                                           "--train_tokens", "47"], capsys)
     assert not (tmp_path / "none").exists()
 
 
@@ -299,17 +309,17 @@ def test_heldout_piece_tokens_0_is_whole_documents_bit_for_bit(tmp_path):
               "fitness": "b99f86d2cb96907e1cc5539867530c09de943143ba2aee11b6daa95bb21495a2",
               "train": "ddf47a6791b611aed061dd5a1c1ccf49aa84f431468fe520fe4203e1520205a5"}
     for split in pd.SPLITS:
-        tokens, meta = pd.load_split(tmp_path / "zero", split)
+        tokens, meta = store.load_split(tmp_path / "zero", split)
         assert (tmp_path / "zero" / f"{split}.bin").read_bytes() == (tmp_path / "default" / f"{split}.bin").read_bytes()
         assert meta["sha256"] == pinned[split] and meta["heldout_piece_tokens"] == 0
-    assert letter_counts(pd.load_split(tmp_path / "zero", "fitness")[0])[0] == {"H": 199}  # one document
+    assert letter_counts(store.load_split(tmp_path / "zero", "fitness")[0])[0] == {"H": 199}  # one document
 
 # -----------------------------------------------------------------------------
 # bad input: one clear message, no files left behind
 
 @pytest.mark.parametrize("case", ["missing_file", "empty_corpus", "budget_too_large", "bad_glob", "bad_suffix",
                                   "pieces_val_too_large", "pieces_fitness_too_large"])
-def test_bad_input_leaves_nothing(tmp_path, case):
+def test_bad_input_leaves_nothing(tmp_path, case, capsys):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "notes.md").write_text("hello")
     out = tmp_path / "out"
@@ -324,32 +334,28 @@ def test_bad_input_leaves_nothing(tmp_path, case):
         "pieces_fitness_too_large": (["--fitness_tokens", "10000000", "--heldout_piece_tokens", "64"],
                                      "corpus too small: the fitness split"),
     }[case]
-    with pytest.raises(SystemExit, match=message):
-        pd.main(argv + ["--out_dir", str(out)])
+    assert message in refused(argv + ["--out_dir", str(out)], capsys)
     assert not out.exists()
 
 
-def test_failure_keeps_previous_output_and_no_temporaries(tmp_path, pydoc_data):
+def test_failure_keeps_previous_output_and_no_temporaries(tmp_path, pydoc_data, capsys):
     out = tmp_path / "out"
     shutil.copytree(pydoc_data, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with pytest.raises(SystemExit, match="corpus too small"):
-        pd.main(["--out_dir", str(out), "--val_tokens", "10000000"])
+    assert "corpus too small" in refused(["--out_dir", str(out), "--val_tokens", "10000000"], capsys)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 @pytest.mark.parametrize("argv", [["--tokenizer", "sentencepiece"], ["--source", "wikipedia"], ["--source", "files"],
-                                  ["--val_tokens", "0"], ["--val_fraction", "0.9", "--fitness_fraction", "0.2"],
-                                  ["--heldout_piece_tokens", "-1"]])
-def test_bad_flags_are_argparse_errors(tmp_path, capsys, argv):
-    with pytest.raises(SystemExit) as e:
-        pd.main(argv + ["--out_dir", str(tmp_path / "out")])
-    assert e.value.code == 2 and "error:" in capsys.readouterr().err
+                                  ["--val_tokens", "-5"], ["--val_fraction", "0.9", "--fitness_fraction", "0.2"],
+                                  ["--heldout_piece_tokens", "-2"], ["--bogus", "1"], ["--out_dir"]])
+def test_bad_flags_are_refused_before_anything_is_written(tmp_path, capsys, argv):
+    refused(argv + ["--out_dir", str(tmp_path / "out")] if argv != ["--out_dir"] else argv, capsys, status=2)
     assert not (tmp_path / "out").exists()
 
 
 def test_get_tokenizer_unknown_name():
-    with pytest.raises(common.UserError, match="unknown tokenizer"):
+    with pytest.raises(config.UserError, match="unknown tokenizer"):
         pd.get_tokenizer("sentencepiece")
 
 
@@ -360,7 +366,7 @@ def test_cli_exit_code_and_message(tmp_path):
                         str(tmp_path / "missing.parquet"), "--out_dir", str(out)], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 1
-    expected = f"prepare_data.py: error: {tmp_path / 'missing.parquet'}: no such file or directory"
+    expected = f"error: {tmp_path / 'missing.parquet'}: no such file or directory"
     assert r.stderr.strip().splitlines() == [expected]
     assert not out.exists()
 
@@ -368,7 +374,7 @@ def test_cli_exit_code_and_message(tmp_path):
 # load_split
 
 def test_load_split_ok(pydoc_data):
-    tokens, meta = pd.load_split(pydoc_data, "train")
+    tokens, meta = store.load_split(pydoc_data, "train")
     assert isinstance(tokens, np.memmap) and tokens.ndim == 1 and not tokens.flags.writeable
     assert tokens[0] == meta["bos_id"] == 256 and len(tokens) == meta["num_tokens"]
     assert all(tokens[s] == 256 for s in meta["doc_starts"])
@@ -407,8 +413,8 @@ def test_load_split_detects_damage(tmp_path, pydoc_data, corrupt, culprit, messa
     d = tmp_path / "data"
     shutil.copytree(pydoc_data, d)
     corrupt(d)
-    with pytest.raises(common.UserError) as e:
-        pd.load_split(d, "train")
+    with pytest.raises(config.UserError) as e:
+        store.load_split(d, "train")
     assert str(d / culprit) in str(e.value) and message in str(e.value) and "re-run" in str(e.value)
     assert isinstance(e.value, RuntimeError)
 
@@ -417,17 +423,17 @@ def test_load_split_verify_false_skips_hash_only(tmp_path, pydoc_data):
     d = tmp_path / "data"
     shutil.copytree(pydoc_data, d)
     corrupt_flip(d)
-    tokens, meta = pd.load_split(d, "train", verify=False)
+    tokens, meta = store.load_split(d, "train", verify=False)
     assert len(tokens) == meta["num_tokens"]
-    with pytest.raises(common.UserError, match="val_oops.json: missing"):
-        pd.load_split(d, "val_oops")  # no such split: its meta is missing
+    with pytest.raises(config.UserError, match="val_oops.json: missing"):
+        store.load_split(d, "val_oops")  # no such split: its meta is missing
 
 
 @pytest.mark.slow
-def test_loading_needs_only_numpy(pydoc_data):
-    code = ("import sys, prepare_data as pd; t, m = pd.load_split(sys.argv[1], 'val'); "
-            "print(len(t), m['num_tokens'], sorted({'datasets', 'tiktoken', 'torch'} & set(sys.modules)))")
+def test_loading_needs_neither_datasets_nor_tiktoken(pydoc_data):
+    code = ("import sys, store; t, m = store.load_split(sys.argv[1], 'val'); "
+            "print(len(t), m['num_tokens'], sorted({'datasets', 'tiktoken'} & set(sys.modules)))")
     r = subprocess.run([sys.executable, "-c", code, str(pydoc_data)], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
-    n = pd.load_split(pydoc_data, "val")[1]["num_tokens"]
+    n = store.load_split(pydoc_data, "val")[1]["num_tokens"]
     assert r.returncode == 0 and r.stdout.split() == [str(n), str(n), "[]"], r.stderr

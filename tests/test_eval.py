@@ -14,7 +14,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import common  # noqa: E402
+import config  # noqa: E402
+import runtime  # noqa: E402
+import scores  # noqa: E402
+import store  # noqa: E402
 import eval as ev  # noqa: E402
 import prepare_data  # noqa: E402
 import prior  # noqa: E402
@@ -91,20 +94,20 @@ def test_cached_mixture_equals_direct_forward(evaluated):
     run_dir, rep, _ = evaluated
     run = ev.open_run(run_dir)
     names, w = run["names"][:3], np.array([0.5, 0.3, 0.2])
-    cached = prior.mixture_nll(prior.open_scores(run_dir, names, "val"), w)
-    models = [common.load_member(run_dir / "members" / f"{n}.pt")[0] for n in names]
+    cached = prior.mixture_nll(scores.open_scores(run_dir, names, "val"), w)
+    models = [store.load_member(run_dir / "members" / f"{n}.pt")[0] for n in names]
     tokens, total, n = run["val"]["tokens"], 0.0, 0
     with torch.no_grad():
-        for s, e in common.eval_windows(tokens, run["seq_len"]):
+        for s, e in scores.eval_windows(tokens, run["seq_len"]):
             x = torch.from_numpy(tokens[s:e].astype(np.int64))[None]  # (1, T+1)
             p = sum(wi * torch.softmax(m(x[:, :-1]).double(), -1) for wi, m in zip(w, models))  # (1, T, V)
             total -= p.gather(-1, x[:, 1:, None]).log().sum().item()
             n += e - s - 1
-    assert n == run["val"]["n"] == len(np.load(prior.score_path(run_dir, names[0], "val")))
+    assert n == run["val"]["n"] == len(np.load(scores.score_path(run_dir, names[0], "val")))
     assert cached == pytest.approx(total / n, abs=2e-6)
     # and each member's loss in the report is its own mean -log p
     direct = {m["name"]: m["val"] for m in rep["members"]}
-    assert direct[names[0]] == pytest.approx(prior.mixture_nll(prior.open_scores(run_dir, names[:1], "val"), [1.0]), abs=1e-9)
+    assert direct[names[0]] == pytest.approx(prior.mixture_nll(scores.open_scores(run_dir, names[:1], "val"), [1.0]), abs=1e-9)
 
 
 def test_scoring_resumes(run_copy):
@@ -117,7 +120,7 @@ def test_scoring_resumes(run_copy):
     assert ev.score_run(run, CPU) == dict(scored=[], skipped=names)
     assert {p: p.stat().st_mtime_ns for p in files} == mtimes
     # delete one, truncate another (as a kill mid-copy would): only those are recomputed, with the same values
-    gone, cut = prior.score_path(run_copy, names[1], "val"), prior.score_path(run_copy, names[2], "fitness")
+    gone, cut = scores.score_path(run_copy, names[1], "val"), scores.score_path(run_copy, names[2], "fitness")
     before = {p: np.load(p) for p in (gone, cut)}
     gone.unlink()
     cut.write_bytes(cut.read_bytes()[:100])
@@ -128,7 +131,7 @@ def test_scoring_resumes(run_copy):
     # a different cap is a different set of positions: everything is rescored, and the length says so
     capped = ev.open_run(run_copy, max_tokens=300)
     assert ev.score_run(capped, CPU, out_dtype="float16")["scored"] == names
-    a = np.load(prior.score_path(run_copy, names[0], "val"))
+    a = np.load(scores.score_path(run_copy, names[0], "val"))
     assert a.dtype == np.float16 and a.shape == (capped["val"]["n"],) and capped["val"]["n"] == 300
 
 
@@ -141,11 +144,11 @@ def test_end_to_end_reports(evaluated):
     saved = json.loads((run_dir / "eval.json").read_text())
     for key in ("members", "ensemble", "budget_curve", "best_member", "eval_tokens", "num_tokens", "weights", "summary"):
         assert key in saved
-    assert [m["name"] for m in saved["members"]] == [r["name"] for r in common.read_manifest(run_dir)]
+    assert [m["name"] for m in saved["members"]] == [r["name"] for r in store.read_manifest(run_dir)]
     e = saved["ensemble"]
     assert e["ks"] == [1, 2, 4] and set(e["prior"]) == set(e["uniform_last"]) == set(e["greedy"]) == {"1", "2", "4"}
     assert np.isfinite(e["uniform_all"])
-    budgets = sorted({r["budget_epochs"] for r in common.read_manifest(run_dir)})
+    budgets = sorted({r["budget_epochs"] for r in store.read_manifest(run_dir)})
     assert [c["budget_epochs"] for c in saved["budget_curve"]] == budgets == [2.0, 4.0]
     assert saved["budget_curve"][-1]["prior_val"] == pytest.approx(e["prior"]["4"], abs=1e-6)  # all members: same fit
     pj = json.loads((run_dir / "prior.json").read_text())
@@ -177,7 +180,7 @@ def test_eval_keeps_a_current_prior_json(run_copy, capsys):
     assert json.loads((run_copy / "prior.json").read_text())["method"] == "em" and "fitted and written" in out
     names = rep["members"][0]["name"], rep["members"][1]["name"]
     # a sub-population's prior.json: stale for the whole run
-    ev.write_prior(run_copy / "prior.json", list(names), prior.open_scores(run_copy, list(names), "fitness"))
+    ev.write_prior(run_copy / "prior.json", list(names), scores.open_scores(run_copy, list(names), "fitness"))
     rep, out = run_cli([str(run_copy)])
     assert "other members" in rep["prior_refit"] and set(rep["weights"]) == {m["name"] for m in rep["members"]}
     capsys.readouterr()
@@ -186,7 +189,7 @@ def test_warm_started_budget_curve_equals_cold(evaluated):
     """On a real run's scores: the budget curve warm-started from the previous budget's weights gives the cold
     (uniform-start) curve's val losses within 1e-6 nats, at every population size (3 of the 4 points warm)."""
     run = ev.open_run(evaluated[0])
-    P, L_val = prior.as_probs(ev.run_scores(run, "fitness"), hold=True), ev.run_scores(run, "val")
+    P, L_val = scores.as_probs(ev.run_scores(run, "fitness"), hold=True), ev.run_scores(run, "val")
     sizes = list(range(1, len(P) + 1))
     val = lambda ws: prior.mixture_nlls(L_val, [np.pad(w, (0, len(P) - len(w))) for w in ws])
     warm, cold = ev.budget_curve(P, sizes, "em", warm=True), ev.budget_curve(P, sizes, "em", warm=False)
@@ -201,12 +204,18 @@ def test_curve_budgets_every_one_small_log_spaced_large():
 
 
 def test_device_cpu_keeps_the_prior_off_a_gpu(run_copy, monkeypatch):
-    """--device=cpu on a machine with CUDA: the prior's fit runs in numpy (prior.backend "auto" alone would pick
-    CUDA; here, where CUDA is only pretended, that fails in torch)."""
-    monkeypatch.setattr(prior, "backend", "auto")
+    """--device=cpu on a machine with CUDA: the prior's maths runs in numpy (backend auto follows eval.py's own
+    device; here, where CUDA is only pretended, a CUDA tensor would fail in torch). The backend is eval.py's key,
+    carried by the scores it opens: nothing is set from outside."""
+    assert scores.backend_device("auto", torch.device("cpu")) is None
+    assert scores.backend_device("auto", torch.device("cuda:1")) == torch.device("cuda:1")
+    assert scores.backend_device("numpy", torch.device("cuda:1")) is None and scores.backend_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    seen = []
+    real = scores.open_scores
+    monkeypatch.setattr(scores, "open_scores", lambda *a, **k: seen.append(a[3:] or k.get("device")) or real(*a, **k))
     ev.main([str(run_copy), "--device=cpu"])
-    assert prior.backend == "numpy" and prior.device() is None and (run_copy / "prior.json").exists()
+    assert seen and all(d in ((None,), None) for d in seen) and (run_copy / "prior.json").exists()
 
 
 def test_compare_adamw_only_when_asked(run_copy):
@@ -249,7 +258,7 @@ def test_choice_logprobs_padding_truncation_and_by_hand(evaluated):
     seqs, n_cont, chars, first = ds.choice_sequences(qs, tok, run["seq_len"])
     assert len(seqs) == sum(len(q["choices"]) for q in qs) and max(map(len, seqs)) == run["seq_len"] + 1  # truncated
     assert all(seqs[f][0] == tok.bos_id for f, q in zip(first, qs) if len(q["context"]) < 20)  # short ones keep BOS
-    model = common.load_member(run_dir / "members" / f"{run['names'][-1]}.pt")[0]
+    model = store.load_member(run_dir / "members" / f"{run['names'][-1]}.pt")[0]
     batched = ds.continuation_logprobs(model, seqs, n_cont, torch.device("cpu"), size=16)
     alone = ds.continuation_logprobs(model, seqs, n_cont, torch.device("cpu"), size=1)
     np.testing.assert_allclose(batched, alone, atol=1e-5)  # right padding changes nothing
@@ -308,17 +317,17 @@ def test_bad_input_is_one_clear_message(run_copy, tmp_path, capsys):
     fails([str(tmp_path / "empty")], "config.json", "missing")
     shutil.copy(run_copy / "config.json", tmp_path / "empty" / "config.json")
     fails([str(tmp_path / "empty")], "no members", "train")
-    cfg = common.load_json(run_copy / "config.json")
+    cfg = store.load_json(run_copy / "config.json")
     moved = dict(cfg, config=dict(cfg["config"], data_dir=str(tmp_path / "gone")))
-    common.write_json(moved, run_copy / "config.json", checked=True)  # as if it had been trained on data now gone
+    store.write_json(moved, run_copy / "config.json", checked=True)  # as if it had been trained on data now gone
     fails([str(run_copy)], str(tmp_path / "gone" / "fitness.json"), "prepare_data.py")
-    common.write_json(cfg, run_copy / "config.json", checked=True)
-    member = run_copy / "members" / f"{common.read_manifest(run_copy)[0]['name']}.pt"
+    store.write_json(cfg, run_copy / "config.json", checked=True)
+    member = run_copy / "members" / f"{store.read_manifest(run_copy)[0]['name']}.pt"
     member.write_bytes(member.read_bytes()[:1000])
     fails([str(run_copy), "--score"], str(member), "truncated")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"context": "a", "choices": ["b"], "label": 3}\n')
-    with pytest.raises(common.UserError, match="bad.jsonl:1"):
+    with pytest.raises(config.UserError, match="bad.jsonl:1"):
         ds.read_questions(str(bad))
 
 
@@ -339,14 +348,12 @@ def test_write_prior_atomic_and_repeatable(tmp_path, monkeypatch):
         def half(f):
             f.write(b'{"method": "em", "wei')
             raise KeyboardInterrupt
-        common.atomic_write(path, half)
-    monkeypatch.setattr(ev, "write_json", write_then_die)
+        store.atomic_write(path, half)
+    monkeypatch.setattr(store, "write_json", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         ev.write_prior(out, ["a", "b", "c"], L)
     assert json.loads(out.read_text()) == second  # the old file, whole
     assert os.listdir(tmp_path) == ["prior.json"]
-
-
 
 
 def test_current_prior_keeps_a_current_file_and_refits_a_stale_one(tmp_path):
@@ -375,20 +382,20 @@ def test_current_prior_keeps_a_current_file_and_refits_a_stale_one(tmp_path):
 # --- faults on the eval side (issue 29): injected from outside, then the message's fix -------------------------
 
 def retrain(run_dir, name, scale=1.05):
-    """What retraining a member does to its file, from outside: other weights, saved by common.save_torch (a valid
+    """What retraining a member does to its file, from outside: other weights, saved by store.save_torch (a valid
     sha256 inside, a new one)."""
     path = Path(run_dir) / "members" / f"{name}.pt"
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     ckpt.pop("sha256")
     ckpt["model"] = {k: v * scale if v.is_floating_point() else v for k, v in ckpt["model"].items()}
-    common.save_torch(ckpt, path)
+    store.save_torch(ckpt, path)
     return path
 
 
 def member_val(run_dir, name):
     """-mean log p of the member file as it is now on the val split: what eval.py must report for it."""
     run = ev.open_run(run_dir)
-    model = common.load_member(Path(run_dir) / "members" / f"{name}.pt")[0]
+    model = store.load_member(Path(run_dir) / "members" / f"{name}.pt")[0]
     return float(-ev.score_split(model, run["val"], torch.device("cpu")).astype(np.float64).mean())
 
 
@@ -450,7 +457,7 @@ def test_a_member_with_nan_weights_and_a_valid_checksum_is_named_and_excludable(
     ckpt.pop("sha256")
     key = next(k for k, v in ckpt["model"].items() if v.dim() == 2)
     ckpt["model"][key][0, 0] = float("nan")
-    common.save_torch(ckpt, path)  # saved so: its sha256 matches
+    store.save_torch(ckpt, path)  # saved so: its sha256 matches
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         ev.main([str(run_dir), "--score"])
@@ -466,7 +473,7 @@ def test_a_member_with_nan_weights_and_a_valid_checksum_is_named_and_excludable(
                                                              if m["name"] != name}
     # finite weights whose log-probs are not (an overflow on the device, say): refused before anything is written
     shutil.rmtree(run_dir / "scores")
-    monkeypatch.setattr(ev, "score_windows", lambda model, tokens, windows, *rest: torch.full(
+    monkeypatch.setattr(scores, "score_windows", lambda model, tokens, windows, *rest: torch.full(
         (sum(e - s - 1 for s, e in windows),), float("nan")))
     with pytest.raises(SystemExit):
         ev.main([str(run_dir), "--score", "--exclude", name])
@@ -478,23 +485,24 @@ def test_a_member_with_nan_weights_and_a_valid_checksum_is_named_and_excludable(
 
 @pytest.mark.parametrize("where", ["scores", "prior.json"])
 def test_a_full_disk_names_the_eval_command_not_resume(run_copy, fault, capsys, monkeypatch, where):
-    """common's writers advise --resume=True on a full disk, a flag eval.py does not have: eval.py says to re-run the
-    same command, and that command then finishes, scoring only what is missing."""
+    """A full disk while eval.py writes: one line naming the file and the command to run again, eval.py's own (no
+    --resume=True, a trainers' flag), and that command then finishes, scoring only what is missing."""
     row = fault("disk full", f"eval.py writing {where}")
     calls = [0]
 
     def free_bytes(path):  # full after member 1 (2 score files, 2 digests, its record), or for the run folder
         calls[0] += Path(path).name == "scores"
         return 0 if (calls[0] > 5 if where == "scores" else Path(path) == run_copy) else 1 << 40
-    monkeypatch.setattr(common, "free_bytes", free_bytes)
+    monkeypatch.setattr(store, "free_bytes", free_bytes)
     with pytest.raises(SystemExit) as e:
         ev.main([str(run_copy)])
     monkeypatch.undo()
     err = capsys.readouterr().err
-    second = common.read_manifest(run_copy)[1]["name"]
-    target = run_copy / "prior.json" if where == "prior.json" else prior.score_path(run_copy, second, "fitness")
+    second = store.read_manifest(run_copy)[1]["name"]
+    target = run_copy / "prior.json" if where == "prior.json" else scores.score_path(run_copy, second, "fitness")
     assert e.value.code == 1 and f"not enough disk to write {target}" in err and "Earlier files are intact" in err
-    assert "--resume" not in err and "re-run the same eval.py command (what is already scored is kept)" in err
+    assert "--resume" not in err and err.strip().endswith(f"Then run: python eval.py {run_copy}")
+    assert len(err.strip().splitlines()) == 1
     rep, out = run_cli([str(run_copy)])  # space freed: the command it names
     assert ("4 members, 1 already scored, 3 to score" if where == "scores" else "4 members, 4 already scored") in out
     assert json.loads((run_copy / "eval.json").read_text())["summary"] == rep["summary"]

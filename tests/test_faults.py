@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -28,7 +29,10 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import config
+import runtime
+import scores
+import store
 import eval as ev
 import prepare_data
 import prior
@@ -78,7 +82,7 @@ def run_faulty(fault, script, argv, timeout=240):
 
 
 def resume(argv):
-    """train.main(argv + --resume=True) in this process, recording every path torch.load reads (common.safe_load
+    """train.main(argv + --resume=True) in this process, recording every path torch.load reads (store.safe_load
     goes through it): none may be a temporary file. -> "t<track>@<step>" for each track resumed from a checkpoint."""
     loaded, real = [], torch.load
 
@@ -96,9 +100,9 @@ def resume(argv):
 
 def manifest_is_whole(run_dir):
     """No manifest row names a member whose file is missing or unreadable. -> the member names listed."""
-    rows = [r for f in sorted(Path(run_dir).glob("track*/manifest.json")) for r in common.track_manifest(f)]
+    rows = [r for f in sorted(Path(run_dir).glob("track*/manifest.json")) for r in store.track_manifest(f)]
     for r in rows:
-        common.safe_load(Path(run_dir) / r["path"], "member file")  # raises on a partial file
+        store.safe_load(Path(run_dir) / r["path"], "member file")  # raises on a partial file
     return [r["name"] for r in rows]
 
 
@@ -122,7 +126,7 @@ def assert_same_run(run_dir, ref_dir):
     """Everything an uninterrupted run leaves, bit for bit, and no other file (no leftover temporaries)."""
     files = lambda d: sorted(str(p.relative_to(d)) for p in Path(d).rglob("*") if p.is_file())
     assert files(run_dir) == files(ref_dir)
-    assert common.read_manifest(run_dir) == common.read_manifest(ref_dir)  # every row, train_loss exactly
+    assert store.read_manifest(run_dir) == store.read_manifest(ref_dir)  # every row, train_loss exactly
     load = lambda d, rel: torch.load(Path(d) / rel, map_location="cpu", weights_only=True)
     for name in NAMES:
         same(load(run_dir, f"members/{name}.pt"), load(ref_dir, f"members/{name}.pt"), name)
@@ -142,9 +146,9 @@ def tree_digest(d):
 
 def set_data_dir(run_dir, data):
     """config.json as if the run had been trained on the data in `data` (written as prepare_run_dir does)."""
-    record = common.load_json(run_dir / "config.json")
+    record = store.load_json(run_dir / "config.json")
     record["config"]["data_dir"] = str(data)
-    common.write_json(record, run_dir / "config.json", checked=True)
+    store.write_json(record, run_dir / "config.json", checked=True)
 
 
 def error_line(err, *needles):
@@ -199,10 +203,10 @@ def test_sigkill_then_resume_equals_uninterrupted(ref, tmp_path, fault, where, h
     if partial:
         real = run_dir / partial
         tmp, = real.parent.glob(f".{real.name}.tmp*")  # the writer's hidden temporary name
-        with pytest.raises((common.UserError, ValueError)):  # the crash really left a partial file ...
-            common.safe_load(tmp, "partial") if real.suffix == ".pt" else json.loads(tmp.read_text())
+        with pytest.raises((config.UserError, ValueError)):  # the crash really left a partial file ...
+            store.safe_load(tmp, "partial") if real.suffix == ".pt" else json.loads(tmp.read_text())
         if real.exists():  # ... and the real name still holds the previous, whole version
-            common.safe_load(real, "previous") if real.suffix == ".pt" else json.loads(real.read_text())
+            store.safe_load(real, "previous") if real.suffix == ".pt" else json.loads(real.read_text())
     resumed = resume(argv)
     assert_same_run(run_dir, ref[0])
     row.result = (f"{len(listed)} whole member(s) listed after the kill; resumed at {', '.join(resumed) or 'step 0'}; "
@@ -229,7 +233,7 @@ def test_a_signal_during_a_write_stops_cleanly_and_the_printed_command_resumes(r
     sig = "SIGINT" if code == 130 else "SIGTERM"
     assert f"interrupted ({sig}). Checkpoints: " in proc.stdout, proc.stdout[-3000:]
     command = proc.stdout.strip().splitlines()[-1].strip()
-    assert command.startswith("python fault_runner.py") and command.endswith("--resume=True")
+    assert command == shlex.join(["python", "q0.py", *argv, "--resume=True"])  # q0.py itself, run under the fault runner
     assert not list(run_dir.rglob(".*.tmp*"))  # the write in flight finished, renamed into place
     resume(argv)
     assert_same_run(run_dir, ref[0])
@@ -302,7 +306,7 @@ def test_kill_during_the_log_rewrite_of_a_resume_loses_no_row(ref, run_copy, fau
 
 @pytest.mark.slow
 def test_torchrun_worker_killed_with_restarts_recovers(ref, tmp_path, fault):
-    """torchrun keeps one store for every attempt; until common.restart_store scoped the keys by attempt, a restarted
+    """torchrun keeps one store for every attempt; until runtime.restart_store scoped the keys by attempt, a restarted
     rank could read the dead attempt's gloo address: 8 of 12 such jobs saw "Connection refused" at a restart and 5
     of 12 failed or hung (2026-11-30). One try, and no restart may fail to connect."""
     row = fault("SIGKILL rank 1 of 2 (torchrun --max-restarts=3)", "track 1, mid-step 14 (after its step-12 ckpt)")
@@ -327,7 +331,7 @@ def test_torchrun_worker_killed_without_restarts_stops_intact(ref, tmp_path, fau
     assert proc is not None, "torchrun hung"
     assert proc.returncode != 0
     assert re.search(r"rank\s*: 1 ", proc.stdout) and "SIGKILL" in proc.stdout, proc.stdout[-4000:]  # names the worker
-    state = common.safe_load(run_dir / "track1" / "ckpt.pt", "checkpoint")
+    state = store.safe_load(run_dir / "track1" / "ckpt.pt", "checkpoint")
     assert state["step"] == 12 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert "t1-c001" in manifest_is_whole(run_dir)
     resume(argv_for(ref, run_dir))  # the 2-rank run folder continues on one process
@@ -347,7 +351,7 @@ def scored_ref(ref, tmp_path_factory):
     return run_dir
 
 
-def scores(run_dir):
+def score_arrays(run_dir):
     return {p.name: np.load(p) for p in sorted((Path(run_dir) / "scores").glob("*.npy"))}
 
 
@@ -360,15 +364,15 @@ def test_kill_scoring_then_rerun(ref, scored_ref, tmp_path, fault, capsys, where
     shutil.copytree(ref[0], run_dir)
     run_faulty(spec, "eval", [str(run_dir), "--score"])
     row.trials = 1
-    done = scores(run_dir)
-    assert len(done) == 4 and all(np.array_equal(a, scores(scored_ref)[n]) for n, a in done.items())
+    done = score_arrays(run_dir)
+    assert len(done) == 4 and all(np.array_equal(a, score_arrays(scored_ref)[n]) for n, a in done.items())
     leftovers = [p.name for p in (run_dir / "scores").iterdir() if p.name.startswith(".")]
     assert len(leftovers) == (1 if spec.startswith("write") else 0)
     capsys.readouterr()
     ev.main([str(run_dir), "--score"])
     assert "6 members, 2 already scored, 4 to score" in capsys.readouterr().out  # members 1 and 2 were kept
-    again = scores(run_dir)
-    assert again.keys() == scores(scored_ref).keys() and all(np.array_equal(again[n], scores(scored_ref)[n]) for n in again)
+    again = score_arrays(run_dir)
+    assert again.keys() == score_arrays(scored_ref).keys() and all(np.array_equal(again[n], score_arrays(scored_ref)[n]) for n in again)
     assert not [p.name for p in (run_dir / "scores").iterdir() if p.name.startswith(".")]  # the stale .tmp went too
     row.result = (f"4 of 12 score files whole after the kill ({len(leftovers)} hidden .tmp, ignored); rerun scored "
                   f"the rest: all 12 bit-identical, no .tmp left")
@@ -391,7 +395,7 @@ def test_kill_prior_fit_then_rerun(scored_ref, tmp_path, fault, capsys):
     run_faulty("call:prior.greedy_select:1", "eval", [str(run_dir)])  # EM done, greedy not started
     assert not (run_dir / "prior.json").exists()
     sub = ["t0-c001", "t1-c001"]  # an older prior.json (of a sub-population: stale), then a killed rewrite
-    ev.write_prior(run_dir / "prior.json", sub, prior.open_scores(run_dir, sub, "fitness"))
+    ev.write_prior(run_dir / "prior.json", sub, scores.open_scores(run_dir, sub, "fitness"))
     old = (run_dir / "prior.json").read_bytes()
     run_faulty("write:*/prior.json:1", "eval", [str(run_dir)])
     row.trials = 2
@@ -528,13 +532,13 @@ def rewrite_member(path, **change):
             m["model"][k] = m["model"][k][:v].clone()
     m["data"].update(change)
     del m["sha256"]
-    common.save_torch(m, path)  # a file written so, not a damaged one: its sha256 matches
+    store.save_torch(m, path)  # a file written so, not a damaged one: its sha256 matches
 
 
 @pytest.mark.slow
 def test_member_whose_tokenizer_or_vocab_differs_is_refused_by_eval(run_copy, fault, capsys):
     row = fault("member with another tokenizer / vocab than the data", "eval.py --score")
-    name = common.read_manifest(run_copy)[1]["name"]
+    name = store.read_manifest(run_copy)[1]["name"]
     member = run_copy / "members" / f"{name}.pt"
     original = member.read_bytes()
     cases = [dict(tokenizer="gpt2", vocab_size=50257),  # a member from a GPT-2 run
@@ -548,7 +552,7 @@ def test_member_whose_tokenizer_or_vocab_differs_is_refused_by_eval(run_copy, fa
         assert e.value.code == 1
         err = capsys.readouterr().err
         assert str(member) in err and "point config.json's data_dir at its data" in err and "Traceback" not in err, err
-        assert not prior.score_path(run_copy, name, "fitness").exists()
+        assert not scores.score_path(run_copy, name, "fitness").exists()
         row.trials += 1
     row.result = "refused naming the member file and the data it needs; nothing scored for it"
 
@@ -612,13 +616,13 @@ def test_flipped_bits_in_a_member_checkpoint_or_score_file_are_named(ref, scored
 
     run_dir = tmp_path / "scored"
     shutil.copytree(scored_ref, run_dir)
-    score = prior.score_path(run_dir, "t0-c002", "val")
+    score = scores.score_path(run_dir, "t0-c002", "val")
     flip_bits(score)
     capsys.readouterr()
     reps = ev.main([str(run_dir)])
     assert f"score file {score} does not match its sha256" in capsys.readouterr().err
-    assert scores(run_dir).keys() == scores(scored_ref).keys()
-    assert all(np.array_equal(a, scores(scored_ref)[n]) for n, a in scores(run_dir).items())
+    assert score_arrays(run_dir).keys() == score_arrays(scored_ref).keys()
+    assert all(np.array_equal(a, score_arrays(scored_ref)[n]) for n, a in score_arrays(run_dir).items())
     assert reps[0]["summary"] == json.loads((scored_ref / "eval.json").read_text())["summary"]
     row.trials = 3
     row.result = ("member and checkpoint: one line naming the file (eval, resume); the fix retrains bit-identically; "
@@ -683,7 +687,7 @@ def test_truncated_snapshot_is_named_and_the_fix_works(ref, run_copy, fault, cap
         ev.main([str(run_copy), "--score"])
     err = capsys.readouterr().err
     assert f"member file {member} is unreadable" in err and "--exclude t0-c002" in err and f"delete {run_copy / 'track0'}" in err
-    assert not prior.score_path(run_copy, "t0-c002", "fitness").exists()
+    assert not scores.score_path(run_copy, "t0-c002", "fitness").exists()
     reps = ev.main([str(run_copy), "--exclude", "t0-c002"])  # the rest of the population is still evaluated
     assert reps[0]["num_members"] == 5 and "t0-c002" not in reps[0]["weights"]
     capsys.readouterr()
@@ -710,13 +714,13 @@ def test_nan_or_inf_loss_stops_and_keeps_the_last_good_checkpoint(ref, tmp_path,
         calls[self.track] += 1
         value = real_loss(self, model, batch)
         return value * float(bad) if self.track == track and calls[track] > (step - 1) * 2 else value  # 2 micro-batches
-    saves, real_save = [], runtime.save_torch
+    saves, real_save = [], store.save_torch
 
     def save_torch(obj, path):
         real_save(obj, path)
         saves.append((str(Path(path).relative_to(run_dir)), obj.get("step")))
     monkeypatch.setattr(q0.Q0Plan, "loss", loss)
-    monkeypatch.setattr(runtime, "save_torch", save_torch)
+    monkeypatch.setattr(store, "save_torch", save_torch)
     run_dir = tmp_path / "run"
     argv = argv_for(ref, run_dir)
     code, out, err = run_train(argv)
@@ -746,7 +750,7 @@ def test_full_disk_before_a_snapshot_stops_before_writing(ref, tmp_path, monkeyp
             if calls[0] >= 2:
                 return 0
         return 1 << 40
-    monkeypatch.setattr(common, "free_bytes", free_bytes)
+    monkeypatch.setattr(store, "free_bytes", free_bytes)
     run_dir = tmp_path / "run"
     argv = argv_for(ref, run_dir)
     code, out, err = run_train(argv)
@@ -798,8 +802,8 @@ def test_malicious_pickle_is_never_executed(ref, run_copy, tmp_path, fault, caps
     torch.load(probe, weights_only=False)  # the payload is live: an unrestricted unpickle runs it
     assert marker.exists()
     marker.unlink()
-    for load in (lambda: common.safe_load(probe, "checkpoint"), lambda: common.load_member(probe)):
-        with pytest.raises(common.UserError, match="unreadable"):
+    for load in (lambda: store.safe_load(probe, "checkpoint"), lambda: store.load_member(probe)):
+        with pytest.raises(config.UserError, match="unreadable"):
             load()
         row.trials += 1
     ckpt = run_copy / "track0" / "ckpt.pt"  # as a checkpoint: the resume stops before training
@@ -827,9 +831,9 @@ def test_malicious_pickle_is_never_executed(ref, run_copy, tmp_path, fault, caps
 @pytest.mark.slow
 def test_member_file_under_another_members_name_is_refused(ref, run_copy, fault, capsys):
     """A valid member file under the wrong name: `cp t1-c001.pt t1-c002.pt` (the teacher of track 1's last
-    checkpoint), `cp t0-c001.pt t0-c003.pt`, and a manifest row (of a manifest without a digest) whose path names
+    checkpoint), `cp t0-c001.pt t0-c003.pt`, and a manifest row (of a manifest whose digest line was deleted) whose path names
     another member's file. Before: the resume distilled from t1-c001 as if it were t1-c002, and eval reported
-    t0-c003 with t0-c001's numbers. Now every read checks the row stored in the file (common.read_member)."""
+    t0-c003 with t0-c001's numbers. Now every read checks the row stored in the file (store.read_member)."""
     row = fault("member file under another member's name", "resume (teacher), eval --score (copy; manifest path)")
     members = run_copy / "members"
     shutil.copy(members / "t1-c001.pt", members / "t1-c002.pt")
@@ -847,22 +851,22 @@ def test_member_file_under_another_members_name_is_refused(ref, run_copy, fault,
     assert e.value.code == 1
     error_line(capsys.readouterr().err, f"member file {members / 't0-c003.pt'} holds member t0-c001 (track 0, cycle 1)",
                "expected name t0-c003, track 0, cycle 3", "--exclude t0-c003")
-    assert not prior.score_path(run_copy, "t0-c003", "fitness").exists()
+    assert not scores.score_path(run_copy, "t0-c003", "fitness").exists()
     reps = ev.main([str(run_copy), "--exclude", "t0-c003"])  # the fix it names
     assert reps[0]["num_members"] == 5 and "t0-c003" not in reps[0]["weights"]
     shutil.copy(ref[0] / "members" / "t0-c003.pt", members / "t0-c003.pt")
 
     manifest = run_copy / "track1" / "manifest.json"
-    rows = common.track_manifest(manifest)
+    rows = store.track_manifest(manifest)
     rows[2]["path"] = "members/t1-c002.pt"  # t1-c003's row points at t1-c002's file
-    manifest.write_text(json.dumps(rows))  # as the code before digests wrote it: read unchecked
+    manifest.write_text(json.dumps(dict(track=1, rows=rows)))  # its digest line deleted (a deliberate edit): unchecked
     shutil.rmtree(run_copy / "scores")  # scored by the run above: they would be skipped
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         ev.main([str(run_copy), "--score"])
     error_line(capsys.readouterr().err, f"member file {members / 't1-c002.pt'} holds member t1-c002 (track 1, cycle 2)",
                "expected name t1-c003, track 1, cycle 3", "--exclude t1-c003")
-    assert not prior.score_path(run_copy, "t1-c003", "fitness").exists()
+    assert not scores.score_path(run_copy, "t1-c003", "fitness").exists()
     row.trials = 3
     row.result = "one line naming the file, the member it holds and the one expected, at resume and eval; fixes work"
 
@@ -893,7 +897,7 @@ def test_edited_config_or_manifest_is_caught_by_its_sha256(ref, scored_ref, tmp_
     assert ev.main([str(run_dir)])[0]["summary"] == summary
 
     manifest = run_dir / "track0" / "manifest.json"
-    rows = common.track_manifest(manifest)
+    rows = store.track_manifest(manifest)
     edited = json.loads(manifest.read_text())
     edited["rows"][2]["path"] = "members/t0-c002.pt"
     manifest.write_text(json.dumps(edited, indent=1))
@@ -902,7 +906,7 @@ def test_edited_config_or_manifest_is_caught_by_its_sha256(ref, scored_ref, tmp_
     reps = ev.main([str(run_dir)])
     err = capsys.readouterr().err
     assert f"warning: {manifest}: it does not match the sha256" in err and "rebuilt it from 3 member file(s)" in err
-    assert common.track_manifest(manifest) == rows
+    assert store.track_manifest(manifest) == rows
     assert reps[0]["summary"] == summary
     row.trials = 3
     row.result = "config: one line naming it (eval, resume), restoring it gives the clean numbers; manifest: rebuilt, same numbers"
@@ -918,14 +922,14 @@ def test_missing_manifest_is_rebuilt_from_the_member_files(ref, scored_ref, tmp_
     run_dir = tmp_path / "run"
     shutil.copytree(scored_ref, run_dir)
     manifest = run_dir / "track0" / "manifest.json"
-    rows = common.track_manifest(manifest)
+    rows = store.track_manifest(manifest)
     manifest.unlink()
     capsys.readouterr()
     reps = ev.main([str(run_dir)])
     assert f"warning: {manifest}: it was missing; rebuilt it from 3 member file(s)" in capsys.readouterr().err
     assert reps[0]["num_members"] == 6
     assert reps[0]["summary"] == json.loads((scored_ref / "eval.json").read_text())["summary"]
-    assert common.track_manifest(manifest) == rows
+    assert store.track_manifest(manifest) == rows
 
     mid = tmp_path / "mid"
     argv = argv_for(ref, mid)
@@ -966,11 +970,11 @@ def test_out_dir_that_is_a_file_is_refused(ref, tiny_data, tmp_path, fault):
         error_line(err, f"--out_dir={out_dir} cannot be a run folder: {notes} is a file", "Point --out_dir at a folder")
         assert sorted(os.listdir(tmp_path)) == ["README.md"] and notes.read_text() == "notes\n"
         row.trials += 1
-    with pytest.raises(common.UserError, match=f"cannot write {notes / 'x.json'}: {notes} is a file"):
-        common.write_json({}, notes / "x.json")  # any writer: one message, not a traceback
+    with pytest.raises(config.UserError, match=f"cannot write {notes / 'x.json'}: {notes} is a file"):
+        store.write_json({}, notes / "x.json")  # any writer: one message, not a traceback
     cfg = load_config(argv_for(ref, tmp_path / "run"))  # the fix
-    common.prepare_run_dir(cfg, dict(rank=0, world=1), common.load_data(cfg))
-    assert common.read_json(tmp_path / "run" / "config.json", "run record", "")["config"]["out_dir"] == str(tmp_path / "run")
+    runtime.prepare_run_dir(cfg, dict(rank=0, world=1), runtime.load_data(cfg))
+    assert store.read_json(tmp_path / "run" / "config.json", "run record", "")["config"]["out_dir"] == str(tmp_path / "run")
     row.result = "exit 2, one line naming the file, nothing written (direct and below it); a folder: config.json written"
 
 
@@ -980,8 +984,8 @@ def test_a_file_where_a_track_folder_goes_is_one_line(tmp_path):
     traceback. Now one UserError naming the file and the fix."""
     (tmp_path / "track0").write_text("notes\n")
     cfg = types.SimpleNamespace(out_dir=str(tmp_path))
-    with pytest.raises(common.UserError, match=f"{tmp_path / 'track0'} is a file where track 0's folder goes: move it away"):
-        runtime.TrackRun(cfg, 0, dict(group_rank=0), {})
+    with pytest.raises(config.UserError, match=f"{tmp_path / 'track0'} is a file where track 0's folder goes: move it away"):
+        runtime.TrackRun(cfg, 0, dict(group_rank=0), {}, None, None)
     assert (tmp_path / "track0").read_text() == "notes\n"
 
 
@@ -998,10 +1002,10 @@ def test_a_bad_seed_is_refused_before_anything_is_written(ref, tmp_path, fault):
         assert not run_dir.exists()
         row.trials += 1
     cfg = load_config(argv_for(ref, run_dir, "--seed=1"))  # the fix
-    data = common.load_data(cfg)
+    data = runtime.load_data(cfg)
     validate(cfg, 1, len(data["train"]))
-    common.prepare_run_dir(cfg, dict(rank=0, world=1), data)
-    assert common.read_json(run_dir / "config.json", "run record", "")["config"]["seed"] == 1
+    runtime.prepare_run_dir(cfg, dict(rank=0, world=1), data)
+    assert store.read_json(run_dir / "config.json", "run record", "")["config"]["seed"] == 1
     row.result = "exit 2, one line naming the key and its range, no folder; --seed=1 then sets the run up"
 
 
@@ -1011,20 +1015,20 @@ def test_resume_with_a_resume_safe_change_keeps_the_original_config(ref, run_cop
     was lost. Now the first config is kept and the change is appended under "resumes" with its time; a resume that
     changes nothing leaves the file byte for byte."""
     row = fault("resume with a resume-safe key changed (log_every)", "prepare_run_dir on resume of a finished run")
-    config = run_copy / "config.json"
-    first = common.load_json(config)
+    config_json = run_copy / "config.json"
+    first = store.load_json(config_json)
     resume(argv_for(ref, run_copy, "--log_every=10"))
-    record = common.load_json(config)
+    record = store.load_json(config_json)
     assert record["config"] == first["config"] and record["config"]["log_every"] == 1
     (entry,) = record["resumes"]
     moved = {"out_dir": [str(ref[0]), str(run_copy)]}  # a copy of the run: where it is resumed is recorded too
     assert entry["keys"] == dict(moved, log_every=[1, 10]) and entry["at"].endswith("+00:00")
-    assert common.current_config(record)["log_every"] == 10
-    written = config.read_bytes()
+    assert config.current_config(record)["log_every"] == 10
+    written = config_json.read_bytes()
     resume(argv_for(ref, run_copy, "--log_every=10"))  # nothing changes: not rewritten
-    assert config.read_bytes() == written
+    assert config_json.read_bytes() == written
     resume(argv_for(ref, run_copy))  # back to the recipe's value: recorded too
-    record = common.load_json(config)
+    record = store.load_json(config_json)
     assert [r["keys"] for r in record["resumes"]] == [dict(moved, log_every=[1, 10]), {"log_every": [10, 1]}]
     assert record["config"] == first["config"]
     row.trials = 3
@@ -1034,36 +1038,36 @@ def test_resume_with_a_resume_safe_change_keeps_the_original_config(ref, run_cop
 @pytest.mark.slow
 def test_lock_without_flock_falls_back_to_a_lock_file(ref, run_copy, tmp_path, monkeypatch, fault, capsys):
     """flock raising OSError(ENOSYS), as on a Lustre or NFS mount without it: before, every start died in
-    common.lock. Now an exclusively created lock.held names the holder: a second locker is refused by name, close()
+    store.lock. Now an exclusively created lock.held names the holder: a second locker is refused by name, close()
     frees it, a dead holder on this host is taken over with a warning, one on another host is refused with the fix
     (delete the file), which works; a resume trains (here: finds the run finished) and leaves no lock file."""
-    row = fault("no flock on the file system (ENOSYS)", "common.lock: fallback lock file; resume")
+    row = fault("no flock on the file system (ENOSYS)", "store.lock: fallback lock file; resume")
 
     def flock(f, op):
         raise OSError(errno.ENOSYS, "Function not implemented")
-    monkeypatch.setattr(common.fcntl, "flock", flock)
+    monkeypatch.setattr(store.fcntl, "flock", flock)
     host, held = socket.gethostname(), tmp_path / "lock.held"
-    first = common.lock(tmp_path)
+    first = store.lock(tmp_path)
     assert held.read_text() == f"pid {os.getpid()} on {host}\n"
-    with pytest.raises(common.UserError, match=f"being trained by pid {os.getpid()} on {host}"):
-        common.lock(tmp_path)
+    with pytest.raises(config.UserError, match=f"being trained by pid {os.getpid()} on {host}"):
+        store.lock(tmp_path)
     first.close()
     assert not held.exists()
-    common.lock(tmp_path).close()
+    store.lock(tmp_path).close()
 
     dead = subprocess.run([PYTHON, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     held.write_text(f"pid {dead} on {host}\n")  # left by a holder that died
     capsys.readouterr()
-    taken = common.lock(tmp_path)
+    taken = store.lock(tmp_path)
     assert f"named pid {dead} on {host}, which is no longer running: took the lock over" in capsys.readouterr().err
     assert held.read_text() == f"pid {os.getpid()} on {host}\n"
     taken.close()
 
     held.write_text("pid 1 on another-node\n")
-    with pytest.raises(common.UserError, match=f"if that process is not running, delete {held}"):
-        common.lock(tmp_path)
+    with pytest.raises(config.UserError, match=f"if that process is not running, delete {held}"):
+        store.lock(tmp_path)
     held.unlink()  # the fix it names
-    common.lock(tmp_path).close()
+    store.lock(tmp_path).close()
 
     resume(argv_for(ref, run_copy))
     assert not list(run_copy.rglob("lock.held*"))

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import model as gpt
+import runtime
 
 
 def tiny(**overrides):
@@ -141,7 +142,7 @@ def test_flops_per_token_by_hand():
     per_layer = 3 * 64 * 64 + 64 * 64 + 2 * 64 * 176 + 176 * 64  # q, k, v, proj, gate, up, down = 50176
     n = 2 * per_layer + 320 * 64  # + head (its padded rows are computed too); the embedding lookup is left out: 120832
     assert m.num_params(embedding=False) == n == 120832
-    assert m.flops_per_token() == 6 * n + 12 * 2 * 128 * 64 == 921600
+    assert runtime.flops_per_token(m) == 6 * n + 12 * 2 * 128 * 64 == 921600
 
 
 def test_build_on_meta_then_init_gives_finite_weights():
@@ -161,8 +162,8 @@ def test_build_on_meta_then_init_gives_finite_weights():
 
 
 def test_peak_flops_none_on_cpu():
-    assert gpt.peak_flops("cpu") is None
-    assert gpt.peak_flops(torch.device("cpu")) is None
+    assert runtime.peak_flops("cpu") is None
+    assert runtime.peak_flops(torch.device("cpu")) is None
 
 
 def test_dropout_only_on_the_residual_branches(monkeypatch):
@@ -244,7 +245,7 @@ def test_cautious_weight_decay_is_plain_muon_at_zero_wd():
 
 def test_memory_estimate_arithmetic_by_hand():
     cfg = tiny(seq_len=16)  # L=2, C=64, M=176, H=4, V=257 (320 rows); micro-batch 2: n = 32 tokens
-    est = gpt.memory_estimate(cfg, 2, teacher="bf16", eval_batch=3)
+    est = runtime.memory_estimate(cfg, 2, teacher="bf16", eval_batch=3)
     n_muon, n_embed = 2 * (4 * 64 * 64 + 3 * 64 * 176), 320 * 64  # 100352, 20480
     N = n_muon + 2 * n_embed
     assert N == gpt.GPT(cfg).num_params()
@@ -256,8 +257,8 @@ def test_memory_estimate_arithmetic_by_hand():
     held = 4 * N + 4 * n_muon + 16 * n_embed + 2 * N
     assert est["peak_train"] == held + 4 * N + 2 * (N - n_embed) + est["activations"] + est["logits_train"]
     assert est["peak_eval"] == held + est["logits_eval"]
-    assert gpt.memory_estimate(cfg, 2, teacher=None)["teacher"] == 0
-    assert gpt.memory_estimate(cfg, 2, teacher="fp32", teachers=4)["teacher"] == 16 * N
+    assert runtime.memory_estimate(cfg, 2, teacher=None)["teacher"] == 0
+    assert runtime.memory_estimate(cfg, 2, teacher="fp32", teachers=4)["teacher"] == 16 * N
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -277,17 +278,19 @@ def test_memory_estimate_activations_are_what_autograd_keeps(dropout):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
         m(idx, targets)
     saved = sum(b for ptr, b in storages.items() if ptr not in fixed and b > 8)  # and a 0-d scalar
-    est = gpt.memory_estimate(cfg, 2)
+    est = runtime.memory_estimate(cfg, 2)
     assert saved == est["weight_casts"] + est["activations"] + 2 * 2 * 32 * 257 * 4
 
 
-def test_a_v1_member_file_fails_with_a_message(tmp_path):
-    """A member saved by model v1 (fused qkv and gate_up) stops with one line that names the version, no traceback."""
-    import common
+def test_a_member_file_of_another_model_fails_with_a_message(tmp_path):
+    """A member saved by another model.py (here model v1's fused qkv and gate_up) stops with one line that says so, no
+    traceback."""
+    import config
+    import store
     cfg = tiny()
     state = {k.replace("attn.q.", "attn.qkv.").replace("mlp.gate.", "mlp.gate_up."): v
              for k, v in gpt.GPT(cfg).state_dict().items() if ".attn.k." not in k and ".attn.v." not in k and ".mlp.up." not in k}
-    torch.save({"model_config": dict(vars(cfg), vocab_size=320), "model": state, "row": {"name": "m"}, "data": {}},
-               tmp_path / "m.pt")
-    with pytest.raises(common.UserError, match="written by model v1"):
-        common.load_member(tmp_path / "m.pt")
+    store.save_torch({"model_config": dict(vars(cfg), vocab_size=320), "model": state, "row": {"name": "m"}, "data": {}},
+                     tmp_path / "m.pt")
+    with pytest.raises(config.UserError, match="does not fit this model.py"):
+        store.load_member(tmp_path / "m.pt")

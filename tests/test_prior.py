@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import eval as ev  # noqa: E402
 import prior  # noqa: E402
+import scores  # noqa: E402
 
 W_TRUE = np.array([0.6, 0.3, 0.1])
 
@@ -133,8 +135,8 @@ def test_ks_for():
 
 
 def test_uniform_last_and_greedy():
-    assert prior.uniform_last(5, 2).tolist() == [3, 4]
-    assert prior.uniform_last(5, 5).tolist() == [0, 1, 2, 3, 4]
+    assert ev.uniform_last(5, 2).tolist() == [3, 4]
+    assert ev.uniform_last(5, 5).tolist() == [0, 1, 2, 3, 4]
     rng = np.random.default_rng(0)
     L = rng.normal(-4.0, 1.0, size=(5, 3000)).clip(max=0.0)
     L[2] = np.log(0.9)  # member 2 gives every true token p=0.9: obviously the best
@@ -153,7 +155,7 @@ def test_uniform_last_and_greedy():
 def test_fit_prior_layout():
     L, _ = synthetic_population(5_000, seed=1)
     names = ["a", "b", "c"]
-    p = prior.fit_prior(names, L)
+    p = ev.fit_prior(names, L)
     assert p["method"] == "em" and p["split"] == "fitness" and p["members"] == names
     assert sum(p["weights"].values()) == pytest.approx(1.0)
     assert set(p["per_k"]) == {"1", "2", "3"}
@@ -169,12 +171,12 @@ def test_fit_prior_layout():
     for base in ("uniform_last", "greedy"):
         assert p["per_k"]["3"]["fitness_nll"] <= p["baselines"][base]["3"]["fitness_nll"] + 1e-12
     assert set(p["compare"]) == {"em"}  # AdamW only when asked: 300 more passes
-    both = prior.fit_prior(names, L, compare=True)
+    both = ev.fit_prior(names, L, compare=True)
     assert set(both["compare"]) == set(prior.FITS) == {"em", "adamw"} and both["weights"] == p["weights"]
     assert both["compare"]["em"]["objective"] <= both["compare"]["adamw"]["objective"] + 1e-8
-    assert prior.fit_prior(names, L, method="adamw")["method"] == "adamw"
+    assert ev.fit_prior(names, L, method="adamw")["method"] == "adamw"
     with pytest.raises(ValueError):
-        prior.fit_prior(names, L, method="sgd")
+        ev.fit_prior(names, L, method="sgd")
 
 
 def test_a_fit_added_to_the_registry_is_run_and_selectable(monkeypatch):
@@ -184,7 +186,7 @@ def test_a_fit_added_to_the_registry_is_run_and_selectable(monkeypatch):
     uniform = lambda L: (np.full(len(L), 1 / len(L)), dict(objective=prior.mixture_nll(L, np.full(len(L), 1 / len(L))),
                                                             seconds=0.0, iterations=0))
     monkeypatch.setitem(prior.FITS, "uniform", uniform)
-    p = prior.fit_prior(["a", "b", "c"], L, method="uniform", compare=True)
+    p = ev.fit_prior(["a", "b", "c"], L, method="uniform", compare=True)
     assert set(p["compare"]) == {"em", "adamw", "uniform"} and p["weights"] == {n: 1 / 3 for n in "abc"}
 
 
@@ -206,7 +208,7 @@ def test_select_keeps_greedys_k_with_their_weights_refit_by_hand(monkeypatch):
     assert idx.tolist() == [0, 1, 2] and wk == pytest.approx(w, abs=1e-6)
     monkeypatch.setattr(prior, "selection", "top")  # the paper's rule: the full fit's top 2, everywhere
     assert prior.select(L, 2)[0].tolist() == [2, 0]
-    assert prior.fit_prior(list("abc"), L)["per_k"]["2"]["members"] == ["c", "a"]
+    assert ev.fit_prior(list("abc"), L)["per_k"]["2"]["members"] == ["c", "a"]
 
 
 def test_members_at_agrees_with_per_k(tmp_path):
@@ -217,19 +219,19 @@ def test_members_at_agrees_with_per_k(tmp_path):
     L = np.vstack([L, L[1:2]])
     names = ["a", "b", "c", "d"]
     for method in prior.FITS:
-        pj = json.loads(json.dumps(prior.fit_prior(names, L, method)))  # as eval.py writes it and reads it back
+        pj = json.loads(json.dumps(ev.fit_prior(names, L, method)))  # as eval.py writes it and reads it back
         assert pj["weights"]["b"] == pj["weights"]["d"]
         for k, entry in pj["per_k"].items():
-            assert prior.members_at(pj, int(k)) == list(zip(entry["members"], entry["weights"]))
-        assert [n for n, _ in prior.members_at(pj, 4)].index("b") < [n for n, _ in prior.members_at(pj, 4)].index("d")
+            assert ev.members_at(pj, int(k)) == list(zip(entry["members"], entry["weights"]))
+        assert [n for n, _ in ev.members_at(pj, 4)].index("b") < [n for n, _ in ev.members_at(pj, 4)].index("d")
         with pytest.raises(ValueError, match="K = 1, 2, 4; K = 3 is chosen from the run's fitness scores"):
-            prior.members_at(pj, 3)
+            ev.members_at(pj, 3)
         (tmp_path / "scores").mkdir(exist_ok=True)
         for name, row in zip(names, L):
-            np.save(prior.score_path(tmp_path, name, "fitness"), row)
+            np.save(scores.score_path(tmp_path, name, "fitness"), row)
         idx, w = prior.select(L, 3, method=method)
-        assert prior.members_at(pj, 3, tmp_path) == [(names[i], float(x)) for i, x in zip(idx, w)]
-        assert prior.members_at(pj, 9) == prior.members_at(pj, 4)  # K past the population: all of it
+        assert ev.members_at(pj, 3, tmp_path) == [(names[i], float(x)) for i, x in zip(idx, w)]
+        assert ev.members_at(pj, 9) == ev.members_at(pj, 4)  # K past the population: all of it
 
 
 # --- files and the command line ----------------------------------------------
@@ -243,14 +245,14 @@ def without_timings(p):
 def write_scores(run_dir, names, L, split="fitness", dtype=np.float32):
     (run_dir / "scores").mkdir(parents=True, exist_ok=True)
     for name, row in zip(names, L):
-        np.save(prior.score_path(run_dir, name, split), row.astype(dtype))
+        np.save(scores.score_path(run_dir, name, split), row.astype(dtype))
 
 
 def test_open_scores(tmp_path):
     L, _ = synthetic_population(1_000, seed=3)
     write_scores(tmp_path, ["a", "b"], L[:2], dtype=np.float16)
     write_scores(tmp_path, ["c"], L[2:], dtype=np.float32)
-    got = prior.open_scores(tmp_path, ["a", "b", "c"], "fitness")
+    got = scores.open_scores(tmp_path, ["a", "b", "c"], "fitness")
     assert got.shape == (3, 1_000) and len(got) == 3
     assert all(isinstance(r, np.memmap) for r in got.rows)  # memory-mapped, never stacked
     np.testing.assert_allclose(np.asarray(got), L, atol=1e-2)  # fp16 rounding
@@ -258,19 +260,19 @@ def test_open_scores(tmp_path):
     np.testing.assert_allclose(got[2], L[2], rtol=1e-7)  # float32 log p: ~6e-8 relative
     np.testing.assert_allclose(got.mean(axis=1), np.asarray(got).mean(axis=1), rtol=1e-12)
     with pytest.raises(FileNotFoundError, match=r"(?s)d\.fitness\.npy.*eval\.py .* --score"):
-        prior.open_scores(tmp_path, ["a", "d"], "fitness")
-    np.save(prior.score_path(tmp_path, "e", "fitness"), L[0, :999])
+        scores.open_scores(tmp_path, ["a", "d"], "fitness")
+    np.save(scores.score_path(tmp_path, "e", "fitness"), L[0, :999])
     with pytest.raises(ValueError, match="equal length"):
-        prior.open_scores(tmp_path, ["a", "e"], "fitness")
-    np.save(prior.score_path(tmp_path, "f", "fitness"), np.where(np.arange(1_000) == 700, np.nan, L[0]))
+        scores.open_scores(tmp_path, ["a", "e"], "fitness")
+    np.save(scores.score_path(tmp_path, "f", "fitness"), np.where(np.arange(1_000) == 700, np.nan, L[0]))
     with pytest.raises(ValueError, match="NaN"):
-        prior.open_scores(tmp_path, ["a", "f"], "fitness")
+        scores.open_scores(tmp_path, ["a", "f"], "fitness")
 
 
 def test_scores_indexing_like_an_array():
     """What callers (eval.py, bench/) do with L: rows by int, slice, index list, mask; tokens by index; len, shape."""
     A = np.random.default_rng(5).normal(-3.0, 1.0, size=(5, 37))
-    L = prior.as_scores(A)
+    L = scores.as_scores(A)
     assert L.shape == (5, 37) and len(L) == 5
     np.testing.assert_array_equal(L[3], A[3])
     for key in (slice(1, 4), [4, 0, 2], np.array([2, 3]), A[:, 0] > -3, slice(-2, None)):
@@ -355,7 +357,7 @@ def chunked(request, tmp_path):
         return A, A
     names = [f"m{i}" for i in range(len(A))]
     write_scores(tmp_path, names, A, dtype=np.float32)
-    return prior.open_scores(tmp_path, names, "fitness"), A.astype(np.float32).astype(np.float64)
+    return scores.open_scores(tmp_path, names, "fitness"), A.astype(np.float32).astype(np.float64)
 
 
 def test_chunked_maths_equals_whole_array(chunked):
@@ -379,20 +381,20 @@ def test_chunked_maths_equals_whole_array(chunked):
     np.testing.assert_allclose(w, w_ref, rtol=0, atol=1e-10)
     np.testing.assert_allclose(info["history"], history, rtol=0, atol=1e-10)
     assert prior.greedy_select(L, 5, chunk=chunk).tolist() == ref_greedy(A, 5)
-    np.testing.assert_allclose(prior.as_scores(L).mean(1), A.mean(1), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(scores.as_scores(L).mean(1), A.mean(1), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("hold", [True, False])
 def test_torch_backend_equals_numpy(chunked, monkeypatch, hold):
-    """The GPU path's code (backend "cpu": the same functions on torch tensors, here CPU ones) gives numpy's numbers
+    """The GPU path's code (Scores on a torch device: the same functions on torch tensors, here CPU ones) gives numpy's numbers
     to 1e-10 nats (the promise is 1e-6): mixtures, EM (cold and warm-started), AdamW, greedy, with exp(L) held by
     the fits or remade at every pass."""
     import torch
     L, _ = chunked
-    monkeypatch.setattr(prior, "hold_bytes", 2**31 if hold else 0)
+    monkeypatch.setattr(scores, "hold_bytes", 2**31 if hold else 0)
     W = np.array([np.full(6, 1 / 6), [0.5, 0.0, 0.2, 0.3, 0.0, 0.0], np.eye(6)[3]])
 
-    def everything():
+    def everything(L):
         w, em = prior.fit_em(L, chunk=64)
         w_warm, warm = prior.fit_em(L, chunk=64, w0=np.arange(1.0, 7.0))
         w_ad, ad = prior.fit_adamw(L, chunk=64, steps=20)
@@ -400,11 +402,10 @@ def test_torch_backend_equals_numpy(chunked, monkeypatch, hold):
                     passes=em["iterations"], warm=w_warm, warm_f=warm["objective"], adamw=w_ad, adamw_f=ad["objective"],
                     greedy=prior.greedy_select(L, 5, chunk=64), ratios=prior.objective_and_ratios(L, W[0], chunk=64)[1])
 
-    monkeypatch.setattr(prior, "backend", "numpy")
-    want = everything()
-    monkeypatch.setattr(prior, "backend", "cpu")
-    assert torch.is_tensor(next(iter(prior.as_probs(L, hold=hold)))[0])
-    got = everything()
+    want = everything(L)
+    on_torch = scores.Scores(scores.as_scores(L).rows, torch.device("cpu"))  # what open_scores(..., device) gives
+    assert torch.is_tensor(next(iter(scores.as_probs(on_torch, hold=hold)))[0])
+    got = everything(on_torch)
     for key in want:
         np.testing.assert_allclose(got[key], want[key], rtol=0, atol=1e-10, err_msg=key)
     assert got["passes"] == want["passes"] and got["greedy"].tolist() == want["greedy"].tolist()
@@ -414,11 +415,11 @@ def test_open_scores_keeps_memory_flat(tmp_path, monkeypatch):
     """The math on memory-mapped files never stacks them: peak allocations stay at a few (M, chunk) blocks, once
     exp(L) no longer fits in hold_bytes (below it, a fit holds it: that is the point of the limit)."""
     import tracemalloc
-    monkeypatch.setattr(prior, "hold_bytes", 0)
+    monkeypatch.setattr(scores, "hold_bytes", 0)
     names, n = [f"m{i}" for i in range(8)], 200_000
     rng = np.random.default_rng(7)
     write_scores(tmp_path, names, -np.abs(rng.standard_normal((8, n))), dtype=np.float32)
-    L = prior.open_scores(tmp_path, names, "fitness")
+    L = scores.open_scores(tmp_path, names, "fitness")
     tracemalloc.start()
     prior.fit_em(L, iters=2, tol=0.0, chunk=4096)
     prior.mixture_nll(L, np.full(8, 1 / 8), chunk=4096)
@@ -426,15 +427,3 @@ def test_open_scores_keeps_memory_flat(tmp_path, monkeypatch):
     tracemalloc.stop()
     whole = 8 * n * 8  # one float64 (M, N) copy: 12.8 MB
     assert peak < whole / 10, f"peak {peak:,} B vs one (M, N) float64 copy {whole:,} B"
-
-
-# --- one writer of prior.json ---------------------------------------------------
-
-def write_manifest(run_dir, names):
-    """A run folder's manifest as train.py writes it: track0/manifest.json, one row per member."""
-    rows = [dict(name=n, track=0, cycle=i + 1, budget_epochs=i + 1.0, path=f"members/{n}.pt")
-            for i, n in enumerate(names)]
-    (run_dir / "track0").mkdir(parents=True, exist_ok=True)
-    (run_dir / "track0" / "manifest.json").write_text(json.dumps(rows))
-
-

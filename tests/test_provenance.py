@@ -1,4 +1,4 @@
-"""config.json's "provenance" (common.prepare_run_dir): what each start ran with, recorded and never compared on
+"""config.json's "provenance" (runtime.prepare_run_dir): what each start ran with, recorded and never compared on
 resume. Calls prepare_run_dir directly on a hand-made data record: no training, milliseconds."""
 import subprocess
 import sys
@@ -8,7 +8,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import common  # noqa: E402
+import config  # noqa: E402
+import runtime  # noqa: E402
+import scores  # noqa: E402
+import store  # noqa: E402
 import train  # noqa: E402
 
 ENV = dict(rank=0, world=1)
@@ -19,8 +22,8 @@ DATA = {f"{s}_meta": META for s in ("train", "fitness", "val")}
 
 def start(run_dir, **flags):
     cfg = train.Config(out_dir=str(run_dir), data_dir="data/x", **flags)
-    common.prepare_run_dir(cfg, ENV, DATA, train.RESUME_SAFE_KEYS)
-    return common.load_json(run_dir / "config.json")
+    runtime.prepare_run_dir(cfg, ENV, DATA)
+    return store.load_json(run_dir / "config.json")
 
 
 def test_config_json_records_the_provenance_of_each_start(tmp_path, monkeypatch):
@@ -45,6 +48,6 @@ def test_config_json_records_the_provenance_of_each_start(tmp_path, monkeypatch)
 
 
 def test_outside_a_git_checkout_there_is_no_commit(tmp_path, monkeypatch):
-    monkeypatch.setattr(common, "ROOT", tmp_path)  # a copy of the code that is no git checkout
+    monkeypatch.setattr(store, "ROOT", tmp_path)  # a copy of the code that is no git checkout
     (p,) = start(tmp_path / "run")["provenance"]
     assert p["git_commit"] is None and p["git_dirty"] is None

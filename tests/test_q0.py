@@ -13,9 +13,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
+import config
+import runtime
+import scores
+import store
 import model as gpt
 import q0
+import variants
 from student import topk_distill_loss
 from conftest import (PYTHON, ROOT, assert_same_weights, child_env, kill_when, last_logged_step, member_weights,
                       load_config, read_log, run_train, run_train_subprocess, spawn_train, train_argv, validate)
@@ -23,6 +27,7 @@ from conftest import (PYTHON, ROOT, assert_same_weights, child_env, kill_when, l
 # 127 steps/epoch at 512 tokens/step -> cycles of round(0.125 * 127) = 16 steps; a checkpoint every 4 steps
 Q0 = dict(mode="q0", batch_tokens=512, micro_batch_size=8, num_trajectories=2, num_cycles=3, epochs_per_cycle=0.125,
           distill_after_cycles=1, dropout=0.1, weight_decay=0.1, first_cycle_warmup_steps=2, ckpt_every_epochs=0.03)
+STUDENT = dict(mode="student", batch_tokens=512, micro_batch_size=8, dropout=0.1, weight_decay=0.1, ckpt_every_epochs=0.03)
 L = 16
 NAMES = [f"t{k}-c00{c}" for k in (0, 1) for c in (1, 2, 3)]
 
@@ -52,12 +57,12 @@ def q0_run(tiny_data, tmp_path_factory):
     return run_dir, argv, perturbations, teachers
 
 
-def q0_plan(spe=10, model=None, **cfg):
+def q0_plan(spe=10, model=None, variant=False, **cfg):
     """A Q0Plan over train tokens for exactly `spe` steps per epoch (one document)."""
-    c = q0.Q0Config(**cfg)
+    c = (variants.VariantConfig if variant else q0.Q0Config)(**cfg)
     data = {"train": np.zeros(spe * c.batch_tokens + c.seq_len, np.uint16), "meta": {"doc_starts": [0]},
             "fitness": np.zeros(64, np.uint16)}
-    return q0.Q0Plan(c, 0, model, data, {"device": torch.device("cpu")})
+    return (variants.VariantPlan if variant else q0.Q0Plan)(c, 0, model, data, {"device": torch.device("cpu")})
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -89,7 +94,7 @@ def test_q0_plan_multipliers_constant_wd_and_warmup():
     assert plan.multipliers(9) == (pytest.approx(lr0(9)), pytest.approx(0.7 + 0.3 * (1 - lr0(9)) / 0.92))
     assert plan.multipliers(10) == (1.0, pytest.approx(0.7))  # q0: the next cycles restart at the peak, no warmup
     assert plan.multipliers(25) == (pytest.approx(0.54), pytest.approx(0.85))
-    chain = q0_plan(spe=10, mode="chain", epochs_per_cycle=1.0, num_cycles=3, first_cycle_warmup_steps=4)
+    chain = q0_plan(spe=10, variant=True, mode="chain", epochs_per_cycle=1.0, num_cycles=3, first_cycle_warmup_steps=4)
     assert chain.multipliers(10)[0] == pytest.approx(0.25) and chain.multipliers(21)[0] == pytest.approx(lr0(1) / 2)
     const = q0_plan(spe=10, mode="q0", epochs_per_cycle=1.0, constant_wd=True)
     assert all(const.multipliers(s)[1] == 1.0 for s in range(0, 40, 3))
@@ -197,7 +202,7 @@ def test_mixture_teacher_run_and_bit_exact_resume(tiny_data, tmp_path):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
     code, out, err = run_train(train_argv(tiny_data, ref_dir, **over))
     assert code == 0, err
-    rows = common.read_manifest(ref_dir)
+    rows = store.read_manifest(ref_dir)
     assert [r["teacher"] for r in rows[:2]] == [None, None]
     for r in rows[2:]:  # its earlier snapshots, weights renormalised to 1
         names = [part.rsplit(" ", 1) for part in r["teacher"][len("mixture("):-1].split(", ")]
@@ -209,7 +214,7 @@ def test_mixture_teacher_run_and_bit_exact_resume(tiny_data, tmp_path):
     assert 2 * L < ckpt["step"] < 3 * L and ckpt["plan"]["mixture"] and len(ckpt["plan"]["fitness"]) == 2
     code, out, err = run_train(argv + ["--resume=True"])
     assert code == 0, err
-    assert common.read_manifest(run_dir) == rows
+    assert store.read_manifest(run_dir) == rows
     for r in rows:
         assert_same_weights(member_weights(run_dir, r["name"]), member_weights(ref_dir, r["name"]))
 
@@ -254,9 +259,8 @@ def test_no_gradient_reaches_the_teacher():
 ])
 def test_validate_rejects_naming_the_key(tiny_data, tmp_path, overrides, key):
     world = overrides.pop("world", 1)
-    cfg = load_config(train_argv(tiny_data, tmp_path / "r", **dict(Q0, **overrides)))
-    with pytest.raises(common.UserError, match=f"config key '{key}'"):
-        validate(cfg, world, 65536)
+    with pytest.raises(config.UserError, match=f"config key '{key}'"):  # by its rule (config.load) or the data's
+        validate(load_config(train_argv(tiny_data, tmp_path / "r", **dict(Q0, **overrides))), world, 65536)
 
 
 def test_validate_accepts_divisible_layouts(tiny_data, tmp_path):
@@ -279,7 +283,7 @@ def test_bad_q0_config_fails_before_any_training(tiny_data, tmp_path):
 def test_q0_run_writes_snapshots_and_manifest(q0_run):
     run_dir = q0_run[0]
     assert sorted(p.stem for p in (run_dir / "members").glob("*.pt")) == NAMES
-    rows = common.read_manifest(run_dir)
+    rows = store.read_manifest(run_dir)
     assert [r["name"] for r in rows] == ["t0-c001", "t1-c001", "t0-c002", "t1-c002", "t0-c003", "t1-c003"]
     for r in rows:
         k, c = r["track"], r["cycle"]
@@ -332,7 +336,7 @@ def test_q0_two_processes_match_one(q0_run, tmp_path):
                                                                    "--num_trajectories=2"]
     out = run_train_subprocess(argv2, nproc=2)
     assert "2 track(s) on 2 rank(s) in 2 group(s)" in out
-    one, two = common.read_manifest(run_dir), common.read_manifest(tmp_path / "ddp")
+    one, two = store.read_manifest(run_dir), store.read_manifest(tmp_path / "ddp")
     assert len(two) == 6 and {r["seed"] for r in two} == {1337, 1338}
     for a, b in zip(one, two):
         assert {k: v for k, v in a.items() if k != "train_loss"} == {k: v for k, v in b.items() if k != "train_loss"}
@@ -380,7 +384,7 @@ def test_q0_kill_and_resume_matches_uninterrupted(q0_run, tmp_path):
     code, out, err = run_train(argv2 + ["--resume=True"])
     assert code == 0, err
     assert f"resumed from {run_dir / 'track0' / 'ckpt.pt'} at step {ckpt['step']}" in out
-    assert common.read_manifest(run_dir) == common.read_manifest(ref_dir)  # every row, train_loss exactly
+    assert store.read_manifest(run_dir) == store.read_manifest(ref_dir)  # every row, train_loss exactly
     for name in NAMES:
         assert_same_weights(member_weights(run_dir, name), member_weights(ref_dir, name))
     for k in (0, 1):
@@ -403,7 +407,7 @@ def test_q0_run_extended_on_resume_is_the_longer_run(tiny_data, tmp_path):
     assert code == 0, err
     assert f"resumed from {grown / 'track0' / 'ckpt.pt'} at step {2 * L}" in out
     assert run_train(train_argv(tiny_data, fresh, **dict(flags, num_cycles=4)))[0] == 0
-    assert common.read_manifest(grown) == common.read_manifest(fresh)  # cycle 4's teacher is cycle 3's, in both
+    assert store.read_manifest(grown) == store.read_manifest(fresh)  # cycle 4's teacher is cycle 3's, in both
     for name in ("t0-c001", "t0-c002", "t0-c003", "t0-c004"):
         assert_same_weights(member_weights(grown, name), member_weights(fresh, name))
     assert_same_weights(torch.load(grown / "track0" / "ckpt.pt", weights_only=True)["model"],
@@ -440,7 +444,7 @@ def test_chain_reinitialises_at_each_cycle(tiny_data, tmp_path, monkeypatch):
     fresh.init_weights(generator=torch.Generator().manual_seed(1337 * 10_007 + 1))  # seeded by (seed, cycle)
     assert_same_weights(state, fresh.state_dict())
     assert last[0] == 2 * L and not last[2]  # nothing re-initialised after the last cycle
-    rows = common.read_manifest(run_dir)
+    rows = store.read_manifest(run_dir)
     assert [(r["name"], r["mode"], r["teacher"]) for r in rows] == [("t0-c001", "chain", None),
                                                                   ("t0-c002", "chain", "t0-c001")]
     log = read_log(run_dir)
@@ -450,7 +454,7 @@ def test_chain_reinitialises_at_each_cycle(tiny_data, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_unreadable_teacher_snapshot_on_resume_is_one_clear_message(q0_run, tmp_path):
-    """The command line, not main(): the teacher's UserError (raised in q0.py, from common.safe_load) is the one
+    """The command line, not main(): the teacher's UserError (raised in q0.py, from store.safe_load) is the one
     train.main catches (a traceback here was a bug)."""
     run_dir = tmp_path / "run"
     shutil.copytree(q0_run[0], run_dir)
@@ -477,14 +481,14 @@ def test_student_learns_the_mixture_and_is_a_member_eval_scores(q0_run, tiny_dat
     ev.main([str(teacher_run)])  # scores the members and writes prior.json
     top2 = json.loads((teacher_run / "prior.json").read_text())["per_k"]["2"]
     run_dir = tmp_path / "student"
-    argv = train_argv(tiny_data, run_dir, **dict(Q0, mode="student", teacher_run=str(teacher_run), teacher_k=2,
+    argv = train_argv(tiny_data, run_dir, **dict(STUDENT, teacher_run=str(teacher_run), teacher_k=2,
                                                  distill_alpha=1.0, distill_temperature=1.0, epochs=0.25, dropout=0.0))
     code, out, err = run_train(argv)
     assert code == 0, err
     assert "student: 0.25 epochs against the top 2" in out
     losses = [r["loss"] for r in read_log(run_dir).values()]
     assert min(losses) >= 0 and np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
-    row, = common.read_manifest(run_dir)
+    row, = store.read_manifest(run_dir)
     assert row["name"] == "student" and row["teacher"].startswith(f"mixture({top2['members'][0]} ")
     capsys.readouterr()
     reps = ev.main([str(run_dir), str(teacher_run)])
@@ -495,7 +499,7 @@ def test_student_learns_the_mixture_and_is_a_member_eval_scores(q0_run, tiny_dat
 @pytest.mark.slow
 def test_student_at_a_k_prior_json_lacks_without_its_scores_is_one_line(q0_run, tiny_data, tmp_path):
     """teacher_k = 3: not among prior.json's K, so the mixture is chosen from the teacher run's fitness scores. With
-    those deleted: before, prior.open_scores' FileNotFoundError traceback; now exit 1, one line naming the file and
+    those deleted: before, scores.open_scores' FileNotFoundError traceback; now exit 1, one line naming the file and
     `eval.py --score`, nothing trained."""
     import eval as ev
     teacher_run = tmp_path / "teachers"
@@ -504,7 +508,7 @@ def test_student_at_a_k_prior_json_lacks_without_its_scores_is_one_line(q0_run, 
     assert "3" not in json.loads((teacher_run / "prior.json").read_text())["per_k"]
     shutil.rmtree(teacher_run / "scores")
     run_dir = tmp_path / "student"
-    code, out, err = run_train(train_argv(tiny_data, run_dir, **dict(Q0, mode="student", teacher_run=str(teacher_run),
+    code, out, err = run_train(train_argv(tiny_data, run_dir, **dict(STUDENT, teacher_run=str(teacher_run),
                                                                      teacher_k=3, epochs=0.25)))
     assert code == 1
     line, = err.strip().splitlines()
@@ -548,7 +552,7 @@ def test_student_from_a_topk_teacher_file(q0_run, tiny_data, tmp_path, capsys):
     ev.main([str(teacher_run), "--score"])
     ev.main([str(teacher_run)])
     run_dir = tmp_path / "student"
-    cfg = dict(Q0, mode="student", teacher_run=str(teacher_run), teacher_k=2, teacher_topk=8, distill_alpha=1.0,
+    cfg = dict(STUDENT, teacher_run=str(teacher_run), teacher_k=2, teacher_topk=8, distill_alpha=1.0,
                distill_temperature=1.0, epochs=0.25, dropout=0.0)
     code, out, err = run_train(train_argv(tiny_data, run_dir, **cfg))
     assert code == 0, err
@@ -578,6 +582,6 @@ def test_student_from_a_topk_teacher_file(q0_run, tiny_data, tmp_path, capsys):
 
 
 def test_student_refuses_a_teacher_run_without_its_prior(q0_run, tiny_data, tmp_path):
-    base = dict(Q0, mode="student", teacher_run=str(q0_run[0]), epochs=0.25)
+    base = dict(STUDENT, teacher_run=str(q0_run[0]), epochs=0.25)
     code, out, err = run_train(train_argv(tiny_data, tmp_path / "a", **base))  # q0_run has no prior.json
     assert code == 2 and "'teacher_run'" in err and "python eval.py" in err and not (tmp_path / "a").exists()

@@ -12,7 +12,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import common  # noqa: E402
+import config  # noqa: E402
+import runtime  # noqa: E402
+import scores  # noqa: E402
+import store  # noqa: E402
 import eval as ev  # noqa: E402
 import model as gpt  # noqa: E402
 from tools import export as ex  # noqa: E402
@@ -21,7 +24,7 @@ META = dict(tokenizer="byte", vocab_size=257, bos_id=256)
 
 
 def fake_run(run_dir, n=3, dtype=torch.float32):
-    """A run folder of n members of random weights (members/*.pt, manifests through common.save_member) and a
+    """A run folder of n members of random weights (members/*.pt, manifests through store.save_member) and a
     prior.json fit by eval.write_prior on random fitness scores."""
     cfg = gpt.config_for("tiny", vocab_size=320, seq_len=32)
     names = []
@@ -34,10 +37,10 @@ def fake_run(run_dir, n=3, dtype=torch.float32):
         name = f"t0-c{i + 1:03d}"
         row = dict(name=name, mode="q0", track=0, cycle=i + 1, budget_epochs=2 * (i + 1))
         state = {k: v.detach().to(dtype).clone() for k, v in model.state_dict().items()}
-        common.save_member(run_dir, row, model, META, state)
+        store.save_member(run_dir, row, model, META, state)
         names.append(name)
     L = np.log(np.random.default_rng(0).dirichlet(np.ones(n), size=64).T)  # (n, 64) log-probs
-    shas = {name: common.member_sha256(Path(run_dir) / "members" / f"{name}.pt") for name in names}
+    shas = {name: store.member_sha256(Path(run_dir) / "members" / f"{name}.pt") for name in names}
     pj = ev.write_prior(Path(run_dir) / "prior.json", names, L, member_sha256=shas)
     return names, pj
 
@@ -47,7 +50,7 @@ def test_export_round_trip_is_bit_for_bit(tmp_path, dtype):
     run = tmp_path / "run"
     names, pj = fake_run(run, dtype=dtype)
     x = torch.randint(0, 257, (2, 32))
-    for kwargs, want in [(dict(member=names[1]), [(names[1], 1.0)]), (dict(k=2), ex.prior.members_at(pj, 2))]:
+    for kwargs, want in [(dict(member=names[1]), [(names[1], 1.0)]), (dict(k=2), ev.members_at(pj, 2))]:
         out = tmp_path / "out" / str(kwargs)
         config = ex.export(run, out, **kwargs)
         models, read = ex.load_export(out)
@@ -63,7 +66,7 @@ def test_export_round_trip_is_bit_for_bit(tmp_path, dtype):
                 for key, v in stored.items():
                     assert torch.equal(f.get_tensor(m["prefix"] + key), v) and f.get_tensor(m["prefix"] + key).dtype == dtype
         for (model, w), (name, want_w) in zip(models, want):
-            ref, _ = common.load_member(run / "members" / f"{name}.pt", expected=name)
+            ref, _ = store.load_member(run / "members" / f"{name}.pt", expected=name)
             assert w == want_w
             for (k, a), (k2, b) in zip(model.state_dict().items(), ref.state_dict().items()):
                 assert k == k2 and torch.equal(a, b), k
@@ -77,13 +80,13 @@ def test_export_refuses_what_it_cannot_vouch_for(tmp_path):
     out = tmp_path / "out"
     ex.export(run, out, k=1)
     (out / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes()[:-1] + b"\0")
-    with pytest.raises(common.UserError, match="does not match the sha256"):
+    with pytest.raises(config.UserError, match="does not match the sha256"):
         ex.load_export(out)
-    with pytest.raises(common.UserError, match="not found"):
+    with pytest.raises(config.UserError, match="not found"):
         ex.export(run, out, member="t9-c001")
     pj["weights"][names[0]] = 0.99  # an edit on disk
     (run / "prior.json").write_text(json.dumps(pj))
-    with pytest.raises(common.UserError, match="re-run python eval.py"):
+    with pytest.raises(config.UserError, match="re-run python eval.py"):
         ex.export(run, out, k=2)
 
 
@@ -93,7 +96,7 @@ def test_export_cli_and_standard_tools(tmp_path):
     _, pj = fake_run(run, n=2)
     config = ex.main([str(run), "--k", "2"])
     out = run / "export" / "top2"
-    assert [(m["name"], m["weight"]) for m in config["members"]] == ex.prior.members_at(pj, 2)
+    assert [(m["name"], m["weight"]) for m in config["members"]] == ev.members_at(pj, 2)
     sha = subprocess.run(["sha256sum", str(out / "model.safetensors")], capture_output=True, text=True).stdout.split()[0]
     assert sha == json.loads((out / "config.json").read_text())["safetensors_sha256"]
     from safetensors import safe_open
@@ -152,12 +155,12 @@ def test_lm_eval_adapter_equals_the_projects_multiple_choice_scorer(tmp_path, mo
     samples = sorted(out["samples"]["q0_mc_tiny"], key=lambda s: s["doc_id"])
     lls = [[r[0] for r in s["filtered_resps"]] for s in samples]  # (question, choice) log-likelihoods
 
-    rows = common.read_manifest(run_dir)
+    rows = store.read_manifest(run_dir)
     run = dict(dir=run_dir, rows=rows, names=names, seq_len=32, cfg=dict(data_dir="none"),
                val=dict(meta=dict(META, split="val")))  # what downstream needs of an open run (eval.open_run)
     qs = ds.read_questions(str(fixture))
     seqs, n_cont, _, first = ds.choice_sequences(qs, ds.tokenizer_for_meta(run["val"]["meta"]), 32)
-    mix = ex.prior.members_at(pj, k)
+    mix = ev.members_at(pj, k)
     lp = torch.logsumexp(torch.stack([torch.from_numpy(ds.continuation_logprobs(ev.load(run, n, "cpu"), seqs, n_cont,
                                                                                   torch.device("cpu"))) + np.log(w)
                                       for n, w in mix]), 0).numpy()  # downstream's per-token mixture

@@ -1,16 +1,17 @@
 """
 tools/downstream.py: zero-shot multiple choice (hellaswag, arc_easy, arc_challenge, piqa from the hub, or a local
-JSONL file of {context, choices, label}) for the best member and the prior's mixtures at each K. Run through eval.py
-(it scores the run and fits the prior first; this file is imported only when --downstream is given):
+JSONL file of {context, choices, label}) for the best member and the prior's mixtures at each K. It runs eval.py first
+(which scores the run and fits the prior, or reads them), then this; every eval.py flag applies. The results are
+printed and written to RUN/downstream.json.
 
-    python eval.py runs/RUN --downstream hellaswag arc_easy tests/fixtures/mc_tiny.jsonl
-    python tools/downstream.py runs/RUN tests/fixtures/mc_tiny.jsonl    # the same, from here
+    python tools/downstream.py runs/RUN --tasks hellaswag arc_easy tests/fixtures/mc_tiny.jsonl
 
-Each member runs once over every choice; the mixtures for every K (prior.members_at) reuse its token log-probs.
+Each member runs once over every choice; the mixtures for every K (eval.members_at) reuse its token log-probs.
 """
 import json
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script too: the project's modules are one up
 import eval as ev  # noqa: E402
-import prior  # noqa: E402
-from common import UserError, autocast  # noqa: E402
+import runtime  # noqa: E402
+import store  # noqa: E402
+from config import UserError  # noqa: E402
 from prepare_data import tokenizer_for_meta  # noqa: E402
+
+
+@dataclass
+class DownstreamConfig(ev.EvalConfig):
+    tasks: tuple = ()                # hellaswag, arc_easy, arc_challenge, piqa (hub) or JSONL files
 
 HUB = ("hellaswag", "arc_easy", "arc_challenge", "piqa")
 
@@ -52,7 +59,7 @@ def read_questions(spec):
         return hub_questions(spec)
     path = Path(spec)
     if not path.is_file():
-        raise UserError(f"--downstream {spec}: neither a benchmark name ({', '.join(HUB)}) nor a JSONL file")
+        raise UserError(f"--tasks {spec}: neither a benchmark name ({', '.join(HUB)}) nor a JSONL file")
     qs = []
     for i, line in enumerate(path.read_text().splitlines()):
         try:
@@ -86,7 +93,7 @@ def choice_sequences(qs, tok, T):
 
 
 @torch.no_grad()
-def continuation_logprobs(model, seqs, n_cont, dev, size=ev.batch_size):
+def continuation_logprobs(model, seqs, n_cont, dev, size=DownstreamConfig.batch_size):
     """One member's log p of every continuation token, all choices concatenated in order: (sum(n_cont),)."""
     out = []
     for b in range(0, len(seqs), size):
@@ -95,7 +102,7 @@ def continuation_logprobs(model, seqs, n_cont, dev, size=ev.batch_size):
         for j, ids in enumerate(chunk):
             x[j, :len(ids)] = torch.tensor(ids)
         x = x.to(dev)
-        with autocast(dev):
+        with runtime.autocast(dev):
             lp = model(x[:, :-1], x[:, 1:]).float().cpu().numpy()  # (B, L-1): lp[j, t] = log p(ids[t + 1])
         out += [lp[j, len(ids) - 1 - n:len(ids) - 1] for j, (ids, n) in enumerate(zip(chunk, n_cont[b:b + size]))]
     return np.concatenate(out)
@@ -124,9 +131,27 @@ def downstream(run, pj, best, spec, dev):
         return dict(acc=acc[0] / len(qs), acc_norm=acc[1] / len(qs))
 
     res = {f"best member {best}": accuracy(np.eye(len(names))[names.index(best)])}
-    res |= {f"prior K={k}": accuracy(ev.weights_of(names, prior.members_at(pj, int(k)))) for k in pj["per_k"]}
+    res |= {f"prior K={k}": accuracy(ev.weights_of(names, ev.members_at(pj, int(k)))) for k in pj["per_k"]}
     return dict(benchmark=spec, questions=len(qs), results=res)
 
 
-if __name__ == "__main__":  # python tools/downstream.py RUN SPEC... [eval.py flags]: eval.py RUN --downstream SPEC...
-    ev.main([*sys.argv[1:2], "--downstream", *sys.argv[2:]])
+def main(argv):
+    """eval.py's report of each run, then every task -> {run: [result, ...]} (also RUN/downstream.json)."""
+    out = {}
+    with runtime.session(argv, DownstreamConfig, __doc__) as cfg:
+        if not cfg.tasks:
+            raise UserError("give one or more tasks: --tasks hellaswag arc_easy FILE.jsonl ...", status=2)
+        done, env = ev.evaluate(cfg)
+        for run, rep, pj in done:
+            results = out[str(run["dir"])] = [downstream(run, pj, rep["best_member"]["name"], spec, env["device"])
+                                              for spec in cfg.tasks]
+            for d in results:
+                print(f"downstream {d['benchmark']} ({d['questions']} questions) |   acc | acc_norm")
+                for who, r in d["results"].items():
+                    print(f"  {who:<28} | {r['acc']:.3f} | {r['acc_norm']:.3f}")
+            store.write_json(results, run["dir"] / "downstream.json")
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -7,7 +7,7 @@ tools researchers already use read without pickle (safetensors: a JSON header an
     python tools/export.py runs/quickstart --k 4 --out /tmp/q0-top4
 
 model.safetensors holds the tensors exactly as the member file stores them (fp32 from CPU runs, bf16 from GPU runs):
-one member under its state_dict names (embed.weight, blocks.0.attn.qkv.weight, ...), K members as
+one member under its state_dict names (embed.weight, blocks.0.attn.q.weight, ...), K members as
 members.{i}.{name} in the mixture's order (the order picked). config.json holds the model config, the tokenizer (name,
 vocab_size, bos_id; "byte": UTF-8 bytes 0-255 and BOS 256, "gpt2": tiktoken's gpt2 encoding, BOS <|endoftext|>
 50256), each member's name, prior weight and member-file sha256, and the sha256 of model.safetensors. Check an
@@ -17,31 +17,42 @@ export with standard tools, no q0 code:
     python -c "from safetensors import safe_open; f = safe_open('OUT/model.safetensors', 'pt'); \\
                print(f.metadata(), {k: f.get_slice(k).get_shape() for k in f.keys()})"
 
-load_export(OUT) rebuilds the models with model.py: every tensor and every logit equal to common.load_member's.
+load_export(OUT) rebuilds the models with model.py: every tensor and every logit equal to store.load_member's.
 The mixture's next-token distribution is sum_i w_i softmax(z_i) (probability averaging, as eval.py scores it).
 """
-import argparse
 import hashlib
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as st_load, save as st_save
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script too: the project's modules are one up
+import eval as ev  # noqa: E402
 import model as gpt  # noqa: E402
-import prior  # noqa: E402
-from common import UserError, atomic_write, member_sha256, read_member, read_prior, write_json  # noqa: E402
+import runtime  # noqa: E402
+import store  # noqa: E402
+from config import UserError  # noqa: E402
+
+
+@dataclass
+class ExportConfig:
+    run: str = ""                    # a run folder (for --k: evaluated, with prior.json from eval.py)
+    member: str = ""                 # one member by name (members/NAME.pt) ...
+    k: int = 0                       # ... or the prior's mixture at K members (eval.members_at)
+    out: str = ""                    # output folder ("": RUN/export/NAME or RUN/export/topK)
+    ARGS = "run"                     # not a key: the plain argument is the run folder
 
 FORMAT = "q0-safetensors/1"
 
 
 def prior_mixture(run, k):
-    """[(name, weight), ...]: RUN/prior.json's mixture at K (prior.members_at), refused when the file was changed on
+    """[(name, weight), ...]: RUN/prior.json's mixture at K (eval.members_at), refused when the file was changed on
     disk or is stale for a member file retrained since it was fit."""
-    pj = read_prior(run)
-    return prior.members_at(pj, k, run), pj
+    pj = ev.read_prior(run)
+    return ev.members_at(pj, k, run), pj
 
 
 def read_members(run, mix, pj=None):
@@ -52,8 +63,8 @@ def read_members(run, mix, pj=None):
         path = run / "members" / f"{name}.pt"
         if not path.is_file():
             raise UserError(f"member file {path} not found (members of {run}: {', '.join(sorted(p.stem for p in (run / 'members').glob('*.pt'))) or 'none'})")
-        sha = member_sha256(path)
-        ckpt = dict(read_member(path, name, fix="retrain it, or export another member"), sha256=sha)
+        sha = store.member_sha256(path)
+        ckpt = dict(store.read_member(path, name, fix="retrain it, or export another member"), sha256=sha)
         bad = [key for key, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise UserError(f"member {name} ({path}) holds non-finite weights (the first {bad[0]}): export another member")
@@ -75,7 +86,7 @@ def export(run, out, member=None, k=None):
     tensors = {(key if one else f"members.{i}.{key}"): v.contiguous()
                for i, ckpt in enumerate(ckpts) for key, v in ckpt["model"].items()}
     blob = st_save(tensors, metadata={"format": "pt", "q0_format": FORMAT})
-    atomic_write(out / "model.safetensors", lambda f: f.write(blob), len(blob))
+    store.atomic_write(out / "model.safetensors", lambda f: f.write(blob), len(blob))
     data = ckpts[0]["data"]
     config = dict(format=FORMAT, source_run=str(run), model_config=ckpts[0]["model_config"],
                   dtype=str(next(iter(ckpts[0]["model"].values())).dtype).removeprefix("torch."),
@@ -84,13 +95,13 @@ def export(run, out, member=None, k=None):
                   members=[dict(name=n, weight=w, prefix="" if one else f"members.{i}.", member_sha256=c["sha256"],
                                 row=c["row"]) for i, ((n, w), c) in enumerate(zip(mix, ckpts))],
                   safetensors_sha256=hashlib.sha256(blob).hexdigest())
-    write_json(config, out / "config.json")
+    store.write_json(config, out / "config.json")
     return config
 
 
 def load_export(folder, device="cpu"):
     """An export folder -> ([(model in eval mode, weight), ...], config): model.safetensors checked against the sha256
-    in config.json, read without pickle, each member rebuilt with model.py as common.load_member does."""
+    in config.json, read without pickle, each member rebuilt with model.py as store.load_member does."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     blob = (folder / "model.safetensors").read_bytes()
@@ -107,25 +118,15 @@ def load_export(folder, device="cpu"):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", help="a run folder (for --k: evaluated, with prior.json from eval.py)")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--member", help="one member by name (members/NAME.pt)")
-    which.add_argument("--k", type=int, help="the prior's mixture at K members (prior.members_at)")
-    p.add_argument("--out", default=None, help="output folder (default RUN/export/NAME or RUN/export/topK)")
-    args = p.parse_args(argv)
-    try:
-        if args.k is not None and args.k < 1:
-            raise UserError(f"--k {args.k}: must be >= 1", status=2)
-        out = args.out or Path(args.run) / "export" / (args.member or f"top{args.k}")
-        config = export(args.run, out, args.member, args.k)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(e.status)
-    names = ", ".join(f"{m['name']} {m['weight']:.4f}" for m in config["members"])
-    print(f"wrote {out}/model.safetensors ({config['dtype']}; {names}) and config.json | sha256 "
-          f"{config['safetensors_sha256']}")
-    return config
+    with runtime.session(sys.argv[1:] if argv is None else argv, ExportConfig, __doc__) as cfg:
+        if bool(cfg.member) == bool(cfg.k):
+            raise UserError("give one of --member NAME or --k K", status=2)
+        out = cfg.out or Path(cfg.run) / "export" / (cfg.member or f"top{cfg.k}")
+        config = export(cfg.run, out, cfg.member or None, cfg.k)
+        names = ", ".join(f"{m['name']} {m['weight']:.4f}" for m in config["members"])
+        print(f"wrote {out}/model.safetensors ({config['dtype']}; {names}) and config.json | sha256 "
+              f"{config['safetensors_sha256']}")
+        return config
 
 
 if __name__ == "__main__":

@@ -23,20 +23,23 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script too: the project's modules are one up
-from common import UserError, autocast, eval_windows, load_member, pick_device  # noqa: E402
+import runtime  # noqa: E402
+import store  # noqa: E402
+from config import UserError  # noqa: E402
 from prepare_data import get_tokenizer  # noqa: E402
+from scores import eval_windows  # noqa: E402
 from tools.export import load_export, prior_mixture  # noqa: E402
 
 
 def load_mixture(run=None, k=1, export=None, device="cpu"):
-    """([(model, weight), ...], tokenizer) from a run's prior.json (prior.members_at through tools/export.py's reader)
+    """([(model, weight), ...], tokenizer) from a run's prior.json (eval.members_at through tools/export.py's reader)
     or from an export folder."""
     if export:
         pairs, config = load_export(export, device)
         tok = config["tokenizer"]
     elif run:
         mix, _ = prior_mixture(Path(run), int(k))
-        loaded = [load_member(Path(run) / "members" / f"{name}.pt", device, expected=name) for name, _ in mix]
+        loaded = [store.load_member(Path(run) / "members" / f"{name}.pt", device, expected=name) for name, _ in mix]
         pairs, tok = [(m, w) for (m, _), (_, w) in zip(loaded, mix)], loaded[0][1]["data"]
         tok = dict(name=tok["tokenizer"], vocab_size=tok["vocab_size"], bos_id=tok["bos_id"])
     else:
@@ -52,7 +55,7 @@ def load_mixture(run=None, k=1, export=None, device="cpu"):
 class Q0Mixture(LM):
     def __init__(self, run=None, k=1, export=None, device=None, batch_size=16, **unused):
         super().__init__()
-        self.dev = pick_device("auto" if device in (None, "", "auto") else str(device).split(":")[0])
+        self.dev = runtime.pick_device("auto" if device in (None, "", "auto") else str(device).split(":")[0])
         self.pairs, self.tok = load_mixture(run, k, export, self.dev)
         self.log_w = torch.tensor([w for _, w in self.pairs], dtype=torch.float32, device=self.dev).log()
         self.seq_len = self.pairs[0][0].cfg.seq_len
@@ -63,7 +66,7 @@ class Q0Mixture(LM):
         """x (B, L) -> log sum_i w_i softmax(z_i) over the vocab, (B, L, V): one model's logits at a time."""
         out = None
         for (model, _), log_w in zip(self.pairs, self.log_w):
-            with autocast(self.dev):
+            with runtime.autocast(self.dev):
                 lp = F.log_softmax(model(x).float(), dim=-1) + log_w
             out = lp if out is None else torch.logaddexp(out, lp)
         return out
@@ -96,7 +99,7 @@ class Q0Mixture(LM):
         return self.score(seqs, n_cont)
 
     def loglikelihood_rolling(self, requests):
-        """log p of a whole text: BOS + its tokens in windows of seq_len + 1 (common.eval_windows), every token once."""
+        """log p of a whole text: BOS + its tokens in windows of seq_len + 1 (scores.eval_windows), every token once."""
         out = []
         for (text,) in (r.args for r in requests):
             ids = [self.tok.bos_id] + self.tok.encode(text)

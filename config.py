@@ -116,7 +116,8 @@ def parse_value(field, value, where):
             try:
                 value = ast.literal_eval(value)
             except (ValueError, SyntaxError):
-                pass
+                if kind == "float" and value.lower().lstrip("+-") in ("inf", "nan", "infinity"):
+                    value = float(value)  # caught below, by name
     expected = {"int": int, "float": float, "bool": bool, "str": str, "tuple": tuple}[kind]
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)

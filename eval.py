@@ -87,7 +87,7 @@ def open_run(run_dir, max_tokens=0, exclude=(), device=None):
     config_path = run / "config.json"
     if not config_path.is_file():
         raise UserError(f"{config_path} missing: {run} is not a run folder of train.py or q0.py (train into it with --out_dir={run})")
-    record = store.read_json(config_path, "run record", "restore it from the run, or train again into a new folder")
+    record = runtime.read_record(run)  # an unreadable one is rebuilt from the run's checkpoints
     cfg, rows = current_config(record), store.read_manifest(run)  # with its resumes: a run extended on resume plans more members
     excluded = [r["name"] for r in rows if r["name"] in exclude]
     rows = [r for r in rows if r["name"] not in exclude]
@@ -112,17 +112,9 @@ def member_path(run, name):
     return run["dir"] / next(r for r in run["rows"] if r["name"] == name)["path"]
 
 
-def record_path(run_dir, name):
-    """RUN/scores/{name}.json: which member file (its sha256) the score files of `name` were computed from."""
-    return Path(run_dir) / "scores" / f"{name}.json"
-
-
 def scored_from(run_dir, name):
-    """The member sha256 recorded when `name` was last scored; None without a readable record."""
-    try:
-        return json.loads(record_path(run_dir, name).read_text())["member_sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    """The member sha256 recorded when `name` was last scored (scores.read_record); None without one."""
+    return scores.read_record(run_dir, name).get("member_sha256")
 
 
 def member_fix(run, name, retrain=True):
@@ -158,15 +150,15 @@ def score_split(model, split, dev, size=EvalConfig.batch_size):
     return scores.score_windows(model, split["tokens"], split["windows"], dev, size).numpy()
 
 
-def scored(path, n):
-    """True when a score file is complete: a readable 1-D array of n entries that matches the sha256 written beside
-    it (save_array writes that second, so a killed write never counts). One that does not match is named and scored
-    again: a score file is a cache, recomputed from its member."""
-    intact = store.array_intact(path)
-    if intact is False:
-        print(f"warning: score file {path} does not match its sha256 ({path}.sha256): corrupted on disk; scoring it "
-              f"again", file=sys.stderr, flush=True)
-    return bool(intact) and np.load(path, mmap_mode="r").shape == (n,)
+def scored(run, name, split):
+    """True when member `name`'s score file of `split` can be used as it is (scores.cached: complete, its sha256,
+    recorded for this member, this split's length). One that cannot is named when it exists and is scored again: a
+    score file is a cache, recomputed from its member."""
+    ok, why = scores.cached(run["dir"], name, split, run[split]["n"])
+    if not ok and scores.score_path(run["dir"], name, split).exists() and "missing" not in why:
+        print(f"warning: score file {scores.score_path(run['dir'], name, split)} {why}; scoring it again",
+              file=sys.stderr, flush=True)
+    return ok
 
 
 def peak_memory(dev):
@@ -183,7 +175,7 @@ def score_run(run, env, out_dtype=EvalConfig.dtype, size=EvalConfig.batch_size):
     shas = {name: store.member_sha256(member_path(run, name)) for name in run["names"]}
     todo = {}
     for name in run["names"]:
-        todo[name] = [s for s in ("fitness", "val") if not scored(scores.score_path(d, name, s), run[s]["n"])]
+        todo[name] = [s for s in ("fitness", "val") if not scored(run, name, s)]
         was = scored_from(d, name)
         if len(todo[name]) < 2 and was != shas[name]:  # cached scores of another member file: both splits again
             if rank == 0:
@@ -200,6 +192,8 @@ def score_run(run, env, out_dtype=EvalConfig.dtype, size=EvalConfig.batch_size):
     for name in mine:
         t0 = time.time()
         model = load(run, name, dev)  # one model in memory at a time
+        record = dict(member=str(member_path(run, name).relative_to(d)), member_sha256=shas[name],
+                      scores=scores.read_record(d, name).get("scores", {}))
         for split in todo[name]:
             lp = score_split(model, run[split], dev, size).astype(out_dtype)
             if not np.isfinite(lp).all():  # never a NaN score file: it would poison every mixture with it
@@ -207,8 +201,8 @@ def score_run(run, env, out_dtype=EvalConfig.dtype, size=EvalConfig.batch_size):
                 raise UserError(f"member {name} gives non-finite log-probs on {split} ({bad:,} of {len(lp):,} tokens, "
                                 f"{out_dtype}): {member_fix(run, name, retrain=False)}")
             store.save_array(lp, scores.score_path(d, name, split))
-        store.write_json(dict(member=str(member_path(run, name).relative_to(d)), member_sha256=shas[name]),
-                         record_path(d, name))
+            record["scores"][split] = store.digest(lp)  # what the sha256 beside it holds
+        store.write_json(record, scores.record_path(d, name))
         del model
         n = sum(run[s]["n"] for s in todo[name])
         dt = time.time() - t0
@@ -246,7 +240,7 @@ def is_slowrun(meta):
 def run_scores(run, split):
     """The run's (M, N) scores of `split` (scores.open_scores: memory-mapped, training order, on the run's backend
     device); a missing or bad file is a UserError naming the command that rescores it."""
-    try:
+    try:  # score_run has just checked every file (scored): no second hash here
         return scores.open_scores(run["dir"], run["names"], split, run.get("device"))
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
@@ -277,7 +271,7 @@ def members_at(prior_json, k, run_dir=None):
     if run_dir is None:
         raise ValueError(f"prior.json holds the mixtures at K = {', '.join(per_k)}; K = {k} is chosen from the run's "
                          f"fitness scores: pass its run folder")
-    idx, w = prior.select(scores.open_scores(run_dir, names, prior.split), k, method=prior_json["method"])
+    idx, w = prior.select(scores.open_scores(run_dir, names, prior.split, check=True), k, method=prior_json["method"])
     return [(names[i], float(x)) for i, x in zip(idx, w)]
 
 
@@ -348,6 +342,16 @@ def read_prior(run_dir, what="prior"):
         raise UserError(f"{path} does not match the sha256 eval.py stored in it (changed on disk): re-run python "
                         f"eval.py {run}, which refits it, then this command")
     return pj
+
+
+def check_fit_on(run_dir, pj, names):
+    """UserError unless each member file is the one prior.json was fit on (the sha256 stored in the file against the
+    one prior.json recorded): a member retrained or replaced since would stand in the mixture for another model."""
+    for name in names:
+        path = Path(run_dir) / "members" / f"{name}.pt"
+        if store.member_sha256(path) != pj.get("member_sha256", {}).get(name):
+            raise UserError(f"member {name} ({path}) changed since {Path(run_dir) / 'prior.json'} was fit: re-run "
+                            f"python eval.py {run_dir}, which rescores and refits, then this command")
 
 
 def write_prior(path, names, L_fitness, method=prior.method, member_sha256=None, compare=False):

@@ -284,7 +284,7 @@ def prepare_run_dir(cfg, env, data):
         if config_path.exists():
             if not cfg.resume:
                 raise UserError(f"{run_dir} already holds a run: add --resume=True to continue it, or set --out_dir=<new folder>")
-            old = store.read_json(config_path, "run record", "restore it, or start the run again in a new --out_dir")
+            old = read_record(run_dir)
             changed = config.resume_changes(run_dir, config.current_config(old), record["config"])
             if old["data"] != record["data"]:
                 raise UserError(f"cannot resume {run_dir}: the data in {cfg.data_dir} differs from the data it was trained on "
@@ -302,6 +302,33 @@ def prepare_run_dir(cfg, env, data):
         raise UserError(f"{config_path}, written by rank 0, is not visible to rank {env['rank']}: the run folder must be "
                         f"on a file system every node sees (a node given another trajectory after a restart would "
                         f"otherwise find no checkpoint and start it over)")
+
+
+def read_record(run_dir):
+    """RUN/config.json, its sha256 checked (an edit is refused, naming the fix). One that is unreadable (cut short by a
+    full disk, say) is rebuilt, with a warning, from the newest track checkpoint, which holds the config it ran with,
+    and the data folder's metas as they are now: the record of earlier resumes and starts is lost, not the run."""
+    path = Path(run_dir) / "config.json"
+    try:
+        return store.load_json(path)
+    except store.Changed as e:
+        raise UserError(f"run record {path}: {e}: restore it, or delete its {store.JSON_DIGEST} line to keep a "
+                        f"deliberate edit") from None
+    except (OSError, ValueError) as e:
+        why = config.one_line(e)
+    ckpts = sorted(Path(run_dir).glob("track*/ckpt.pt"), key=lambda p: p.stat().st_mtime)
+    if not path.exists() or not ckpts:
+        raise UserError(f"run record {path} is {'missing' if not path.exists() else f'unreadable ({why})'} and no "
+                        f"track checkpoint holds the config to rebuild it from: train the run again in a new --out_dir")
+    cfg = store.safe_load(ckpts[-1], "checkpoint", "delete it; its track trains again from step 0")["config"]
+    data = {s: store.load_split(cfg["data_dir"], s, verify=False)[1]["sha256"] for s in ("train", "fitness", "val")}
+    at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    record = dict(config=cfg, data=data, provenance=[], rebuilt=dict(checkpoint=str(ckpts[-1]), at=at))
+    store.write_json(record, path, checked=True)
+    print(f"warning: {path} was unreadable ({why}); rebuilt it from {ckpts[-1]} (the config it ran with) and "
+          f"{cfg['data_dir']}'s metas (the data's sha256 as it is now; the record of earlier starts is lost)",
+          file=sys.stderr, flush=True)
+    return record
 
 
 def describe_setup(cfg, env, data, steps_per_epoch):
@@ -426,6 +453,9 @@ def memory_estimate(cfg, micro_batch, teacher="fp32", teachers=1, eval_batch=16)
 
 
 # -----------------------------------------------------------------------------------------------------
+MAX_WEIGHT = 1e4  # no trained weight comes near: the init's largest is ~5 (the embedding's N(0, 1)), weight decay keeps them so
+
+
 class TrackRun:
     """One track's files and the loop's named calls (the module docstring)."""
 
@@ -529,9 +559,14 @@ class TrackRun:
                       f"{loss:.4f}; the step was not taken)")
 
     def check_finite(self, step, what):
-        bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
-        if bad:
-            self.fail(f"weight {bad[0]} is not finite after step {step}, before writing {what}")
+        """Before a checkpoint or a member is written: every weight finite and within MAX_WEIGHT. A diverged model can
+        stay finite for a few steps (|w| ~ 1e21 at an LR of 1e6), and a checkpoint of it only diverges again on
+        resume: refused here, the last checkpoint written stays a sane one to resume from."""
+        for n, p in self.model.named_parameters():
+            largest = p.detach().abs().max().item()
+            if not largest <= MAX_WEIGHT:  # NaN and inf fail this too
+                what_it_is = "not finite" if not math.isfinite(largest) else f"{largest:.3g} (diverged: beyond {MAX_WEIGHT:g})"
+                self.fail(f"weight {n} is {what_it_is} after step {step}, before writing {what}")
 
     def fail(self, problem):
         """Stop with the truth about what is on disk: nothing is written from the bad state."""
@@ -654,14 +689,14 @@ class TrackRun:
     def drop_log_rows_after(self, step, expected_rows=0):
         """A resumed run redoes every step after its checkpoint: drop their log rows, so none appears twice. The
         rewrite is atomic: a kill during it leaves the old log whole. Fewer rows than the checkpoint counted (a log
-        cut short or lost) cannot be rebuilt: say so, once, and go on (the run itself is whole)."""
+        cut short, damaged or lost) cannot be rebuilt: say so, once, and go on (the run itself is whole)."""
         keep = []
         if self.first and self.log_path.exists():
-            for row in self.log_path.read_text().splitlines():
+            for row in self.log_path.read_bytes().splitlines():
                 try:
-                    keep += [row + "\n"] if json.loads(row)["step"] <= step else []
-                except ValueError:
-                    pass  # a line torn by a crash mid-append
+                    keep += [row.decode() + "\n"] if json.loads(row)["step"] <= step else []
+                except (ValueError, KeyError, TypeError):  # a line torn by a crash mid-append, a bad byte (a
+                    pass                                      # UnicodeDecodeError), a row that is not one
             store.atomic_write(self.log_path, lambda f: f.write("".join(keep).encode()))
         if self.first and len(keep) < expected_rows:
             print(f"warning: {self.log_path} holds {len(keep)} rows up to step {step}, the checkpoint counted "

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import runtime
+import store
 
 # -----------------------------------------------------------------------------
 chunk_tokens = 2**16     # tokens per float64 block of the maths: ~M x 0.5 MiB per block (480 members: 240 MiB)
@@ -60,6 +61,40 @@ def score_windows(model, tokens, windows, device, batch_size=16):
 def score_path(run_dir, name, split):
     """Where eval.py writes member `name`'s log-probs of the true token on `split`."""
     return Path(run_dir) / "scores" / f"{name}.{split}.npy"
+
+
+def record_path(run_dir, name):
+    """RUN/scores/{name}.json, eval.py's record of member `name`'s scores: the member file they came from (its
+    sha256) and each split's score digest, so a score file copied under another member's name (with the sha256
+    beside it) is not taken for this member's."""
+    return Path(run_dir) / "scores" / f"{name}.json"
+
+
+def read_record(run_dir, name):
+    """The record of `name`'s scores (record_path), or {} without a readable one."""
+    try:
+        record = store.load_json(record_path(run_dir, name))
+        return record if isinstance(record, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def cached(run_dir, name, split, n=None):
+    """-> (True, None) when member `name`'s score file of `split` is complete (save_array writes the digest beside
+    it second, so a killed write never counts), matches that digest, is the one eval.py recorded for this member,
+    and (n given) holds n scores; else (False, why)."""
+    path = score_path(run_dir, name, split)
+    intact = store.array_intact(path)
+    if intact is None:
+        return False, "is missing or unfinished"
+    if not intact:
+        return False, f"does not match its sha256 ({path.name}.sha256): it changed on disk"
+    if read_record(run_dir, name).get("scores", {}).get(split) != Path(f"{path}.sha256").read_text().strip():
+        return False, (f"is not the one recorded for member {name} in {record_path(run_dir, name)} (copied from "
+                       f"another member, or scored before records held the scores' digests)")
+    if n is not None and np.load(path, mmap_mode="r").shape != (n,):
+        return False, f"holds another number of scores than the {n:,} of this split"
+    return True, None
 
 
 class Scores:
@@ -119,18 +154,23 @@ def as_scores(L):
     return L if isinstance(L, Scores) else Scores(np.atleast_2d(np.asarray(L)))
 
 
-def open_scores(run_dir, names, split, device=None):
+def open_scores(run_dir, names, split, device=None, check=False):
     """The members' score files as Scores (M, N), memory-mapped: nothing is held in RAM (one NaN check reads them
     chunk by chunk). The files hold float32 log p (float16 also reads). log p, not p: p = e^-300 underflows, log p
     does not. float32 rounds each log p by <= 6e-8 relative (2e-7 nats at log p = -3), and a logsumexp moves by at
     most the largest change among its terms, so a mixture loss computed from them in float64 is off by at most
     6e-8 x max_i |log p_i(t)| per token, ~1e-6 nats: far below the 1e-4 nats reported. float64 files would double
-    the disk and the reads for nothing."""
+    the disk and the reads for nothing. check=True (a reader that did not just score them: the student, tools/):
+    each file is also hashed against its digest and its record (cached), so a changed or copied one is refused."""
     paths = [score_path(run_dir, n, split) for n in names]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(paths)} score file(s) missing, the first {missing[0]}; "
                                 f"run `python eval.py {run_dir} --score` first")
+    for name, path in zip(names, paths) if check else ():
+        ok, why = cached(run_dir, name, split)
+        if not ok:
+            raise ValueError(f"score file {path} {why}; re-run `python eval.py {run_dir}`, which scores it again")
     arrays = [np.load(p, mmap_mode="r") for p in paths]
     shapes = {n: a.shape for n, a in zip(names, arrays)}
     if any(a.ndim != 1 for a in arrays) or len({a.shape for a in arrays}) > 1:

@@ -59,8 +59,10 @@ def check_disk(path, size):
         raise UserError(f"cannot write {path}: {not_a_folder(Path(path).parent)} is a file, not a folder") from None
     need, free = int(size * 1.1) + (1 << 20), free_bytes(Path(path).parent)
     if free < need:
-        raise UserError(f"not enough disk to write {path}: need about {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB "
-                        f"free. Earlier files are intact: free space", rerun=True)
+        sizes = [f"{n / 2**20:,.0f} MiB" if n >= 10 << 20 else f"{n / 2**10:,.0f} KiB" for n in (need, free)]
+        sizes = sizes if sizes[0] != sizes[1] else [f"{need:,} bytes", f"{free:,} bytes"]
+        raise UserError(f"not enough disk to write {path}: need about {sizes[0]}, {sizes[1]} free. Earlier files are "
+                        f"intact: free space", rerun=True)
 
 
 def not_a_folder(path):
@@ -85,8 +87,10 @@ def atomic_write(path, write, size=0):
                         rerun=True) from None
     finally:  # also on Ctrl-C; a SIGKILL's leftover is removed by the next write of the same file (below)
         tmp.unlink(missing_ok=True)
-    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed writer of this same file
-        stale.unlink(missing_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed writer of this same file; another live
+        pid = stale.name.rsplit(".tmp", 1)[1]             # process's write in flight (two eval.py --score) is not stale
+        if not (pid.isdigit() and pid_alive(int(pid))):
+            stale.unlink(missing_ok=True)
 
 
 def to_host(obj):

@@ -206,13 +206,16 @@ class StudentPlan(train.SinglePlan):
 
 
 def teacher_mixture(cfg):
-    """[(name, weight)]: the mixture of teacher_run at teacher_k (eval.members_at), from a prior.json that is current."""
+    """[(name, weight)]: the mixture of teacher_run at teacher_k (eval.members_at), from a prior.json that is intact
+    and current for those members' files."""
     run = Path(cfg.teacher_run)
     pj = ev.read_prior(run, "teacher prior")
     try:  # K past the population: all of it; a K prior.json lacks is chosen from the run's fitness scores
-        return ev.members_at(pj, cfg.teacher_k, run)
+        pairs = ev.members_at(pj, cfg.teacher_k, run)
     except (FileNotFoundError, ValueError) as e:  # those scores missing or damaged: one line, with its fix
         raise UserError(f"teacher_k={cfg.teacher_k}: {e}") from None
+    ev.check_fit_on(run, pj, [n for n, _ in pairs])
+    return pairs
 
 
 def main(argv):

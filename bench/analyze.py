@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import prior  # noqa: E402
 import scores  # noqa: E402
+import store  # noqa: E402
 from config import UserError  # noqa: E402
 from scores import eval_windows  # noqa: E402
 from store import load_member, load_split, read_manifest, save_array  # noqa: E402
@@ -166,7 +167,8 @@ def score_members(run_dir, names, data_dir, split, max_tokens, device="cpu"):
     out = []
     for name in names:
         path = run_dir / "analysis" / f"{name}.{split}-{meta['sha256'][:8]}.npy"
-        if ev.scored(path, n):  # same data (sha in the name), same length: the same windows
+        if store.array_intact(path) and np.load(path, mmap_mode="r").shape == (n,):  # same data (sha in the name),
+            # same length: the same windows
             out.append(np.load(path))
             continue
         model, _ = load_member(run_dir / rows[name]["path"], device, expected=rows[name])

@@ -151,10 +151,16 @@ CONFIGS = {train: train.Config, q0: q0.Q0Config, variants: variants.VariantConfi
 
 
 def script_for(argv):
-    """The entry point these arguments are for: by mode (config.MODE_SCRIPTS), variants.py for its own keys."""
+    """The entry point these arguments are for: by mode (a --mode flag, else the config file's; config.MODE_SCRIPTS),
+    variants.py for its own keys."""
     modes = [a.split("=", 1)[1] for a in argv if a.startswith("--mode=")]
     if any(a.startswith("--distill_teacher") for a in argv):
         return "variants.py"
+    if not modes and argv and not argv[0].startswith("--") and (ROOT / argv[0]).is_file():  # a config file's mode
+        try:
+            modes = [v for k, v, _ in config.read_file(ROOT / argv[0]) if k == "mode"]
+        except config.UserError:
+            pass  # a broken file: the script says so
     return config.MODE_SCRIPTS.get(modes[-1], "train.py") if modes else "train.py"
 
 

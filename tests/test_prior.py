@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as ev  # noqa: E402
 import prior  # noqa: E402
 import scores  # noqa: E402
+import store  # noqa: E402
 
 W_TRUE = np.array([0.6, 0.3, 0.1])
 
@@ -226,9 +227,9 @@ def test_members_at_agrees_with_per_k(tmp_path):
         assert [n for n, _ in ev.members_at(pj, 4)].index("b") < [n for n, _ in ev.members_at(pj, 4)].index("d")
         with pytest.raises(ValueError, match="K = 1, 2, 4; K = 3 is chosen from the run's fitness scores"):
             ev.members_at(pj, 3)
-        (tmp_path / "scores").mkdir(exist_ok=True)
-        for name, row in zip(names, L):
-            np.save(scores.score_path(tmp_path, name, "fitness"), row)
+        for name, row in zip(names, L):  # as eval.py writes them: the array, its sha256, the record naming it
+            store.save_array(row, scores.score_path(tmp_path, name, "fitness"))
+            store.write_json(dict(scores=dict(fitness=store.digest(row))), scores.record_path(tmp_path, name))
         idx, w = prior.select(L, 3, method=method)
         assert ev.members_at(pj, 3, tmp_path) == [(names[i], float(x)) for i, x in zip(idx, w)]
         assert ev.members_at(pj, 9) == ev.members_at(pj, 4)  # K past the population: all of it

@@ -52,12 +52,17 @@ def prior_mixture(run, k):
     """[(name, weight), ...]: RUN/prior.json's mixture at K (eval.members_at), refused when the file was changed on
     disk or is stale for a member file retrained since it was fit."""
     pj = ev.read_prior(run)
-    return ev.members_at(pj, k, run), pj
+    try:
+        mix = ev.members_at(pj, k, run)
+    except (FileNotFoundError, ValueError) as e:  # a K prior.json lacks, its fitness scores missing or damaged
+        raise UserError(f"--k {k}: {e}") from None
+    ev.check_fit_on(run, pj, [n for n, _ in mix])
+    return mix, pj
 
 
-def read_members(run, mix, pj=None):
-    """The member files of a mixture, checked: their sha256 (safe_load), their name, finite weights, one model config,
-    and, for a prior's mixture, the member files the prior was fit on. -> [ckpt, ...] with ckpt["sha256"] added."""
+def read_members(run, mix):
+    """The member files of a mixture, checked: their sha256 (safe_load), their name, finite weights, one model config
+    (prior_mixture checked they are the files the prior was fit on). -> [ckpt, ...] with ckpt["sha256"] added."""
     ckpts = []
     for name, _ in mix:
         path = run / "members" / f"{name}.pt"
@@ -68,9 +73,6 @@ def read_members(run, mix, pj=None):
         bad = [key for key, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise UserError(f"member {name} ({path}) holds non-finite weights (the first {bad[0]}): export another member")
-        fit_on = (pj or {}).get("member_sha256", {}).get(name, sha)
-        if fit_on != sha:
-            raise UserError(f"member {name} changed since {run / 'prior.json'} was fit: re-run python eval.py {run}")
         if ckpts and ckpt["model_config"] != ckpts[0]["model_config"]:
             raise UserError(f"members {mix[0][0]} and {name} have different model configs: export them one at a time")
         ckpts.append(ckpt)
@@ -81,7 +83,7 @@ def export(run, out, member=None, k=None):
     """Write OUT/model.safetensors and OUT/config.json for one member or the prior's mixture at K. -> the config dict."""
     run, out = Path(run), Path(out)
     mix, pj = ([(member, 1.0)], None) if member is not None else prior_mixture(run, k)
-    ckpts = read_members(run, mix, pj)
+    ckpts = read_members(run, mix)
     one = member is not None
     tensors = {(key if one else f"members.{i}.{key}"): v.contiguous()
                for i, ckpt in enumerate(ckpts) for key, v in ckpt["model"].items()}

@@ -307,8 +307,9 @@ def fit_prior(names, L_fitness, method=prior.method, compare=False, log=None):
     greedy = prior.greedy_select(L, ks[-2] if len(ks) > 1 else 1, log=log)  # at K = M greedy is every member
     uniform = lambda idx: (idx, np.full(len(idx), 1.0 / len(idx)))
     per_k = [prior.select(L, k, greedy, method, w) for k in ks]
-    if log and prior.selection == "greedy":
-        log(f"prior | {method} refit on greedy's first K members, K = {', '.join(map(str, ks[:-1]))}")
+    if log and prior.selection != "top":
+        log(f"prior | {method} refit on greedy's first K members or the fit's K heaviest, the better on fitness, "
+            f"K = {', '.join(map(str, ks[:-1]))}")
     tables = {"per_k": per_k, "uniform_last": [uniform(uniform_last(M, k)) for k in ks],
               "greedy": [uniform(greedy[:k] if k < M else np.arange(k)) for k in ks]}
     W = np.zeros((3 * len(ks), M))  # every entry's weights over all members, one row each: one pass for their losses

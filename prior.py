@@ -1,7 +1,8 @@
 """
 prior.py: the learned prior over a q0 population (primitive 3). Its weights are fit on the held-out fitness split;
-at an inference budget of K members, the K that greedy forward selection picks, weighted by the same fit on those K
-alone (select). With p_i(y_t) = exp(L[i, t]) member i's probability of the true token (scores.py):
+at an inference budget of K members, the K that greedy forward selection picks or the fit's K heaviest, whichever
+mixture is better on fitness, weighted by the same fit on those K alone (select). With p_i(y_t) = exp(L[i, t])
+member i's probability of the true token (scores.py):
 
     min_w  f(w) = mean_t -log sum_i w_i p_i(y_t),   w on the simplex
 
@@ -18,8 +19,8 @@ from scores import as_probs, like, progress, to_numpy, xp
 
 # -----------------------------------------------------------------------------
 method = "em"            # em | adamw: whose weights go into prior.json (eval.py --compare_adamw runs both)
-selection = "greedy"     # K members (select): greedy: greedy's K, weights refit on them (chosen on fitness, BENCHMARKS
-                         # 1f) | top: the full fit's K heaviest, renormalised (the paper's); recorded in prior.json
+selection = "greedy|top"  # K members (select): greedy|top: greedy's K or the full fit's K heaviest, whichever is better
+                         # on fitness, weights refit | top: the K heaviest, renormalised (the paper's); in prior.json
 split = "fitness"        # the only split a prior is fit on; val is the test set
 em_iters = 5000          # cap on EM's passes over L after the first; each: an exp and two matrix-vector products
 em_tol = 1e-9            # EM stops once a step lowers the objective by less (nats/token)
@@ -150,20 +151,24 @@ def mixture(w, k):
 
 def select(L, k, order=None, method=method, w=None, chunk=None, log=None):
     """The mixture at inference budget k, as every consumer of the prior uses it (eval.py's K table, the student, the
-    mixture teacher, tools/): the first k members of greedy forward selection (greedy_select, or `order` when it was
-    run already: its every prefix is the greedy one), their weights fit by `method` on those k alone; k >= M: every
-    member, the full fit (w, when the caller has it already). -> (member indices in the order picked, weights).
-    selection = "top": mixture() of the full fit, the paper's rule.
-    Why not the full fit's top k (mixture): the full fit weights a member by what it adds to all the others, so its
-    top k are not the k that work best alone together, and a near-tie between two weights swaps a member. On fitness,
-    cross-fitted (bench/k_select.py, BENCHMARKS 1f), greedy's k with their weights refit were 0.005-0.011 nats better
-    at K = 2-8 on both seeds (K = 1: as good or better), and at K = M/2 within 0.002 of the best rule."""
+    mixture teacher, tools/), of two candidate sets of k members: the first k of greedy forward selection
+    (greedy_select, or `order` when it was run already: its every prefix is the greedy one) and the full fit's k
+    heaviest (w, that fit, when the caller has it); each with its weights fit by `method` on those k alone, the one
+    whose mixture is better on L (fitness; greedy's on a tie). k >= M: every member, the full fit. -> (member
+    indices in the order picked, weights). selection = "top": mixture() of the full fit, the paper's rule.
+    Why both: the full fit weights a member by what it adds to all the others, so its top k are often not the k that
+    work best alone together (cross-fitted, greedy's were 0.005-0.011 nats better at K = 2-8: BENCHMARKS 1f), but not
+    always (the quick start at K = 8: 0.0025 worse than the paper's rule on fitness). The refit of the heaviest k is
+    never worse on fitness than their renormalised weights, so no K is worse than the paper's rule there."""
     if selection == "top" or k >= len(L):  # the full fit's: reads L only when w is not given
         w = FITS[method](as_probs(L, chunk, hold=True))[0] if w is None else w
         return (np.arange(len(L)), w) if k >= len(L) else mixture(w, k)  # "top": the paper's rule, one switch away
     L = as_probs(L, chunk, hold=True)
-    idx = np.asarray(order[:k] if order is not None and len(order) >= k else greedy_select(L, k, log=log))
-    return idx, FITS[method](L[idx])[0]
+    w = FITS[method](L)[0] if w is None else w
+    greedy = np.asarray(order[:k] if order is not None and len(order) >= k else greedy_select(L, k, log=log))
+    heaviest = mixture(w, k)[0]
+    fits = [(idx, FITS[method](L[idx])[0]) for idx in ([greedy, heaviest] if set(greedy) != set(heaviest) else [greedy])]
+    return min(fits, key=lambda fit: mixture_nll(L[fit[0]], fit[1]))  # min keeps the first (greedy's) on a tie
 
 
 def greedy_select(L, k, chunk=None, log=None):

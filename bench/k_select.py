@@ -17,6 +17,12 @@ fitness (what a user would ship), never chosen on.
     python eval.py RUN --score                                   # first: RUN/scores/{name}.{fitness,val}.npy
     python bench/k_select.py bench/out/runs/q0-s1 bench/out/runs/q0-s2
     python bench/k_select.py RUN --budget 64                      # the population as it stood at 64 epochs
+    python bench/k_select.py RUN --authors                        # prior.select against the authors' rule (issue 39)
+
+--authors: at each K, the mixture prior.select ships (eval.py's K table, the student, tools/) against the authors'
+rule (qlabs-eng/slowrun unlimited/gradient_select.py: AdamW on softmax logits, 300 steps at lr 0.5, clip 1, the K
+heaviest renormalised; here prior.fit_adamw, from alpha = 0 where the reference adds 1e-4 noise), both fit on all of
+fitness: the fitness loss (the split both select on) and val.
 """
 import argparse
 import sys
@@ -45,6 +51,10 @@ def greedy(F, k):
     return idx, np.full(len(idx), 1.0 / len(idx))
 
 
+def authors(F, k):
+    return prior.mixture(prior.fit_adamw(F)[0], k)
+
+
 RULES = {"top-K by weight": top_weight, "top-K refit": lambda F, k: refit(F, top_weight(F, k)[0]),
          "greedy": greedy, "greedy refit": lambda F, k: refit(F, greedy(F, k)[0])}
 
@@ -71,12 +81,36 @@ def table(run_dir, budget=None, block=heldout_piece_tokens):
     return len(rows), out
 
 
+def against_authors(run_dir, budget=None):
+    """{K: ((authors' fitness, val), (prior.select's fitness, val))} at K = 1, 2, 4, ... below the population."""
+    rows, F, V = members(Path(run_dir), budget=budget)
+    F, V = np.asarray(F, dtype=np.float64), np.asarray(V, dtype=np.float64)
+    w = prior.fit_em(F)[0]
+    out = {}
+    for k in prior.ks_for(len(rows))[:-1]:
+        cells = []
+        for idx, wk in (authors(F, k), prior.select(F, k, w=w)):
+            cells.append((prior.mixture_nll(F[idx], wk), prior.mixture_nll(V[idx], wk)))
+        out[k] = cells
+    return len(rows), out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--budget", type=float, default=None, help="the members that existed at this many epochs")
     ap.add_argument("--block", type=int, default=heldout_piece_tokens, help="tokens per cross-fitting block")
+    ap.add_argument("--authors", action="store_true", help="prior.select against the authors' rule, in-sample fitness")
     args = ap.parse_args()
+    if args.authors:
+        for run_dir in args.runs:
+            M, t = against_authors(run_dir, args.budget)
+            print(f"\n{run_dir} ({M} members{'' if args.budget is None else f' at {args.budget:g} epochs'}), "
+                  f"selection {prior.selection!r}: fitness / val\n| K | the authors' rule | prior.select | fitness "
+                  f"difference (select - authors) |\n|---|---|---|---|")
+            for k, ((fa, va), (fs, vs)) in t.items():
+                print(f"| {k} | {fa:.5f} / {va:.5f} | {fs:.5f} / {vs:.5f} | {fs - fa:+.5f} |")
+        return
     wins, gaps = {r: 0 for r in RULES}, {r: [] for r in RULES}
     for run_dir in args.runs:
         M, t = table(run_dir, args.budget, args.block)

@@ -522,9 +522,11 @@ class TrackRun:
         tok_s = c.batch_tokens / dt if dt > 0 else float("nan")
         flops = self.flops_per_step * (3 + self.plan.teacher_forwards()) / 3  # a teacher forward: 1/3 of fwd + bwd
         mfu = f"{flops / dt / (self.peak * self.env['group_size']) * 100:5.1f}%" if self.peak and dt > 0 else "    -"
+        later = len(self.env["my_tracks"]) - self.env["my_tracks"].index(self.track) - 1  # tracks this group trains next
+        run_eta = f" (run {(total - step + later * total) * dt / 60:.1f})" if later else ""
         self.log(f"track {self.track} | step {step:6d}/{total} ({100 * step / total:5.1f}%) | epoch {step / spe:7.2f} | "
                  f"loss {loss:.4f} | lr {group['lr']:.2e} | wd {group['weight_decay']:.3f} | {dt * 1000:7.1f} ms | "
-                 f"{tok_s:9,.0f} tok/s | mfu {mfu} | eta {(total - step) * dt / 60:6.1f} min")
+                 f"{tok_s:9,.0f} tok/s | mfu {mfu} | eta {(total - step) * dt / 60:6.1f} min{run_eta}")
         dev = self.env["device"]
         self.log_row(dict(kind="train", step=step, epoch=step / spe, loss=loss, lr=group["lr"], wd=group["weight_decay"],
                           ms=dt * 1000, tok_s=tok_s,  # peak memory: since this process started

@@ -24,5 +24,5 @@ perturb_scale_start = 0.0
 perturb_scale_end = 0.0
 distill_after_cycles = 16            # = num_cycles: no chain distillation
 eval_every_epochs = 8.0
-log_every = 120
+log_every = 10                       # 3 rows a cycle (30 steps): the sawtooth shows in the log
 ckpt_every_epochs = 8.0

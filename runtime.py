@@ -453,6 +453,12 @@ def memory_estimate(cfg, micro_batch, teacher="fp32", teachers=1, eval_batch=16)
 
 
 # -----------------------------------------------------------------------------------------------------
+def duration(seconds):
+    """A time for a person: seconds below two minutes, minutes below two hours, then hours."""
+    return (f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else
+            f"{seconds / 3600:.1f} h")
+
+
 MAX_WEIGHT = 1e4  # no trained weight comes near: the init's largest is ~5 (the embedding's N(0, 1)), weight decay keeps them so
 
 
@@ -523,10 +529,10 @@ class TrackRun:
         flops = self.flops_per_step * (3 + self.plan.teacher_forwards()) / 3  # a teacher forward: 1/3 of fwd + bwd
         mfu = f"{flops / dt / (self.peak * self.env['group_size']) * 100:5.1f}%" if self.peak and dt > 0 else "    -"
         later = len(self.env["my_tracks"]) - self.env["my_tracks"].index(self.track) - 1  # tracks this group trains next
-        run_eta = f" (run {(total - step + later * total) * dt / 60:.1f})" if later else ""
+        run_eta = f" (run {duration((total - step + later * total) * dt)})" if later else ""
         self.log(f"track {self.track} | step {step:6d}/{total} ({100 * step / total:5.1f}%) | epoch {step / spe:7.2f} | "
                  f"loss {loss:.4f} | lr {group['lr']:.2e} | wd {group['weight_decay']:.3f} | {dt * 1000:7.1f} ms | "
-                 f"{tok_s:9,.0f} tok/s | mfu {mfu} | eta {(total - step) * dt / 60:6.1f} min{run_eta}")
+                 f"{tok_s:9,.0f} tok/s | mfu {mfu} | eta {duration((total - step) * dt):>9}{run_eta}")
         dev = self.env["device"]
         self.log_row(dict(kind="train", step=step, epoch=step / spe, loss=loss, lr=group["lr"], wd=group["weight_decay"],
                           ms=dt * 1000, tok_s=tok_s,  # peak memory: since this process started

@@ -48,7 +48,8 @@ def _sizes():
 ONE_OF = dict(device=("auto", "cuda", "mps", "cpu"), decay=("cosine", "linear", "none"),
               cycle_shape=("linear", "cosine"), student_init=("scratch", "best"), distill_teacher=("previous", "mixture"),
               method=("auto", "em", "adamw"), dtype=("float32", "float16"), backend=("auto", "numpy", "cuda", "cpu"),
-              source=("pydoc", "files", "fineweb"), tokenizer=("byte", "gpt2"), model_size=_sizes)
+              source=("pydoc", "files", "fineweb"), tokenizer=("byte", "gpt2"), tracker=("none", "tensorboard", "wandb"),
+              model_size=_sizes)
 AT_LEAST = dict(dist_timeout_minutes=1, ddp_bucket_cap_mb=1, seq_len=2, batch_tokens=1, micro_batch_size=1,
                 ensemble_size=1, eval_batch_size=1, log_every=1, num_trajectories=1, num_cycles=1, teacher_k=1,
                 distill_teacher_k=1, batch_size=1, k=1, muon_lr=0, embed_lr=0, head_lr=0, weight_decay=0, grad_clip=0,
@@ -251,7 +252,7 @@ def read_file(path):
 # resume: which keys a continued run may change, and which may grow (a longer run whose first part is the finished one)
 RESUME_SAFE_KEYS = {"resume", "out_dir", "device", "compile", "dist_timeout_minutes", "ddp_bucket_cap_mb",
                     "micro_batch_size", "log_every", "eval_every_epochs", "eval_tokens", "ckpt_every_epochs",
-                    "async_checkpoints"}  # they do not change what the run computes
+                    "async_checkpoints", "tracker"}  # they do not change what the run computes
 # keys a NaN stop's advice names: they change what the run computes from the resumed step on, so the step each change
 # took effect is logged (log.jsonl, kind "resume") and config.json records it under "resumes"
 RESUME_TUNABLE_KEYS = ("muon_lr", "embed_lr", "head_lr", "grad_clip")

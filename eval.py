@@ -23,8 +23,10 @@ only (write_prior, read_prior, members_at), and kept while it is current for the
 members' full distributions (K models at once) is in tools/, which call this file: downstream.py, sample.py.
 """
 import hashlib
+import importlib.util
 import json
 import resource
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import config
 import prior
 import runtime
 import scores
@@ -55,6 +58,8 @@ class EvalConfig:
     compare_adamw: bool = False      # also fit the prior by AdamW (300 passes) and report it beside EM (prior.json "compare")
     backend: str = "auto"            # the prior's maths: auto (torch on the device when it is CUDA, else numpy) | numpy | cuda | cpu
     out: str = ""                    # folder for compare.json and compare.png when several runs are given ("": the first run's)
+    status: bool = False             # only say where each run is (per track: step, cycle, members, last val, eta); reads
+                                     # the run folder only, writes nothing: works while it trains
     ARGS = "runs"                    # not a key: the plain arguments are the run folders
 
 
@@ -565,6 +570,52 @@ def plot(rep, path):
     return True
 
 
+def read_rows(run_dir, track):
+    """The rows of track<i>/log.jsonl as it is (a torn or damaged line skipped): read while the run trains."""
+    rows = []
+    for line in (Path(run_dir) / f"track{track}" / "log.jsonl").read_bytes().splitlines() if (
+            Path(run_dir) / f"track{track}" / "log.jsonl").exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass
+    return rows
+
+
+def tracks_of(cfg):
+    """The number of tracks a run's config plans: its trajectories, its ensemble's members, or one."""
+    return cfg["num_trajectories"] if "num_trajectories" in cfg else cfg["ensemble_size"] if cfg["mode"] == "ensemble" else 1
+
+
+def plot_training(run, path):
+    """RUN/train.png when matplotlib is installed: the training loss (its CE part where a teacher made it a mixture),
+    the LR multiplier and the WD multiplier (the logged lr and wd over the config's base: the schedule, q0's sawtooth)
+    against epochs, one panel each, every track, a point per log row, each member saved a dotted line at its epoch."""
+    plt, cfg = pyplot(), run["cfg"]
+    rows = {t: [r for r in read_rows(run["dir"], t) if r.get("kind") == "train"] for t in range(tracks_of(cfg))}
+    if plt is None or not any(rows.values()):
+        return False
+    panels = [("loss", 1.0, "training loss: CE (nats/token)"), ("lr", cfg["muon_lr"], "LR multiplier (x muon_lr)")]
+    panels += [("wd", cfg["weight_decay"], "WD multiplier (x weight_decay)")] if cfg["weight_decay"] else []
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.4 * len(panels)), sharex=True, squeeze=False)
+    for ax, (key, base, label) in zip(axes[:, 0], panels):
+        for t, track in rows.items():
+            value = lambda r: r.get("ce", r["loss"]) if key == "loss" else r[key] / base  # CE: a distilled loss is not
+            ax.plot([r["epoch"] for r in track], [value(r) for r in track], lw=1, marker=".", ms=3, label=f"track {t}")
+        for m in run["rows"]:
+            ax.axvline(m["epochs"], color=f"C{m['track']}", ls=":", lw=0.6, alpha=0.6)
+        ax.set(ylabel=label)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_title(f"{run['dir']}: training, dotted lines at the members saved")
+    axes[-1, 0].set_xlabel("epochs of the training data (each track's own)")
+    if len(rows) > 1:
+        axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def own(rep):
     """A run's own number: the single model's val, the naive ensemble's uniform average, the population's prior."""
     return rep["summary"][{"single": "best_member_val", "ensemble": "uniform_val"}.get(rep["mode"], "prior_val")]
@@ -626,15 +677,76 @@ def print_comparison(reps, out=None):
 
 # -----------------------------------------------------------------------------
 
+def status(run_dir):
+    """Where a run is, read from its folder alone (config.json, each track's log and manifest, the lock's holder):
+    per track its step, cycle, members saved, last val and eta; then the run's members and eta. Writes nothing."""
+    run = Path(run_dir)
+    try:
+        record = store.load_json(run / "config.json")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{run / 'config.json'} cannot be read ({config.one_line(e)}): not a run folder, or not started "
+                        f"(python eval.py {run} rebuilds a damaged one from the checkpoints)") from None
+    cfg, lines, left, whole, saved = current_config(record), [], {}, [], {}
+    per_track = cfg["num_cycles"] if "num_cycles" in cfg else 1
+    for t in range(tracks_of(cfg)):
+        rows = read_rows(run, t)
+        train = [r for r in rows if r.get("kind") == "train"]
+        val = next((r for r in reversed(rows) if r.get("kind") == "eval"), None)
+        try:
+            saved[t] = len(store.load_json(run / f"track{t}" / "manifest.json")["rows"])
+        except (OSError, ValueError, KeyError, TypeError):
+            saved[t] = 0
+        lock = run / f"track{t}" / "lock"
+        holder = lock.read_text().split() if lock.exists() else []  # "pid N on HOST", kept by the trainer
+        alive = len(holder) == 4 and holder[3] == socket.gethostname() and store.pid_alive(int(holder[1]))
+        state = (f"training (pid {holder[1]})" if alive else "finished" if saved[t] == per_track else
+                 "stopped" if train else "not started")
+        if not train:
+            lines.append(f"track {t} | {state} | members {saved[t]}/{per_track}")
+            continue
+        last = train[-1]
+        spe = last["step"] / last["epoch"]
+        total = per_track * round(cfg["epochs_per_cycle"] * spe) if "num_cycles" in cfg else max(1, round(cfg["epochs"] * spe))
+        left[t], whole = (total - last["step"]) * last["ms"] / 1000, whole + [total * last["ms"] / 1000]
+        cycle = f" | cycle {last['cycle']}/{per_track}" if "cycle" in last else ""
+        seen = f" | val {val['val']:.4f} (step {val['step']})" if val else ""
+        lines.append(f"track {t} | step {last['step']}/{total} ({100 * last['step'] / total:.1f}%){cycle} | members "
+                     f"{saved[t]}/{per_track}{seen} | eta {runtime.duration(left[t])} | {state}")
+    todo = sum(left.values()) + (len(saved) - len(left)) * max(whole, default=0)  # a track not started: a whole one
+    groups = min((record.get("provenance") or [{}])[-1].get("world_size") or 1, len(saved))  # tracks train in parallel
+    return "\n".join([f"status of {run} ({cfg['mode']}, {len(saved)} track(s); read only, nothing written)", *lines,
+                      f"run | members {sum(saved.values())}/{len(saved) * per_track} | eta {runtime.duration(todo / groups)}"])
+
+
+def log_to_tracker(run, rep):
+    """The K table and the budget curve to the run's own tracker (its config's `tracker`), as one more tracker run
+    ("eval") beside the tracks'; skipped, with a line, where that package is not installed here."""
+    kind = run["cfg"].get("tracker", "none")
+    if kind == "none":
+        return
+    if importlib.util.find_spec(kind) is None:
+        return print(f"(the run's tracker, {kind}, is not installed here: the report is not mirrored to it)")
+    tracker = runtime.tracker_for(kind, run["dir"], "eval")
+    e = rep["ensemble"]
+    for k in e["ks"]:
+        tracker.log(dict(kind="k_table", step=k, prior=e["prior"][k], uniform_last=e["uniform_last"][k], greedy=e["greedy"][k]))
+    for c in rep["budget_curve"]:
+        tracker.log(dict(kind="budget_curve", step=c["members"], budget_epochs=c["budget_epochs"], prior_val=c["prior_val"],
+                         uniform_val=c["uniform_val"], best_member_val=c["best_member_val"]))
+    tracker.close()
+
+
 def evaluate(cfg):
     """Score every run (all ranks), then on rank 0 fit or read each prior and print and write each report (eval.json,
     eval.png) and, for several runs, the comparison -> ([(run, report, prior.json dict), ...] on rank 0, env).
     tools/ call this, then use what it returns."""
+    if not cfg.runs:
+        raise UserError("give one or more run folders: python eval.py RUN [RUN ...]", status=2)
+    if cfg.status:
+        return print("\n\n".join(status(run_dir) for run_dir in cfg.runs)) or [], None
     dev = runtime.pick_device(cfg.device)
     world, rank = runtime.init_distributed(dev)
     env = dict(world=world, rank=rank, device=dev)
-    if not cfg.runs:
-        raise UserError("give one or more run folders: python eval.py RUN [RUN ...]", status=2)
     exclude = {n.strip() for n in cfg.exclude.split(",") if n.strip()}
     device = scores.backend_device(cfg.backend, dev)  # where the prior's maths runs: numpy unless on a GPU
     runs = [open_run(run_dir, cfg.eval_tokens, exclude, device) for run_dir in cfg.runs]
@@ -648,9 +760,10 @@ def evaluate(cfg):
         rep, pj = evaluate_run(run, cfg.method, cfg.compare_adamw)
         print_report(rep)
         store.write_json(rep, run["dir"] / "eval.json")
-        png = plot(rep, run["dir"] / "eval.png")
+        png = plot(rep, run["dir"] / "eval.png") and plot_training(run, run["dir"] / "train.png")
+        log_to_tracker(run, rep)
         print(f"wrote {run['dir']}/{'prior.json, ' if rep['prior_refit'] else ''}eval.json"
-              f"{', eval.png' if png else ' (no matplotlib: no eval.png)'}")
+              f"{', eval.png, train.png' if png else ' (no matplotlib: no eval.png, no train.png)'}")
         done.append((run, rep, pj))
     if len(done) > 1:
         print_comparison([rep for _, rep, _ in done], cfg.out or None)

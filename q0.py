@@ -106,21 +106,23 @@ def perturb_(model, scale, generator):
         p.add_((noise * (scale * p.float().std())).to(p.dtype))
 
 
-def distill_loss(student_logits, teacher_logits, targets, alpha, temperature, teacher_weights=None):
+def distill_loss(student_logits, teacher_logits, targets, alpha, temperature, teacher_weights=None, parts=False):
     """Chain distillation, mean over tokens:
         (1 - a) * CE(z_s, y) + a * T^2 * KL( p_t || softmax(z_s / T) ),   p_t = softmax(z_t / T)
     or, for a list of teachers' logits with weights w, the mixture p_t = sum_k w_k softmax(z_k / T) (student.py).
-    T^2 keeps the soft-target gradients on the scale of the hard-target ones (Hinton et al. 2015)."""
+    T^2 keeps the soft-target gradients on the scale of the hard-target ones (Hinton et al. 2015).
+    parts=True: -> (loss, CE, KL), the two parts for the log (KL None at a = 0)."""
     ce = F.cross_entropy(student_logits.flatten(0, 1), targets.flatten())
     if alpha == 0:
-        return ce
+        return (ce, ce, None) if parts else ce
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, T, V)
     if teacher_weights is None:
         log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
     else:
         log_p_t = mixture_log_probs(teacher_logits, teacher_weights, temperature)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean()
-    return (1 - alpha) * ce + alpha * temperature ** 2 * kl
+    loss = (1 - alpha) * ce + alpha * temperature ** 2 * kl
+    return (loss, ce, kl) if parts else loss
 
 
 def mixture_log_probs(teacher_logits, teacher_weights, temperature):
@@ -215,7 +217,8 @@ class Q0Plan(train.Plan):
         z_s = model(x)  # (B, T, V) through DDP/compile, so gradients sync as usual
         with torch.no_grad():
             z_t, w = self.teacher.targets(x)
-        return self.distill_loss(z_s, z_t, y, self.cfg.distill_alpha, self.cfg.distill_temperature, w)
+        loss, *self.parts = self.distill_loss(z_s, z_t, y, self.cfg.distill_alpha, self.cfg.distill_temperature, w, True)
+        return loss
 
     def at_save(self, model, step, save):
         """A cycle end: snapshot, teacher, noise (the module docstring). -> True when the optimizer starts afresh."""
@@ -236,8 +239,14 @@ class Q0Plan(train.Plan):
         perturb_(model, perturb_scale(cycle, c.num_cycles, c.perturb_scale_start, c.perturb_scale_end), gen)
         return False
 
-    def teacher_forwards(self):
-        return self.teacher.forwards
+    def log_fields(self, step):
+        """The cycle and the step in it, the teacher, and with one the last micro-batch's CE and KL."""
+        cycle = bisect.bisect_right(self.cycle_ends, step - 1)  # step: the steps done; the last one's cycle
+        start = self.cycle_ends[cycle - 1] if cycle else 0
+        fields = dict(teacher_forwards=self.teacher.forwards, cycle=cycle + 1, step_in_cycle=step - start,
+                      cycle_steps=self.cycle_ends[cycle] - start, teacher=self.teacher.name)
+        parts = zip(("ce", "kl"), getattr(self, "parts", []) if self.teacher.name else [])
+        return fields | {key: float(value) for key, value in parts if value is not None}
 
     def state_dict(self):
         return self.teacher.state_dict()

@@ -30,6 +30,8 @@ runtime.py: what runs around the training loop, so the loop (train.train_track) 
     python runtime.py --size=1.8B --memory=2   # parameter counts, FLOPs/token and training memory of a named size
 """
 import datetime
+import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -251,6 +253,9 @@ def start(cfg, data, steps_per_epoch, Plan):
     data: the student's teacher run)."""
     config.check_run(cfg, int(os.environ.get("WORLD_SIZE", 1)), steps_per_epoch)
     Plan.check(cfg, data)
+    if cfg.tracker != "none" and importlib.util.find_spec(cfg.tracker) is None:
+        raise UserError(f"config key 'tracker' = {cfg.tracker!r}: the {cfg.tracker} package is not installed: pip install "
+                        f"-r requirements-tracker.txt (or --tracker=none)", status=2)
     env = setup_distributed(cfg)
     prepare_run_dir(cfg, env, data)
     if env["rank"] == 0:
@@ -459,6 +464,50 @@ def duration(seconds):
             f"{seconds / 3600:.1f} h")
 
 
+class Tracker:
+    """A run's rows mirrored to TensorBoard or Weights & Biases (the `tracker` key; its package imported only then,
+    `pip install -r requirements-tracker.txt`): one tracker run per track, and one for eval.py's report, grouped by the
+    run folder; each row's numbers as scalars "<kind>/<field>" at its step; the config and each start's provenance
+    once. Both work offline: TensorBoard's event files go to RUN/tensorboard/<name> (`tensorboard --logdir
+    RUN/tensorboard`); W&B runs in its offline mode under RUN/wandb (`wandb sync` uploads it) unless WANDB_MODE says
+    otherwise. A resumed track drops the events of the steps it redoes (TensorBoard's purge_step)."""
+
+    def __init__(self, kind, run_dir, name, record, start_step=0):
+        self.kind = kind
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard" / name), purge_step=start_step or None)
+            if not start_step:
+                self.writer.add_text("config", "    " + json.dumps(record, indent=1).replace("\n", "\n    "))
+        else:
+            import wandb
+            run_id = hashlib.sha256(f"{Path(run_dir).resolve()}/{name}".encode()).hexdigest()[:16]  # a resume appends
+            self.writer = wandb.init(project=os.environ.get("WANDB_PROJECT", "q0"), group=Path(run_dir).name, name=name,
+                                     id=run_id, resume="allow", dir=str(run_dir), config=record,
+                                     mode=os.environ.get("WANDB_MODE", "offline"))
+
+    def log(self, row):
+        step = int(row.get("step", 0))
+        numbers = {f"{row.get('kind', 'row')}/{k}": v for k, v in row.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and math.isfinite(v)}
+        if self.kind == "tensorboard":
+            for key, value in numbers.items():
+                self.writer.add_scalar(key, value, step)
+        else:
+            self.writer.log(numbers, step=step)
+
+    def close(self):
+        (self.writer.close if self.kind == "tensorboard" else self.writer.finish)()
+
+
+def tracker_for(kind, run_dir, name, start_step=0):
+    """A Tracker of the run (its config.json's config and provenance attached), or None for tracker none."""
+    if kind == "none":
+        return None
+    record = store.load_json(Path(run_dir) / "config.json")
+    return Tracker(kind, run_dir, name, dict(config=record["config"], provenance=record.get("provenance")), start_step)
+
+
 MAX_WEIGHT = 1e4  # no trained weight comes near: the init's largest is ~5 (the embedding's N(0, 1)), weight decay keeps them so
 
 
@@ -476,7 +525,7 @@ class TrackRun:
         self.ckpt_path, self.started_path, self.log_path = self.dir / "ckpt.pt", self.dir / "started.json", self.dir / "log.jsonl"
         self.writer, self.write_error = None, None  # the background checkpoint write, and its failure if any
         self.log_rows = 0  # rows in log.jsonl: the checkpoint records it, so a log cut short is noticed on resume
-        self.held = None
+        self.held, self.tracker = None, None
         self.last_ckpt_step = None
         spe = plan.loader.steps_per_epoch
         every = lambda epochs: max(1, round(epochs * spe)) if epochs > 0 else None
@@ -499,6 +548,8 @@ class TrackRun:
             _signals["deferring"] = False
             if self.held:
                 self.held.close()
+            if self.tracker:
+                self.tracker.close()
         if kind is None and _signals["pending"] is not None:  # it came after the last step's check: stop before "done"
             raise Stop(_signals["pending"])
 
@@ -513,30 +564,37 @@ class TrackRun:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             self.log_rows += 1
+            if self.tracker:
+                self.tracker.log(row)
         except OSError as e:  # a full disk: a torn last line is dropped on resume
             raise UserError(f"could not append to {self.log_path} ({e.strerror or e}). Earlier files are intact: fix "
                             f"that (free space?)", rerun=True) from None
 
-    def log_train(self, step, loss, group, seconds):
-        """Every log_every steps and at the last: one fixed-width line and a log.jsonl row. seconds: this step's
-        time (the mean over the steps timed since the last line gives ms/step, tok/s, MFU and the eta)."""
+    def log_train(self, step, loss, grad_norm, group, seconds):
+        """Every log_every steps, at the first after a save (a new cycle's LR peak) and at the last: one fixed-width
+        line and a log.jsonl row, with the plan's fields
+        (plan.log_fields: q0's cycle, teacher, CE and KL). grad_norm: the global norm before clipping; seconds: this
+        step's time (the mean over the steps timed since the last line gives ms/step, tok/s, MFU and the eta)."""
         self.step_time, self.timed_steps = self.step_time + seconds, self.timed_steps + 1
         total, spe, c = self.plan.total_steps, self.plan.loader.steps_per_epoch, self.cfg
-        if step % c.log_every and step != total:
+        if step % c.log_every and step != total and step - 1 not in self.plan.save_steps:  # and a new cycle's first step
             return
-        dt = self.step_time / self.timed_steps
+        dt, f = self.step_time / self.timed_steps, self.plan.log_fields(step)
         tok_s = c.batch_tokens / dt if dt > 0 else float("nan")
-        flops = self.flops_per_step * (3 + self.plan.teacher_forwards()) / 3  # a teacher forward: 1/3 of fwd + bwd
+        flops = self.flops_per_step * (3 + f["teacher_forwards"]) / 3  # a teacher forward: 1/3 of a forward + backward
         mfu = f"{flops / dt / (self.peak * self.env['group_size']) * 100:5.1f}%" if self.peak and dt > 0 else "    -"
         later = len(self.env["my_tracks"]) - self.env["my_tracks"].index(self.track) - 1  # tracks this group trains next
-        run_eta = f" (run {duration((total - step + later * total) * dt)})" if later else ""
-        self.log(f"track {self.track} | step {step:6d}/{total} ({100 * step / total:5.1f}%) | epoch {step / spe:7.2f} | "
-                 f"loss {loss:.4f} | lr {group['lr']:.2e} | wd {group['weight_decay']:.3f} | {dt * 1000:7.1f} ms | "
-                 f"{tok_s:9,.0f} tok/s | mfu {mfu} | eta {duration((total - step) * dt):>9}{run_eta}")
+        eta = (total - step) * dt
+        run_eta = f" (run {duration(eta + later * total * dt)})" if later else ""
+        cycle = f" | cycle {f['cycle']} ({f['step_in_cycle']}/{f['cycle_steps']})" if "cycle" in f else ""
+        parts = f" (ce {f['ce']:.3f} kl {f['kl']:.3f})" if "kl" in f else ""
+        self.log(f"track {self.track} | step {step:6d}/{total} ({100 * step / total:5.1f}%) | epoch {step / spe:7.2f}{cycle} | "
+                 f"loss {loss:.4f}{parts} | lr {group['lr']:.2e} | wd {group['weight_decay']:.3f} | gn {grad_norm:.2f} | "
+                 f"{dt * 1000:7.1f} ms | {tok_s:9,.0f} tok/s | mfu {mfu} | eta {duration(eta):>9}{run_eta}")
         dev = self.env["device"]
         self.log_row(dict(kind="train", step=step, epoch=step / spe, loss=loss, lr=group["lr"], wd=group["weight_decay"],
-                          ms=dt * 1000, tok_s=tok_s,  # peak memory: since this process started
-                          peak_mem_gb=torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None))
+                          grad_norm=float(grad_norm), ms=dt * 1000, tok_s=tok_s, eta_s=eta, **f,  # peak memory: since
+                          peak_mem_gb=torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None))  # start
         self.step_time, self.timed_steps = 0.0, 0
 
     def eval_due(self, step):
@@ -654,6 +712,8 @@ class TrackRun:
         (0, nan) for a fresh start (the log then starts empty). A learning rate or clip changed on resume
         (config.RESUME_TUNABLE_KEYS) is logged with the step it takes effect."""
         state = self.read_checkpoint()
+        if self.first:
+            self.tracker = tracker_for(self.cfg.tracker, self.cfg.out_dir, f"track{self.track}", state and state["step"])
         if state is None:
             return 0, float("nan")
         self.load_model(state["model"])

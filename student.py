@@ -42,21 +42,23 @@ class StudentConfig(train.Config):
     MODES = ("student",)
 
 
-def topk_distill_loss(student_logits, teacher_ids, teacher_probs, targets, alpha, temperature):
+def topk_distill_loss(student_logits, teacher_ids, teacher_probs, targets, alpha, temperature, parts=False):
     """distill_loss with the teacher stored as its k likeliest tokens per position (ids j, probabilities p_j): the KL
     over the k tokens plus one bucket for all the others, r = 1 - sum_j p_j, which the student gives
     q_r = 1 - sum_j q_j (q = softmax(z_s / T)):
         KL = sum_j p_j (log p_j - log q_j) + r (log r - log q_r)
     the exact KL between the two distributions seen at that grain; with k = V it is distill_loss. (Rescaling the top k
-    to sum 1 instead, with no bucket, makes the teacher over-confident and lost: BENCHMARKS.md 3b.1.)"""
+    to sum 1 instead, with no bucket, makes the teacher over-confident and lost: BENCHMARKS.md 3b.1.) parts=True:
+    -> (loss, CE, KL), as distill_loss."""
     ce = F.cross_entropy(student_logits.flatten(0, 1), targets.flatten())
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
     p = teacher_probs.float()
     kl = (torch.xlogy(p, p) - p * log_q.gather(-1, teacher_ids)).sum(-1)
     log_q_rest = torch.logsumexp(log_q.scatter(-1, teacher_ids, float("-inf")), dim=-1)
     r = torch.where(torch.isfinite(log_q_rest), (1 - p.sum(-1)).clamp_min(0), 0.0)  # k = V: no bucket
-    kl = kl + torch.xlogy(r, r) - torch.where(r > 0, r * log_q_rest, 0.0)
-    return (1 - alpha) * ce + alpha * temperature ** 2 * kl.mean()
+    kl = (kl + torch.xlogy(r, r) - torch.where(r > 0, r * log_q_rest, 0.0)).mean()
+    loss = (1 - alpha) * ce + alpha * temperature ** 2 * kl
+    return (loss, ce, kl) if parts else loss
 
 
 class TeacherFile:
@@ -189,15 +191,20 @@ class StudentPlan(train.SinglePlan):
         c = self.cfg
         if self.file:
             x, y, ids, probs = batch
-            return topk_distill_loss(model(x), ids, probs, y, c.distill_alpha, c.distill_temperature)
+            loss, *self.parts = topk_distill_loss(model(x), ids, probs, y, c.distill_alpha, c.distill_temperature, True)
+            return loss
         x, y = batch
         z_s = model(x)
         with torch.no_grad():
             z_t = [m(x) for _, _, m in self.teachers]
-        return distill_loss(z_s, z_t, y, c.distill_alpha, c.distill_temperature, [w for _, w, _ in self.teachers])
+        loss, *self.parts = distill_loss(z_s, z_t, y, c.distill_alpha, c.distill_temperature,
+                                         [w for _, w, _ in self.teachers], True)
+        return loss
 
-    def teacher_forwards(self):
-        return 0 if self.file else len(self.teachers)
+    def log_fields(self, step):
+        """The teacher forwards per step (none from the top-k file), and the last micro-batch's CE and KL."""
+        parts = {key: float(value) for key, value in zip(("ce", "kl"), self.parts) if value is not None}
+        return dict(teacher_forwards=0 if self.file else len(self.teachers), **parts)
 
     def at_save(self, model, step, save):
         save(dict(name="student", mode="student", track=0, cycle=0, seed=self.cfg.seed, epochs=self.cfg.epochs,

@@ -69,6 +69,7 @@ class Config:
     eval_batch_size: int = 16        # windows per eval forward (its fp32 logits: B x seq_len x vocab x 4 bytes; 1.8B: 2)
     ckpt_every_epochs: float = 0.5   # plus at every snapshot and at the end; 0 = only then
     async_checkpoints: bool = True   # write checkpoints on a background thread from a host-memory copy
+    tracker: str = "none"            # none | tensorboard | wandb: every log row mirrored there too (runtime.Tracker)
     ARGS, MODES = "", ("single", "ensemble")  # not keys: the plain argument is a config file; the modes run here
 
     def num_tracks(self):
@@ -162,8 +163,8 @@ class Plan:
         must start afresh (a re-initialised model)."""
         raise NotImplementedError
 
-    def teacher_forwards(self):
-        return 0  # teacher forward passes per training forward (for the MFU)
+    def log_fields(self, step):  # what the log row adds (q0: the cycle, the teacher, the loss's CE and KL parts)
+        return dict(teacher_forwards=0)  # teacher forward passes per training forward: the MFU counts them
 
     def state_dict(self):
         return {}  # the plan's part of a checkpoint
@@ -200,8 +201,7 @@ class SinglePlan(Plan):
 def make_optimizers(cfg, model, device):
     """Muon (torch.optim.Muon) on the blocks' 2-D matrices, AdamW on embedding and head; the same base weight decay on
     all of them (embed_head_wd=False: on the Muon matrices only)."""
-    hidden = [p for n, p in model.named_parameters() if n.startswith("blocks.")]
-    assert all(p.ndim == 2 for p in hidden), "Muon takes 2-D matrices only"
+    hidden = [p for n, p in model.named_parameters() if n.startswith("blocks.")]  # 2-D, as Muon requires
     muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=0.95)
     gpt.cautious_weight_decay(muon)  # the reference's decay: only where update and weight agree in sign
     fused = {"fused": True} if device.type == "cuda" else {}
@@ -273,7 +273,7 @@ def train_track(cfg, track, env, data, make_plan):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             step, last_loss = step + 1, loss_value
-            run.log_train(step, loss_value, muon.param_groups[0], time.time() - t0)
+            run.log_train(step, loss_value, grad_norm, muon.param_groups[0], time.time() - t0)
             if run.eval_due(step):  # before the save step: q0 perturbs the weights right after its snapshot
                 run.log_eval(step, evaluate(model, data, cfg, env))
             if step in plan.save_steps:

@@ -692,7 +692,7 @@ def test_truncated_snapshot_is_named_and_the_fix_works(ref, run_copy, fault, cap
     assert reps[0]["num_members"] == 5 and "t0-c002" not in reps[0]["weights"]
     capsys.readouterr()
     shutil.rmtree(run_copy / "scores")
-    for f in ("prior.json", "eval.json", "eval.png"):
+    for f in ("prior.json", "eval.json", "eval.png", "train.png"):
         (run_copy / f).unlink(missing_ok=True)
     shutil.rmtree(run_copy / "track0")  # the resume's fix
     resume(argv_for(ref, run_copy))

@@ -105,6 +105,18 @@ def test_export_cli_and_standard_tools(tmp_path):
         assert {k.split(".")[1] for k in f.keys()} == {"0", "1"}
 
 
+def test_export_k_above_the_members_is_one_line_exit_2(tmp_path, capsys):
+    """--k past the population is refused by name (members_at would quietly give all of them as 'topK'); K = M is fine."""
+    run = tmp_path / "run"
+    fake_run(run, n=3)
+    with pytest.raises(SystemExit) as e:
+        ex.main([str(run), "--k", "5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [f"error: --k 5: {run} has 3 member(s) (its prior.json): give --k 1 to 3"]
+    assert not (run / "export").exists()
+    assert len(ex.main([str(run), "--k", "3"])["members"]) == 3
+
+
 def test_comparison_plot(tmp_path):
     """compare.png: the population's budget curve and each baseline's own number at its budget."""
     pytest.importorskip("matplotlib")

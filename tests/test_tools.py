@@ -145,13 +145,16 @@ metric_list:
 
 
 @pytest.mark.slow  # lm-eval's import and its task machinery take seconds
-@pytest.mark.parametrize("k", [1, 2])
-def test_lm_eval_adapter_equals_the_projects_multiple_choice_scorer(tmp_path, monkeypatch, k):
+@pytest.mark.parametrize("k, spaces", [(1, False), (2, False), (1, True)])
+def test_lm_eval_adapter_equals_the_projects_multiple_choice_scorer(tmp_path, monkeypatch, k, spaces):
     """tools/lm_eval_q0.py's q0-mixture through lm-eval's own evaluator on a local YAML task over tests/fixtures/
-    mc_tiny.jsonl: every choice's log-likelihood equals tools/downstream.py's mixture score of the same choice up to
-    fp32 rounding (other batches, sums in another order), so acc is the same, and acc_norm (both divide by len(choice)).
-    """
+    mc_tiny.jsonl (spaces: its contexts ending in " ", "\\n" or "  ", as prompts ending "Answer: " do): every choice's
+    log-likelihood equals tools/downstream.py's mixture score of the same choice up to fp32 rounding (other batches,
+    sums in another order), so acc is the same, and acc_norm (both divide by len(choice)), and their standard errors.
+    The tokens downstream scores are those lm-eval's own LM._encode_pair gives for the request lm-eval built (the
+    " " target delimiter always added, the context's trailing whitespace moved to the continuation)."""
     lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.api.model import TemplateLM
     from lm_eval.tasks import TaskManager
     from tools import downstream as ds, lm_eval_q0  # noqa: F401 (registers q0-mixture)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -159,6 +162,11 @@ def test_lm_eval_adapter_equals_the_projects_multiple_choice_scorer(tmp_path, mo
     run_dir = tmp_path / "run"
     names, pj = fake_run(run_dir)
     fixture = ROOT / "tests" / "fixtures" / "mc_tiny.jsonl"
+    if spaces:
+        qs = [json.loads(line) for line in fixture.read_text().splitlines()]
+        fixture = tmp_path / "mc_spaces.jsonl"
+        fixture.write_text("".join(json.dumps(dict(q, context=q["context"] + [" ", "", "\n", "  "][i % 4])) + "\n"
+                                   for i, q in enumerate(qs)))
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "q0_mc_tiny.yaml").write_text(MC_TASK.format(path=fixture))
     out = lm_eval.simple_evaluate(model="q0-mixture", model_args=f"run={run_dir},k={k}", tasks=["q0_mc_tiny"],
@@ -171,7 +179,12 @@ def test_lm_eval_adapter_equals_the_projects_multiple_choice_scorer(tmp_path, mo
     run = dict(dir=run_dir, rows=rows, names=names, seq_len=32, cfg=dict(data_dir="none"),
                val=dict(meta=dict(META, split="val")))  # what downstream needs of an open run (eval.open_run)
     qs = ds.read_questions(str(fixture))
-    seqs, n_cont, _, first = ds.choice_sequences(qs, ds.tokenizer_for_meta(run["val"]["meta"]), 32)
+    tok = ds.tokenizer_for_meta(run["val"]["meta"])
+    seqs, n_cont, _, first = ds.choice_sequences(qs, tok, 32)
+    shim = type("Shim", (), dict(backend="causal", tok_encode=lambda self, text, **kw: tok.encode(text)))()
+    lm_eval_ids = [[tok.bos_id] + sum(TemplateLM._encode_pair(shim, *args), []) for s in samples for args in s["arguments"]]
+    assert [ids[-n:] for ids, n in zip(seqs, n_cont)] == [ids[-n:] for ids, n in zip(lm_eval_ids, n_cont)]
+    assert [ids for ids in seqs] == [ids[-33:] for ids in lm_eval_ids]  # and the context before it, left-cut to T + 1
     mix = ev.members_at(pj, k)
     lp = torch.logsumexp(torch.stack([torch.from_numpy(ds.continuation_logprobs(ev.load(run, n, "cpu"), seqs, n_cont,
                                                                                   torch.device("cpu"))) + np.log(w)
@@ -186,3 +199,7 @@ def test_lm_eval_adapter_equals_the_projects_multiple_choice_scorer(tmp_path, mo
     norm = [int(np.argmax(np.array(w) / [len(c) for c in q["choices"]])) == q["label"] for w, q in zip(want, qs)]
     assert result["acc_norm,none"] == pytest.approx(np.mean(norm))  # lm-eval divides by len(choice)
     assert got["acc_norm"] == pytest.approx(result["acc_norm,none"])  # and so does downstream
+    for key in ("acc_stderr", "acc_norm_stderr"):  # lm-eval's mean_stderr: sqrt(p (1 - p) / (n - 1)) for 0/1 scores
+        assert got[key] == pytest.approx(result[f"{key},none"], rel=1e-12)
+        p = got[key.removesuffix("_stderr")]
+        assert got[key] == pytest.approx(np.sqrt(p * (1 - p) / (len(qs) - 1)), rel=1e-12)

@@ -1,5 +1,6 @@
 """What researchers look at and load elsewhere: tools/export.py (safetensors export and its round trip) on hand-made
-member files, and eval.py's comparison plot on hand-made reports. No training, milliseconds."""
+member files, eval.py's pictures (eval.png, compare.png) on hand-made reports, and tools/downstream.py against
+lm-eval. No training; milliseconds but for lm-eval's (slow)."""
 import hashlib
 import json
 import subprocess
@@ -117,15 +118,60 @@ def test_export_k_above_the_members_is_one_line_exit_2(tmp_path, capsys):
     assert len(ex.main([str(run), "--k", "3"])["members"]) == 3
 
 
-def test_comparison_plot(tmp_path):
-    """compare.png: the population's budget curve and each baseline's own number at its budget."""
-    pytest.importorskip("matplotlib")
+def drawn(monkeypatch):
+    """The figures eval.py's plots draw, kept when they close (to read their labels and texts back)."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    return figs
+
+
+def words(fig):
+    """Every label, title, legend entry and free text of a figure."""
+    out = [t.get_text() for t in fig.texts]
+    for ax in fig.axes:
+        out += [ax.get_xlabel(), ax.get_ylabel(), ax.get_title()] + [t.get_text() for t in ax.get_legend().get_texts()]
+    return out
+
+
+def test_comparison_plot(tmp_path, monkeypatch):
+    """compare.png: the population's budget curve and each baseline's own number at its budget, named in words, with
+    units on both axes."""
+    figs = drawn(monkeypatch)
     curve = [dict(budget_epochs=b, prior_val=3.0 - 0.01 * b) for b in (2, 4, 8)]
     reps = [dict(run="runs/q", mode="q0", num_members=4, budget_epochs=8, budget_curve=curve, summary=dict(prior_val=2.92)),
             dict(run="runs/s", mode="single", num_members=1, budget_epochs=8, summary=dict(best_member_val=2.99)),
             dict(run="runs/e", mode="ensemble", num_members=2, budget_epochs=8, summary=dict(uniform_val=2.95))]
     assert ev.plot_comparison(reps, tmp_path / "compare.png")
     assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = words(figs[-1])
+    assert text[:2] == ["budget (epochs of the training data)", "val loss (nats/token; lower is better)"]
+    assert text[3:] == ["runs/q: q0, learned prior over the members so far (2.9200 at 8 epochs)",
+                        "runs/s: one model (2.9900 at 8 epochs)",
+                        "runs/e: naive ensemble: 2 models, equal weights (2.9500 at 8 epochs)"]
+
+
+def test_eval_plot_in_words_and_units_and_none_for_one_member(tmp_path, monkeypatch):
+    """eval.png: the K panel and the budget panel with every axis in units (nats/token, epochs, members) and every line
+    named in words (no internal keys); a one-member run gets no panels but a picture that says why, and its loss."""
+    figs = drawn(monkeypatch)
+    ks, curve = [1, 2, 4], [dict(budget_epochs=b, prior_val=3 - b / 10, uniform_val=3.1 - b / 10, best_member_val=3.05)
+                            for b in (2, 4)]
+    rep = dict(run="runs/q", mode="q0", num_members=4, budget_epochs=4, budget_curve=curve,
+               ensemble=dict(ks=ks, uniform_all=2.8, **{key: {k: 3 - k / 10 for k in ks}
+                                                        for key in ("prior", "greedy", "uniform_last")}))
+    assert ev.plot(rep, tmp_path / "eval.png") and (tmp_path / "eval.png").stat().st_size > 0
+    fig = figs[-1]
+    assert [ax.get_xlabel() for ax in fig.axes] == ["K (members in the mixture)", "budget (epochs of the training data)"]
+    assert [ax.get_ylabel() for ax in fig.axes] == ["val loss (nats/token; lower is better)"] * 2
+    text = " | ".join(words(fig))
+    assert "runs/q: q0, 4 members, 4 epochs" in text and "all 4 members, equal weights" in text
+    assert not any(key in text for key in ("uniform_last", "prior_val", "uniform_val", "best_member_val", "greedy |"))
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["1", "2", "4"]
+    one = dict(run="runs/s", mode="single", num_members=1, budget_epochs=32, best_member=dict(name="single", val=2.5934))
+    assert ev.plot(one, tmp_path / "one.png") and (tmp_path / "one.png").stat().st_size > 0
+    assert figs[-1].axes == [] and "val loss 2.5934 nats/token" in words(figs[-1])[0]
+    assert "One member: no mixture over K and no budget curve to draw." in words(figs[-1])[0]
 
 
 MC_TASK = """task: q0_mc_tiny

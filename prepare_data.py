@@ -63,8 +63,7 @@ class DataConfig:
     source: str = "pydoc"            # pydoc (CPython's docs, offline) | files (text, .jsonl, .parquet) | fineweb (hub)
     tokenizer: str = "byte"          # byte (257 ids, BOS 256) | gpt2 (tiktoken, 50257 ids, BOS <|endoftext|> = 50256)
     out_dir: str = ""                # "" = data/{source}-{tokenizer}
-    files: tuple = ()                # --source files: text files (UTF-8, no NUL), .jsonl/.parquet, globs ('src/**/*.py'),
-                                     # folders (their .txt/.jsonl/.parquet files)
+    files: tuple = ()                # --source files: text files (any name), .jsonl/.parquet, globs ('src/**/*'), folders
     train_tokens: int = 0            # exact tokens in train; 0: pydoc 16,384, files the rest; fineweb: the budget train +
                                      # fitness (default 100M), train gets it minus the fitness tokens
     fitness_tokens: int = 0          # exact tokens in fitness; 0: pydoc 8,192, fineweb 131,072, files fitness_fraction
@@ -387,14 +386,16 @@ def report_kept(taken, writers, out, train_takes_rest, piece_tokens):
     dropped more than drop_warn_fraction of the text taken in while train takes the rest (text lost to training).
     5%: a third of the 15% val + fitness hold out by default; the 42 Shakespeare plays (whole documents, the default
     fractions) lose 3.5%, four files of 2.5-30K bytes 71%."""
-    def account(t, lost_as="dropped"):
-        lost = t["tokens"] - t["kept"]
-        return (f"of {t['docs']:,} doc(s), {t['tokens']:,} tokens taken: kept {pct(t['kept'], t['tokens'])}"
-                + (f", {lost_as} {lost:,} ({pct(lost, t['tokens'])}; {t['cut']} doc cut)" if lost else ""))
+    def account(t, split=""):
+        lost, took = t["tokens"] - t["kept"], f"of {t['docs']:,} doc(s), {t['tokens']:,} tokens taken: kept "
+        if split == "train":  # only a train target cuts train: what is left was not asked for
+            return took + (f"{pct(t['kept'], t['tokens'])}; its target met, the rest of the doc cut there ({lost:,}, "
+                           f"{pct(lost, t['tokens'])}) and every later document unused" if lost else "all")
+        return took + pct(t["kept"], t["tokens"]) + (f", dropped {lost:,} ({pct(lost, t['tokens'])}; {t['cut']} doc "
+                                                     f"cut)" if lost else "")
     lines = []
     for split, w in writers.items():
-        what = account(taken[split], "left unused (target met)" if split == "train" else "dropped") if split in taken \
-            else f"{piece_tokens}-token pieces of the {POOL} pool"
+        what = account(taken[split], split) if split in taken else f"{piece_tokens}-token pieces of the {POOL} pool"
         lines.append(f"  {split:<8} {w.num_tokens:>13,} tokens {len(w.doc_starts):>9,} docs -> {out / split}.bin"
                      f" | {what}")
     if POOL in taken:

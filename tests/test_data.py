@@ -245,17 +245,17 @@ def test_kept_and_dropped_are_said_per_split(tmp_path, capsys):
     pd.main(["--source", "files", "--files", str(corpus), "--out_dir", str(tmp_path / "out"), "--split_seed", "7"])
     cap = capsys.readouterr()
     splits = load_all(tmp_path / "out")
-    total_dropped = 0
+    total_dropped, held_in = 0, 0
     for split in ("val", "fitness"):
         counts, bos = letter_counts(splits[split][0])
         (letter, kept), = counts.items()  # each held-out split took one document and cut it
         full = (3000, 1200, 800, 400)[ord(letter) - 65] + 1  # + BOS
         dropped = full - kept - 1
-        total_dropped += dropped
+        total_dropped, held_in = total_dropped + dropped, held_in + full
         assert (f"{kept + 1:,} tokens         1 docs -> {tmp_path / 'out' / split}.bin | of 1 doc(s), {full:,} tokens "
                 f"taken: kept {100 * (kept + 1) / full:.1f}%, dropped {dropped:,} ({100 * dropped / full:.1f}%; 1 doc cut)"
                 in cap.out), cap.out
-    assert "train.bin | of 2 doc(s)" in cap.out and "kept 100.0%" in cap.out
+    assert f"train.bin | of 2 doc(s), {5404 - held_in:,} tokens taken: kept all" in cap.out  # the other two, whole
     assert f"dropped {total_dropped:,} of the 5,404 tokens taken in ({100 * total_dropped / 5404:.1f}%)" in cap.out
     assert cap.err.startswith(f"warning: {100 * total_dropped / 5404:.1f}% of the text was dropped") and \
         "--heldout_piece_tokens 512" in cap.err
@@ -272,6 +272,12 @@ def test_kept_and_dropped_are_said_per_split(tmp_path, capsys):
     pd.main(["--source", "files", "--files", str(tmp_path / "short"), "--out_dir", str(tmp_path / "s")])
     cap = capsys.readouterr()
     assert "dropped" in cap.out and cap.err == ""
+    # a train target leaves the rest unused, by request: said, not warned about
+    pd.main(["--source", "files", "--files", str(tmp_path / "short"), "--out_dir", str(tmp_path / "t"),
+             "--train_tokens", "1000"])
+    cap = capsys.readouterr()
+    assert "its target met, the rest of the doc cut there" in cap.out and "every later document unused" in cap.out
+    assert cap.err == ""
 
 
 def refused(argv, capsys, status=1):

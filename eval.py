@@ -561,7 +561,7 @@ def plot(rep, path):
                  ha="center", va="center", fontsize=11)
     else:
         e, c = rep["ensemble"], rep["budget_curve"]
-        fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+        fig, (a, b) = plt.subplots(1, 2, figsize=(12, 5.5))
         for key, color, label in (("prior", "C0", "learned prior: greedy's K members, weights fit on fitness"),
                                   ("greedy", "C2", "greedy's K members, equal weights"),
                                   ("uniform_last", "C1", "the last K members, equal weights")):
@@ -576,9 +576,9 @@ def plot(rep, path):
                                   ("best_member_val", "C3", "best member so far (picked on fitness)")):
             b.plot([x["budget_epochs"] for x in c], [x[key] for x in c], marker="o", ms=4, c=color, label=label)
         b.set(xlabel=BUDGET_AXIS, ylabel=LOSS_AXIS, title="val loss against the epoch budget")
-        for ax in (a, b):
+        for ax in (a, b):  # legends under the panels: never over a line
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14))
         fig.suptitle(where)
     fig.tight_layout()
     fig.savefig(path)

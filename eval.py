@@ -549,21 +549,48 @@ def pyplot():
     return plt
 
 
+MODE_WORDS = {"q0": "q0", "chain": "q0 with chain distillation", "single": "one model", "ensemble": "naive ensemble",
+              "student": "student"}
+LOSS_AXIS = "val loss (nats/token; lower is better)"
+BUDGET_AXIS = "budget (epochs of the training data)"
+
+
 def plot(rep, path):
-    """RUN/eval.png when matplotlib is installed: val loss against K and against the budget."""
+    """RUN/eval.png when matplotlib is installed: val loss against K (members in the mixture) and against the epoch
+    budget, each line named in words. One member has neither to show: the picture says so and gives its val loss."""
     plt = pyplot()
     if plt is None:
         return False
-    e, c = rep["ensemble"], rep["budget_curve"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in ("prior", "uniform_last", "greedy"):
-        a.plot(e["ks"], [e[key][k] for k in e["ks"]], marker="o", label=key)
-    a.axhline(e["uniform_all"], ls="--", c="gray", label="uniform all")
-    a.set(xscale="log", xlabel="K members", ylabel="val loss", title=rep["run"])
-    for key in ("prior_val", "uniform_val", "best_member_val"):
-        b.plot([x["budget_epochs"] for x in c], [x[key] for x in c], marker="o", label=key)
-    b.set(xlabel="budget (epochs)", ylabel="val loss")
-    a.legend(), b.legend()
+    n = rep["num_members"]
+    where = f"{rep['run']}: {MODE_WORDS.get(rep['mode'], rep['mode'])}, {f'{n} members, ' * (n > 1)}" \
+            f"{rep['budget_epochs']:g} epochs"
+    if n == 1:
+        fig = plt.figure(figsize=(8, 2.5))
+        fig.text(0.5, 0.5, f"{where}\nval loss {rep['best_member']['val']:.4f} nats/token\n\nOne member: no mixture over K "
+                 f"and no budget curve to draw.\nCompare it with other runs: python eval.py RUN_A RUN_B (compare.png)",
+                 ha="center", va="center", fontsize=11)
+    else:
+        e, c = rep["ensemble"], rep["budget_curve"]
+        fig, (a, b) = plt.subplots(1, 2, figsize=(12, 5.5))
+        prior_label = "learned prior at K: greedy's K or the fit's K heaviest, the better, refit on fitness"
+        for key, color, label in (("prior", "C0", prior_label),
+                                  ("greedy", "C2", "greedy's K members, equal weights"),
+                                  ("uniform_last", "C1", "the last K members, equal weights")):
+            a.plot(e["ks"], [e[key][k] for k in e["ks"]], marker="o", c=color, label=label)
+        a.axhline(e["uniform_all"], ls="--", c="gray", label=f"all {n} members, equal weights")
+        a.set_xscale("log", base=2)
+        a.set_xticks(e["ks"], [str(k) for k in e["ks"]])
+        a.minorticks_off()
+        a.set(xlabel="K (members in the mixture)", ylabel=LOSS_AXIS, title="val loss against K")
+        for key, color, label in (("prior_val", "C0", "learned prior over the members so far"),
+                                  ("uniform_val", "gray", "the members so far, equal weights"),
+                                  ("best_member_val", "C3", "best member so far (picked on fitness)")):
+            b.plot([x["budget_epochs"] for x in c], [x[key] for x in c], marker="o", ms=4, c=color, label=label)
+        b.set(xlabel=BUDGET_AXIS, ylabel=LOSS_AXIS, title="val loss against the epoch budget")
+        for ax in (a, b):  # legends under the panels: never over a line
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+        fig.suptitle(where)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -623,23 +650,27 @@ def own(rep):
 
 def plot_comparison(reps, path):
     """compare.png when matplotlib is installed: each population's prior val against the epoch budget (its budget
-    curve, log x), each baseline's own val (own) as a point at its budget."""
+    curve, log x), each baseline's own val (own) as a point at its budget; the legend says what each number is."""
     plt = pyplot()
     if plt is None:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     for r in reps:
+        n, budget = r["num_members"], f"{r['budget_epochs']:g} epochs"
         if r["mode"] in ("q0", "chain"):
             c = r["budget_curve"]
             ax.plot([x["budget_epochs"] for x in c], [x["prior_val"] for x in c], marker="o", ms=3,
-                    label=f"{r['run']} ({r['mode']}: learned prior over the members so far; {own(r):.4f})")
+                    label=f"{r['run']}: {MODE_WORDS[r['mode']]}, learned prior over the members so far "
+                          f"({own(r):.4f} at {budget})")
         else:
+            what = {"single": "one model", "ensemble": f"naive ensemble: {n} models, equal weights"}.get(
+                r["mode"], f"{MODE_WORDS.get(r['mode'], r['mode'])}, {n} member{'s' * (n > 1)}")
             ax.plot([r["budget_epochs"]], [own(r)], marker="s", ms=8, ls="none",
-                    label=f"{r['run']} ({r['mode']}, {r['num_members']} member{'s' * (r['num_members'] > 1)}; {own(r):.4f})")
+                    label=f"{r['run']}: {what} ({own(r):.4f} at {budget})")
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
-    ax.set(xlabel="budget (epochs of the training data)", ylabel="val loss (nats/token)",
-           title="val loss against the epoch budget")
+    ax.margins(x=0.08)
+    ax.set(xlabel=BUDGET_AXIS, ylabel=LOSS_AXIS, title="val loss against the epoch budget")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

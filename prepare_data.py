@@ -4,7 +4,8 @@ one {split}.json meta each. train.py and eval.py read them with load_split(); pr
 
   python prepare_data.py                          # pydoc prose, byte tokens -> data/pydoc-byte (offline, seconds):
                                                   # the quick start's 16K train, 8K fitness, 16K val bytes
-  python prepare_data.py --source files --files corpus/ --out_dir data/shakespeare-byte   # a folder of .txt files
+  python prepare_data.py --source files --files corpus/ --out_dir data/shakespeare-byte   # a folder's .txt files
+  python prepare_data.py --source files --files 'src/**/*.py' notes.md --out_dir data/mine   # any text files, globs
   python prepare_data.py --source files --files corpus/ --tokenizer gpt2 \
       --out_dir data/shakespeare-gpt2
   python prepare_data.py --source fineweb --tokenizer gpt2   # Slowrun: 10M val; 100M = 131K fitness + 99.87M train
@@ -13,10 +14,16 @@ one {split}.json meta each. train.py and eval.py read them with load_split(); pr
   python prepare_data.py --source files --files 'fineweb/sample/10BT/*.parquet' --tokenizer gpt2 \
       --val_tokens 10000000 --fitness_tokens 131072 --train_tokens 99868928
 
+Files: a text file (one that decodes as UTF-8 and holds no NUL byte, whatever its name) is one document; a .jsonl or
+.parquet file gives one per row of its `text` column. A file named alone must be one of those; a glob takes every one
+it matches and a folder its .txt/.jsonl/.parquet files, each naming in one line what it left out.
+
 Splits: documents in order (pydoc/files shuffled with split_seed; fineweb in stream order) fill val, then
 fitness, then train. Each split takes whole documents; its last one is cut so the split holds exactly its
 target and the cut-off rest is dropped, so no document straddles two splits. Each document is
-[bos_id] + encode(text); meta's doc_starts lists where each BOS sits.
+[bos_id] + encode(text); meta's doc_starts lists where each BOS sits. The last lines say, per split, the documents and
+tokens it took, kept and dropped; with few long documents the cut-off rests can be most of the text: more than 5%
+(drop_warn_fraction) of it lost to a train split that takes the rest is a warning naming the fix.
 
 Slowrun budget (fineweb only): 100M tokens of training data in all, and the prior trains on fitness, so --train_tokens
 (default 100M) is the budget train + fitness: fitness is carved from its front (as in the authors' reference) and
@@ -53,10 +60,10 @@ from config import UserError, one_line
 # -----------------------------------------------------------------------------
 @dataclass
 class DataConfig:
-    source: str = "pydoc"            # pydoc (CPython's docs, offline) | files (.txt/.jsonl/.parquet) | fineweb (hub)
+    source: str = "pydoc"            # pydoc (CPython's docs, offline) | files (text, .jsonl, .parquet) | fineweb (hub)
     tokenizer: str = "byte"          # byte (257 ids, BOS 256) | gpt2 (tiktoken, 50257 ids, BOS <|endoftext|> = 50256)
     out_dir: str = ""                # "" = data/{source}-{tokenizer}
-    files: tuple = ()                # --source files: paths, globs or folders of .txt/.jsonl/.parquet
+    files: tuple = ()                # --source files: text files (any name), .jsonl/.parquet, globs ('src/**/*'), folders
     train_tokens: int = 0            # exact tokens in train; 0: pydoc 16,384, files the rest; fineweb: the budget train +
                                      # fitness (default 100M), train gets it minus the fitness tokens
     fitness_tokens: int = 0          # exact tokens in fitness; 0: pydoc 8,192, fineweb 131,072, files fitness_fraction
@@ -78,10 +85,13 @@ SOURCE_DEFAULTS = {"pydoc": dict(val_tokens=16_384, fitness_tokens=8_192, train_
                                    heldout_piece_tokens=0),
                    "files": dict(heldout_piece_tokens=0)}
 log_interval_s = 10.0             # seconds between progress lines
+drop_warn_fraction = 0.05         # warn when held-out cuts drop more of the text than this (report_kept)
 # -----------------------------------------------------------------------------
 
 SPLITS = ("val", "fitness", "train")  # fill order: held-out splits first, so they never depend on the train budget
-FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
+POOL = "val+fitness"  # --heldout_piece_tokens: the held-out pool both take their pieces from
+ROW_SUFFIXES = (".jsonl", ".parquet")  # rows of a `text` column, read with datasets; any other file is text
+FOLDER_SUFFIXES = (".txt", *ROW_SUFFIXES)  # what a folder given to --files brings
 FINEWEB_ID, FINEWEB_CONFIG = "HuggingFaceFW/fineweb", "sample-10BT"
 # from tiktoken_ext/openai_public.py (gpt2; r50k_base has the same ranks), so local copies get the same check
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
@@ -168,39 +178,67 @@ def pydoc_documents():
     return [topics[k] for k in sorted(topics)], f"pydoc_data.topics (Python {platform.python_version()})"
 
 
+def not_text(path):
+    """Why a file is not text, or "" when it is. Text: it decodes as UTF-8 and holds no NUL byte (binary formats
+    all have NUL bytes; Latin-1 or UTF-16 text does not decode), whatever its name ends with."""
+    data, nul = Path(path).read_bytes(), b"\0"
+    if nul in data:
+        return f"a NUL byte at byte {data.index(nul):,}"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 at byte {e.start:,}"
+    return ""
+
+
 def resolve_files(specs):
-    """Paths, globs and directories (their supported files) -> one sorted list, so the output is deterministic."""
+    """Paths, globs and folders -> one sorted list, so the output is deterministic. A file named alone must be text
+    (not_text) or .jsonl/.parquet; a glob brings every file it matches that is; a folder brings its .txt, .jsonl and
+    .parquet files (not its subfolders'). Whatever a glob or a folder leaves out is named, one line per spec."""
     paths = set()
     for spec in specs:
         if Path(spec).is_dir():
-            found = [str(p) for p in Path(spec).iterdir() if p.suffix in FILE_SUFFIXES and p.is_file()]
-            if not found:
-                raise UserError(f"{spec}: directory holds no {'/'.join(FILE_SUFFIXES)} files")
+            files = sorted(p for p in Path(spec).iterdir() if p.is_file())
+            found = [str(p) for p in files if p.suffix in FOLDER_SUFFIXES]
+            left = [(p.name, "") for p in files if p.suffix not in FOLDER_SUFFIXES]
+            hint = (f"a folder brings only its {'/'.join(FOLDER_SUFFIXES)} files: to take every text file below it, "
+                    f"--files '{Path(spec) / '**' / '*'}'")
+            if not files:
+                raise UserError(f"{spec}: directory holds no files")
         elif any(c in spec for c in "*?["):
-            found = glob.glob(spec, recursive=True)
-            if not found:
+            matched = sorted(p for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+            if not matched:
                 raise UserError(f"{spec}: no files match")
+            why = {p: "" if Path(p).suffix in ROW_SUFFIXES else not_text(p) for p in matched}
+            found, left = [p for p in matched if not why[p]], [(p, why[p]) for p in matched if why[p]]
+            hint = "they are not text (UTF-8 without NUL bytes)"
         elif Path(spec).is_file():
-            found = [spec]
+            if Path(spec).suffix not in ROW_SUFFIXES and (why := not_text(spec)):
+                raise UserError(f"{spec}: not a text file ({why}); --files takes text files (UTF-8 without NUL "
+                                f"bytes) and .jsonl/.parquet files with a `text` column")
+            found, left = [spec], []
         else:
             raise UserError(f"{spec}: no such file or directory")
-        for path in found:
-            if Path(path).suffix not in FILE_SUFFIXES:
-                raise UserError(f"{path}: unsupported file type; use {', '.join(FILE_SUFFIXES)}")
+        if left:
+            named = ", ".join(p + (f" ({why})" if why else "") for p, why in left[:5])
+            line = f"left out {len(left)} file(s): {named}{f' and {len(left) - 5} more' * (len(left) > 5)}; {hint}"
+            if not found:
+                raise UserError(f"{spec}: no file taken: {line}")
+            print(f"--files {spec}: {line}")
         paths.update(found)
     return sorted(paths)
 
 
 class FileDocuments:
-    """Local files as a random-access list of texts, never all in memory: .txt files are read when asked for
+    """Local files as a random-access list of texts, never all in memory: a text file is read when asked for
     (one document each), .jsonl/.parquet rows come from datasets' memory-mapped Arrow tables (a `text` column;
     datasets keeps that Arrow copy under HF_DATASETS_CACHE, so a rerun skips the conversion)."""
 
     def __init__(self, paths):
-        self.parts = []  # (path, table or None for .txt)
+        self.parts = []  # (path, table or None for a text file)
         for path in paths:
             table = None
-            if not path.endswith(".txt"):
+            if Path(path).suffix in ROW_SUFFIXES:
                 from datasets import load_dataset  # only here: a .txt corpus or a prepared split needs no datasets
                 try:
                     kind = "json" if path.endswith(".jsonl") else "parquet"
@@ -300,37 +338,84 @@ def deal_pieces(pool, targets, writers, piece_tokens):
 def fill_splits(token_docs, targets, writers, piece_tokens=0):
     """Give whole documents to val, then fitness, then train; a target of None takes all the rest. The last
     document of a split is cut to hit its target exactly, and the cut-off rest is dropped (never moved on).
-    piece_tokens > 0: val and fitness fill one held-out pool that way instead, dealt out by deal_pieces()."""
-    docs, seen = iter(token_docs), 0
+    piece_tokens > 0: val and fitness fill one held-out pool that way instead, dealt out by deal_pieces().
+    -> {val, fitness, train or POOL: dict(docs, tokens, kept, cut)}: the documents each took and their tokens, the
+    tokens it kept, the documents it cut (what it dropped is tokens - kept)."""
+    docs, seen, taken = iter(token_docs), 0, {}
 
-    def fill(w, target):
+    def fill(w, target, name):
         nonlocal seen
+        t = taken[name] = dict(docs=0, tokens=0, kept=0, cut=0)
         while target is None or w.num_tokens < target:
             ids = next(docs, None)
             if ids is None:
                 break
             seen += len(ids)
-            w.add(ids if target is None else ids[: target - w.num_tokens])
+            keep = ids if target is None else ids[: target - w.num_tokens]
+            w.add(keep)
+            t["docs"], t["cut"] = t["docs"] + 1, t["cut"] + (len(keep) < len(ids))
+            t["tokens"], t["kept"] = t["tokens"] + len(ids), t["kept"] + len(keep)
 
     def check(split, got, target):
         if seen == 0:
             raise UserError("empty corpus: no document has any text")
         if got == 0 or got < (target or 0):
-            raise UserError(f"corpus too small: the {split} split wants {target or 'the rest'} tokens but the "
-                            f"documents ran out after {seen:,} tokens in all; lower --{split}_tokens (or the "
-                            f"fractions) or add data")
+            dropped = sum(t["tokens"] - t["kept"] for t in taken.values())
+            why = f" ({dropped:,} of them dropped: the cut-off rests of held-out documents)" if dropped else ""
+            wants = f"{target:,} tokens" if target else "the rest"
+            raise UserError(f"corpus too small: the {split} split wants {wants} but the documents ran out after "
+                            f"{seen:,} tokens in all{why}; lower --{split}_tokens (or the fractions) or add data")
 
     splits = SPLITS
     if piece_tokens:
         pool = HeldOutPool()
-        fill(pool, targets["val"] + targets["fitness"])
+        fill(pool, targets["val"] + targets["fitness"], POOL)
         check("val", pool.num_tokens, targets["val"])
         check("fitness", pool.num_tokens - targets["val"], targets["fitness"])
         deal_pieces(np.concatenate(pool.parts), targets, writers, piece_tokens)
         splits = ("train",)
     for split in splits:
-        fill(writers[split], targets[split])
+        fill(writers[split], targets[split], split)
         check(split, writers[split].num_tokens, targets[split])
+    return taken
+
+
+def report_kept(taken, writers, out, train_takes_rest, piece_tokens):
+    """The lines that end prepare(): each split's tokens and documents, and of the documents it took (a held-out pool's,
+    with pieces) what it kept and what it dropped; then the total dropped, and a warning (to stderr) when held-out cuts
+    dropped more than drop_warn_fraction of the text taken in while train takes the rest (text lost to training).
+    5%: a third of the 15% val + fitness hold out by default; the 42 Shakespeare plays (whole documents, the default
+    fractions) lose 3.5%, four files of 2.5-30K bytes 71%."""
+    def account(t, split=""):
+        lost, took = t["tokens"] - t["kept"], f"of {t['docs']:,} doc(s), {t['tokens']:,} tokens taken: kept "
+        if split == "train":  # only a train target cuts train: what is left was not asked for
+            return took + (f"{pct(t['kept'], t['tokens'])}; its target met, the rest of the doc cut there ({lost:,}, "
+                           f"{pct(lost, t['tokens'])}) and every later document unused" if lost else "all")
+        return took + pct(t["kept"], t["tokens"]) + (f", dropped {lost:,} ({pct(lost, t['tokens'])}; {t['cut']} doc "
+                                                     f"cut)" if lost else "")
+    lines = []
+    for split, w in writers.items():
+        what = account(taken[split], split) if split in taken else f"{piece_tokens}-token pieces of the {POOL} pool"
+        lines.append(f"  {split:<8} {w.num_tokens:>13,} tokens {len(w.doc_starts):>9,} docs -> {out / split}.bin"
+                     f" | {what}")
+    if POOL in taken:
+        lines.append(f"  {POOL} pool: {account(taken[POOL])}")
+    held = [t for name, t in taken.items() if name != "train"]
+    dropped, total = sum(t["tokens"] - t["kept"] for t in held), sum(t["tokens"] for t in taken.values())
+    lines.append(f"  dropped {dropped:,} of the {total:,} tokens taken in ({pct(dropped, total)}): the cut-off rests "
+                 f"of {sum(t['cut'] for t in held)} held-out document(s)")
+    warn = None
+    if train_takes_rest and dropped > drop_warn_fraction * total:
+        warn = (f"warning: {pct(dropped, total)} of the text was dropped: val and fitness take whole documents and cut "
+                f"the last one at their target, dropping its rest (no document straddles a held-out split and train), "
+                f"so a few long documents lose most of one each. "
+                + (f"Try --heldout_piece_tokens 512 (one {POOL} pool, one cut) or " if not piece_tokens else "Use ")
+                + "more, shorter documents (a book as chapters, say)")
+    return lines, warn
+
+
+def pct(part, whole):
+    return f"{100 * part / max(whole, 1):.1f}%"
 
 
 def prepare(args):
@@ -373,7 +458,7 @@ def prepare(args):
     writers = {}
     try:
         writers = {s: SplitWriter(tmp(f"{s}.bin")) for s in SPLITS}
-        fill_splits(token_docs, targets, writers, args.heldout_piece_tokens)
+        taken = fill_splits(token_docs, targets, writers, args.heldout_piece_tokens)
         for split, w in writers.items():
             w.file.close()
             meta = {"format_version": store.FORMAT_VERSION, "split": split, "source": args.source, "source_detail": detail,
@@ -397,8 +482,10 @@ def prepare(args):
         if created and not any(out.iterdir()):
             out.rmdir()
         raise
-    for split, w in writers.items():
-        print(f"  {split:<8} {w.num_tokens:>13,} tokens {len(w.doc_starts):>9,} docs -> {out / split}.bin")
+    lines, warn = report_kept(taken, writers, out, targets["train"] is None, args.heldout_piece_tokens)
+    print("\n".join(lines))
+    if warn:
+        print(warn, file=sys.stderr, flush=True)
 
 
 def resolve(cfg):

@@ -182,7 +182,7 @@ def test_pydoc_default_is_deterministic(tmp_path, monkeypatch, pydoc_data):
     assert sizes == {s: pd.SOURCE_DEFAULTS["pydoc"][f"{s}_tokens"] for s in pd.SPLITS}  # the quick start's small split
 
 
-def test_jsonl_parquet_txt_directory(tmp_path):
+def test_jsonl_parquet_txt_directory(tmp_path, capsys):
     datasets = pytest.importorskip("datasets")
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -202,6 +202,82 @@ def test_jsonl_parquet_txt_directory(tmp_path):
     got = sorted(tok.decode(d) for tokens, meta in splits.values() for d in docs_of(tokens, meta))
     assert sum(g.startswith("json doc") for g in got) == 3 and sum(g.startswith("parquet doc") for g in got) == 3
     assert list(out.iterdir()) and not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert f"--files {corpus}: left out 1 file(s): README.md; a folder brings only its .txt/.jsonl/.parquet" in \
+        capsys.readouterr().out  # said, not silent
+
+
+def test_any_text_file_and_globs(tmp_path, capsys):
+    """A file named alone is taken whatever its name when it is text (UTF-8, no NUL byte); a glob takes every text file
+    it matches (recursively with **) and names the rest; the documents are the files' exact text."""
+    src = tmp_path / "src"
+    (src / "pkg").mkdir(parents=True)
+    texts = {"main.py": "def main():\n    print('héllo')\n" * 5, "pkg/util.py": "X = 1\n" * 40, "pkg/__init__.py": "#\n",
+             "NOTES.md": "# notes\n" * 30, "pkg/Makefile": "all:\n\ttrue\n" * 20}
+    for name, text in texts.items():
+        (src / name).write_text(text)
+    (src / "pkg" / "util.cpython-311.pyc").write_bytes(b"\xa7\r\r\n\0\0\0\0" * 10)
+    flags = ["--source", "files", "--val_tokens", "20", "--fitness_tokens", "10"]
+
+    def docs(out):
+        tok = pd.get_tokenizer("byte")
+        return sorted(tok.decode(d) for tokens, meta in load_all(out).values() for d in docs_of(tokens, meta))
+    pd.main(flags + ["--files", str(src / "**" / "*.py"), "--out_dir", str(tmp_path / "py")])
+    assert load_all(tmp_path / "py")["val"][1]["source_detail"] == [str(src / n) for n in ("main.py", "pkg/__init__.py",
+                                                                                          "pkg/util.py")]
+    pd.main(flags + ["--files", str(src / "**" / "*"), "--out_dir", str(tmp_path / "all")])
+    out = capsys.readouterr().out
+    assert f"left out 1 file(s): {src / 'pkg' / 'util.cpython-311.pyc'} (a NUL byte at byte 4)" in out
+    got = docs(tmp_path / "all")
+    assert len(got) == 5 and all(any(texts[n].startswith(g) for n in texts) for g in got)  # only a held-out one is cut
+    pd.main(flags + ["--files", str(src / "NOTES.md"), str(src / "pkg" / "Makefile"), str(src / "main.py"),
+                     "--out_dir", str(tmp_path / "named")])
+    assert len(docs(tmp_path / "named")) == 3
+
+
+def test_kept_and_dropped_are_said_per_split(tmp_path, capsys):
+    """Each split's line says how many documents and tokens it took and what it kept and dropped; the numbers agree
+    with the files written. Held-out cuts that drop more than 5% of a corpus whose rest is train warn on stderr, with
+    the flag that helps; a corpus of many short documents does not."""
+    corpus = tmp_path / "long"
+    corpus.mkdir()
+    for i, n in enumerate((3000, 1200, 800, 400)):  # a few long documents: the cut-off rests are most of the text
+        (corpus / f"{i}.txt").write_text(chr(65 + i) * n)
+    pd.main(["--source", "files", "--files", str(corpus), "--out_dir", str(tmp_path / "out"), "--split_seed", "7"])
+    cap = capsys.readouterr()
+    splits = load_all(tmp_path / "out")
+    total_dropped, held_in = 0, 0
+    for split in ("val", "fitness"):
+        counts, bos = letter_counts(splits[split][0])
+        (letter, kept), = counts.items()  # each held-out split took one document and cut it
+        full = (3000, 1200, 800, 400)[ord(letter) - 65] + 1  # + BOS
+        dropped = full - kept - 1
+        total_dropped, held_in = total_dropped + dropped, held_in + full
+        assert (f"{kept + 1:,} tokens         1 docs -> {tmp_path / 'out' / split}.bin | of 1 doc(s), {full:,} tokens "
+                f"taken: kept {100 * (kept + 1) / full:.1f}%, dropped {dropped:,} ({100 * dropped / full:.1f}%; 1 doc cut)"
+                in cap.out), cap.out
+    assert f"train.bin | of 2 doc(s), {5404 - held_in:,} tokens taken: kept all" in cap.out  # the other two, whole
+    assert f"dropped {total_dropped:,} of the 5,404 tokens taken in ({100 * total_dropped / 5404:.1f}%)" in cap.out
+    assert cap.err.startswith(f"warning: {100 * total_dropped / 5404:.1f}% of the text was dropped") and \
+        "--heldout_piece_tokens 512" in cap.err
+    # pieces: one pool, one cut; no flag to suggest any more
+    pd.main(["--source", "files", "--files", str(corpus), "--out_dir", str(tmp_path / "pieces"), "--split_seed", "7",
+             "--heldout_piece_tokens", "64"])
+    cap = capsys.readouterr()
+    assert "64-token pieces of the val+fitness pool" in cap.out and "val+fitness pool: of 1 doc(s)" in cap.out
+    assert "warning" in cap.err and "--heldout_piece_tokens" not in cap.err
+    # many short documents: under 5% dropped, no warning
+    (tmp_path / "short").mkdir()
+    for i in range(100):
+        (tmp_path / "short" / f"{i:03d}.txt").write_text("x" * (40 + i % 40))
+    pd.main(["--source", "files", "--files", str(tmp_path / "short"), "--out_dir", str(tmp_path / "s")])
+    cap = capsys.readouterr()
+    assert "dropped" in cap.out and cap.err == ""
+    # a train target leaves the rest unused, by request: said, not warned about
+    pd.main(["--source", "files", "--files", str(tmp_path / "short"), "--out_dir", str(tmp_path / "t"),
+             "--train_tokens", "1000"])
+    cap = capsys.readouterr()
+    assert "its target met, the rest of the doc cut there" in cap.out and "every later document unused" in cap.out
+    assert cap.err == ""
 
 
 def refused(argv, capsys, status=1):
@@ -317,18 +393,23 @@ def test_heldout_piece_tokens_0_is_whole_documents_bit_for_bit(tmp_path):
 # -----------------------------------------------------------------------------
 # bad input: one clear message, no files left behind
 
-@pytest.mark.parametrize("case", ["missing_file", "empty_corpus", "budget_too_large", "bad_glob", "bad_suffix",
+@pytest.mark.parametrize("case", ["missing_file", "empty_corpus", "budget_too_large", "bad_glob", "binary_file",
+                                  "not_utf8", "glob_of_no_text",
                                   "pieces_val_too_large", "pieces_fitness_too_large"])
 def test_bad_input_leaves_nothing(tmp_path, case, capsys):
     (tmp_path / "empty.txt").write_text("")
-    (tmp_path / "notes.md").write_text("hello")
+    (tmp_path / "model.bin").write_bytes(b"weights\0\1")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     out = tmp_path / "out"
     argv, message = {
         "missing_file": (["--source", "files", "--files", str(tmp_path / "nope.txt")], "nope.txt: no such file"),
         "empty_corpus": (["--source", "files", "--files", str(tmp_path / "empty.txt")], "empty corpus"),
         "budget_too_large": (["--train_tokens", "10000000"], "corpus too small: the train split"),
         "bad_glob": (["--source", "files", "--files", str(tmp_path / "*.jsonl")], "no files match"),
-        "bad_suffix": (["--source", "files", "--files", str(tmp_path / "notes.md")], "unsupported file type"),
+        "binary_file": (["--source", "files", "--files", str(tmp_path / "model.bin")],
+                        "model.bin: not a text file (a NUL byte at byte 7)"),
+        "not_utf8": (["--source", "files", "--files", str(tmp_path / "latin1.txt")], "not UTF-8 at byte 3"),
+        "glob_of_no_text": (["--source", "files", "--files", str(tmp_path / "*.bin")], "no file taken: left out 1"),
         "pieces_val_too_large": (["--val_tokens", "10000000", "--heldout_piece_tokens", "64"],
                                  "corpus too small: the val split"),
         "pieces_fitness_too_large": (["--fitness_tokens", "10000000", "--heldout_piece_tokens", "64"],

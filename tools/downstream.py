@@ -1,8 +1,8 @@
 """
 tools/downstream.py: zero-shot multiple choice (hellaswag, arc_easy, arc_challenge, piqa from the hub, or a local
 JSONL file of {context, choices, label}) for the best member and the prior's mixtures at each K. It runs eval.py first
-(which scores the run and fits the prior, or reads them), then this; every eval.py flag applies. The results are
-printed and written to RUN/downstream.json.
+(which scores the run and fits the prior, or reads them), then this; every eval.py flag applies. The results, each
+accuracy with its standard error as lm-eval reports it, are printed and written to RUN/downstream.json.
 
     python tools/downstream.py runs/RUN --tasks hellaswag arc_easy tests/fixtures/mc_tiny.jsonl
 
@@ -77,17 +77,21 @@ def read_questions(spec):
 
 
 def choice_sequences(qs, tok, T):
-    """Every (question, choice) as BOS + context + continuation ids, left-truncated to T + 1 tokens; the
-    continuation is " " + choice unless either side already has the space (lm-eval's target delimiter)."""
+    """Every (question, choice) as BOS + context + continuation ids, left-truncated to T + 1 tokens, as lm-eval builds
+    them: the continuation is its target_delimiter " " + choice (api/task.py, always), and the context's trailing
+    whitespace moves to the continuation (LM._encode_pair), so context "Answer: " with choice "yes" scores "  yes"
+    after "Answer:". The context then ends in a non-space and the continuation starts with one, so encoding the two
+    apart gives the ids lm-eval's encode-whole-then-split gives (byte and GPT-2 tokens never span that boundary)."""
     seqs, n_cont, chars, first = [], [], [], []  # per choice; first[q] = index of question q's first choice
     for q in qs:
-        ctx = [tok.bos_id] + tok.encode(q["context"])
+        context = q["context"].rstrip()
+        ctx = [tok.bos_id] + tok.encode(context)
         first.append(len(seqs))
         for c in q["choices"]:
-            cont = c if (not q["context"] or q["context"][-1].isspace() or c[:1].isspace()) else " " + c
-            ids = (ctx + tok.encode(cont))[-(T + 1):]
+            cont = tok.encode(q["context"][len(context):] + " " + c)
+            ids = (ctx + cont)[-(T + 1):]
             seqs.append(ids)
-            n_cont.append(min(len(tok.encode(cont)), len(ids) - 1))
+            n_cont.append(min(len(cont), len(ids) - 1))
             chars.append(max(1, len(c)))  # lm-eval's acc_norm: the choice's own length, without the space
     return seqs, np.array(n_cont), np.array(chars), first
 
@@ -111,7 +115,9 @@ def continuation_logprobs(model, seqs, n_cont, dev, size=DownstreamConfig.batch_
 def downstream(run, pj, best, spec, dev):
     """Multiple choice for member `best` alone and the prior's mixture (prior.json `pj`) at each of its K: a choice's
     score = sum over its tokens of log sum_i w_i p_i(token), after the context (choice_sequences). acc = argmax score;
-    acc_norm = argmax score / len(choice) in characters (lm-eval's, without the space put before it)."""
+    acc_norm = argmax score / len(choice) in characters (lm-eval's, without the space put before it). Each with
+    lm-eval's standard error (metrics.mean_stderr): the sample standard deviation of the 0/1 scores over sqrt(n), that is
+    sqrt(p (1 - p) / (n - 1)); None for one question, where lm-eval says N/A."""
     qs = read_questions(spec)
     seqs, n_cont, chars, first = choice_sequences(qs, tokenizer_for_meta(run["val"]["meta"]), run["seq_len"])
     names = pj["members"]
@@ -123,12 +129,11 @@ def downstream(run, pj, best, spec, dev):
             mix = torch.logsumexp(torch.from_numpy(np.log(w)[:, None] + lp), 0).numpy()  # log sum_i w_i p_i, per token
         score = np.array([mix[e - n:e].sum() for e, n in zip(ends, n_cont)])  # (choices,) log p(continuation)
         norm = score / chars
-        acc = [0, 0]
-        for f, q in zip(first, qs):
-            n = len(q["choices"])
-            acc[0] += int(np.argmax(score[f:f + n])) == q["label"]
-            acc[1] += int(np.argmax(norm[f:f + n])) == q["label"]
-        return dict(acc=acc[0] / len(qs), acc_norm=acc[1] / len(qs))
+        right = np.array([[np.argmax(s[f:f + len(q["choices"])]) == q["label"] for s in (score, norm)]
+                          for f, q in zip(first, qs)], dtype=np.float64)  # (questions, 2): acc, acc_norm per question
+        mean = right.mean(0)
+        err = [float(e) for e in right.std(0, ddof=1) / np.sqrt(len(qs))] if len(qs) > 1 else [None, None]
+        return dict(acc=float(mean[0]), acc_stderr=err[0], acc_norm=float(mean[1]), acc_norm_stderr=err[1])
 
     res = {f"best member {best}": accuracy(np.eye(len(names))[names.index(best)])}
     res |= {f"prior K={k}": accuracy(ev.weights_of(names, ev.members_at(pj, int(k)))) for k in pj["per_k"]}
@@ -146,11 +151,16 @@ def main(argv):
             results = out[str(run["dir"])] = [downstream(run, pj, rep["best_member"]["name"], spec, env["device"])
                                               for spec in cfg.tasks]
             for d in results:
-                print(f"downstream {d['benchmark']} ({d['questions']} questions) |   acc | acc_norm")
+                print(f"downstream {d['benchmark']} ({d['questions']} questions): accuracy ± its standard error")
+                print(f"  {'':<28} | {'acc':^13} | {'acc_norm':^13}")
                 for who, r in d["results"].items():
-                    print(f"  {who:<28} | {r['acc']:.3f} | {r['acc_norm']:.3f}")
+                    print(f"  {who:<28} | {pm(r['acc'], r['acc_stderr'])} | {pm(r['acc_norm'], r['acc_norm_stderr'])}")
             store.write_json(results, run["dir"] / "downstream.json")
     return out
+
+
+def pm(value, stderr):
+    return f"{value:.3f} ± {stderr:.3f}" if stderr is not None else f"{value:.3f}        "
 
 
 if __name__ == "__main__":

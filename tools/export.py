@@ -50,8 +50,12 @@ FORMAT = "q0-safetensors/1"
 
 def prior_mixture(run, k):
     """[(name, weight), ...]: RUN/prior.json's mixture at K (eval.members_at), refused when the file was changed on
-    disk or is stale for a member file retrained since it was fit."""
+    disk or is stale for a member file retrained since it was fit, and for a K above the run's number of members
+    (members_at would give all of them, under a name that promises K)."""
     pj = ev.read_prior(run)
+    if k > len(pj["members"]):
+        raise UserError(f"--k {k}: {run} has {len(pj['members'])} member(s) (its prior.json): give --k 1 to "
+                        f"{len(pj['members'])}", status=2)
     try:
         mix = ev.members_at(pj, k, run)
     except (FileNotFoundError, ValueError) as e:  # a K prior.json lacks, its fitness scores missing or damaged

@@ -40,7 +40,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path

@@ -44,7 +44,7 @@ seed = 0
 
 def write_scores(folder, m, n, rng):
     """m members' fitness score files (float32 -|normal|) and val symlinks to them."""
-    import prior
+    import scores
     (folder / "scores").mkdir(parents=True, exist_ok=True)
     for i in range(m):
         path = scores.score_path(folder, f"m{i:03d}", "fitness")
@@ -55,6 +55,7 @@ def write_scores(folder, m, n, rng):
 def child(folder, m, iters):
     """One point, in its own process: evaluate_run's arithmetic on the first m members -> dict of numbers."""
     import prior
+    import scores
     rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.time()
     names = [f"m{i:03d}" for i in range(m)]

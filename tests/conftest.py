@@ -191,6 +191,15 @@ def run_train(argv):
     return code, out.getvalue(), err.getvalue()
 
 
+def error_line(err, *needles):
+    """The one line a refused command prints (`error: ...` on stderr, nothing else), holding every needle -> it."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for n in needles:
+        assert str(n) in lines[0], (n, err)
+    return lines[0]
+
+
 def child_env():
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}

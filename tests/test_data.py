@@ -14,8 +14,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import config  # noqa: E402
-import runtime  # noqa: E402
-import scores  # noqa: E402
 import store  # noqa: E402
 import prepare_data as pd  # noqa: E402
 

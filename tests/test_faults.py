@@ -35,9 +35,7 @@ import scores
 import store
 import eval as ev
 import prepare_data
-import prior
-import runtime
-from conftest import (PYTHON, ROOT, TORCHRUN, child_env, kill_when, last_logged_step, load_config, read_log, run_train,
+from conftest import (PYTHON, ROOT, TORCHRUN, child_env, error_line, kill_when, last_logged_step, load_config, read_log, run_train,
                       spawn_train, train_argv, validate)
 
 # 127 steps/epoch at 512 tokens/step -> cycles of round(0.0625 * 127) = 8 steps, 24 per trajectory; a checkpoint
@@ -149,14 +147,6 @@ def set_data_dir(run_dir, data):
     record = store.load_json(run_dir / "config.json")
     record["config"]["data_dir"] = str(data)
     store.write_json(record, run_dir / "config.json", checked=True)
-
-
-def error_line(err, *needles):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for n in needles:
-        assert str(n) in lines[0], (n, err)
-    return lines[0]
 
 
 # -----------------------------------------------------------------------------------------------------

@@ -14,8 +14,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import config
-import runtime
-import scores
 import store
 import model as gpt
 import q0

@@ -13,10 +13,9 @@ import pytest
 import torch
 
 import eval as ev
-import runtime
 import scores
 import store
-from conftest import PYTHON, ROOT, child_env, run_train
+from conftest import PYTHON, ROOT, child_env, error_line, run_train
 
 T = ["--batch_tokens=512", "--micro_batch_size=4", "--eval_tokens=2048", "--eval_every_epochs=0", "--epochs_per_cycle=0.25",
      "--ckpt_every_epochs=0.125", "--num_cycles=4", "--log_every=1"]
@@ -30,13 +29,6 @@ def q0_argv(data, out, *extra):
 
 def student_argv(data, teacher, out, *extra):
     return [*STUDENT, f"--data_dir={data}", f"--teacher_run={teacher}", f"--out_dir={out}", *extra]
-
-
-def one_line(err, *needles):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert all(n in lines[0] for n in needles), (needles, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +61,7 @@ def test_the_student_refuses_a_teacher_member_changed_after_the_prior(runs, data
     shutil.copy(runs / "b" / "members" / f"{first}.pt", e1 / "members" / f"{first}.pt")  # the issue's cp
     code, _, err = run_train(student_argv(data, e1, tmp_path / "s1", "--teacher_k=2"))
     assert code == 1 and not (tmp_path / "s1").exists()
-    one_line(err, f"member {first}", f"changed since {e1 / 'prior.json'} was fit", f"python eval.py {e1}")
+    error_line(err, f"member {first}", f"changed since {e1 / 'prior.json'} was fit", f"python eval.py {e1}")
     capsys.readouterr()
     ev.main([str(e1), "--eval_tokens=2048"])  # the fix it names: rescored, refit on the member as it is now
     code, _, err = run_train(student_argv(data, e1, tmp_path / "s1", "--teacher_k=2"))
@@ -87,7 +79,7 @@ def test_a_changed_fitness_score_file_is_not_read_for_a_k_prior_json_lacks(runs,
     np.save(path, np.load(path) + 0.8)  # the issue's change: the sha256 beside it is the old one
     code, _, err = run_train(student_argv(data, e2, tmp_path / "s2", "--teacher_k=3"))
     assert code == 1 and not (tmp_path / "s2").exists()
-    one_line(err, "teacher_k=3: ", f"score file {path} does not match its sha256", f"python eval.py {e2}")
+    error_line(err, "teacher_k=3: ", f"score file {path} does not match its sha256", f"python eval.py {e2}")
     ev.main([str(e2), "--eval_tokens=2048"])  # the fix: rescores that file
     code, _, err = run_train(student_argv(data, e2, tmp_path / "s2", "--teacher_k=3"))
     assert code == 0, err
@@ -122,7 +114,7 @@ def test_a_diverged_model_is_never_checkpointed_so_the_printed_fix_works(data, t
     run_dir = tmp_path / "div"
     code, _, err = run_train(q0_argv(data, run_dir, "--muon_lr=1e6"))
     assert code == 1
-    line = one_line(err, "track 0: weight ", "(diverged: beyond 10000) after step 4, before writing the checkpoint",
+    line = error_line(err, "track 0: weight ", "(diverged: beyond 10000) after step 4, before writing the checkpoint",
                     "Last good checkpoint: none yet", "lower learning rates")
     assert not (run_dir / "track0" / "ckpt.pt").exists()  # nothing diverged on disk to resume from
     code, _, err = run_train(q0_argv(data, run_dir, "--resume=True", "--muon_lr=0.02"))  # the fix it prints
@@ -217,4 +209,4 @@ def test_a_batch_larger_than_the_data_is_a_config_error(data, tmp_path):
     """Item 9: exit 2 like every other bad value (it was 1), before anything is written."""
     code, _, err = run_train(q0_argv(data, tmp_path / "r", "--batch_tokens=65536", "--micro_batch_size=512"))
     assert code == 2 and not (tmp_path / "r").exists()
-    one_line(err, "config key 'batch_tokens'", "too small for one global batch")
+    error_line(err, "config key 'batch_tokens'", "too small for one global batch")

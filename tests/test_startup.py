@@ -9,18 +9,11 @@ import pytest
 
 import config
 import eval as ev
-from conftest import PYTHON, ROOT, child_env, run_train, train_argv
+from conftest import PYTHON, ROOT, child_env, error_line, run_train, train_argv
 
 Q0 = dict(mode="q0", batch_tokens=1024, micro_batch_size=8, num_trajectories=1, num_cycles=2, epochs_per_cycle=0.125,
           distill_after_cycles=2, ckpt_every_epochs=0.125)
 STUDENT = dict(mode="student", batch_tokens=1024, micro_batch_size=8, epochs=0.05)
-
-
-def one_line(err, *needles):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert all(n in lines[0] for n in needles), (needles, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +33,7 @@ def test_a_number_that_is_not_finite_is_one_line(tiny_data, tmp_path, flag):
     run_dir = tmp_path / "r"
     code, _, err = run_train(train_argv(tiny_data, run_dir, mode="single") + [flag])
     assert code == 2 and not run_dir.exists()
-    one_line(err, f"config key '{flag[2:].split('=')[0]}' must be a finite number")
+    error_line(err, f"config key '{flag[2:].split('=')[0]}' must be a finite number")
 
 
 @pytest.mark.slow
@@ -52,7 +45,7 @@ def test_a_config_file_that_is_not_utf8_is_one_line(tiny_data, tmp_path):
             "--micro_batch_size=8", "--seq_len=32", "--eval_tokens=1024"]
     code, _, err = run_train(argv)
     assert code == 2 and not (tmp_path / "r").exists()
-    one_line(err, f"{path}: byte 22 is not UTF-8", "save the config file as UTF-8")
+    error_line(err, f"{path}: byte 22 is not UTF-8", "save the config file as UTF-8")
     path.write_bytes(path.read_bytes().replace(b"\xe9", b"e"))  # the fix it names
     code, _, err = run_train(argv)
     assert code == 0, err
@@ -65,13 +58,13 @@ def test_a_data_dir_that_is_a_file_names_the_folder_to_use(tiny_data, tmp_path):
     bogus.write_bytes(b"x")
     code, _, err = run_train(train_argv(bogus, tmp_path / "r", mode="single", epochs=0.05))
     assert code == 2 and not (tmp_path / "r").exists()
-    one_line(err, f"--data_dir={bogus} is a file, not a folder of prepared data")
+    error_line(err, f"--data_dir={bogus} is a file, not a folder of prepared data")
     code, _, err = run_train(train_argv(tiny_data, tmp_path / "r", mode="single", epochs=0.05))  # the folder: runs
     assert code == 0, err
     proc = subprocess.run([PYTHON, "prepare_data.py", f"--out_dir={bogus}"], cwd=ROOT, env=child_env(),
                           capture_output=True, text=True, timeout=60)  # prepare_data.py into that file: one line too
     assert proc.returncode == 2 and bogus.read_bytes() == b"x"
-    one_line(proc.stderr, f"--out_dir={bogus} cannot hold the token files: {bogus} is a file")
+    error_line(proc.stderr, f"--out_dir={bogus} cannot hold the token files: {bogus} is a file")
 
 
 @pytest.mark.slow
@@ -88,7 +81,7 @@ def test_the_students_checks_come_before_its_run_folder(population, tiny_data, t
     base = dict(STUDENT, teacher_run=str(population), teacher_k=2)
     code, _, err = run_train(train_argv(tiny_data, run_dir, **dict(base, **bad)))
     assert code == 2 and not run_dir.exists()
-    one_line(err, needle)
+    error_line(err, needle)
     code, _, err = run_train(train_argv(tiny_data, run_dir, **dict(base, **fix)))  # the fix, same --out_dir
     assert code == 0, err
 

@@ -14,8 +14,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import config  # noqa: E402
-import runtime  # noqa: E402
-import scores  # noqa: E402
 import store  # noqa: E402
 import eval as ev  # noqa: E402
 import model as gpt  # noqa: E402

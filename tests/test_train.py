@@ -17,12 +17,10 @@ import torch
 
 import config
 import runtime
-import scores
 import store
 import model as gpt
-import runtime
 import train
-from conftest import (PYTHON, ROOT, TINY, assert_same_weights, child_env, kill_when, load_config, member_weights, read_log, run_train,
+from conftest import (PYTHON, ROOT, TINY, assert_same_weights, child_env, error_line, kill_when, load_config, member_weights, read_log, run_train,
                       run_train_subprocess, spawn_train, train_argv, validate)
 
 SINGLE = dict(mode="single", epochs=0.5)  # 63 steps/epoch at 1K tokens/step -> 32 steps, a checkpoint every 3
@@ -49,14 +47,6 @@ def fake_data(spe, seq_len=128, batch_tokens=4096):
     rows = batch_tokens // seq_len
     n = spe * rows * seq_len + seq_len
     return {"train": np.zeros(n, np.uint16), "meta": {"doc_starts": [0]}}
-
-
-def one_line_error(err, *names):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for name in names:
-        assert name in lines[0], (name, err)
-    return lines[0]
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -119,16 +109,16 @@ def test_config_file_with_code_is_rejected_unexecuted(tmp_path):
 def test_cli_config_errors_exit_nonzero_with_one_line(tmp_path, tiny_data):
     code, out, err = run_train(["--bogus_key=1", f"--out_dir={tmp_path / 'r'}"])
     assert code == 2
-    one_line_error(err, "'bogus_key'")
+    error_line(err, "'bogus_key'")
     code, out, err = run_train(train_argv(tiny_data, tmp_path / "r", seq_len="long"))
     assert code == 2
-    one_line_error(err, "'seq_len'")
+    error_line(err, "'seq_len'")
     assert not (tmp_path / "r").exists()  # rejected before any work
     # the real command line: exit status 2, one line on stderr, no traceback
     proc = subprocess.run([PYTHON, "train.py", "--seq_len=abc", f"--out_dir={tmp_path / 'r'}"], cwd=ROOT,
                           env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    one_line_error(proc.stderr, "'seq_len'", "expects int")
+    error_line(proc.stderr, "'seq_len'", "expects int")
 
 
 def test_resolved_config_is_saved(single_run):
@@ -423,7 +413,7 @@ def test_resume_with_changed_config_is_refused(run_copy, tiny_data, single_run, 
     argv = [a for a in single_run[1] if not a.startswith("--out_dir")] + [f"--out_dir={run_copy}"]
     code, out, err = run_train(argv + ["--resume=True", flag])
     assert code == 1
-    one_line_error(err, f"config key '{key}'", "cannot resume")
+    error_line(err, f"config key '{key}'", "cannot resume")
     assert ((run_copy / "config.json").read_text(), (run_copy / "track0" / "ckpt.pt").read_bytes()) == before
     # changing a key that does not change the result is fine: the finished run says so and stops
     code, out, err = run_train(argv + ["--resume=True", "--log_every=5", "--eval_tokens=512"])
@@ -435,7 +425,7 @@ def test_second_run_in_the_same_folder_is_refused(run_copy, single_run):
     log = (run_copy / "track0" / "log.jsonl").read_text()
     code, out, err = run_train(argv)
     assert code == 1
-    one_line_error(err, "already holds a run", "--resume=True")
+    error_line(err, "already holds a run", "--resume=True")
     assert (run_copy / "track0" / "log.jsonl").read_text() == log
 
 
@@ -468,7 +458,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, 
     code, out, err = run_train(train_argv(tiny_data, run_dir, **SINGLE))  # checkpoints at steps 3 and 6
     assert code == 1
     ckpt = run_dir / "track0" / "ckpt.pt"
-    one_line_error(err, "loss is nan at step 8", f"Last good checkpoint: {ckpt} (step 6)")
+    error_line(err, "loss is nan at step 8", f"Last good checkpoint: {ckpt} (step 6)")
     assert saves == [("ckpt.pt", 3), ("ckpt.pt", 6)]  # nothing written from the NaN state
     state = torch.load(ckpt, weights_only=True)
     assert state["step"] == 6 and all(torch.isfinite(v).all() for v in state["model"].values())
@@ -496,7 +486,7 @@ def test_full_disk_stops_before_writing(tiny_data, tmp_path, monkeypatch):
     code, out, err = run_train(train_argv(tiny_data, run_dir, **SINGLE))
     assert code == 1
     ckpt = run_dir / "track0" / "ckpt.pt"
-    one_line_error(err, f"not enough disk to write {ckpt}", "Earlier files are intact")
+    error_line(err, f"not enough disk to write {ckpt}", "Earlier files are intact")
     assert torch.load(ckpt, weights_only=True)["step"] == 3  # the earlier checkpoint, whole
     assert not list(run_dir.rglob("*.tmp*"))
     assert json.loads((run_dir / "config.json").read_text())["config"]["epochs"] == 0.5
@@ -517,7 +507,7 @@ def test_bad_values_are_refused_by_name_before_anything_is_written(tiny_data, tm
     run_dir = tmp_path / "r"
     code, out, err = run_train(train_argv(tiny_data, run_dir, **SINGLE) + flag.split())
     assert code == 2, err
-    line = one_line_error(err, key)
+    line = error_line(err, key)
     assert "must" in line or "not available" in line, line
     assert not run_dir.exists()  # nothing written: the same command with the value fixed starts cleanly
 
@@ -540,7 +530,7 @@ def test_help_lists_every_key_with_its_default_and_meaning(script, keys):
 def test_resume_of_a_missing_run_folder_is_refused(tiny_data, tmp_path):
     code, out, err = run_train(train_argv(tiny_data, tmp_path / "nope", **SINGLE) + ["--resume=True"])
     assert code == 1
-    one_line_error(err, "nothing to resume", str(tmp_path / "nope"))
+    error_line(err, "nothing to resume", str(tmp_path / "nope"))
     assert not (tmp_path / "nope").exists()
 
 
@@ -636,7 +626,7 @@ def test_nan_gradient_with_a_finite_loss_takes_no_step(tiny_data, tmp_path, monk
     code, out, err = run_train(train_argv(tiny_data, run_dir, **SINGLE))
     assert code == 1
     ckpt = run_dir / "track0" / "ckpt.pt"
-    one_line_error(err, "the gradient is not finite at step 8 (grad norm nan", f"Last good checkpoint: {ckpt} (step 6)")
+    error_line(err, "the gradient is not finite at step 8 (grad norm nan", f"Last good checkpoint: {ckpt} (step 6)")
     assert saves == [("ckpt.pt", 3), ("ckpt.pt", 6)]
     assert all(torch.isfinite(v).all() for v in torch.load(ckpt, weights_only=True)["model"].values())
     monkeypatch.undo()
@@ -660,7 +650,7 @@ def test_a_second_trainer_on_a_running_track_is_refused(tiny_data, tmp_path, fau
     argv, proc = spawn_until_first_checkpoint(tiny_data, run_dir)
     code, out, err = run_train(argv + ["--resume=True"])
     assert code == 1
-    one_line_error(err, f"{run_dir / 'track0'} is being trained by pid {proc.pid} on ")
+    error_line(err, f"{run_dir / 'track0'} is being trained by pid {proc.pid} on ")
     proc.kill()
     proc.communicate(timeout=60)
     code, out, err = run_train(argv + ["--resume=True"])

@@ -4,7 +4,6 @@ read from its folder without writing to it."""
 import hashlib
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 

@@ -197,11 +197,16 @@ class Q0Plan(train.Plan):
         # compiled, the softmaxes and the KL fuse: eager, each is its own pass over (B, T, V) fp32 (0.8 GB at 1.8B)
         self.distill_loss = torch.compile(distill_loss) if cfg.compile else distill_loss
 
+    def cycle_of(self, step):
+        """-> (the cycle step `step` (0-based) is in, 0-based; the step it starts at; its length L)."""
+        cycle = bisect.bisect_right(self.cycle_ends, step)
+        start = self.cycle_ends[cycle - 1] if cycle else 0
+        return cycle, start, self.cycle_ends[cycle] - start
+
     def multipliers(self, step):
         c = self.cfg
-        cycle = bisect.bisect_right(self.cycle_ends, step)  # 0-based: the cycle this step is in
-        start = self.cycle_ends[cycle - 1] if cycle else 0
-        L, s = self.cycle_ends[cycle] - start, step - start
+        cycle, start, L = self.cycle_of(step)
+        s = step - start
         lr = lr_multiplier(s, L, c.lr_floor, c.cycle_shape)
         wd = 1.0 if c.constant_wd else wd_multiplier(lr, c.lr_floor, c.wd_floor)
         warm = c.first_cycle_warmup_steps and self.warms_up(cycle) and s < c.first_cycle_warmup_steps
@@ -241,10 +246,9 @@ class Q0Plan(train.Plan):
 
     def log_fields(self, step):
         """The cycle and the step in it, the teacher, and with one the last micro-batch's CE and KL."""
-        cycle = bisect.bisect_right(self.cycle_ends, step - 1)  # step: the steps done; the last one's cycle
-        start = self.cycle_ends[cycle - 1] if cycle else 0
+        cycle, start, L = self.cycle_of(step - 1)  # step: the steps done, the last one step - 1
         fields = dict(teacher_forwards=self.teacher.forwards, cycle=cycle + 1, step_in_cycle=step - start,
-                      cycle_steps=self.cycle_ends[cycle] - start, teacher=self.teacher.name)
+                      cycle_steps=L, teacher=self.teacher.name)
         parts = zip(("ce", "kl"), getattr(self, "parts", []) if self.teacher.name else [])
         return fields | {key: float(value) for key, value in parts if value is not None}
 

@@ -150,6 +150,8 @@ def config_help(cls, doc):
                     header = None
                 where[m[1]] = len(lines)
                 lines.append(text)
+            elif (m := re.match(r"\s{5,}# (.*)", line)) and where:  # a key's comment continued on the next line
+                lines[-1] += f" {m[1]}"
             elif m := re.match(r"\s{4}# (.*)", line):
                 lines.append(f" {m[1]}:")
     return "\n".join([(doc or "").strip(), "", "keys (a config file of `key = value` lines, then --key=value flags "

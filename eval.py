@@ -230,12 +230,24 @@ def weights_of(names, mix):
     return w
 
 
-def slowrun_efficiency(loss):
-    """Tokens a nanochat baseline needs to reach `loss` (piecewise-linear in the table) / 100M; None off the table."""
-    tokens, losses = zip(*SLOWRUN_TABLE)
-    if not losses[-1] <= loss <= losses[0]:
+def data_efficiency(loss, table, seen_tokens):
+    """Slowrun's data efficiency: the tokens a baseline needs to reach `loss` / the tokens the method saw. table =
+    [(tokens, the baseline's best val loss at that many tokens)], read piecewise-linearly in tokens: the first point
+    of the curve at `loss`. None off the table (a loss above its first point, or below every point): never
+    extrapolated."""
+    (n, l), *rest = sorted(table)
+    if loss > l:
         return None
-    return float(np.interp(loss, losses[::-1], tokens[::-1])) / 100e6
+    for n1, l1 in rest:
+        if loss >= min(l, l1):  # the segment from (n, l) to (n1, l1) reaches it
+            return float(n if l == l1 or loss >= l else n + (n1 - n) * (l - loss) / (l - l1)) / seen_tokens
+        n, l = n1, l1
+    return float(n) / seen_tokens if loss == l else None
+
+
+def slowrun_efficiency(loss):
+    """Tokens a nanochat baseline needs to reach `loss` (SLOWRUN_TABLE, piecewise-linear) / 100M; None off the table."""
+    return data_efficiency(loss, SLOWRUN_TABLE, 100e6)
 
 
 def is_slowrun(meta):

@@ -74,8 +74,9 @@ seeds = (1, 2)
 # -----------------------------------------------------------------------------------------------------
 
 
-def run(name, out, flags):
-    """Train (or resume, or skip) one configuration; return its run folder."""
+def run(name, out, flags, data=None):
+    """Train (or resume, or skip) one configuration on `data` (default out/data, the 100K-byte headline data); return
+    its run folder."""
     run_dir = out / "runs" / name
     if (run_dir / "DONE").exists() and not grows(run_dir, flags):
         return run_dir
@@ -90,7 +91,7 @@ def run(name, out, flags):
     (run_dir / "DONE").unlink(missing_ok=True)  # an extension: until it is scored, the run is not finished for anyone
     script = ("variants.py" if flags.get("mode") == "chain" or "distill_teacher" in flags else
               "q0.py" if flags.get("mode") == "q0" else "train.py")
-    cmd = [sys.executable, str(ROOT / script), f"--data_dir={out / 'data'}", f"--out_dir={run_dir}",
+    cmd = [sys.executable, str(ROOT / script), f"--data_dir={data or out / 'data'}", f"--out_dir={run_dir}",
            "--log_every=1000", "--eval_every_epochs=0", "--ckpt_every_epochs=1"]
     if resume := (run_dir / "config.json").exists():  # an extension killed half-way resumes to its own, larger size
         was = recorded(run_dir)
@@ -179,12 +180,14 @@ def best_k_on_fitness(F, V, w=None):
                for k in prior.ks_for(len(F)) for top, wk in [prior.select(F, k, w=w)])
 
 
-def single_curve(out, seed, lengths=single_lengths):
-    """(epochs, val, fitness) of one single model per length; while the longest is the best on fitness, one of twice
-    its length is added (E* is then a measured saturation length, not the edge of the grid)."""
+def single_curve(out, seed, lengths=single_lengths, prefix="single", data=None, **flags):
+    """(epochs, val, fitness) of one single model per length (runs {prefix}-E{E}-s{seed}, trained on `data` with
+    `flags` beyond the defaults); while the longest is the best on fitness, one of twice its length is added (E* is then
+    a measured saturation length, not the edge of the grid)."""
     points, lengths = [], list(lengths)
     for E in lengths:
-        rows, F, V = members(run(f"single-E{E}-s{seed}", out, dict(mode="single", epochs=float(E), seed=seed, warmup_steps=10)))
+        rows, F, V = members(run(f"{prefix}-E{E}-s{seed}", out, dict(mode="single", epochs=float(E), seed=seed,
+                                                                     warmup_steps=10, **flags), data))
         points.append((E, float(-V[0].mean()), float(-F[0].mean())))
         if E == lengths[-1] and saturation_epochs(points) == E and E < 128:
             lengths.append(2 * E)
@@ -194,6 +197,11 @@ def single_curve(out, seed, lengths=single_lengths):
 def saturation_epochs(singles):
     """E*: the single-model length with the best fitness loss (chosen on fitness, never on val)."""
     return min(singles, key=lambda p: p[2])[0]
+
+
+def best_single_epochs(out, seed):
+    """E* of seed S as the headline suite chose it (its results file): read by the suites that build on it, never trained."""
+    return load_results(out)["headline"][str(seed)]["best_single_epochs"]
 
 
 def budget_tag(budget, default=ensemble_budget):
@@ -545,24 +553,36 @@ def main():
                     f"(default {ensemble_budget}; the pre-registered recipe, more cycles), results in headline-b<budget>; "
                     f"steps suite: its runs' budget (default {steps_budget}; more is the same runs extended)")
     args = ap.parse_args()
-    kind = "pydoc" if str(args.corpus) == "pydoc" else "files"
-    args.out, args.corpus = from_root(args.out), args.corpus if kind == "pydoc" else from_root(args.corpus)
+    args.out, args.corpus = from_root(args.out), corpus_arg(args.corpus)
     os.chdir(ROOT)  # where the training subprocesses run: the paths they are given mean the same to them and to us
     args.out.mkdir(parents=True, exist_ok=True)
-    if (args.out / "data" / "train.json").exists():  # prepared once per --out: never mix two corpora's runs
-        if (was := json.loads((args.out / "data" / "train.json").read_text())["source"]) != kind:
-            sys.exit(f"{args.out / 'data'} holds the {was} corpus, not {args.corpus}: give this corpus its own --out")
-    else:
-        files = ["--files", str(args.corpus)] if kind == "files" else []
-        subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--source", kind, *files, "--tokenizer", "byte",
-                        "--out_dir", str(args.out / "data"), f"--train_tokens={train_tokens}",
-                        f"--val_tokens={val_tokens}", f"--fitness_tokens={fitness_tokens}",
-                        f"--heldout_piece_tokens={heldout_piece_tokens}"], check=True)
+    prepare(args.corpus, args.out / "data")
     for seed in args.seeds:  # one results file per (suite, seed): seeds can run as parallel processes
         run_suite(args.out, args.suite, seed, tuple(int(x) for x in args.shard.split("/")), args.budget)
     results = load_results(args.out)
     report(results, args.out)
     plot(results, args.out / "reproduce.png")
+
+
+def corpus_arg(corpus):
+    """The CORPUS argument as prepare() takes it: `pydoc` as is, a folder relative to the repository root (from_root)."""
+    return corpus if str(corpus) == "pydoc" else from_root(corpus)
+
+
+def prepare(corpus, data_dir, tokens=train_tokens):
+    """Prepare `corpus` (corpus_arg) once into data_dir with `tokens` bytes of train and the held-out splits of every
+    data_dir (prepare_data.py fills val and fitness first, from the same shuffled documents, so they do not depend on
+    `tokens`); a data_dir holding another corpus is refused: never mix two corpora's runs under one --out."""
+    kind = "pydoc" if str(corpus) == "pydoc" else "files"
+    if (data_dir / "train.json").exists():
+        if (was := json.loads((data_dir / "train.json").read_text())["source"]) != kind:
+            sys.exit(f"{data_dir} holds the {was} corpus, not {corpus}: give this corpus its own --out")
+        return data_dir
+    files = ["--files", str(corpus)] if kind == "files" else []
+    subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--source", kind, *files, "--tokenizer", "byte",
+                    "--out_dir", str(data_dir), f"--train_tokens={tokens}", f"--val_tokens={val_tokens}",
+                    f"--fitness_tokens={fitness_tokens}", f"--heldout_piece_tokens={heldout_piece_tokens}"], check=True)
+    return data_dir
 
 
 def from_root(path):
@@ -696,10 +716,19 @@ def report(results, out):
             print_summaries(table["summary"])
 
 
+def report_out(argv=None):
+    """`--report [--out DIR]` on the command line (a bench script's report, no training): DIR (default bench/out) as
+    from_root gives it, with the working directory moved to the repository root; None without --report."""
+    argv = sys.argv if argv is None else argv
+    if "--report" not in argv:
+        return None
+    out = from_root(Path(argv[argv.index("--out") + 1])) if "--out" in argv else ROOT / "bench" / "out"
+    os.chdir(ROOT)
+    return out
+
+
 if __name__ == "__main__":
-    if "--report" in sys.argv:
-        out = from_root(Path(sys.argv[sys.argv.index("--out") + 1])) if "--out" in sys.argv else ROOT / "bench" / "out"
-        os.chdir(ROOT)
+    if (out := report_out()) is not None:
         results = load_results(out)
         report(results, out)
         plot(results, out / "reproduce.png")

@@ -228,3 +228,187 @@ def test_smoke_dry_run_kills_resumes_and_scores_on_two_gloo_processes(tmp_path):
     cycle = out["steps_per_track"] // 3  # killed inside cycle 2, after its first eval with a teacher
     assert all(cycle < s < 2 * cycle for s in out["killed"]["checkpoint_steps"].values())
     assert out["peak_mem_gb_max"] == {"t0": None, "t1": None} and out["memory_estimate_gb"]["peak_train"] > 0
+
+
+# -----------------------------------------------------------------------------------------------------
+# issue 36: data efficiency (bench/data_efficiency.py), the allocation grid (bench/allocations.py), the downstream
+# task (bench/transfer.py)
+sys.path.insert(0, str(reproduce.ROOT / "bench"))
+CORPUS = reproduce.ROOT.parent / "shared" / "data" / "shakespeare"
+real_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason="the Shakespeare corpus is not at ../shared/data/shakespeare")
+
+
+def prepare_like_reproduce(corpus, out, n):
+    """prepare_data.py in-process, with the arguments reproduce.prepare() passes it, at n train bytes."""
+    import io
+    from contextlib import redirect_stdout
+    import prepare_data
+    with redirect_stdout(io.StringIO()):
+        prepare_data.main(["--source", "files", "--files", str(corpus), "--tokenizer", "byte", "--out_dir", str(out),
+                           f"--train_tokens={n}", f"--val_tokens={reproduce.val_tokens}",
+                           f"--fitness_tokens={reproduce.fitness_tokens}",
+                           f"--heldout_piece_tokens={reproduce.heldout_piece_tokens}"])
+    return out
+
+
+def synthetic_corpus(folder, docs=40, lines=400, seed=0):
+    """docs .txt files of numbered lines of random words (every line unique): text no other document holds."""
+    rng = np.random.default_rng(seed)
+    words = ["when", "the", "king", "doth", "speak", "of", "love", "and", "war", "thou", "art", "my", "lord", "sweet"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in range(docs):
+        body = [f"{' '.join(rng.choice(words, rng.integers(4, 9)))} {d}.{i}".capitalize() for i in range(lines)]
+        (folder / f"doc{d:02d}.txt").write_text("TITLE\n\n" + "\n".join(body) + "\n")
+    return folder
+
+
+def assert_held_out_splits_do_not_move_with_n(corpus, tmp_path, ns):
+    """val and fitness byte-identical (files and sha256) at every train size, and a smaller train a prefix of a larger."""
+    dirs = [prepare_like_reproduce(corpus, tmp_path / f"data-N{n}", n) for n in ns]
+    for split in ("val", "fitness"):
+        assert len({(d / f"{split}.bin").read_bytes() for d in dirs}) == 1, split
+        assert len({json.loads((d / f"{split}.json").read_text())["sha256"] for d in dirs}) == 1, split
+    trains = [(d / "train.bin").read_bytes() for d in dirs]
+    assert [len(t) // 2 for t in trains] == list(ns)  # uint16 tokens
+    assert all(b.startswith(a) for a, b in zip(trains, trains[1:]))
+
+
+def test_the_held_out_splits_are_the_same_bytes_for_every_train_size(tmp_path):
+    corpus = synthetic_corpus(tmp_path / "corpus")  # ~40 x 14 KB: the pool (150K), then train
+    assert_held_out_splits_do_not_move_with_n(corpus, tmp_path, (20_000, 40_000, 80_000))
+
+
+@real_corpus
+def test_the_held_out_splits_of_the_shakespeare_data_sets_do_not_move_with_n(tmp_path):
+    assert_held_out_splits_do_not_move_with_n(CORPUS, tmp_path, (100_000, 200_000))
+
+
+def test_data_efficiency_is_piecewise_linear_in_tokens_and_none_off_the_table():
+    import eval as ev
+    table = [(400, 1.7), (100, 2.0), (200, 1.8)]  # any order: read sorted by tokens
+    eff = lambda loss: ev.data_efficiency(loss, table, 100)
+    assert eff(2.0) == pytest.approx(1.0) and eff(1.7) == pytest.approx(4.0)  # at the points
+    assert eff(1.9) == pytest.approx(1.5)   # half-way from 2.0 (100) to 1.8 (200): 150 tokens / 100 seen
+    assert eff(1.75) == pytest.approx(3.0)  # half-way from 1.8 (200) to 1.7 (400): 300 tokens
+    assert eff(2.1) is None and eff(1.69) is None  # worse than the first point, better than every point
+    bumpy = [(100, 2.0), (200, 1.8), (400, 1.9), (800, 1.6)]  # the first point of the curve at the loss
+    assert ev.data_efficiency(1.85, bumpy, 100) == pytest.approx(1.75)
+    assert ev.data_efficiency(1.7, bumpy, 100) == pytest.approx((400 + 400 * 0.2 / 0.3) / 100)
+    assert ev.data_efficiency(1.5, [(100, 1.5)], 50) == 2.0 and ev.data_efficiency(1.4, [(100, 1.5)], 50) is None
+    for loss in (3.703, 3.5, 3.048, 2.95, 2.892):  # eval.py's FineWeb figure reads the same function
+        assert ev.slowrun_efficiency(loss) == ev.data_efficiency(loss, ev.SLOWRUN_TABLE, 100e6)
+
+
+def test_the_baseline_is_the_single_model_best_on_fitness_over_epochs_and_sizes(tmp_path, monkeypatch):
+    import data_efficiency as de
+    runs = {  # (prefix, seed): {epochs: (val, fitness)}
+        ("single", 1): {8: (1.95, 1.93), 16: (1.93, 1.91), 32: (1.99, 1.97)},
+        ("single-mini-N400000", 1): {1: (2.2, 2.2), 2: (1.9, 1.88), 4: (1.80, 1.79)},
+        ("single-small-N400000", 1): {1: (2.0, 2.0), 2: (1.78, 1.785), 4: (1.7, 1.795)},  # best val, not best fitness
+        ("single-mini-N800000", 1): {2: (1.75, 1.74)}, ("single-small-N800000", 1): {2: (1.6, 1.6)},
+        ("single-mini-N800000", 2): {2: (1.76, 1.75)}}
+    monkeypatch.setattr(de, "measured", lambda out, seed, n, size: sorted(
+        (E, v, f) for E, (v, f) in runs.get((de.prefix(n, size), seed), {}).items()))
+    t = de.baseline_table(tmp_path, 1)
+    assert list(t) == [100_000, 400_000, 800_000]
+    assert (t[100_000]["epochs"], t[100_000]["val"]) == (16, 1.93)  # the headline's own singles
+    assert (t[400_000]["size"], t[400_000]["epochs"], t[400_000]["val"]) == ("small", 2, 1.78)  # on fitness, not val
+    assert t[800_000]["size"] == "small"
+    t2 = de.baseline_table(tmp_path, 2)  # seed 2 has no small run: seed 1's stands in
+    assert t2[800_000] == dict(size="small", epochs=2, val=1.6, fitness=1.6, seed=1)
+
+
+def test_small_beyond_800k_and_on_a_second_seed_only_where_a_method_needs_it(tmp_path, monkeypatch):
+    import data_efficiency as de
+    row = lambda val, size="mini": dict(size=size, epochs=2, val=val, fitness=val, seed=1)
+    table = {100_000: row(1.93), 200_000: row(1.83), 400_000: row(1.74, "small"), 800_000: row(1.66),
+             1_600_000: row(1.60)}
+    losses = {"q0": 1.78}  # between 200K and 400K
+    monkeypatch.setattr(de, "baseline_table", lambda out, seed: table)
+    monkeypatch.setattr(de, "method_losses", lambda out, seed: losses)
+    assert de.need_small(tmp_path, 400_000, 1) and de.need_small(tmp_path, 800_000, 1)  # always, seed 1
+    assert not de.need_small(tmp_path, 1_600_000, 1) and not de.need_small(tmp_path, 3_200_000, 1)
+    assert de.need_small(tmp_path, 400_000, 2)  # small is the baseline at 400K, an end of q0's segment
+    assert not de.need_small(tmp_path, 800_000, 2)
+    losses["q0"] = 1.62  # below the 800K point: the 1.6M point bounds its segment
+    assert de.need_small(tmp_path, 1_600_000, 1) and not de.need_small(tmp_path, 3_200_000, 1)
+    assert not de.need_small(tmp_path, 400_000, 2)
+
+
+def test_the_allocation_grid_spends_64_epochs_each_and_shares_the_headline_and_recipes_runs():
+    import allocations as al
+    g = al.grid(2)
+    assert set(g) == {(P, c) for P in (1, 2) for c in (0.5, 1.0, 2.0, 4.0)}
+    for (P, c), (name, flags) in g.items():
+        assert P * c * flags["num_cycles"] == 64
+        assert (flags["num_trajectories"], flags["epochs_per_cycle"]) == (P, c)
+        assert flags["distill_after_cycles"] >= flags["num_cycles"]  # no chain distillation
+        headline = reproduce.q0_flags(2, **reproduce.headline_flags())
+        assert all(flags[k] == headline[k] for k in ("lr_floor", "wd_floor", "perturb_scale_start", "perturb_scale_end"))
+    assert g[(1, 2.0)] == ("q0-s2", reproduce.q0_flags(2, **reproduce.headline_flags()))  # the headline's own run
+    recipes = dict(reproduce.recipe_run(2, 16, e) for e in reproduce.recipe_grid(16))
+    assert {g[(2, 2.0)][0], g[(1, 1.0)][0]} <= set(recipes)  # and the recipes suite's (BENCHMARKS 1g)
+    assert recipes[g[(2, 2.0)][0]] == g[(2, 2.0)][1] and recipes[g[(1, 1.0)][0]] == g[(1, 1.0)][1]
+    assert len({name for name, _ in g.values()}) == 8
+    assert al.budgets == (2, 4, 8, 16, 32, 64)  # which allocations have a snapshot at each: P * c <= budget
+    assert [sum(P * c <= b for P, c in g) for b in al.budgets] == [5, 7, 8, 8, 8, 8]
+
+
+@real_corpus
+def test_the_next_line_task_is_deterministic_and_built_from_text_no_split_ever_used(tmp_path):
+    import transfer
+    docs = transfer.unused_documents(CORPUS)  # runs prepare_data's fill at 3.2M train bytes: it fits (else UserError)
+    items = transfer.build_items(docs)
+    assert items == transfer.build_items(transfer.unused_documents(CORPUS))  # deterministic
+    assert len(items) >= 1000 and len(items) == transfer.num_items
+    # the documents: none of those the largest data set (3.2M train bytes) takes any byte of
+    used = prepare_like_reproduce(CORPUS, tmp_path / "data", 100_000)  # (its held-out splits are every N's)
+    names = {n for n, _ in docs}
+    assert "winters_tale_gut.txt" not in names and "cymbeline_gut.txt" not in names  # 100K's train, the held-out pool
+    text = {name: t for name, t in docs}
+    split_bytes = b"".join((used / f"{s}.bin").read_bytes()[::2] for s in ("train", "fitness", "val"))  # byte tokens
+    for item in items:
+        line = item["choices"][item["label"]]
+        full = text[item["doc"]]
+        assert full[item["offset"] - 1 - transfer.context_bytes:item["offset"] + len(line)] == item["context"] + "\n" + line
+        assert len(item["choices"]) == len(set(item["choices"])) == transfer.num_choices
+        assert all(abs(len(c) - len(line)) <= transfer.length_tolerance * len(line) for c in item["choices"])
+        assert all(c in full for c in item["choices"])  # distractors: lines of the same text
+        assert item["context"].encode() not in split_bytes
+
+
+def test_the_task_builder_draws_the_true_line_and_distractors_of_the_same_text(tmp_path):
+    import transfer
+    corpus = synthetic_corpus(tmp_path / "corpus", docs=3, lines=300)
+    docs = [(p.name, p.read_text()) for p in sorted(corpus.glob("*.txt"))]
+    items = transfer.build_items(docs, n=50, seed=3)
+    assert items == transfer.build_items(docs, n=50, seed=3) and items != transfer.build_items(docs, n=50, seed=4)
+    for item in items:
+        line, doc = item["choices"][item["label"]], item["doc"].removeprefix("doc").removesuffix(".txt")
+        assert dict(docs)[item["doc"]][item["offset"]:].startswith(line + "\n")
+        assert all(c.endswith(f" {int(doc)}." + c.rsplit(".", 1)[1]) for c in item["choices"])  # all of that document
+    assert {item["label"] for item in items} == set(range(transfer.num_choices))
+    with pytest.raises(ValueError, match="only"):
+        transfer.build_items(docs, n=10_000)
+
+
+def test_the_lm_eval_adapter_averages_a_runs_first_k_members_uniformly(tmp_path):
+    """weights=uniform (the naive ensemble's rule): the run's first K members in training order, weight 1/K each."""
+    pytest.importorskip("lm_eval")
+    import torch
+    import config
+    import eval as ev
+    import store
+    from test_tools import fake_run
+    from tools import lm_eval_q0
+    names, pj = fake_run(tmp_path / "run")  # 3 members and a prior.json
+    weights_of = lambda model: model.state_dict()["embed.weight"]
+    for k, want in (("2", names[:2]), ("all", names)):
+        pairs, _ = lm_eval_q0.load_mixture(str(tmp_path / "run"), k, weights="uniform")
+        assert [w for _, w in pairs] == [1 / len(want)] * len(want)
+        files = [store.load_member(tmp_path / "run" / "members" / f"{n}.pt")[0] for n in want]
+        assert all(torch.equal(weights_of(m), weights_of(f)) for (m, _), f in zip(pairs, files))
+    pairs, _ = lm_eval_q0.load_mixture(str(tmp_path / "run"), "all")  # the prior's mixture of every member
+    assert [w for _, w in pairs] == pytest.approx([w for _, w in ev.members_at(pj, len(names))])
+    with pytest.raises(config.UserError, match="weights=best"):
+        lm_eval_q0.load_mixture(str(tmp_path / "run"), 1, weights="best")

@@ -8,11 +8,12 @@ summed as tools/downstream.py sums a choice (the same numbers, up to fp32 roundi
     python tools/lm_eval_q0.py run --model q0-mixture --model_args export=runs/quickstart/export/top4 --tasks arc_easy
     # from Python: import tools.lm_eval_q0, then lm_eval.simple_evaluate(model="q0-mixture", model_args="run=RUN,k=4")
 
-model_args: run=RUN (its prior.json, as eval.py wrote it) and k=K (default 1), or export=DIR (tools/export.py's
-folder, read without pickle); the harness's --device and --batch_size apply. Contexts are BOS + context, left-cut
-to the model's seq_len as tools/downstream.py does; a context's trailing spaces move to the continuation (lm-eval's
-HF models do the same). generate_until is greedy decoding from the mixture (no KV cache). acc_norm divides by the
-choice's length without the " " delimiter, here as in tools/downstream.py.
+model_args: run=RUN (its prior.json, as eval.py wrote it) and k=K (default 1; k=all: every member), or export=DIR
+(tools/export.py's folder, read without pickle); weights=uniform: the run's first K members in training order, averaged
+uniformly (the naive ensemble's own rule; no prior.json needed). The harness's --device and --batch_size apply.
+Contexts are BOS + context, left-cut to the model's seq_len as tools/downstream.py does; a context's trailing spaces
+move to the continuation (lm-eval's HF models do the same). generate_until is greedy decoding from the mixture (no KV
+cache). acc_norm divides by the choice's length without the " " delimiter, here as in tools/downstream.py.
 """
 import sys
 from pathlib import Path
@@ -31,14 +32,21 @@ from scores import eval_windows  # noqa: E402
 from tools.export import load_export, prior_mixture  # noqa: E402
 
 
-def load_mixture(run=None, k=1, export=None, device="cpu"):
-    """([(model, weight), ...], tokenizer) from a run's prior.json (eval.members_at through tools/export.py's reader)
-    or from an export folder."""
+def load_mixture(run=None, k=1, export=None, device="cpu", weights="prior"):
+    """([(model, weight), ...], tokenizer) from a run's prior.json (eval.members_at through tools/export.py's reader),
+    or its first k members with uniform weights (weights="uniform"), or from an export folder. k="all": every member."""
+    if weights not in ("prior", "uniform"):
+        raise UserError(f"weights={weights}: use prior (the learned prior's mixture at K) or uniform (the first K members)")
     if export:
         pairs, config = load_export(export, device)
         tok = config["tokenizer"]
     elif run:
-        mix, _ = prior_mixture(Path(run), int(k))
+        names = [r["name"] for r in store.read_manifest(Path(run))]
+        k = len(names) if str(k) == "all" else int(k)
+        if weights == "uniform":
+            mix = [(name, 1 / len(names[:k])) for name in names[:k]]
+        else:
+            mix, _ = prior_mixture(Path(run), k)
         loaded = [store.load_member(Path(run) / "members" / f"{name}.pt", device, expected=name) for name, _ in mix]
         pairs, tok = [(m, w) for (m, _), (_, w) in zip(loaded, mix)], loaded[0][1]["data"]
         tok = dict(name=tok["tokenizer"], vocab_size=tok["vocab_size"], bos_id=tok["bos_id"])
@@ -53,10 +61,10 @@ def load_mixture(run=None, k=1, export=None, device="cpu"):
 
 @register_model("q0-mixture")
 class Q0Mixture(LM):
-    def __init__(self, run=None, k=1, export=None, device=None, batch_size=16, **unused):
+    def __init__(self, run=None, k=1, export=None, device=None, batch_size=16, weights="prior", **unused):
         super().__init__()
         self.dev = runtime.pick_device("auto" if device in (None, "", "auto") else str(device).split(":")[0])
-        self.pairs, self.tok = load_mixture(run, k, export, self.dev)
+        self.pairs, self.tok = load_mixture(run, k, export, self.dev, weights)
         self.log_w = torch.tensor([w for _, w in self.pairs], dtype=torch.float32, device=self.dev).log()
         self.seq_len = self.pairs[0][0].cfg.seq_len
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # "auto" is not supported: 16

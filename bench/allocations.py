@@ -1,0 +1,172 @@
+"""
+bench/allocations.py: the recipe for every budget (BENCHMARKS.md 1k). How to spend B epochs of the headline recipe
+(bench/reproduce.py: model v2, lr_floor 0.08, wd_floor 0.7, no perturbation noise, the learned prior), B = 2 ... 64:
+how long a cycle (0.5, 1, 2 or 4 epochs) and how many trajectories (1 or 2)? Each allocation is run once to 64 epochs;
+the population of a smaller budget is the prefix of its snapshots that existed then (a q0 snapshot of cycle c exists at
+P * c * epochs per cycle). At each budget the allocation is picked on the fitness loss of its population with the
+prior cross-fitted on the held-out pieces (reproduce.crossfit_nll), mean of the seeds; val is only reported. Then chain
+distillation on and off for the winners at 32 and 64 epochs, and the winners at 8 and 64 checked on pydoc prose.
+
+    python bench/allocations.py CORPUS --seeds S [--shard i/n]       # the grid (after the headline suite of seed S)
+    python bench/allocations.py CORPUS --stage distill --seeds S     # the winners at distill_budgets, distilled
+    python bench/allocations.py pydoc --out bench/out-pydoc --stage pydoc --chosen_in bench/out --seeds S
+    python bench/allocations.py --report [--out bench/out]           # the tables, no training
+
+The allocations (1, 2), (2, 2) and (1, 1) are the runs of bench/reproduce.py's headline (q0-s<S>) and recipes suite,
+trained once for both. Runs are cached, resumed and never redone as bench/reproduce.py's.
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import prior  # noqa: E402
+import reproduce as rp  # noqa: E402
+
+# -----------------------------------------------------------------------------------------------------
+cycle_epochs = (0.5, 1.0, 2.0, 4.0)  # epochs per cycle
+trajectories = (1, 2)               # run in parallel, each its own seed stream
+grid_budget = 64                    # every allocation's run spends this many epochs
+budgets = (2, 4, 8, 16, 32, 64)     # the recipe picked at each, on fitness
+distill_budgets = (32, 64)          # the winner's distillation check: from distill_start (E* per trajectory)
+distill = dict(distill_alpha=0.45, distill_temperature=1.2)  # the reference's; the predecessor as teacher
+pydoc_budgets = (8, 64)             # the winners checked on the second corpus at these budgets
+# -----------------------------------------------------------------------------------------------------
+
+
+def grid(seed, budget=grid_budget):
+    """{(P, epochs per cycle): (run name, q0.py flags)}: the headline recipe at every allocation of `budget` epochs,
+    no chain distillation (reproduce.recipe_run: the headline's own allocation is its q0 run)."""
+    return {(P, c): rp.recipe_run(seed, None, (P, c, int(budget / (P * c)), None))
+            for P in trajectories for c in cycle_epochs}
+
+
+def train_grid(out, seed, shard=(0, 1)):
+    """Train this shard's entries of the grid (entries i, i+n, ...)."""
+    for j, (name, flags) in enumerate(grid(seed).values()):
+        if j % shard[1] == shard[0]:
+            rp.run(name, out, flags)
+
+
+def scores(out, seeds, budget):
+    """{(P, c): {seed: (cross-fitted fitness, val of the prior fit on all fitness, members)}} of the populations that
+    existed at `budget` epochs, for every finished run of the grid that had a snapshot by then."""
+    table = {}
+    for seed in seeds:
+        for (P, c), (name, _) in grid(seed).items():
+            if P * c <= budget and (m := rp.finished(out, name, budget=budget)):  # its first snapshots exist at P * c
+                rows, F, V = m
+                w, _ = prior.fit_em(F)
+                table.setdefault((P, c), {})[seed] = (rp.crossfit_nll(F, rp.heldout_piece_tokens),
+                                                     prior.mixture_nll(V, w), len(rows))
+    return table
+
+
+def complete(out, seeds):
+    """Whether every run of the grid has finished for every seed: the picks (on the seeds' mean) are final."""
+    return all(rp.finished(out, name) for seed in seeds for name, _ in grid(seed).values())
+
+
+def picks(out, seeds):
+    """{budget: ranked [(mean cross-fitted fitness over the seeds, (P, c))]}, only allocations measured on every seed."""
+    ranked = {}
+    for b in budgets:
+        t = scores(out, seeds, b)
+        ranked[b] = sorted((float(np.mean([t[a][s][0] for s in seeds])), a) for a in t if set(seeds) <= set(t[a]))
+    return ranked
+
+
+def distill_runs(out, seeds, seed):
+    """{(budget, (P, c)): (run name, q0.py flags)}: the winner at each of distill_budgets with chain distillation from
+    reproduce.distill_start (E* epochs per trajectory, at most half-way), spending that budget."""
+    best_E = rp.best_single_epochs(out, seed)
+    runs = {}
+    for b, ranked in picks(out, seeds).items():
+        if b in distill_budgets and ranked:
+            P, c = ranked[0][1]
+            cycles = int(b / (P * c))
+            runs[(b, (P, c))] = (f"alloc-distill-P{P}-c{c:g}-b{b}-s{seed}", rp.q0_flags(seed, **{
+                **rp.headline_flags(), **distill, "num_trajectories": P, "epochs_per_cycle": c, "num_cycles": cycles,
+                "distill_after_cycles": rp.distill_start(best_E, cycles, c)}))
+    return runs
+
+
+def pydoc_allocations(chosen_in, seeds):
+    """The allocations to check on pydoc: at each of pydoc_budgets the winner on Shakespeare and, to compare with, the
+    headline's allocation (the runner-up when the winner is the headline's)."""
+    headline = (rp.q0_trajectories, rp.q0_epochs_per_cycle)
+    pairs = {}
+    for b, ranked in picks(chosen_in, seeds).items():
+        if b in pydoc_budgets and ranked:
+            allocs = [a for _, a in ranked]
+            pairs[b] = (allocs[0], headline if allocs[0] != headline else allocs[1])
+    return pairs
+
+
+def report(out, seeds=rp.seeds):
+    ranked = picks(out, seeds)
+    print(f"\nallocations ({out}): fitness with the prior cross-fitted / val with the prior (all K), seeds "
+          f"{' / '.join(map(str, seeds))}; the pick at each budget: the lowest mean cross-fitted fitness")
+    for b in budgets:
+        t = scores(out, seeds, b)
+        print(f"\nbudget {b} epochs\n| P x cycle (epochs) | members | fitness, cross-fit | val, prior |\n|---|---|---|---|")
+        for mean_fit, a in ranked[b]:
+            cells = [t[a][s] for s in seeds]
+            print(f"| {a[0]} x {a[1]:g}{' (pick)' if a == ranked[b][0][1] else ''} | {' / '.join(str(x[2]) for x in cells)} | "
+                  f"{' / '.join(f'{x[0]:.4f}' for x in cells)} | {' / '.join(f'{x[1]:.4f}' for x in cells)} |")
+        if singles := [m for s in seeds if (m := rp.finished(out, f"single-E{b}-s{s}"))]:
+            print(f"| single model of {b} epochs (reference, not a candidate) | 1 | "
+                  f"{' / '.join(f'{rp.crossfit_nll(F, rp.heldout_piece_tokens):.4f}' for _, F, _ in singles)} | "
+                  f"{' / '.join(f'{-V[0].mean():.4f}' for _, _, V in singles)} |")
+    if not complete(out, seeds):
+        return
+    print("\nchain distillation for the pick (alpha 0.45, T 1.2, from E* epochs per trajectory), seed by seed:\n"
+          "| budget | P x cycle | seed | fitness, cross-fit: off / on | val, prior: off / on |\n|---|---|---|---|---|")
+    for seed in seeds:
+        for (b, alloc), (name, _) in distill_runs(out, seeds, seed).items():
+            if m := rp.finished(out, name):
+                off, w = scores(out, [seed], b)[alloc][seed], prior.fit_em(m[1])[0]
+                print(f"| {b} | {alloc[0]} x {alloc[1]:g} | {seed} | {off[0]:.4f} / "
+                      f"{rp.crossfit_nll(m[1], rp.heldout_piece_tokens):.4f} | {off[1]:.4f} / {prior.mixture_nll(m[2], w):.4f} |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("corpus", type=Path)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(rp.seeds))
+    ap.add_argument("--stage", choices=("grid", "distill", "pydoc"), default="grid")
+    ap.add_argument("--shard", default="0/1", help="grid: train entries i, i+n, ... of i/n")
+    ap.add_argument("--chosen_in", type=Path, default=ROOT / "bench" / "out", help="pydoc: the --out the picks come from")
+    args = ap.parse_args()
+    args.out, corpus = rp.from_root(args.out), rp.corpus_arg(args.corpus)
+    chosen_in = rp.from_root(args.chosen_in)
+    os.chdir(ROOT)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rp.prepare(corpus, args.out / "data")
+    if args.stage != "grid" and not complete(chosen_in if args.stage == "pydoc" else args.out, rp.seeds):
+        sys.exit(f"the {args.stage} stage needs the picks: first the whole grid on seeds {rp.seeds} (--stage grid)")
+    for seed in args.seeds:
+        if args.stage == "grid":
+            train_grid(args.out, seed, tuple(int(x) for x in args.shard.split("/")))
+        elif args.stage == "distill":
+            for name, flags in distill_runs(args.out, rp.seeds, seed).values():
+                rp.run(name, args.out, flags)
+        else:
+            for alloc in dict.fromkeys(a for pair in pydoc_allocations(chosen_in, rp.seeds).values() for a in pair):
+                name, flags = grid(seed)[alloc]
+                rp.run(name, args.out, flags)
+    report(args.out)
+
+
+if __name__ == "__main__":
+    if (out := rp.report_out()) is not None:
+        report(out)
+    else:
+        main()

@@ -16,7 +16,7 @@ again) and, in RUN/scores/{name}.json, the sha256 of the member file it came fro
 scored again): member i on rank i % world, one model in memory at a time.
 Everything after that is arithmetic on the cached (M, N) arrays L (scores.py, prior.py), p_i(t) = exp(L[i, t]):
     ensemble loss(w) = mean_t -log sum_i w_i p_i(t)      (probability averaging, prior.mixture_nll)
-for the prior's K members (members_at: greedy's K, weights refit), uniform over all, uniform over the last K
+for the prior's K members (members_at: prior.select's K, weights refit), uniform over all, uniform over the last K
 and greedy's K averaged uniformly. Weights, K and every selection come from the fitness split only; val is the test
 set and is only ever reported. RUN/prior.json (the prior's weights and per-K selections) is written and read here
 only (write_prior, read_prior, members_at), and kept while it is current for the run's members. What needs the

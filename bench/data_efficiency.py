@@ -66,11 +66,20 @@ def measured(out, seed, n, size):
     return sorted(points)
 
 
+def finished_curve(points, n, size):
+    """Whether the single models of one (N, size, seed) are the rule's whole curve: every first length trained and the
+    longest trained not the best on fitness (single_curve would add twice it; at 128 it stops). An unfinished curve
+    (a run killed, or still training) is not a point of the baseline: its best so far is not the rule's best."""
+    lengths = rp.single_lengths if (n, size) == (rp.train_tokens, "mini") else first_lengths
+    trained = [p[0] for p in points]
+    return set(lengths) <= set(trained) and (rp.saturation_epochs(points) != max(trained) or max(trained) >= 128)
+
+
 def size_points(out, seed, n, size):
-    """(seed, [(epochs, val, fitness)]) of the single models at (N, size) that seed S's baseline reads: its own; for
-    small, seed 1's where seed S has none. (None, []) where there are none."""
+    """(seed, [(epochs, val, fitness)]) of the finished curve (finished_curve) at (N, size) that seed S's baseline
+    reads: its own; for small, seed 1's where seed S has none. (None, []) where there is none."""
     for s in dict.fromkeys((seed, 1) if size == "small" else (seed,)):
-        if n >= smallest_n[size] and (points := measured(out, s, n, size)):
+        if n >= smallest_n[size] and (points := measured(out, s, n, size)) and finished_curve(points, n, size):
             return s, points
     return None, []
 
@@ -148,7 +157,9 @@ def report(out, seeds=rp.seeds):
             for size in smallest_n:
                 s, points = size_points(out, seed, n, size)
                 E, val, fit = min(points, key=lambda p: p[2]) if points else (None, None, None)
-                cells.append("-" if E is None else f"{E} ({', '.join(str(p[0]) for p in points)}) / {fit:.4f} / {val:.4f}"
+                started = measured(out, seed, n, size) if E is None and n >= smallest_n[size] else []
+                cells.append(f"unfinished ({', '.join(str(p[0]) for p in started)} trained)" if started else
+                             "-" if E is None else f"{E} ({', '.join(str(p[0]) for p in points)}) / {fit:.4f} / {val:.4f}"
                              + ("" if s == seed else f" (seed {s})"))
             r = table.get(n)
             print(f"| {n:,} | " + " | ".join(cells) + " | " + ("-" if r is None else f"{r['val']:.4f} ({r['size']})") + " |")

@@ -71,8 +71,7 @@ def finished_curve(points, n, size):
     longest trained not the best on fitness (single_curve would add twice it; at 128 it stops). An unfinished curve
     (a run killed, or still training) is not a point of the baseline: its best so far is not the rule's best."""
     lengths = rp.single_lengths if (n, size) == (rp.train_tokens, "mini") else first_lengths
-    trained = [p[0] for p in points]
-    return set(lengths) <= set(trained) and (rp.saturation_epochs(points) != max(trained) or max(trained) >= 128)
+    return set(lengths) <= {p[0] for p in points} and not rp.wants_longer(points)
 
 
 def size_points(out, seed, n, size):

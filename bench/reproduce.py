@@ -189,9 +189,16 @@ def single_curve(out, seed, lengths=single_lengths, prefix="single", data=None, 
         rows, F, V = members(run(f"{prefix}-E{E}-s{seed}", out, dict(mode="single", epochs=float(E), seed=seed,
                                                                      warmup_steps=10, **flags), data))
         points.append((E, float(-V[0].mean()), float(-F[0].mean())))
-        if E == lengths[-1] and saturation_epochs(points) == E and E < 128:
+        if E == lengths[-1] and wants_longer(points):
             lengths.append(2 * E)
     return points
+
+
+def wants_longer(points):
+    """Whether single_curve adds a model of twice the longest length: the longest trained is the best on fitness (so
+    E* would be the grid's edge), and it is under 128 epochs."""
+    longest = max(p[0] for p in points)
+    return saturation_epochs(points) == longest and longest < 128
 
 
 def saturation_epochs(singles):

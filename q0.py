@@ -111,10 +111,10 @@ def distill_loss(student_logits, teacher_logits, targets, alpha, temperature, te
         (1 - a) * CE(z_s, y) + a * T^2 * KL( p_t || softmax(z_s / T) ),   p_t = softmax(z_t / T)
     or, for a list of teachers' logits with weights w, the mixture p_t = sum_k w_k softmax(z_k / T) (student.py).
     T^2 keeps the soft-target gradients on the scale of the hard-target ones (Hinton et al. 2015).
-    parts=True: -> (loss, CE, KL), the two parts for the log (KL None at a = 0)."""
+    parts=True: -> (loss, CE, KL), the two parts for the log, detached (KL None at a = 0)."""
     ce = F.cross_entropy(student_logits.flatten(0, 1), targets.flatten())
     if alpha == 0:
-        return (ce, ce, None) if parts else ce
+        return (ce, ce.detach(), None) if parts else ce
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, T, V)
     if teacher_weights is None:
         log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
@@ -122,7 +122,7 @@ def distill_loss(student_logits, teacher_logits, targets, alpha, temperature, te
         log_p_t = mixture_log_probs(teacher_logits, teacher_weights, temperature)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean()
     loss = (1 - alpha) * ce + alpha * temperature ** 2 * kl
-    return (loss, ce, kl) if parts else loss
+    return (loss, ce.detach(), kl.detach()) if parts else loss
 
 
 def mixture_log_probs(teacher_logits, teacher_weights, temperature):

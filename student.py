@@ -58,7 +58,7 @@ def topk_distill_loss(student_logits, teacher_ids, teacher_probs, targets, alpha
     r = torch.where(torch.isfinite(log_q_rest), (1 - p.sum(-1)).clamp_min(0), 0.0)  # k = V: no bucket
     kl = (kl + torch.xlogy(r, r) - torch.where(r > 0, r * log_q_rest, 0.0)).mean()
     loss = (1 - alpha) * ce + alpha * temperature ** 2 * kl
-    return (loss, ce, kl) if parts else loss
+    return (loss, ce.detach(), kl.detach()) if parts else loss
 
 
 class TeacherFile:

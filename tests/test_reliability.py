@@ -31,6 +31,17 @@ def student_argv(data, teacher, out, *extra):
     return [*STUDENT, f"--data_dir={data}", f"--teacher_run={teacher}", f"--out_dir={out}", *extra]
 
 
+def student_refused_then_fixed(data, teacher, out, k, *line):
+    """A student against `teacher` at teacher_k=k is refused (exit 1, no run folder, one line with these parts); the fix
+    the line names (eval.py on the teacher run) is followed, and the same command then trains."""
+    code, _, err = run_train(student_argv(data, teacher, out, f"--teacher_k={k}"))
+    assert code == 1 and not out.exists()
+    error_line(err, *line)
+    ev.main([str(teacher), "--eval_tokens=2048"])  # rescores, refits on the files as they are now
+    code, _, err = run_train(student_argv(data, teacher, out, f"--teacher_k={k}"))
+    assert code == 0, err
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """The quick start's data: python prepare_data.py, its default pydoc split."""
@@ -53,19 +64,14 @@ def runs(data, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_the_student_refuses_a_teacher_member_changed_after_the_prior(runs, data, tmp_path, fault, capsys):
+def test_the_student_refuses_a_teacher_member_changed_after_the_prior(runs, data, tmp_path, fault):
     row = fault("a teacher member replaced after prior.json was fit", "student.py --teacher_k=2 (item 1)")
     e1 = tmp_path / "e1"
     shutil.copytree(runs / "a", e1)
     first = json.loads((e1 / "prior.json").read_text())["per_k"]["2"]["members"][0]
     shutil.copy(runs / "b" / "members" / f"{first}.pt", e1 / "members" / f"{first}.pt")  # the issue's cp
-    code, _, err = run_train(student_argv(data, e1, tmp_path / "s1", "--teacher_k=2"))
-    assert code == 1 and not (tmp_path / "s1").exists()
-    error_line(err, f"member {first}", f"changed since {e1 / 'prior.json'} was fit", f"python eval.py {e1}")
-    capsys.readouterr()
-    ev.main([str(e1), "--eval_tokens=2048"])  # the fix it names: rescored, refit on the member as it is now
-    code, _, err = run_train(student_argv(data, e1, tmp_path / "s1", "--teacher_k=2"))
-    assert code == 0, err
+    student_refused_then_fixed(data, e1, tmp_path / "s1", 2,
+                               f"member {first}", f"changed since {e1 / 'prior.json'} was fit", f"python eval.py {e1}")
     row.trials, row.result = 2, "refused before its run folder, naming the member and eval.py; after it, trains"
 
 
@@ -77,12 +83,8 @@ def test_a_changed_fitness_score_file_is_not_read_for_a_k_prior_json_lacks(runs,
     assert "3" not in json.loads((e2 / "prior.json").read_text())["per_k"]
     path = scores.score_path(e2, "t0-c003", "fitness")
     np.save(path, np.load(path) + 0.8)  # the issue's change: the sha256 beside it is the old one
-    code, _, err = run_train(student_argv(data, e2, tmp_path / "s2", "--teacher_k=3"))
-    assert code == 1 and not (tmp_path / "s2").exists()
-    error_line(err, "teacher_k=3: ", f"score file {path} does not match its sha256", f"python eval.py {e2}")
-    ev.main([str(e2), "--eval_tokens=2048"])  # the fix: rescores that file
-    code, _, err = run_train(student_argv(data, e2, tmp_path / "s2", "--teacher_k=3"))
-    assert code == 0, err
+    student_refused_then_fixed(data, e2, tmp_path / "s2", 3,
+                               "teacher_k=3: ", f"score file {path} does not match its sha256", f"python eval.py {e2}")
     truth = ev.members_at(json.loads((runs / "a" / "prior.json").read_text()), 3, runs / "a")
     assert store.read_manifest(tmp_path / "s2")[0]["teacher"].startswith(
         "mixture(" + ", ".join(f"{n} {w:.3f}" for n, w in truth))  # the true scores' mixture, not the changed one

@@ -10,13 +10,13 @@ distillation on and off for the winners at 32 and 64 epochs, and the winners at 
     python bench/allocations.py CORPUS --seeds S [--shard i/n]       # the grid (after the headline suite of seed S)
     python bench/allocations.py CORPUS --stage distill --seeds S     # the winners at distill_budgets, distilled
     python bench/allocations.py pydoc --out bench/out-pydoc --stage pydoc --chosen_in bench/out --seeds S
-    python bench/allocations.py --report [--out bench/out]           # the tables, no training
+    python bench/allocations.py --report [--out bench/out] [--seeds S ...]   # the tables, no training
 
 The allocations (1, 2), (2, 2) and (1, 1) are the runs of bench/reproduce.py's headline (q0-s<S>) and recipes suite,
 trained once for both. Runs are cached, resumed and never redone as bench/reproduce.py's.
 """
 import argparse
-import json
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -73,13 +73,15 @@ def complete(out, seeds):
     return all(rp.finished(out, name) for seed in seeds for name, _ in grid(seed).values())
 
 
+def rank(table, seeds):
+    """One budget's scores(...) -> ranked [(mean cross-fitted fitness over the seeds, (P, c))] of the allocations
+    measured on every seed, best first."""
+    return sorted((float(np.mean([table[a][s][0] for s in seeds])), a) for a in table if set(seeds) <= set(table[a]))
+
+
 def picks(out, seeds):
-    """{budget: ranked [(mean cross-fitted fitness over the seeds, (P, c))]}, only allocations measured on every seed."""
-    ranked = {}
-    for b in budgets:
-        t = scores(out, seeds, b)
-        ranked[b] = sorted((float(np.mean([t[a][s][0] for s in seeds])), a) for a in t if set(seeds) <= set(t[a]))
-    return ranked
+    """{budget: rank(...) at that budget}."""
+    return {b: rank(scores(out, seeds, b), seeds) for b in budgets}
 
 
 def distill_runs(out, seeds, seed):
@@ -110,21 +112,41 @@ def pydoc_allocations(chosen_in, seeds):
 
 
 def report(out, seeds=rp.seeds):
-    ranked = picks(out, seeds)
+    tables = {b: scores(out, seeds, b) for b in budgets}  # (each the cross-fit of every population: computed once)
+    ranked = {b: rank(t, seeds) for b, t in tables.items()}
+    name = lambda a: f"{a[0]} x {a[1]:g}"
     print(f"\nallocations ({out}): fitness with the prior cross-fitted / val with the prior (all K), seeds "
           f"{' / '.join(map(str, seeds))}; the pick at each budget: the lowest mean cross-fitted fitness")
-    for b in budgets:
-        t = scores(out, seeds, b)
+    for b, t in tables.items():
         print(f"\nbudget {b} epochs\n| P x cycle (epochs) | members | fitness, cross-fit | val, prior |\n|---|---|---|---|")
         for mean_fit, a in ranked[b]:
             cells = [t[a][s] for s in seeds]
-            print(f"| {a[0]} x {a[1]:g}{' (pick)' if a == ranked[b][0][1] else ''} | {' / '.join(str(x[2]) for x in cells)} | "
+            print(f"| {name(a)}{' (pick)' if a == ranked[b][0][1] else ''} | {' / '.join(str(x[2]) for x in cells)} | "
                   f"{' / '.join(f'{x[0]:.4f}' for x in cells)} | {' / '.join(f'{x[1]:.4f}' for x in cells)} |")
         if singles := [m for s in seeds if (m := rp.finished(out, f"single-E{b}-s{s}"))]:
             print(f"| single model of {b} epochs (reference, not a candidate) | 1 | "
                   f"{' / '.join(f'{rp.crossfit_nll(F, rp.heldout_piece_tokens):.4f}' for _, F, _ in singles)} | "
                   f"{' / '.join(f'{-V[0].mean():.4f}' for _, _, V in singles)} |")
+    allocs = sorted({a for r in ranked.values() for _, a in r})
+    print("\nmean cross-fitted fitness over the seeds, allocation x budget (- : no snapshot by then)\n"
+          f"| P x cycle | {' | '.join(map(str, budgets))} |\n|---|{'---|' * len(budgets)}")
+    for a in allocs:
+        cells = [next((f"{f:.4f}" for f, x in ranked[b] if x == a), "-") for b in budgets]
+        print(f"| {name(a)} | {' | '.join(cells)} |")
+    print("\nthe recipe: at each budget the pick, the runner-up and the margin between them (mean cross-fitted fitness "
+          "over the seeds), each seed's own pick, and the pick's val\n"
+          "| budget | pick | runner-up | margin | each seed's pick | val of the pick |\n|---|---|---|---|---|---|")
+    for b, t in tables.items():
+        if len(ranked[b]) >= 2:
+            (f1, a1), (f2, a2) = ranked[b][:2]
+            own = [rank(t, [s])[0][1] for s in seeds]
+            print(f"| {b} | {name(a1)} | {name(a2)} | {f2 - f1:.4f} | {' / '.join(map(name, own))} | "
+                  f"{' / '.join(f'{t[a1][s][1]:.4f}' for s in seeds)} |")
     if not complete(out, seeds):
+        return
+    if missing := [s for s in seeds if str(s) not in rp.load_results(out).get("headline", {})]:
+        print(f"\nchain distillation for the pick: not run (it starts at the headline suite's E*: first "
+              f"bench/reproduce.py CORPUS --seeds {' '.join(map(str, missing))})")
         return
     print("\nchain distillation for the pick (alpha 0.45, T 1.2, from E* epochs per trajectory), seed by seed:\n"
           "| budget | P x cycle | seed | fitness, cross-fit: off / on | val, prior: off / on |\n|---|---|---|---|---|")
@@ -152,6 +174,8 @@ def main():
     rp.prepare(corpus, args.out / "data")
     if args.stage != "grid" and not complete(chosen_in if args.stage == "pydoc" else args.out, rp.seeds):
         sys.exit(f"the {args.stage} stage needs the picks: first the whole grid on seeds {rp.seeds} (--stage grid)")
+    if args.stage == "distill" and any(str(s) not in rp.load_results(args.out).get("headline", {}) for s in args.seeds):
+        sys.exit(f"the distill stage starts at the headline suite's E*: first bench/reproduce.py CORPUS --seeds {args.seeds}")
     for seed in args.seeds:
         if args.stage == "grid":
             train_grid(args.out, seed, tuple(int(x) for x in args.shard.split("/")))
@@ -167,6 +191,7 @@ def main():
 
 if __name__ == "__main__":
     if (out := rp.report_out()) is not None:
-        report(out)
+        at = sys.argv.index("--seeds") + 1 if "--seeds" in sys.argv else len(sys.argv)
+        report(out, [int(a) for a in itertools.takewhile(lambda a: not a.startswith("--"), sys.argv[at:])] or rp.seeds)
     else:
         main()

@@ -416,3 +416,13 @@ def test_the_lm_eval_adapter_averages_a_runs_first_k_members_uniformly(tmp_path)
     assert [w for _, w in pairs] == pytest.approx([w for _, w in ev.members_at(pj, len(names))])
     with pytest.raises(config.UserError, match="weights=best"):
         lm_eval_q0.load_mixture(str(tmp_path / "run"), 1, weights="best")
+
+
+def test_the_allocation_pick_is_the_lowest_mean_over_the_seeds_measured_on_every_seed():
+    import allocations as al
+    # {(P, c): {seed: (cross-fitted fitness, val, members)}}: (2, 1) leads on seed 1 alone, (1, 2) on the mean
+    table = {(1, 2.0): {1: (1.80, 0, 4), 2: (1.70, 0, 4)}, (2, 1.0): {1: (1.79, 0, 4), 2: (1.75, 0, 4)},
+             (1, 0.5): {1: (1.50, 0, 4)}}  # one seed only: not a candidate for both, the pick of seed 1 alone
+    assert al.rank(table, [1, 2]) == [(pytest.approx(1.75), (1, 2.0)), (pytest.approx(1.77), (2, 1.0))]
+    assert [a for _, a in al.rank(table, [1])] == [(1, 0.5), (2, 1.0), (1, 2.0)]
+    assert al.rank(table, [2])[0][1] == (1, 2.0)

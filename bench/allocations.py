@@ -128,10 +128,11 @@ def report(out, seeds=rp.seeds):
                   f"{' / '.join(f'{rp.crossfit_nll(F, rp.heldout_piece_tokens):.4f}' for _, F, _ in singles)} | "
                   f"{' / '.join(f'{-V[0].mean():.4f}' for _, _, V in singles)} |")
     allocs = sorted({a for r in ranked.values() for _, a in r})
-    print("\nmean cross-fitted fitness over the seeds, allocation x budget (- : no snapshot by then)\n"
+    print(f"\ncross-fitted fitness, allocation x budget, seed {' / '.join(map(str, seeds))} (mean) (- : no snapshot by then)\n"
           f"| P x cycle | {' | '.join(map(str, budgets))} |\n|---|{'---|' * len(budgets)}")
     for a in allocs:
-        cells = [next((f"{f:.4f}" for f, x in ranked[b] if x == a), "-") for b in budgets]
+        cells = [next((f"{' / '.join(f'{tables[b][a][s][0]:.4f}' for s in seeds)} ({f:.4f})" for f, x in ranked[b]
+                       if x == a), "-") for b in budgets]
         print(f"| {name(a)} | {' | '.join(cells)} |")
     print("\nthe recipe: at each budget the pick, the runner-up and the margin between them (mean cross-fitted fitness "
           "over the seeds), each seed's own pick, and the pick's val\n"

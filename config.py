@@ -55,7 +55,7 @@ AT_LEAST = dict(dist_timeout_minutes=1, ddp_bucket_cap_mb=1, seq_len=2, batch_to
                 distill_teacher_k=1, batch_size=1, k=1, muon_lr=0, embed_lr=0, head_lr=0, weight_decay=0, grad_clip=0,
                 warmup_steps=0, eval_every_epochs=0, eval_tokens=0, ckpt_every_epochs=0, distill_after_cycles=0,
                 perturb_scale_start=0, perturb_scale_end=0, first_cycle_warmup_steps=0, teacher_topk=0, max_new_tokens=0,
-                logit_avg=0, train_tokens=0, val_tokens=0, fitness_tokens=0, heldout_piece_tokens=-1, split_seed=0)
+                logit_avg=0, budget=0, train_tokens=0, val_tokens=0, fitness_tokens=0, heldout_piece_tokens=-1, split_seed=0)
 ABOVE = dict(epochs=0, distill_temperature=0, temperature=0, val_fraction=0, fitness_fraction=0)  # strictly
 IN = dict(seed=(0, 10**8, "[0, 10^8): the data order and the dropout masks are seeded from it"),  # lo <= v < hi
           dropout=(0, 1, "[0, 1)"), lr_floor=(0, 1, "[0, 1)"))
@@ -218,7 +218,10 @@ def load(cls, argv, doc):
         raise UserError(f"config key 'mode' = {cfg.mode!r}: must be {' or '.join(cls.MODES)}", status=2)
     if "out_dir" in known and not cfg.out_dir and cls.ARGS == "":
         cfg.out_dir = str(Path("runs") / (path.stem if path else "default"))
-    return check_keys(cfg)
+    check_keys(cfg)
+    if hasattr(cfg, "resolve"):
+        cfg.resolve()  # keys that set others: q0.py's budget
+    return cfg
 
 
 def read_file(path):
@@ -277,7 +280,16 @@ def refuse_more_cycles(was, now):
     return None
 
 
-GROW_KEYS = {"num_cycles": refuse_more_cycles,  # more cycles: the longer run, bit for bit, where that holds
+def refuse_larger_budget(was, now):
+    """A larger budget is more cycles of the same allocation (num_cycles's rule then applies), or refused."""
+    if (was["num_trajectories"], was["epochs_per_cycle"]) != (now["num_trajectories"], now["epochs_per_cycle"]):
+        return (f"it takes another allocation ({now['num_trajectories']} x {now['epochs_per_cycle']:g}-epoch cycles "
+                f"against {was['num_trajectories']} x {was['epochs_per_cycle']:g}; q0.ALLOCATIONS)")
+    return None
+
+
+GROW_KEYS = {"budget": refuse_larger_budget,  # first: the budget sets num_cycles and the allocation
+             "num_cycles": refuse_more_cycles,  # more cycles: the longer run, bit for bit, where that holds
              "ensemble_size": lambda was, now: None}  # member i depends only on (seed + i, i)
 
 
@@ -295,8 +307,10 @@ def resume_changes(run_dir, was, now):
     RESUME_SAFE_KEYS and RESUME_TUNABLE_KEYS that differs, or a GROW_KEYS key grown where the longer run would not
     begin with this one."""
     may_change = RESUME_SAFE_KEYS | set(RESUME_TUNABLE_KEYS)
-    for key, value in was.items():
-        new = now.get(key)
+    for key in dict.fromkeys([*GROW_KEYS, *was]):  # the keys that may grow first: a budget names its own cause
+        if key not in was:
+            continue
+        value, new = was[key], now.get(key)
         if key in GROW_KEYS and key in now and new > value:
             if why := GROW_KEYS[key](was, now):
                 raise UserError(f"cannot resume {run_dir}: config key '{key}' grows {value} -> {new}, but {why}. "

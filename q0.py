@@ -7,6 +7,7 @@ learned prior (primitive 3, prior.py).
 
     python q0.py configs/quickstart.py                                          # CPU, minutes
     python q0.py configs/shakespeare_q0.py --seed=2                             # flags override; --help lists every key
+    python q0.py configs/shakespeare_q0.py --budget=16                          # sized by its budget: ALLOCATIONS
     torchrun --standalone --nproc_per_node=2 q0.py configs/shakespeare_q0.py --num_trajectories=2   # CPU, gloo
     torchrun --standalone --nproc_per_node=8 q0.py configs/fineweb_1p8b_q0.py --num_trajectories=1  # one 8-GPU node
     torchrun --nnodes=5 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d \\
@@ -71,10 +72,25 @@ class Q0Config(train.Config):
     distill_after_cycles: int = 8    # distil from cycle max(1, this) + 1 on: the snapshot of cycle k teaches k+1
     distill_alpha: float = 0.45      # loss = (1-a) CE + a T^2 KL(teacher || student)
     distill_temperature: float = 1.2  # T
+    budget: float = 0                # > 0: epochs to spend; sets num_trajectories, num_cycles, epochs_per_cycle
     MODES = ("q0",)
 
     def num_tracks(self):
         return self.num_trajectories
+
+    def resolve(self):
+        """budget > 0: P and the cycle length of its row of ALLOCATIONS, then the nearest number of cycles that spends
+        the budget exactly (the cycle stretched to fit; at the budgets measured, the row's own length)."""
+        if self.budget:
+            _, self.num_trajectories, cycle = max(a for a in ALLOCATIONS if a[0] <= self.budget)
+            self.num_cycles = max(1, round(self.budget / (self.num_trajectories * cycle)))
+            self.epochs_per_cycle = self.budget / (self.num_trajectories * self.num_cycles)
+
+
+# how to spend a budget of B epochs: the rows (from B, trajectories P, epochs per cycle), the allocation picked on
+# cross-fitted fitness at B = 2, 4, 8, 16, 32, 64 (BENCHMARKS.md 1k: byte-level Shakespeare, the 0.88M-parameter model);
+# a B between two measured budgets takes the row of the lower one, B > 64 the last row (not measured there)
+ALLOCATIONS = ((0, 1, 2.0), (4, 1, 4.0), (16, 1, 2.0))  # at 2 and 4 epochs one cycle; 0.5-4 epochs within 0.002 from 32
 
 
 # -----------------------------------------------------------------------------------------------------

@@ -389,7 +389,9 @@ def describe_budget(cfg):
     between = ("each cycle ends in a fresh model (re-initialised, new optimizer state; perturb_scale_* unused)"
                if cfg.mode == "chain" else f"noise {cfg.perturb_scale_start:g} -> {cfg.perturb_scale_end:g} x each tensor's std "
                f"after each snapshot")
-    return (f"{cfg.mode} budget: {cfg.num_trajectories} trajectories x {cfg.num_cycles} cycles x {cfg.epochs_per_cycle} "
+    chosen = (f"budget={cfg.budget:g}, allocated by q0.ALLOCATIONS (picked on fitness at 2-64 epochs, BENCHMARKS.md 1k): "
+              if getattr(cfg, "budget", 0) else "")
+    return (f"{cfg.mode} budget: {chosen}{cfg.num_trajectories} trajectories x {cfg.num_cycles} cycles x {cfg.epochs_per_cycle} "
             f"epochs/cycle = {total:g} epochs, {cfg.num_trajectories * cfg.num_cycles} snapshots; {distill}; {between}")
 
 

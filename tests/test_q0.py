@@ -17,6 +17,7 @@ import config
 import store
 import model as gpt
 import q0
+import runtime
 import variants
 from student import topk_distill_loss
 from conftest import (PYTHON, ROOT, assert_same_weights, child_env, kill_when, last_logged_step, member_weights,
@@ -265,6 +266,31 @@ def test_validate_accepts_divisible_layouts(tiny_data, tmp_path):
     for world, trajectories in [(1, 2), (2, 2), (2, 4), (4, 2), (3, 3)]:
         cfg = load_config(train_argv(tiny_data, tmp_path / "r", **dict(Q0, num_trajectories=trajectories)))
         validate(cfg, world, 65536)
+
+
+def test_budget_takes_the_allocation_of_its_row_and_says_so(tiny_data, tmp_path, monkeypatch):
+    """--budget=B: the row of q0.ALLOCATIONS with the largest start <= B sets P and the cycle length c; the nearest
+    number of cycles to B / (P c), at least one, and the cycle stretched to spend B exactly; the budget line names the
+    table; a larger budget on resume is more cycles of the same allocation, or refused naming the budget."""
+    grid = {(P, c) for P in (1, 2) for c in (0.5, 1.0, 2.0, 4.0)}  # BENCHMARKS 1k's grid, its budgets 2 ... 64
+    starts = [row[0] for row in q0.ALLOCATIONS]
+    assert starts[0] == 0 and starts == sorted(set(starts)) and set(starts[1:]) <= {4, 8, 16, 32, 64}
+    assert all((P, c) in grid for _, P, c in q0.ALLOCATIONS)
+    monkeypatch.setattr(q0, "ALLOCATIONS", ((0, 1, 0.5), (8, 2, 1.0), (32, 1, 2.0)))  # a table by hand
+    for budget, want in [(2, (1, 0.5, 4)), (7.9, (1, 7.9 / 16, 16)), (0.3, (1, 0.3, 1)), (8, (2, 1.0, 4)),
+                         (14, (2, 1.0, 7)), (11, (2, 11 / 12, 6)), (33, (1, 33 / 16, 16)), (100, (1, 2.0, 50))]:
+        cfg = load_config(train_argv(tiny_data, tmp_path / "r", **dict(Q0, budget=budget)))
+        assert (cfg.num_trajectories, cfg.epochs_per_cycle, cfg.num_cycles) == want
+    assert runtime.describe_budget(cfg).startswith("q0 budget: budget=100, allocated by q0.ALLOCATIONS (picked on fitness "
+                                                   "at 2-64 epochs, BENCHMARKS.md 1k): 1 trajectories x 50 cycles x 2.0")
+    # a resume with a larger budget: more cycles of the same allocation, or refused naming the budget
+    extensible = dict(Q0, perturb_scale_start=0.0, perturb_scale_end=0.0, distill_after_cycles=100)
+    was = vars(load_config(train_argv(tiny_data, tmp_path / "r", **dict(extensible, budget=2))))
+    now = vars(load_config(train_argv(tiny_data, tmp_path / "r", **dict(extensible, budget=4))))
+    assert config.resume_changes(tmp_path, was, now) == {"num_cycles": [4, 8], "budget": [2.0, 4.0]}
+    now = vars(load_config(train_argv(tiny_data, tmp_path / "r", **dict(extensible, budget=8))))
+    with pytest.raises(config.UserError, match=r"'budget' grows 2.0 -> 8.0, but it takes another allocation \(2 x 1-epoch"):
+        config.resume_changes(tmp_path, was, now)
 
 
 def test_bad_q0_config_fails_before_any_training(tiny_data, tmp_path):

@@ -390,7 +390,7 @@ def describe_budget(cfg):
                if cfg.mode == "chain" else f"noise {cfg.perturb_scale_start:g} -> {cfg.perturb_scale_end:g} x each tensor's std "
                f"after each snapshot")
     chosen = (f"budget={cfg.budget:g}, allocated by q0.ALLOCATIONS (picked on fitness at 2-64 epochs, BENCHMARKS.md 1k): "
-              if getattr(cfg, "budget", 0) else "")
+              if cfg.budget else "")  # (every config with num_cycles is a q0.Q0Config)
     return (f"{cfg.mode} budget: {chosen}{cfg.num_trajectories} trajectories x {cfg.num_cycles} cycles x {cfg.epochs_per_cycle} "
             f"epochs/cycle = {total:g} epochs, {cfg.num_trajectories * cfg.num_cycles} snapshots; {distill}; {between}")
 

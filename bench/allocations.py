@@ -84,6 +84,12 @@ def picks(out, seeds):
     return {b: rank(scores(out, seeds, b), seeds) for b in budgets}
 
 
+def lacking_headline(out, seeds):
+    """The seeds whose headline suite has not run in `out`: chain distillation starts at its E*."""
+    done = rp.load_results(out).get("headline", {})
+    return [s for s in seeds if str(s) not in done]
+
+
 def distill_runs(out, seeds, seed):
     """{(budget, (P, c)): (run name, q0.py flags)}: the winner at each of distill_budgets with chain distillation from
     reproduce.distill_start (E* epochs per trajectory, at most half-way), spending that budget."""
@@ -145,7 +151,7 @@ def report(out, seeds=rp.seeds):
                   f"{' / '.join(f'{t[a1][s][1]:.4f}' for s in seeds)} |")
     if not complete(out, seeds):
         return
-    if missing := [s for s in seeds if str(s) not in rp.load_results(out).get("headline", {})]:
+    if missing := lacking_headline(out, seeds):
         print(f"\nchain distillation for the pick: not run (it starts at the headline suite's E*: first "
               f"bench/reproduce.py CORPUS --seeds {' '.join(map(str, missing))})")
         return
@@ -175,8 +181,9 @@ def main():
     rp.prepare(corpus, args.out / "data")
     if args.stage != "grid" and not complete(chosen_in if args.stage == "pydoc" else args.out, rp.seeds):
         sys.exit(f"the {args.stage} stage needs the picks: first the whole grid on seeds {rp.seeds} (--stage grid)")
-    if args.stage == "distill" and any(str(s) not in rp.load_results(args.out).get("headline", {}) for s in args.seeds):
-        sys.exit(f"the distill stage starts at the headline suite's E*: first bench/reproduce.py CORPUS --seeds {args.seeds}")
+    if args.stage == "distill" and (missing := lacking_headline(args.out, args.seeds)):
+        sys.exit(f"the distill stage starts at the headline suite's E*: first bench/reproduce.py CORPUS --seeds "
+                 f"{' '.join(map(str, missing))}")
     for seed in args.seeds:
         if args.stage == "grid":
             train_grid(args.out, seed, tuple(int(x) for x in args.shard.split("/")))

@@ -141,10 +141,13 @@ def bounds(table, n, loss):
 
 
 def report(out, seeds=rp.seeds):
+    if not (out / "runs").is_dir():
+        sys.exit(f"{out} holds no runs: train first (the commands at the top of bench/data_efficiency.py)")
     results = {}
     for seed in seeds:
         table, eff = baseline_table(out, seed), efficiency(out, seed)
-        if not table:
+        if not table:  # said, not skipped in silence: a report with no line looks like a report of nothing
+            print(f"seed {seed}: no finished baseline curve yet (python bench/data_efficiency.py CORPUS --seeds {seed})")
             continue
         results[seed] = dict(baseline=table, efficiency=eff)
         print(f"\nseed {seed}: the data-rich baseline, single models on N bytes (each size: the epochs best on fitness, of "

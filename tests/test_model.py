@@ -168,8 +168,8 @@ def test_peak_flops_none_on_cpu():
 
 def test_a_cpu_run_flushes_subnormals_to_zero():
     """Weight decay shrinks the rows of bytes never seen (and of dead units) into the subnormal range (< 1.2e-38),
-    where x86 arithmetic ran a 90-cycle member's forward and backward 5.8x slower (BENCHMARKS.md 1j): pick_device("cpu") turns on
-    flush-to-zero, so 1e-20 * 1e-20 is 0, not 1e-40."""
+    where x86 arithmetic ran a 90-cycle member's forward and backward 5.8x slower (BENCHMARKS.md 1j):
+    pick_device("cpu") turns on flush-to-zero, so 1e-20 * 1e-20 is 0, not 1e-40."""
     a, b = torch.tensor([1e-20]), torch.tensor([1e-20])
     try:
         torch.set_flush_denormal(False)
@@ -178,6 +178,7 @@ def test_a_cpu_run_flushes_subnormals_to_zero():
         assert (a * b).item() == 0.0
     finally:
         torch.set_flush_denormal(False)  # torch's default, for the tests after this one
+
 
 def test_dropout_only_on_the_residual_branches(monkeypatch):
     """As the reference: dropout on the attention and MLP outputs, not on the embedding or the attention

@@ -12,12 +12,16 @@ distillation on and off for the winners at 32 and 64 epochs, and the winners at 
     python bench/allocations.py pydoc --out bench/out-pydoc --stage pydoc --chosen_in bench/out --seeds S
     python bench/allocations.py --report [--out bench/out] [--seeds S ...]   # the tables, no training
 
+The distill and pydoc stages take the picks from the grid's runs in --out (--chosen_in), or, where those are gone,
+from its report as --picks B:PxC[,PxC] ... (each budget's pick, then the allocation compared with it on pydoc).
+
 The allocations (1, 2), (2, 2) and (1, 1) are the runs of bench/reproduce.py's headline (q0-s<S>) and recipes suite,
 trained once for both. Runs are cached, resumed and never redone as bench/reproduce.py's.
 """
 import argparse
 import itertools
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -90,12 +94,24 @@ def lacking_headline(out, seeds):
     return [s for s in seeds if str(s) not in done]
 
 
-def distill_runs(out, seeds, seed):
-    """{(budget, (P, c)): (run name, q0.py flags)}: the winner at each of distill_budgets with chain distillation from
-    reproduce.distill_start (E* epochs per trajectory, at most half-way), spending that budget."""
+def given_picks(items):
+    """--picks ["32:1x2", "64:1x2,1x4", ...] -> {budget: [(None, (P, c)), ...]}, picks(...)'s form without the scores:
+    the grid's ranking as its report printed it, for when its runs are gone."""
+    table = {}
+    for item in items:
+        if not (m := re.fullmatch(r"(\d+):((?:\d+x[\d.]+,?)+)", item)):
+            sys.exit(f"--picks {item}: expected budget:PxC[,PxC], e.g. 64:1x2,1x4")
+        table[int(m[1])] = [(None, (int(P), float(c))) for P, c in re.findall(r"(\d+)x([\d.]+)", m[2])]
+    return table
+
+
+def distill_runs(out, seeds, seed, ranking=None):
+    """{(budget, (P, c)): (run name, q0.py flags)}: the winner at each of distill_budgets (of `ranking`, default the
+    grid's picks) with chain distillation from reproduce.distill_start (E* epochs per trajectory, at most half-way),
+    spending that budget."""
     best_E = rp.best_single_epochs(out, seed)
     runs = {}
-    for b, ranked in picks(out, seeds).items():
+    for b, ranked in (ranking or picks(out, seeds)).items():
         if b in distill_budgets and ranked:
             P, c = ranked[0][1]
             cycles = int(b / (P * c))
@@ -105,12 +121,12 @@ def distill_runs(out, seeds, seed):
     return runs
 
 
-def pydoc_allocations(chosen_in, seeds):
-    """The allocations to check on pydoc: at each of pydoc_budgets the winner on Shakespeare and, to compare with, the
-    headline's allocation (the runner-up when the winner is the headline's)."""
+def pydoc_allocations(chosen_in, seeds, ranking=None):
+    """The allocations to check on pydoc: at each of pydoc_budgets the winner on Shakespeare (of `ranking`, default
+    the grid's picks) and, to compare with, the headline's allocation (the runner-up when the winner is the headline's)."""
     headline = (rp.q0_trajectories, rp.q0_epochs_per_cycle)
     pairs = {}
-    for b, ranked in picks(chosen_in, seeds).items():
+    for b, ranked in (ranking or picks(chosen_in, seeds)).items():
         if b in pydoc_budgets and ranked:
             allocs = [a for _, a in ranked]
             pairs[b] = (allocs[0], headline if allocs[0] != headline else allocs[1])
@@ -149,20 +165,19 @@ def report(out, seeds=rp.seeds):
             own = [rank(t, [s])[0][1] for s in seeds]
             print(f"| {b} | {name(a1)} | {name(a2)} | {f2 - f1:.4f} | {' / '.join(map(name, own))} | "
                   f"{' / '.join(f'{t[a1][s][1]:.4f}' for s in seeds)} |")
-    if not complete(out, seeds):
+    distilled = [(int(b), (int(P), float(c)), int(s), m) for d in sorted((out / "runs").glob("alloc-distill-*"))
+                 for P, c, b, s in re.findall(r"alloc-distill-P(\d+)-c([\d.]+)-b(\d+)-s(\d+)$", d.name)
+                 if int(s) in seeds and (m := rp.finished(out, d.name))]
+    if not distilled:
         return
-    if missing := lacking_headline(out, seeds):
-        print(f"\nchain distillation for the pick: not run (it starts at the headline suite's E*: first "
-              f"bench/reproduce.py CORPUS --seeds {' '.join(map(str, missing))})")
-        return
-    print("\nchain distillation for the pick (alpha 0.45, T 1.2, from E* epochs per trajectory), seed by seed:\n"
+    print("\nchain distillation for the pick (alpha 0.45, T 1.2, from E* epochs per trajectory), seed by seed "
+          "(off: the undistilled run's prefix at the budget):\n"
           "| budget | P x cycle | seed | fitness, cross-fit: off / on | val, prior: off / on |\n|---|---|---|---|---|")
-    for seed in seeds:
-        for (b, alloc), (name, _) in distill_runs(out, seeds, seed).items():
-            if m := rp.finished(out, name):
-                off, w = scores(out, [seed], b)[alloc][seed], prior.fit_em(m[1])[0]
-                print(f"| {b} | {alloc[0]} x {alloc[1]:g} | {seed} | {off[0]:.4f} / "
-                      f"{rp.crossfit_nll(m[1], rp.heldout_piece_tokens):.4f} | {off[1]:.4f} / {prior.mixture_nll(m[2], w):.4f} |")
+    for b, alloc, seed, m in sorted(distilled, key=lambda x: (x[0], x[2])):
+        off = scores(out, [seed], b).get(alloc, {}).get(seed)
+        fit_off, val_off = (f"{off[0]:.4f}", f"{off[1]:.4f}") if off else ("not run", "not run")
+        print(f"| {b} | {alloc[0]} x {alloc[1]:g} | {seed} | {fit_off} / {rp.crossfit_nll(m[1], rp.heldout_piece_tokens):.4f}"
+              f" | {val_off} / {prior.mixture_nll(m[2], prior.fit_em(m[1])[0]):.4f} |")
 
 
 def main():
@@ -173,14 +188,18 @@ def main():
     ap.add_argument("--stage", choices=("grid", "distill", "pydoc"), default="grid")
     ap.add_argument("--shard", default="0/1", help="grid: train entries i, i+n, ... of i/n")
     ap.add_argument("--chosen_in", type=Path, default=ROOT / "bench" / "out", help="pydoc: the --out the picks come from")
+    ap.add_argument("--picks", nargs="+", metavar="B:PxC[,PxC]", help="distill, pydoc: the grid's picks as its report "
+                    "printed them (where its runs are gone), e.g. 8:1x4 64:1x2,1x4")
     args = ap.parse_args()
     args.out, corpus = rp.from_root(args.out), rp.corpus_arg(args.corpus)
     chosen_in = rp.from_root(args.chosen_in)
     os.chdir(ROOT)
     args.out.mkdir(parents=True, exist_ok=True)
     rp.prepare(corpus, args.out / "data")
-    if args.stage != "grid" and not complete(chosen_in if args.stage == "pydoc" else args.out, rp.seeds):
-        sys.exit(f"the {args.stage} stage needs the picks: first the whole grid on seeds {rp.seeds} (--stage grid)")
+    ranking = given_picks(args.picks) if args.picks else None
+    if args.stage != "grid" and not ranking and not complete(chosen_in if args.stage == "pydoc" else args.out, rp.seeds):
+        sys.exit(f"the {args.stage} stage needs the picks: first the whole grid on seeds {rp.seeds} (--stage grid), "
+                 f"or its report's picks as --picks")
     if args.stage == "distill" and (missing := lacking_headline(args.out, args.seeds)):
         sys.exit(f"the distill stage starts at the headline suite's E*: first bench/reproduce.py CORPUS --seeds "
                  f"{' '.join(map(str, missing))}")
@@ -188,10 +207,10 @@ def main():
         if args.stage == "grid":
             train_grid(args.out, seed, tuple(int(x) for x in args.shard.split("/")))
         elif args.stage == "distill":
-            for name, flags in distill_runs(args.out, rp.seeds, seed).values():
+            for name, flags in distill_runs(args.out, rp.seeds, seed, ranking).values():
                 rp.run(name, args.out, flags)
         else:
-            for alloc in dict.fromkeys(a for pair in pydoc_allocations(chosen_in, rp.seeds).values() for a in pair):
+            for alloc in dict.fromkeys(a for pair in pydoc_allocations(chosen_in, rp.seeds, ranking).values() for a in pair):
                 name, flags = grid(seed)[alloc]
                 rp.run(name, args.out, flags)
     report(args.out)

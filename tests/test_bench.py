@@ -426,3 +426,37 @@ def test_the_allocation_pick_is_the_lowest_mean_over_the_seeds_measured_on_every
     assert al.rank(table, [1, 2]) == [(pytest.approx(1.75), (1, 2.0)), (pytest.approx(1.77), (2, 1.0))]
     assert [a for _, a in al.rank(table, [1])] == [(1, 0.5), (2, 1.0), (1, 2.0)]
     assert al.rank(table, [2])[0][1] == (1, 2.0)
+
+
+def test_the_grids_picks_given_by_hand_size_the_distill_and_pydoc_runs(tmp_path):
+    """--picks (the grid's report, its runs gone): the pick at each distill budget is distilled from E*, and on pydoc
+    each budget's pick meets the headline's allocation, or the allocation named after it where the pick is the headline's."""
+    import allocations as al
+    ranking = al.given_picks(["8:1x4", "32:1x2", "64:1x2,1x4"])
+    assert ranking == {8: [(None, (1, 4.0))], 32: [(None, (1, 2.0))], 64: [(None, (1, 2.0)), (None, (1, 4.0))]}
+    assert al.pydoc_allocations(tmp_path, [1, 2], ranking) == {8: ((1, 4.0), (1, 2.0)), 64: ((1, 2.0), (1, 4.0))}
+    reproduce.save(tmp_path, "headline", 1, {"best_single_epochs": 16})
+    runs = al.distill_runs(tmp_path, [1, 2], 1, ranking)
+    assert set(runs) == {(32, (1, 2.0)), (64, (1, 2.0))}  # 8 is not a distill budget
+    name, flags = runs[(32, (1, 2.0))]
+    assert name == "alloc-distill-P1-c2-b32-s1" and flags["num_cycles"] == 16
+    assert flags["distill_after_cycles"] == 8 and flags["distill_alpha"] == 0.45  # E* = 16 epochs: half-way at 32
+    assert runs[(64, (1, 2.0))][1]["distill_after_cycles"] == 8  # 16 epochs of 2-epoch cycles
+    with pytest.raises(SystemExit, match="budget:PxC"):
+        al.given_picks(["64=1x2"])
+
+
+def test_the_allocation_report_sets_each_distilled_run_beside_the_undistilled_prefix(tmp_path, monkeypatch, capsys):
+    import allocations as al
+    rng = np.random.default_rng(0)
+    F = np.log(rng.dirichlet(np.ones(3), size=4096).T)  # (3 members, 4,096 tokens) log-probs
+    monkeypatch.setattr(al.rp, "finished", lambda out, name, **_: ([{}] * 3, F, F))
+    monkeypatch.setattr(al, "scores", lambda out, seeds, b: {(1, 2.0): {s: (9.0, 8.0, 3) for s in seeds}})
+    for name in ("alloc-distill-P1-c2-b32-s1", "alloc-distill-P1-c4-b64-s1", "alloc-distill-P1-c2-b64-s3"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+    al.report(tmp_path, [1, 2])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith(("| 32 | 1 x 2 | 1", "| 64 |"))]
+    on_fit = f"{reproduce.crossfit_nll(F, reproduce.heldout_piece_tokens):.4f}"
+    on_val = f"{al.prior.mixture_nll(F, al.prior.fit_em(F)[0]):.4f}"
+    assert rows == [f"| 32 | 1 x 2 | 1 | 9.0000 / {on_fit} | 8.0000 / {on_val} |",  # seed 3: not asked for
+                    f"| 64 | 1 x 4 | 1 | not run / {on_fit} | not run / {on_val} |"]  # no undistilled 1 x 4 run

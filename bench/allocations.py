@@ -129,6 +129,9 @@ def pydoc_allocations(chosen_in, seeds, ranking=None):
     for b, ranked in (ranking or picks(chosen_in, seeds)).items():
         if b in pydoc_budgets and ranked:
             allocs = [a for _, a in ranked]
+            if allocs[0] == headline and len(allocs) < 2:
+                sys.exit(f"pydoc at {b} epochs: the pick is the headline's allocation; name the one to compare with it "
+                         f"after it (--picks {b}:1x2,PxC)")
             pairs[b] = (allocs[0], headline if allocs[0] != headline else allocs[1])
     return pairs
 

@@ -444,6 +444,8 @@ def test_the_grids_picks_given_by_hand_size_the_distill_and_pydoc_runs(tmp_path)
     assert runs[(64, (1, 2.0))][1]["distill_after_cycles"] == 8  # 16 epochs of 2-epoch cycles
     with pytest.raises(SystemExit, match="budget:PxC"):
         al.given_picks(["64=1x2"])
+    with pytest.raises(SystemExit, match="name the one to compare"):  # the headline's pick alone: nothing to compare
+        al.pydoc_allocations(tmp_path, [1, 2], al.given_picks(["64:1x2"]))
 
 
 def test_the_allocation_report_sets_each_distilled_run_beside_the_undistilled_prefix(tmp_path, monkeypatch, capsys):

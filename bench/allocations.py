@@ -177,7 +177,7 @@ def report(out, seeds=rp.seeds):
           "(off: the undistilled run's prefix at the budget):\n"
           "| budget | P x cycle | seed | fitness, cross-fit: off / on | val, prior: off / on |\n|---|---|---|---|---|")
     for b, alloc, seed, m in sorted(distilled, key=lambda x: (x[0], x[2])):
-        off = scores(out, [seed], b).get(alloc, {}).get(seed)
+        off = (tables[b] if b in tables else scores(out, [seed], b)).get(alloc, {}).get(seed)  # the grid's, computed above
         fit_off, val_off = (f"{off[0]:.4f}", f"{off[1]:.4f}") if off else ("not run", "not run")
         print(f"| {b} | {alloc[0]} x {alloc[1]:g} | {seed} | {fit_off} / {rp.crossfit_nll(m[1], rp.heldout_piece_tokens):.4f}"
               f" | {val_off} / {prior.mixture_nll(m[2], prior.fit_em(m[1])[0]):.4f} |")

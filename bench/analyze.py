@@ -9,6 +9,8 @@ memorised text? Arithmetic on the score arrays eval.py caches, plus (if asked) a
     python bench/analyze.py runs/A --budgets 64 128 256             # only: where the curve bends, by budget
     python bench/analyze.py runs/A --fitness_vs_val data/other      # + does fitness predict val across members
                                                                     #   (and data/other's fitness split: another text)
+    python bench/analyze.py runs/A --dropout_gap 32000              # only: val NLL with the residual dropout off
+                                                                    #   (how every score is taken) and on
 
 Everything printed is markdown, to paste into BENCHMARKS.md. With L[i, t] = log p_i(y_t | y_<t) (member i, val
 token t), NLL_i = mean_t -L[i, t] and weights w on the simplex (uniform unless said otherwise):
@@ -22,6 +24,9 @@ token t), NLL_i = mean_t -L[i, t] and weights w on the simplex (uniform unless s
     train gap(i)        = val NLL_i - train NLL_i,  train NLL on the first N tokens of the train split (eval_windows)
   A member that has memorised its training text scores it far better than val; its soft targets on training
   windows are then close to the one-hot label, so its student learns little from it beyond the label.
+    dropout gap(i)      = val NLL_i, dropout off - val NLL_i, dropout on (train mode; mean of 3 draws)
+  Every score is taken with dropout off (eval mode). A member trained with residual dropout that scores far better
+  with it on has come to depend on the noise: its eval-mode score is not the model it trained (BENCHMARKS.md 1j).
 
 The prior column is EM on the fitness split (prior.fit_em); val is only reported. Nothing is written except the
 score caches RUN/analysis/{name}.{split}-{sha8}.npy: not RUN/scores/, since eval.py only ever reads fitness and
@@ -245,6 +250,34 @@ def member_markdown(run_dir):
                       fmt(m["corr_prev"])] for m in member_table(run_dir)])
 
 
+def dropout_gap(run_dir, names, max_tokens, draws=3, device="cpu"):
+    """Val NLL of members `names` on the first max_tokens of val: with every block's residual dropout off (eval mode,
+    as every score is taken), on (train mode, as they trained) and on in the first block only; "on" is the mean over
+    `draws` dropout draws (seeds 0, 1, ...) -> one dict per member: name, off, on, first, gap = off - on."""
+    import eval as ev  # lazy, as in score_members
+    import runtime
+    run, dev = ev.open_run(run_dir, max_tokens), torch.device(device)
+    val, out = run["val"], []
+    for name in names:
+        model = ev.load(run, name, dev)
+
+        def nll(dropping):  # the blocks whose dropout is on
+            means = []
+            for draw in range(draws if dropping else 1):
+                torch.manual_seed(draw)
+                model.eval()
+                for block in dropping:
+                    block.drop.train()
+                with torch.no_grad(), runtime.autocast(dev):  # as scores.score_windows
+                    L = [model(x[:, :-1], x[:, 1:]).float().flatten() for x in scores.window_batches(val["tokens"],
+                                                                                                 val["windows"], 16, dev)]
+                means.append(-torch.cat(L).double().mean().item())
+            return float(np.mean(means))
+        out.append(dict(name=name, off=nll([]), on=nll(list(model.blocks)), first=nll(list(model.blocks)[:1])))
+        out[-1]["gap"] = out[-1]["off"] - out[-1]["on"]
+    return out
+
+
 def compare(run_dirs, train_tokens=train_tokens, k=last_k, other=None):
     """One markdown table, a row per run (val NLL in nats/token; corr = consecutive correlation; gain = diversity
     gain, uniform weights); with other (a data folder, or "" for none) whether fitness predicts val across members;
@@ -282,10 +315,18 @@ def main(argv=None):
     p.add_argument("--last_k", type=int, default=last_k, help="also the diversity gain of the last K members")
     p.add_argument("--fitness_vs_val", nargs="?", const="", default=None, metavar="DATA_DIR",
                    help="also: does fitness predict val across members (and DATA_DIR's fitness split, if given)")
+    p.add_argument("--dropout_gap", type=int, default=0, metavar="TOKENS", help="only: each track's last snapshot's "
+                   "val NLL on the first TOKENS val tokens with the residual dropout off, on, and on in block 0 only")
     p.add_argument("--budgets", type=float, nargs="+", help="only: each run's population at these epoch budgets, "
                    "the prior's val split into weighted member NLL and diversity gain (where the curve bends)")
     args = p.parse_args(argv)
     try:
+        if args.dropout_gap:
+            body = [[Path(d).name, r["name"], fmt(r["off"]), fmt(r["on"]), fmt(r["first"]), fmt(r["gap"])] for d in args.runs
+                    for r in dropout_gap(d, last_of_each_track(read_manifest(d)), args.dropout_gap)]
+            print(markdown(["run", "member", "val, dropout off (as scored)", "dropout on (as trained)",
+                            "on in block 0 only", "gap (off - on)"], body))
+            return
         if args.budgets:
             for d in args.runs:
                 body = [[fmt(r["budget"], 0), r["members"], *(fmt(r[k]) for k in ("prior_val", "weighted_member", "gain",

@@ -79,7 +79,7 @@ def test_tables_on_a_tiny_distilled_run(tiny_data, tmp_path):
     run = tmp_path / "run"
     code, out, err = run_train(train_argv(tiny_data, run, mode="q0", num_trajectories=1, num_cycles=3,
                                           epochs_per_cycle=0.125, distill_after_cycles=1, eval_every_epochs=0,
-                                          ckpt_every_epochs=0, log_every=1000))
+                                          ckpt_every_epochs=0, log_every=1000, dropout=0.1))
     assert code == 0, err[-2000:]
     with pytest.raises(FileNotFoundError, match="--score"):  # not scored yet: the error names the fix
         analyze.member_table(run)
@@ -138,3 +138,10 @@ def test_tables_on_a_tiny_distilled_run(tiny_data, tmp_path):
     own, other = analyze.fitness_predicts_val(run, tiny_data)
     assert own["members"] == 3 and -1 <= own["pearson"] <= 1 and 1 <= own["rank_of_fitness_best"] <= 3
     assert other["spearman"] == pytest.approx(own["spearman"]) and other["pearson"] == pytest.approx(own["pearson"], abs=1e-3)
+
+    # --dropout_gap: dropout off is how eval.py scores (its cached val scores, the same windows); on differs from it
+    [gap] = analyze.dropout_gap(run, ["t0-c003"], 256)
+    assert gap["off"] == pytest.approx(-analyze.scores.open_scores(run, ["t0-c003"], "val")[0][:256].mean(), abs=1e-5)
+    assert gap["on"] != gap["off"] and gap["first"] != gap["off"] and math.isfinite(gap["on"] + gap["first"])
+    assert gap["gap"] == pytest.approx(gap["off"] - gap["on"])
+    assert analyze.dropout_gap(run, ["t0-c003"], 256) == [gap]  # each draw is seeded: the same numbers again

@@ -250,28 +250,36 @@ def member_markdown(run_dir):
                       fmt(m["corr_prev"])] for m in member_table(run_dir)])
 
 
+class DropoutOn(torch.nn.Module):
+    """A block's residual dropout that stays on in eval mode, so the member is scored by eval's own scorer with it."""
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return torch.nn.functional.dropout(x, self.p, training=True)
+
+
 def dropout_gap(run_dir, names, max_tokens, draws=3, device="cpu"):
     """Val NLL of members `names` on the first max_tokens of val: with every block's residual dropout off (eval mode,
-    as every score is taken), on (train mode, as they trained) and on in the first block only; "on" is the mean over
-    `draws` dropout draws (seeds 0, 1, ...) -> one dict per member: name, off, on, first, gap = off - on."""
+    as every score is taken), on (as they trained) and on in the first block only; "on" is the mean over `draws`
+    dropout draws (seeds 0, 1, ...) -> one dict per member: name, off, on, first, gap = off - on."""
     import eval as ev  # lazy, as in score_members
-    import runtime
     run, dev = ev.open_run(run_dir, max_tokens), torch.device(device)
-    val, out = run["val"], []
+    out = []
     for name in names:
         model = ev.load(run, name, dev)
 
         def nll(dropping):  # the blocks whose dropout is on
+            kept = [block.drop for block in dropping]
+            for block in dropping:
+                block.drop = DropoutOn(block.drop.p)
             means = []
             for draw in range(draws if dropping else 1):
                 torch.manual_seed(draw)
-                model.eval()
-                for block in dropping:
-                    block.drop.train()
-                with torch.no_grad(), runtime.autocast(dev):  # as scores.score_windows
-                    L = [model(x[:, :-1], x[:, 1:]).float().flatten() for x in scores.window_batches(val["tokens"],
-                                                                                                 val["windows"], 16, dev)]
-                means.append(-torch.cat(L).double().mean().item())
+                means.append(-ev.score_split(model, run["val"], dev, size=16).astype(np.float64).mean())
+            for block, drop in zip(dropping, kept):
+                block.drop = drop
             return float(np.mean(means))
         out.append(dict(name=name, off=nll([]), on=nll(list(model.blocks)), first=nll(list(model.blocks)[:1])))
         out[-1]["gap"] = out[-1]["off"] - out[-1]["on"]
